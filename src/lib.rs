@@ -1,0 +1,14 @@
+//! mo-align: multi-objective alignment of Qwen2.5 with LoRA, on Candle.
+//!
+//! The module tree mirrors the pipeline: `model` (Qwen2 + LoRA, loading, the LM head),
+//! `tokenizer` (ChatML), `generate`, `eval`, and the shared utilities they stand on.
+
+pub mod cli;
+pub mod eval;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod rng;
+pub mod tokenizer;
+
+pub use model::{Adapters, Qwen2};

@@ -1,0 +1,86 @@
+//! The LM head: log-probs of given target tokens at selected positions, in chunks.
+//!
+//! Full [T, 151936] logits are never built for a batch, in the forward *or* the backward. For a
+//! chunk of C rows we compute logits, log-softmax and the picked log-prob, and (when a gradient
+//! is wanted) the exact input gradient of each row's log-prob,
+//!     d logp_i / d h_i = E[t_i] - softmax(h_i E^T) E      ([C, H], small),
+//! then drop the chunk's logits. The result is attached to the graph as
+//!     logp = logp_value + (h . G) - (h . G).detach()
+//! whose value is exactly `logp_value` and whose gradient w.r.t. h is exactly G. This is the
+//! same arithmetic a backward through the LM head would do (one extra [C,V]x[V,H] matmul per
+//! chunk), with memory O(C x V) instead of O(T x V), and no gradient for the frozen embedding.
+
+use super::compute_dtype;
+use super::frozen::frozen_mul;
+use super::qwen2::Qwen2;
+use candle_core::{DType, Result, Tensor, D};
+
+impl Qwen2 {
+    /// Log-probabilities (f32, or f64 for an f64 model; [N]) of `targets[i]` given hidden state row `hidden[i]` ([N, H]).
+    /// With `with_grad`, the result carries the exact gradient back to `hidden`.
+    pub fn token_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &[u32],
+        with_grad: bool,
+    ) -> Result<Tensor> {
+        let (n, _h) = hidden.dims2()?;
+        if n != targets.len() {
+            candle_core::bail!(
+                "token_logprobs: {n} hidden rows for {} targets",
+                targets.len()
+            );
+        }
+        let acc = compute_dtype(hidden.dtype());
+        if n == 0 {
+            return Tensor::zeros(0, acc, &self.device);
+        }
+        let w = self.output_weight();
+        let h_const = hidden.detach();
+        let targets_t = Tensor::from_slice(targets, n, &self.device)?;
+        let mut logps = Vec::new();
+        let mut grads = Vec::new();
+        let chunk = self.logits_chunk.max(1);
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let h = h_const.narrow(0, start, len)?;
+            let tgt = targets_t.narrow(0, start, len)?;
+            // Logits in the model dtype (as transformers does), softmax arithmetic in f32.
+            let logits = h.matmul(&w.t()?)?.to_dtype(acc)?;
+            let max = logits.max_keepdim(D::Minus1)?;
+            let shifted = logits.broadcast_sub(&max)?;
+            drop(logits);
+            let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+            let picked = shifted.gather(&tgt.unsqueeze(1)?, 1)?;
+            logps.push((picked - &lse)?.squeeze(1)?);
+            if with_grad {
+                let probs = shifted.broadcast_sub(&lse)?.exp()?;
+                drop(shifted);
+                let expected = probs.to_dtype(w.dtype())?.matmul(w)?.to_dtype(acc)?;
+                let own = w.index_select(&tgt, 0)?.to_dtype(acc)?;
+                grads.push((own - expected)?);
+            }
+        }
+        let logp = Tensor::cat(&logps, 0)?;
+        if !with_grad || !hidden.track_op() {
+            return Ok(logp);
+        }
+        let g = Tensor::cat(&grads, 0)?.to_dtype(hidden.dtype())?;
+        let dot = frozen_mul(hidden, &g)?.sum(D::Minus1)?.to_dtype(acc)?;
+        logp + (&dot - dot.detach())?
+    }
+
+    /// Full-vocabulary logits (f32) for a few rows, e.g. the last position when decoding.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        hidden
+            .matmul(&self.output_weight().t()?)?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// Picks rows of `hidden` [B, T, H] at flat indices `b * T + t` -> [N, H] (differentiable).
+pub fn gather_rows(hidden: &Tensor, flat_index: &[u32]) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let idx = Tensor::from_slice(flat_index, flat_index.len(), hidden.device())?;
+    hidden.reshape((b * t, h))?.index_select(&idx, 0)
+}

@@ -1,0 +1,409 @@
+//! Finding and loading a checkpoint: a local directory in the Hugging Face layout, or a Hub repo
+//! id resolved through `hf-hub` (its cache, `HF_HOME`, and offline mode with `HF_HUB_OFFLINE=1`).
+//! Weights are memory-mapped safetensors, one file or shards listed in
+//! `model.safetensors.index.json`. Every failure names the file and the tensor.
+
+use super::config::Qwen2Config;
+use super::qwen2::{Qwen2, RmsNorm};
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_MODEL: &str = "Qwen/Qwen2.5-0.5B";
+
+/// The files of one checkpoint.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user named: a directory or a Hub repo id.
+    pub name: String,
+    pub config: PathBuf,
+    /// The single weights file, or the shard index (its shards sit beside it).
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
+    pub generation_config: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    pub fn dir(&self) -> &Path {
+        self.config.parent().unwrap_or(Path::new("."))
+    }
+}
+
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
+}
+
+/// Resolves `spec` (a directory, or `org/name` on the Hub) to local files.
+pub fn resolve(spec: &str) -> Result<ModelFiles> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return local_files(spec, path);
+    }
+    let looks_like_repo = spec.split('/').count() == 2
+        && !spec.starts_with('.')
+        && !spec.starts_with('/')
+        && spec.split('/').all(|p| !p.is_empty());
+    if !looks_like_repo {
+        bail!("{spec}: no such model directory (and not a Hub repo id like `Qwen/Qwen2.5-0.5B`)");
+    }
+    hub_files(spec)
+}
+
+fn local_files(spec: &str, dir: &Path) -> Result<ModelFiles> {
+    let need = |name: &str| -> Result<PathBuf> {
+        let p = dir.join(name);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            bail!("{}: missing (model directory {spec})", p.display())
+        }
+    };
+    let opt = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if index.is_file() {
+        index
+    } else {
+        need("model.safetensors")?
+    };
+    Ok(ModelFiles {
+        name: spec.to_string(),
+        config: need("config.json")?,
+        weights,
+        tokenizer: need("tokenizer.json")?,
+        tokenizer_config: opt("tokenizer_config.json"),
+        generation_config: opt("generation_config.json"),
+    })
+}
+
+fn hub_files(repo_id: &str) -> Result<ModelFiles> {
+    let cache = hf_hub::Cache::from_env();
+    if hub_offline() {
+        let repo = cache.model(repo_id.to_string());
+        let need = |name: &str| -> Result<PathBuf> {
+            repo.get(name).with_context(|| {
+                format!(
+                    "{repo_id}: `{name}` is not in the Hub cache {} and HF_HUB_OFFLINE is set",
+                    cache.path().display()
+                )
+            })
+        };
+        let config = need("config.json")?;
+        let weights = match repo.get("model.safetensors.index.json") {
+            Some(p) => {
+                for shard in shard_names(&p)? {
+                    need(&shard)?;
+                }
+                p
+            }
+            None => need("model.safetensors")?,
+        };
+        return Ok(ModelFiles {
+            name: repo_id.to_string(),
+            config,
+            weights,
+            tokenizer: need("tokenizer.json")?,
+            tokenizer_config: repo.get("tokenizer_config.json"),
+            generation_config: repo.get("generation_config.json"),
+        });
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+        .with_progress(true)
+        .build()
+        .with_context(|| format!("{repo_id}: cannot start the Hub client"))?;
+    let repo = api.model(repo_id.to_string());
+    let get = |name: &str| -> Result<PathBuf> {
+        repo.get(name).with_context(|| {
+            format!(
+                "{repo_id}: cannot download `{name}` (set HF_HUB_OFFLINE=1 to use the cache only)"
+            )
+        })
+    };
+    let config = get("config.json")?;
+    let weights = match repo.get("model.safetensors.index.json") {
+        Ok(p) => {
+            for shard in shard_names(&p)? {
+                get(&shard)?;
+            }
+            p
+        }
+        Err(_) => get("model.safetensors")?,
+    };
+    Ok(ModelFiles {
+        name: repo_id.to_string(),
+        config,
+        weights,
+        tokenizer: get("tokenizer.json")?,
+        tokenizer_config: repo.get("tokenizer_config.json").ok(),
+        generation_config: repo.get("generation_config.json").ok(),
+    })
+}
+
+/// Shard file names listed in a `model.safetensors.index.json`.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    Ok(read_index(index)?
+        .into_values()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect())
+}
+
+fn read_index(index: &Path) -> Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("{}: cannot read", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+    map.iter()
+        .map(|(k, f)| {
+            let f = f
+                .as_str()
+                .with_context(|| format!("{}: weight_map[{k}] is not a string", index.display()))?;
+            Ok((k.clone(), f.to_string()))
+        })
+        .collect()
+}
+
+/// Memory-mapped weights, remembering which file holds each tensor for error messages.
+pub struct WeightFiles {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    owner: HashMap<String, usize>,
+    /// What errors call the weights as a whole (the single file or the index).
+    label: PathBuf,
+}
+
+impl WeightFiles {
+    pub fn open(weights: &Path) -> Result<Self> {
+        let paths: Vec<PathBuf> = if weights.extension().is_some_and(|e| e == "json") {
+            let dir = weights.parent().unwrap_or(Path::new("."));
+            shard_names(weights)?
+                .into_iter()
+                .map(|s| dir.join(s))
+                .collect()
+        } else {
+            vec![weights.to_path_buf()]
+        };
+        let mut files = vec![];
+        let mut owner = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            if !p.is_file() {
+                bail!("{}: missing (listed in {})", p.display(), weights.display());
+            }
+            // SAFETY: the file is only read; mo-align never writes a checkpoint it has mapped.
+            let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| {
+                anyhow::anyhow!("{}: not a valid safetensors file ({e})", p.display())
+            })?;
+            for (name, _) in st.tensors() {
+                owner.insert(name, i);
+            }
+            files.push((p.clone(), st));
+        }
+        Ok(Self {
+            files,
+            owner,
+            label: weights.to_path_buf(),
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.owner.contains_key(name)
+    }
+
+    /// Loads `name`, checks its shape, converts it to `dtype`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let idx = *self
+            .owner
+            .get(name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", self.label.display()))?;
+        let (path, st) = &self.files[idx];
+        let view = st
+            .get(name)
+            .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        if view.shape() != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, expected {:?} from config.json",
+                path.display(),
+                view.shape(),
+                shape
+            );
+        }
+        let t = st
+            .load(name, device)
+            .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Loads a Qwen2 model (no adapters) from resolved files.
+pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Qwen2> {
+    let cfg = Qwen2Config::from_file(&files.config)?;
+    load_with_config(files, cfg, dtype, device)
+}
+
+pub fn load_with_config(
+    files: &ModelFiles,
+    cfg: Qwen2Config,
+    dtype: DType,
+    device: &Device,
+) -> Result<Qwen2> {
+    let w = WeightFiles::open(&files.weights)?;
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let expected = |name: &str| -> Vec<usize> {
+        let leaf = name
+            .rsplit_once(".layers.")
+            .map_or(name, |(_, rest)| rest.split_once('.').map_or(rest, |x| x.1));
+        match leaf {
+            "self_attn.q_proj.weight" => vec![q, h],
+            "self_attn.q_proj.bias" => vec![q],
+            "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
+            "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
+            "self_attn.o_proj.weight" => vec![h, q],
+            "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
+            "mlp.down_proj.weight" => vec![h, i],
+            _ => vec![h],
+        }
+    };
+    let mut err = None;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for l in 0..cfg.num_hidden_layers {
+        let layer = Qwen2::build_layer(&cfg, l, |name| {
+            w.load(name, &expected(name), dtype, device).map_err(|e| {
+                let msg = format!("{e:#}");
+                err = Some(e);
+                candle_core::Error::Msg(msg)
+            })
+        });
+        match layer {
+            Ok(layer) => layers.push(layer),
+            Err(e) => return Err(err.take().unwrap_or_else(|| anyhow::anyhow!("{e}"))),
+        }
+    }
+    let embed = w.load(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size, h],
+        dtype,
+        device,
+    )?;
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        Some(w.load("lm_head.weight", &[cfg.vocab_size, h], dtype, device)?)
+    };
+    let norm = RmsNorm::new(
+        w.load("model.norm.weight", &[h], dtype, device)?,
+        cfg.rms_norm_eps,
+    );
+    Ok(Qwen2::from_parts(cfg, embed, lm_head, layers, norm)?)
+}
+
+/// Attaches the PEFT adapter in `dir` (ours or PEFT's own files) to `model`.
+pub fn apply_adapter(model: &mut Qwen2, dir: &Path) -> Result<super::LoraConfig> {
+    let cfg = super::lora::read_peft_config(dir)?;
+    let mut tensors = super::lora::read_peft_tensors(dir, &model.device)?;
+    let file = dir.join("adapter_model.safetensors");
+    for lin in model.linears_mut() {
+        let name = super::qwen2::module_name(&lin.path).to_string();
+        match tensors.remove(&lin.path) {
+            Some((a, b)) => lin
+                .attach(&cfg, a, b)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+            None if cfg.targets(&name) => {
+                bail!(
+                    "{}: no lora_A/lora_B for `{}` although target_modules names {name}",
+                    file.display(),
+                    lin.path
+                )
+            }
+            None => {}
+        }
+    }
+    if let Some(extra) = tensors.keys().next() {
+        bail!(
+            "{}: adapter has weights for `{extra}`, which this model does not have",
+            file.display()
+        );
+    }
+    Ok(cfg)
+}
+
+/// `cpu`, `cuda`, `cuda:N`, or `auto` (the GPU when built with `cuda` and one is present).
+pub fn select_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Ok(Device::new_cuda(0)?)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        _ => {
+            let ordinal = match name.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| {
+                        format!("bad device `{name}` (expected cpu, cuda, cuda:N or auto)")
+                    })?,
+                None => bail!("bad device `{name}` (expected cpu, cuda, cuda:N or auto)"),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!("device `{name}`: this binary was built without the `cuda` feature or no GPU is visible");
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}
+
+/// A model ready for inference or training: weights, tokenizer, and optional adapter.
+pub struct Loaded {
+    pub model: Qwen2,
+    pub tokenizer: crate::tokenizer::ChatTokenizer,
+    pub files: ModelFiles,
+    pub adapter: Option<super::LoraConfig>,
+}
+
+pub fn load_pretrained(
+    spec: &str,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    let files = resolve(spec)?;
+    let mut model = load_model(&files, dtype, device)?;
+    let tokenizer = crate::tokenizer::ChatTokenizer::from_file(&files.tokenizer)?;
+    if tokenizer.vocab_size() > model.config.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but config.json vocab_size is {}",
+            files.tokenizer.display(),
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        );
+    }
+    let adapter = match adapter {
+        Some(dir) => Some(apply_adapter(&mut model, dir)?),
+        None => None,
+    };
+    Ok(Loaded {
+        model,
+        tokenizer,
+        files,
+        adapter,
+    })
+}

@@ -1,0 +1,48 @@
+//! Qwen2.5 with LoRA adapters, built only from differentiable Candle ops plus frozen-operand
+//! custom ops whose backward computes the input gradient alone.
+
+pub mod config;
+pub mod frozen;
+pub mod lm_head;
+pub mod loader;
+pub mod lora;
+pub mod qwen2;
+pub mod tiny;
+
+pub use config::Qwen2Config;
+pub use lora::{Adapters, LoraConfig};
+pub use qwen2::{KvCache, Qwen2};
+
+use anyhow::{bail, Result};
+use candle_core::DType;
+
+/// The dtype reductions (norms, softmax, log-softmax) run in: f32, or f64 for an f64 model
+/// (finite-difference tests).
+pub fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Parses the `--dtype` / `train.dtype` names users write.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    Ok(match name {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        "f64" | "float64" => DType::F64,
+        other => bail!("unknown dtype `{other}` (expected f32, bf16 or f16)"),
+    })
+}
+
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}

@@ -1,0 +1,522 @@
+//! The Qwen2 / Qwen2.5 decoder with LoRA, read top to bottom like candle-transformers' model
+//! files, but built only from ops that have a backward (no fused rms_norm / rope /
+//! softmax_last_dim, which drop gradients silently) and frozen-operand ops for every weight.
+//!
+//! `forward` returns final hidden states; `lm_head` turns them into log-probs of given targets
+//! without materialising full-vocabulary logits.
+
+use super::compute_dtype;
+use super::config::Qwen2Config;
+use super::frozen::{frozen_add, frozen_mul};
+use super::lora::{Adapters, LoraConfig, LoraCtx, LoraLinear};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+/// RMSNorm in f32, as transformers computes it, then scaled by the (frozen) weight.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(compute_dtype(dtype))?;
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        frozen_mul(&normed, &self.weight)
+    }
+}
+
+/// cos / sin tables for rotary embeddings, built in f32 (f64 for an f64 model), never in the
+/// model's half dtype: in bf16, positions above 256 round to the wrong angle.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Qwen2Config, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let n = cfg.max_position_embeddings;
+        if dtype == DType::F64 {
+            let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+            // An f64 model (finite-difference tests) gets f64 tables throughout.
+            let inv: Vec<f64> = (0..half)
+                .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64))
+                .collect();
+            for p in 0..n {
+                for f in &inv {
+                    cos.push((p as f64 * f).cos());
+                    sin.push((p as f64 * f).sin());
+                }
+            }
+            return Ok(Self {
+                cos: Tensor::from_vec(cos, (n, half), device)?,
+                sin: Tensor::from_vec(sin, (n, half), device)?,
+            });
+        }
+        // transformers' f32 arithmetic (inv_freq = 1 / theta^(2i/d), angle = position *
+        // inv_freq, both f32); cos/sin rounded from f64.
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        let theta = cfg.rope_theta as f32;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        for p in 0..n {
+            for f in &inv {
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half), device)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?,
+        })
+    }
+
+    /// Rotate-half RoPE of `x` [B, H, T, hd] at `positions` [B, T].
+    fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, _h, t, hd) = x.dims4()?;
+        let half = hd / 2;
+        let flat = positions.flatten_all()?;
+        let cos = self
+            .cos
+            .index_select(&flat, 0)?
+            .reshape((b, 1, t, half))?
+            .to_dtype(x.dtype())?;
+        let sin = self
+            .sin
+            .index_select(&flat, 0)?
+            .reshape((b, 1, t, half))?
+            .to_dtype(x.dtype())?;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let r1 = (frozen_mul(&x1, &cos)? - frozen_mul(&x2, &sin)?)?;
+        let r2 = (frozen_mul(&x2, &cos)? + frozen_mul(&x1, &sin)?)?;
+        Tensor::cat(&[r1, r2], D::Minus1)
+    }
+}
+
+pub struct Attention {
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        input: &ModelInput,
+        rope: &Rope,
+        ctx: LoraCtx,
+        cache: Option<&mut (Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let q = self
+            .q_proj
+            .forward(x, ctx)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x, ctx)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x, ctx)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let q = (rope.apply(&q, &input.positions)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = rope.apply(&k, &input.positions)?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache {
+            Some(c) => {
+                if c.0.dims()[2] > 0 {
+                    c.0 = Tensor::cat(&[&c.0, &k], 2)?;
+                    c.1 = Tensor::cat(&[&c.1, &v], 2)?;
+                } else {
+                    c.0 = k;
+                    c.1 = v;
+                }
+                (c.0.clone(), c.1.clone())
+            }
+            None => (k, v),
+        };
+        let tk = k.dims()[2];
+        // Grouped-query attention without copying K/V: query heads sharing a KV head are stacked
+        // along the time axis ([B, nkv, rep*T, hd]) so one matmul serves the whole group.
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, tk))?;
+        let scores = scores.to_dtype(compute_dtype(x.dtype()))?;
+        let bias = input.bias.to_dtype(scores.dtype())?;
+        let scores = frozen_add(&scores, &bias)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
+        let out = probs.reshape((b, nkv, rep * t, tk))?.matmul(&v)?;
+        let out = out
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out, ctx)
+    }
+}
+
+pub struct Mlp {
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, ctx: LoraCtx) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, ctx)?.silu()?;
+        let up = self.up_proj.forward(x, ctx)?;
+        self.down_proj.forward(&(gate * up)?, ctx)
+    }
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        input: &ModelInput,
+        rope: &Rope,
+        ctx: LoraCtx,
+        cache: Option<&mut (Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let h =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, input, rope, ctx, cache)?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, ctx)?;
+        x + h
+    }
+
+    pub fn linears(&self) -> [&LoraLinear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+}
+
+/// Token ids with their positions and the additive attention bias (causal + padding).
+pub struct ModelInput {
+    /// [B, T] u32
+    pub ids: Tensor,
+    /// [B, T] u32 rotary positions
+    pub positions: Tensor,
+    /// [B, 1, T, T_keys] f32: 0 where a query may attend, the most negative f32 elsewhere
+    /// (finite, so a fully masked padding row gives a uniform softmax instead of NaN).
+    pub bias: Tensor,
+}
+
+impl ModelInput {
+    /// Builds the input for queries `ids` appended after `past` cached keys.
+    /// `key_valid[b]` covers past + current keys; query i sits at key index past + i.
+    pub fn new(
+        ids: &[Vec<u32>],
+        positions: &[Vec<u32>],
+        key_valid: &[Vec<bool>],
+        device: &Device,
+    ) -> Result<Self> {
+        let b = ids.len();
+        let t = ids.first().map_or(0, Vec::len);
+        let tk = key_valid.first().map_or(0, Vec::len);
+        let past = tk - t;
+        let mut bias = vec![f32::MIN; b * t * tk];
+        for (bi, valid) in key_valid.iter().enumerate() {
+            for i in 0..t {
+                let row = &mut bias[(bi * t + i) * tk..(bi * t + i + 1) * tk];
+                for (j, v) in row.iter_mut().enumerate().take(past + i + 1) {
+                    if valid[j] {
+                        *v = 0.0;
+                    }
+                }
+            }
+        }
+        let flat_ids: Vec<u32> = ids.iter().flatten().copied().collect();
+        let flat_pos: Vec<u32> = positions.iter().flatten().copied().collect();
+        Ok(Self {
+            ids: Tensor::from_vec(flat_ids, (b, t), device)?,
+            positions: Tensor::from_vec(flat_pos, (b, t), device)?,
+            bias: Tensor::from_vec(bias, (b, 1, t, tk), device)?,
+        })
+    }
+
+    /// Right-padded batch of whole sequences (training, scoring): positions 0..len.
+    pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let ids: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat(pad_id))
+                    .take(t)
+                    .collect()
+            })
+            .collect();
+        let valid: Vec<Vec<bool>> = seqs
+            .iter()
+            .map(|s| (0..t).map(|i| i < s.len()).collect())
+            .collect();
+        let positions: Vec<Vec<u32>> = seqs.iter().map(|_| (0..t as u32).collect()).collect();
+        Self::new(&ids, &positions, &valid, device)
+    }
+}
+
+/// Per-layer key/value cache for decoding.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    pub fn new(model: &Qwen2, batch: usize) -> Result<Self> {
+        let c = &model.config;
+        let empty = Tensor::zeros(
+            (batch, c.num_key_value_heads, 0, c.head_dim),
+            model.dtype,
+            &model.device,
+        )?;
+        Ok(Self {
+            layers: (0..c.num_hidden_layers)
+                .map(|_| (empty.clone(), empty.clone()))
+                .collect(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Qwen2 {
+    pub config: Qwen2Config,
+    /// [V, H]; also the LM head when embeddings are tied (held once in memory).
+    pub embed_tokens: Tensor,
+    /// Only for checkpoints with untied embeddings.
+    pub lm_head: Option<Tensor>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    rope: Rope,
+    pub dtype: DType,
+    pub device: Device,
+    /// Rows of the LM head processed at once (bounds logits memory to chunk x vocab).
+    pub logits_chunk: usize,
+}
+
+impl Qwen2 {
+    pub fn from_parts(
+        config: Qwen2Config,
+        embed_tokens: Tensor,
+        lm_head: Option<Tensor>,
+        layers: Vec<DecoderLayer>,
+        norm: RmsNorm,
+    ) -> Result<Self> {
+        let device = embed_tokens.device().clone();
+        let dtype = embed_tokens.dtype();
+        let rope = Rope::new(&config, dtype, &device)?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            lm_head,
+            layers,
+            norm,
+            rope,
+            dtype,
+            device,
+            logits_chunk: 256,
+        })
+    }
+
+    pub fn build_layer(
+        cfg: &Qwen2Config,
+        idx: usize,
+        mut get: impl FnMut(&str) -> Result<Tensor>,
+    ) -> Result<DecoderLayer> {
+        let p = format!("model.layers.{idx}");
+        let mut lin = |name: &str, bias: bool| -> Result<LoraLinear> {
+            let path = format!("{p}.{name}");
+            let w = get(&format!("{path}.weight"))?;
+            let b = if bias {
+                Some(get(&format!("{path}.bias"))?)
+            } else {
+                None
+            };
+            Ok(LoraLinear::new(path, w, b))
+        };
+        let self_attn = Attention {
+            q_proj: lin("self_attn.q_proj", true)?,
+            k_proj: lin("self_attn.k_proj", true)?,
+            v_proj: lin("self_attn.v_proj", true)?,
+            o_proj: lin("self_attn.o_proj", false)?,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        };
+        let mlp = Mlp {
+            gate_proj: lin("mlp.gate_proj", false)?,
+            up_proj: lin("mlp.up_proj", false)?,
+            down_proj: lin("mlp.down_proj", false)?,
+        };
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::new(
+                get(&format!("{p}.input_layernorm.weight"))?,
+                cfg.rms_norm_eps,
+            ),
+            self_attn,
+            post_attention_layernorm: RmsNorm::new(
+                get(&format!("{p}.post_attention_layernorm.weight"))?,
+                cfg.rms_norm_eps,
+            ),
+            mlp,
+        })
+    }
+
+    /// Final hidden states [B, T, H] (after the last RMSNorm).
+    pub fn forward(
+        &self,
+        input: &ModelInput,
+        ctx: LoraCtx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input.ids.dims2()?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&input.ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, input, &self.rope, ctx, layer_cache)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The output projection [V, H] (the embedding when tied).
+    pub fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    // ---- LoRA management -------------------------------------------------------------------
+
+    /// Adds fresh adapters (A Kaiming-uniform, B zero) to the targeted projections.
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for (mi, lin) in layer.linears_mut().into_iter().enumerate() {
+                if cfg.targets(module_name(&lin.path)) {
+                    lin.attach_fresh(cfg, seed, (li * 16 + mi) as u64)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every linear layer, in layer order then q, k, v, o, gate, up, down.
+    pub fn linears(&self) -> impl Iterator<Item = &LoraLinear> {
+        self.layers.iter().flat_map(|l| l.linears())
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        self.layers.iter_mut().flat_map(|l| l.linears_mut())
+    }
+
+    /// Trainable tensors with PEFT-style names (`<module>.lora_A.weight`), in a fixed order.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = vec![];
+        for lin in self.linears() {
+            if let Some(l) = &lin.lora {
+                out.push((format!("{}.lora_A.weight", lin.path), l.a.clone()));
+                out.push((format!("{}.lora_B.weight", lin.path), l.b.clone()));
+            }
+        }
+        out
+    }
+
+    pub fn has_lora(&self) -> bool {
+        self.linears().any(|l| l.lora.is_some())
+    }
+
+    /// Folds every adapter into its base weight and removes the adapters.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for lin in self.linears_mut() {
+            lin.merge()?;
+        }
+        Ok(())
+    }
+
+    /// The adapters as (module path, A, B), for saving.
+    pub fn lora_tensors(&self) -> Vec<(String, Tensor, Tensor)> {
+        self.linears()
+            .filter_map(|lin| {
+                lin.lora.as_ref().map(|l| {
+                    (
+                        lin.path.clone(),
+                        l.a.as_tensor().clone(),
+                        l.b.as_tensor().clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Adapters on or off for this model as a whole (convenience for callers holding a flag).
+    pub fn ctx(adapters: Adapters) -> LoraCtx<'static> {
+        LoraCtx {
+            adapters,
+            dropout: None,
+        }
+    }
+}
+
+/// `model.layers.3.self_attn.q_proj` -> `q_proj`.
+pub fn module_name(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}

@@ -1,0 +1,73 @@
+//! Seeded, platform-independent randomness.
+//!
+//! Every random draw in training (LoRA dropout masks, data order) comes from a ChaCha stream
+//! derived from (seed, purpose, counter), never from a thread RNG: a resumed run replays exactly
+//! the same draws from a step number alone, with no RNG state to save.
+
+use candle_core::{Device, Result, Tensor};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cell::Cell;
+
+/// A ChaCha generator for `(seed, stream)`; distinct streams never overlap.
+pub fn stream_rng(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// Uniform samples in [-bound, bound).
+pub fn uniform_vec(rng: &mut impl Rng, n: usize, bound: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+}
+
+/// Normal(0, std) samples (Box-Muller, so the sequence depends on nothing but the RNG).
+pub fn normal_vec(rng: &mut impl Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = rng.random::<f64>().max(1e-300);
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * t.cos()) as f32 * std);
+        out.push((r * t.sin()) as f32 * std);
+    }
+    out.truncate(n);
+    out
+}
+
+/// Dropout masks for one forward pass. Each call takes the next counter value, so the masks
+/// depend only on (seed, order of calls) and a forward replays identically.
+pub struct DropoutRng {
+    seed: u64,
+    calls: Cell<u64>,
+}
+
+impl DropoutRng {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            calls: Cell::new(0),
+        }
+    }
+
+    /// Inverted-dropout mask: 0 with probability `p`, else 1/(1-p), as f32 of `shape`.
+    pub fn mask(&self, shape: &[usize], p: f32, device: &Device) -> Result<Tensor> {
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        let mut rng = stream_rng(self.seed, call);
+        let n: usize = shape.iter().product();
+        let threshold = (p as f64 * u32::MAX as f64) as u32;
+        let keep = 1.0 / (1.0 - p);
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                if rng.next_u32() < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Tensor::from_vec(data, shape, device)
+    }
+}

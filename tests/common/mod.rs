@@ -1,0 +1,66 @@
+//! Shared test fixtures: the tiny checkpoint (written once per test binary) and golden files.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device};
+use mo_align::model::loader::{load_pretrained, Loaded};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The tiny checkpoint of `init-tiny --seed 0`, written once into a temp dir.
+pub fn tiny_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mo-align-test-tiny-{}", std::process::id()));
+        mo_align::model::tiny::write_tiny_checkpoint(&dir, 0).expect("init-tiny");
+        dir
+    })
+}
+
+pub fn load_tiny(dtype: DType) -> Loaded {
+    load_pretrained(tiny_dir().to_str().unwrap(), None, dtype, &Device::Cpu).expect("load tiny")
+}
+
+pub fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny_seed0")
+}
+
+pub fn golden() -> serde_json::Value {
+    let text = std::fs::read_to_string(golden_dir().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mo-align-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mo-align")
+}
+
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+pub fn json_f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+pub fn json_u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}

@@ -1,0 +1,518 @@
+//! The Qwen2 + LoRA core against references: PyTorch/transformers/PEFT goldens, candle's own
+//! qwen2, finite differences, and itself under padding, chunking and caching.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use common::*;
+use mo_align::generate::{generate, greedy_no_cache, SamplingConfig};
+use mo_align::model::lm_head::gather_rows;
+use mo_align::model::loader::apply_adapter;
+use mo_align::model::lora::{LoraConfig, LoraCtx};
+use mo_align::model::qwen2::ModelInput;
+use mo_align::model::{Adapters, Qwen2};
+
+/// Per-token log-probs of `ids[1..]` given the prefix (one sequence, no padding).
+fn logprobs(model: &Qwen2, ids: &[u32], ctx: LoraCtx) -> Vec<f64> {
+    let input = ModelInput::right_padded(&[ids.to_vec()], 0, &model.device).unwrap();
+    let hidden = model.forward(&input, ctx, None).unwrap();
+    let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
+    let h = gather_rows(&hidden, &rows).unwrap();
+    let lp = model.token_logprobs(&h, &ids[1..], false).unwrap();
+    lp.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+}
+
+fn golden_seqs() -> Vec<Vec<u32>> {
+    golden()["seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(json_u32s)
+        .collect()
+}
+
+#[test]
+fn golden_checkpoint_is_the_one_the_references_were_made_from() {
+    use std::io::Read;
+    let mut bytes = vec![];
+    std::fs::File::open(tiny_dir().join("model.safetensors"))
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let sha = sha256_hex(&bytes);
+    assert_eq!(
+        sha,
+        golden()["model_sha256"].as_str().unwrap(),
+        "init-tiny --seed 0 changed: regenerate tests/golden with benches/peer/golden_tiny.py"
+    );
+}
+
+/// Minimal SHA-256 so the test needs no extra crate.
+fn sha256_hex(data: &[u8]) -> String {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+    for chunk in msg.chunks(64) {
+        let mut w = [0u32; 64];
+        for i in 0..16 {
+            w[i] = u32::from_be_bytes([
+                chunk[4 * i],
+                chunk[4 * i + 1],
+                chunk[4 * i + 2],
+                chunk[4 * i + 3],
+            ]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let mut v = h;
+        for i in 0..64 {
+            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
+            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
+            let t1 = v[7]
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
+            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
+            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
+            let t2 = s0.wrapping_add(maj);
+            v = [
+                t1.wrapping_add(t2),
+                v[0],
+                v[1],
+                v[2],
+                v[3].wrapping_add(t1),
+                v[4],
+                v[5],
+                v[6],
+            ];
+        }
+        for i in 0..8 {
+            h[i] = h[i].wrapping_add(v[i]);
+        }
+    }
+    h.iter().map(|x| format!("{x:08x}")).collect()
+}
+
+#[test]
+fn hidden_states_and_logprobs_match_transformers() {
+    let g = golden();
+    let seqs = golden_seqs();
+    for (dtype, key, tol) in [
+        (DType::F32, "base_f32", 2e-5),
+        (DType::F64, "base_f64", 1e-10),
+    ] {
+        let m = load_tiny(dtype).model;
+        let input = ModelInput::right_padded(&seqs[..1], 0, &Device::Cpu).unwrap();
+        let hidden = m
+            .forward(&input, LoraCtx::EVAL, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let ours: Vec<f64> = hidden
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs: Vec<f64> = g[key]["hidden_first_seq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(json_f64s)
+            .collect();
+        let d = max_abs_diff(&ours, &theirs);
+        assert!(d < tol * 10.0, "{key}: hidden states differ by {d}");
+        for (s, want) in seqs.iter().zip(g[key]["logprobs"].as_array().unwrap()) {
+            let d = max_abs_diff(&logprobs(&m, s, LoraCtx::EVAL), &json_f64s(want));
+            assert!(d < tol * 10.0, "{key}: log-probs differ by {d}");
+        }
+    }
+}
+
+#[test]
+fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
+    let g = golden();
+    let seqs = golden_seqs();
+    for (dtype, key, tol) in [
+        (DType::F64, "lora_f64", 1e-9),
+        (DType::F32, "lora_f32", 1e-4),
+    ] {
+        let mut m = load_tiny(dtype).model;
+        let cfg = apply_adapter(&mut m, &golden_dir().join("adapter")).unwrap();
+        assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
+        for (i, s) in seqs.iter().enumerate() {
+            let d = max_abs_diff(
+                &logprobs(&m, s, LoraCtx::EVAL),
+                &json_f64s(&g[key]["lora_logprobs"][i]),
+            );
+            assert!(d < tol, "{key}: adapter log-probs differ by {d}");
+            let d = max_abs_diff(
+                &logprobs(&m, s, LoraCtx::REFERENCE),
+                &json_f64s(&g[key]["disabled_logprobs"][i]),
+            );
+            assert!(d < tol, "{key}: disabled-adapter log-probs differ by {d}");
+        }
+        // SFT loss (mean NLL over labelled tokens) and its gradient w.r.t. every LoRA tensor.
+        let ids = &seqs[0];
+        let from = g[key]["sft_label_from"].as_u64().unwrap() as usize;
+        let input = ModelInput::right_padded(std::slice::from_ref(ids), 0, &Device::Cpu).unwrap();
+        let hidden = m.forward(&input, LoraCtx::EVAL, None).unwrap();
+        let rows: Vec<u32> = (from as u32 - 1..ids.len() as u32 - 1).collect();
+        let lp = m
+            .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[from..], true)
+            .unwrap();
+        let loss = lp.mean_all().unwrap().neg().unwrap();
+        let got = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let want = g[key]["sft_loss"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < tol,
+            "{key}: SFT loss {got} vs PEFT {want}"
+        );
+        if dtype == DType::F64 {
+            let grads = loss.backward().unwrap();
+            let want = candle_core::safetensors::load(
+                golden_dir().join("grads.safetensors"),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let vars = m.lora_vars();
+            assert_eq!(vars.len(), want.len());
+            for (name, var) in vars {
+                let ours = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                let theirs = &want[&format!("base_model.model.{name}")];
+                let d = (ours - theirs)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let scale = theirs
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    d <= 1e-9 * scale.max(1.0),
+                    "{name}: gradient differs from PyTorch by {d}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matches_candle_transformers_qwen2_with_adapters_off_or_zero() {
+    use candle_transformers::models::qwen2 as reference;
+    let loaded = load_tiny(DType::F32);
+    let c = &loaded.model.config;
+    let rcfg = reference::Config {
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+        max_position_embeddings: c.max_position_embeddings,
+        sliding_window: c.max_position_embeddings,
+        max_window_layers: c.num_hidden_layers,
+        tie_word_embeddings: c.tie_word_embeddings,
+        rope_theta: c.rope_theta,
+        rms_norm_eps: c.rms_norm_eps,
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+    };
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[tiny_dir().join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let mut theirs = reference::Model::new(&rcfg, vb).unwrap();
+    let ids = golden_seqs()[0].clone();
+    let want = theirs
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            0,
+            None,
+        )
+        .unwrap();
+
+    let mut model = loaded.model;
+    model.attach_lora(&LoraConfig::default(), 7).unwrap(); // B = 0: a fresh adapter changes nothing
+    let input = ModelInput::right_padded(&[ids], 0, &Device::Cpu).unwrap();
+    for ctx in [LoraCtx::EVAL, LoraCtx::REFERENCE] {
+        let got = model.forward(&input, ctx, None).unwrap();
+        let d = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d < 1e-5,
+            "hidden states differ from candle-transformers by {d}"
+        );
+    }
+}
+
+/// A LoRA model in f64 with non-zero B everywhere (a zero B would zero A's gradient).
+fn f64_model_with_random_lora() -> Qwen2 {
+    let mut m = load_tiny(DType::F64).model;
+    let cfg = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    m.attach_lora(&cfg, 3).unwrap();
+    for (i, (_, var)) in m.lora_vars().into_iter().enumerate() {
+        let t = Tensor::randn(0f64, 0.2, var.dims(), &Device::Cpu).unwrap();
+        let t = (t + 0.01 * (i as f64 + 1.0)).unwrap();
+        var.set(&t).unwrap();
+    }
+    m
+}
+
+fn scalar_loss(m: &Qwen2, ids: &[u32]) -> Tensor {
+    let input = ModelInput::right_padded(&[ids.to_vec()], 0, &Device::Cpu).unwrap();
+    let hidden = m.forward(&input, LoraCtx::EVAL, None).unwrap();
+    let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
+    let lp = m
+        .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[1..], true)
+        .unwrap();
+    lp.sum_all().unwrap()
+}
+
+#[test]
+fn every_lora_tensor_gets_a_gradient_that_matches_finite_differences() {
+    let m = f64_model_with_random_lora();
+    let ids = golden_seqs()[1].clone();
+    let grads = scalar_loss(&m, &ids).backward().unwrap();
+    let vars = m.lora_vars();
+    assert_eq!(vars.len(), 2 * 7 * m.config.num_hidden_layers);
+    for (k, (name, var)) in vars.iter().enumerate() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            gv.iter().any(|x| x.abs() > 1e-12),
+            "{name}: gradient is zero"
+        );
+        // Central differences on two entries of every tensor.
+        let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+        for idx in [k % base.len(), (k * 7 + 3) % base.len()] {
+            let eps = 1e-5;
+            let eval_at = |delta: f64| {
+                let mut v = base.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                scalar_loss(&m, &ids).to_scalar::<f64>().unwrap()
+            };
+            let fd = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            let tol = 1e-6 * fd.abs().max(1.0);
+            assert!(
+                (fd - gv[idx]).abs() < tol,
+                "{name}[{idx}]: autograd {} vs finite difference {fd}",
+                gv[idx]
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_weights_get_no_gradient_at_all() {
+    let m = f64_model_with_random_lora();
+    let grads = scalar_loss(&m, &golden_seqs()[0]).backward().unwrap();
+    let mut frozen: Vec<&Tensor> = vec![&m.embed_tokens];
+    for lin in m.linears() {
+        frozen.push(&lin.weight);
+        if let Some(b) = &lin.bias {
+            frozen.push(b);
+        }
+    }
+    for (i, t) in frozen.iter().enumerate() {
+        assert!(
+            grads.get(t).is_none(),
+            "frozen tensor #{i} ({:?}) received a gradient",
+            t.dims()
+        );
+    }
+    // Only LoRA tensors are Vars; nothing else can be updated.
+    assert!(m.linears().all(|l| !l.weight.is_variable()));
+}
+
+#[test]
+fn padded_batch_gives_each_sequence_its_own_logprobs() {
+    let m = load_tiny(DType::F32).model;
+    let seqs = golden_seqs();
+    let input = ModelInput::right_padded(&seqs, 0, &Device::Cpu).unwrap();
+    let hidden = m.forward(&input, LoraCtx::EVAL, None).unwrap();
+    let t = hidden.dim(1).unwrap();
+    for (b, s) in seqs.iter().enumerate() {
+        let rows: Vec<u32> = (0..s.len() - 1).map(|i| (b * t + i) as u32).collect();
+        let lp = m
+            .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &s[1..], false)
+            .unwrap();
+        let batched: Vec<f64> = lp.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+        let d = max_abs_diff(&batched, &logprobs(&m, s, LoraCtx::EVAL));
+        assert!(
+            d < 1e-5,
+            "sequence {b}: padded batch differs from alone by {d}"
+        );
+    }
+}
+
+#[test]
+fn chunked_logprobs_and_their_gradient_equal_a_full_log_softmax() {
+    let mut m = load_tiny(DType::F64).model;
+    let h = Var::randn(0f64, 1.0, (11, m.config.hidden_size), &Device::Cpu).unwrap();
+    let targets: Vec<u32> = (0..11).map(|i| (i * 37 + 5) % 800).collect();
+    let full = candle_nn::ops::log_softmax(
+        &h.as_tensor().matmul(&m.embed_tokens.t().unwrap()).unwrap(),
+        D::Minus1,
+    )
+    .unwrap()
+    .gather(
+        &Tensor::new(targets.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap(),
+        1,
+    )
+    .unwrap()
+    .squeeze(1)
+    .unwrap();
+    let g_full = full.sum_all().unwrap().backward().unwrap();
+    for chunk in [1, 3, 11, 64] {
+        m.logits_chunk = chunk;
+        let lp = m.token_logprobs(h.as_tensor(), &targets, true).unwrap();
+        let d = (&lp - &full)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "chunk {chunk}: log-probs differ by {d}");
+        let g = lp.sum_all().unwrap().backward().unwrap();
+        let d = (g.get(h.as_tensor()).unwrap() - g_full.get(h.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "chunk {chunk}: gradient differs by {d}");
+    }
+}
+
+#[test]
+fn kv_cache_and_batched_decoding_equal_full_recomputation() {
+    let loaded = load_tiny(DType::F32);
+    let (m, tok) = (&loaded.model, &loaded.tokenizer);
+    let prompts: Vec<Vec<u32>> = [
+        "Hello there",
+        "What is the capital of France? Tell me",
+        "Hi",
+    ]
+    .iter()
+    .map(|p| tok.encode(p).unwrap())
+    .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 12,
+        ..SamplingConfig::default()
+    };
+    let batched = generate(
+        m,
+        &prompts,
+        &[0, 1, 2],
+        &cfg,
+        &[],
+        tok.pad_id,
+        LoraCtx::EVAL,
+    )
+    .unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let want = greedy_no_cache(m, p, 12, LoraCtx::EVAL).unwrap();
+        let alone = generate(
+            m,
+            std::slice::from_ref(p),
+            &[i as u64],
+            &cfg,
+            &[],
+            tok.pad_id,
+            LoraCtx::EVAL,
+        )
+        .unwrap();
+        assert_eq!(
+            alone[0], want,
+            "prompt {i}: cached decoding differs from recomputation"
+        );
+        assert_eq!(
+            batched[i], want,
+            "prompt {i}: batched decoding differs from single"
+        );
+    }
+}
+
+#[test]
+fn merged_adapter_equals_adapter() {
+    let mut m = load_tiny(DType::F64).model;
+    apply_adapter(&mut m, &golden_dir().join("adapter")).unwrap();
+    let ids = golden_seqs()[0].clone();
+    let with_adapter = logprobs(&m, &ids, LoraCtx::EVAL);
+    m.merge_lora().unwrap();
+    assert!(!m.has_lora());
+    let merged = logprobs(&m, &ids, Qwen2::ctx(Adapters::Enabled));
+    assert!(max_abs_diff(&with_adapter, &merged) < 1e-10);
+}
