@@ -30,6 +30,8 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a JSON Lines data file to Parquet (schema inferred from the records).
+    ConvertData { input: PathBuf, output: PathBuf },
     /// Evaluate a model: perplexity of a text file.
     Eval(EvalArgs),
     /// Generate text with KV-cache decoding.
@@ -135,9 +137,16 @@ pub fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote a tiny Qwen2 checkpoint to {}", out.display());
             Ok(())
         }
+        Command::ConvertData { input, output } => {
+            let rows = crate::data::source::jsonl_to_parquet(&input, &output)?;
+            eprintln!("wrote {rows} rows to {}", output.display());
+            Ok(())
+        }
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
-        Command::Sft(_) => not_implemented("sft"),
+        Command::Sft(a) => {
+            crate::recipes::sft::run(a.config.as_deref(), &a.set, a.resume, a.quiet).map(|_| ())
+        }
         Command::TrainRm(_) => not_implemented("train-rm"),
         Command::Dpo(_) => not_implemented("dpo"),
         Command::HybridDpo(_) => not_implemented("hybrid-dpo"),

@@ -4,11 +4,16 @@
 //! `tokenizer` (ChatML), `generate`, `eval`, and the shared utilities they stand on.
 
 pub mod cli;
+pub mod config;
+pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod model;
+pub mod objectives;
+pub mod recipes;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 pub use model::{Adapters, Qwen2};

@@ -5,6 +5,10 @@ fn main() -> ExitCode {
     let cli = mo_align::cli::Cli::parse();
     match mo_align::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<mo_align::train::trainer::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             // One line: the whole context chain, outermost first.
             let msg = format!("{e:#}").replace('\n', " ");

@@ -71,3 +71,15 @@ impl DropoutRng {
         Tensor::from_vec(data, shape, device)
     }
 }
+
+/// Mixes a few integers into one seed (SplitMix64 finaliser over each), e.g. (seed, step,
+/// micro-batch) for a step's dropout stream.
+pub fn mix_seed(a: u64, b: u64, c: u64) -> u64 {
+    fn splitmix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    splitmix(splitmix(splitmix(a) ^ b) ^ c)
+}

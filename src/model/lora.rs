@@ -33,7 +33,7 @@ pub enum Adapters {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,

@@ -1,0 +1,202 @@
+//! Configs are data: TOML files with sections, `--set section.key=value` overrides, unknown
+//! keys rejected with the nearest valid key suggested, and the resolved config written next to
+//! every run's outputs.
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+
+/// Loads `path` (or an empty config), applies `overrides`, and deserialises into `T`.
+pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    let (source, text) = match path {
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read config", p.display()))?,
+        ),
+        None => ("(no config file)".to_string(), String::new()),
+    };
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{source}: {}", one_line(&e, &text)))?;
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    // Deserialise from text so errors carry the offending line; with overrides the text is the
+    // merged document, so the message quotes the line instead of citing a line number.
+    let (doc, where_) = if overrides.is_empty() {
+        (text, source)
+    } else {
+        (
+            toml::to_string(&table)?,
+            format!("{source} (with --set overrides)"),
+        )
+    };
+    toml::from_str::<T>(&doc).map_err(|e| anyhow::anyhow!("{where_}: {}", one_line(&e, &doc)))
+}
+
+/// `section.key=value`: the value is parsed as TOML (numbers, booleans, arrays, quoted
+/// strings), and taken as a bare string when it does not parse.
+pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
+    let (path, raw) = spec
+        .split_once('=')
+        .with_context(|| format!("--set {spec}: expected SECTION.KEY=VALUE"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        bail!("--set {spec}: the key must name a section and a key, like train.lr=1e-5");
+    }
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut cur = table;
+    for k in &keys[..keys.len() - 1] {
+        let entry = cur
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .with_context(|| format!("--set {spec}: `{k}` is not a section"))?;
+    }
+    cur.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Flattens toml's multi-line error into one line: the quoted source line, the message, and a
+/// "did you mean" for unknown keys.
+fn one_line(e: &toml::de::Error, doc: &str) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    let location = e.span().map(|span| {
+        let line_no = doc[..span.start.min(doc.len())].matches('\n').count() + 1;
+        let line = doc.lines().nth(line_no - 1).unwrap_or("").trim();
+        let section = doc
+            .lines()
+            .take(line_no)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .find(|l| l.trim_start().starts_with('['))
+            .map(|l| l.trim().to_string());
+        (line_no, line.to_string(), section)
+    });
+    let hint = did_you_mean(&msg)
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default();
+    match location {
+        Some((n, line, section)) => {
+            let section = section.map(|s| format!(" in {s}")).unwrap_or_default();
+            format!("line {n}{section}: `{line}`: {msg}{hint}")
+        }
+        None => format!("{msg}{hint}"),
+    }
+}
+
+/// From serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a` or `b`"), the
+/// valid name closest to `x`.
+fn did_you_mean(msg: &str) -> Option<String> {
+    let rest = msg
+        .strip_prefix("unknown field `")
+        .or_else(|| msg.strip_prefix("unknown variant `"))?;
+    let (unknown, expected) = rest.split_once('`')?;
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    candidates
+        .into_iter()
+        .map(|c| (levenshtein(unknown, c), c))
+        .filter(|(d, c)| *d <= (c.len().max(unknown.len()) / 2).max(2))
+        .min()
+        .map(|(_, c)| c.to_string())
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The config as TOML, for `config.resolved.toml`.
+pub fn to_toml(cfg: &impl Serialize) -> Result<String> {
+    Ok(toml::to_string_pretty(cfg)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Train {
+        #[serde(default)]
+        lr: f64,
+        #[serde(default)]
+        batch_size: usize,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Cfg {
+        #[serde(default = "default_train")]
+        train: Train,
+    }
+
+    fn default_train() -> Train {
+        Train {
+            lr: 0.0,
+            batch_size: 0,
+        }
+    }
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<Cfg> {
+        let dir = std::env::temp_dir().join(format!("mo-align-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("c{}.toml", text.len() + overrides.len()));
+        std::fs::write(&p, text).unwrap();
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        load(Some(&p), &o)
+    }
+
+    #[test]
+    fn unknown_keys_get_a_suggestion_and_a_line() {
+        let e = parse("[train]\nlr = 1e-5\nbatch_sise = 2\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3 in [train]"), "{e}");
+        assert!(e.contains("did you mean `batch_size`"), "{e}");
+        let e = parse("[trian]\nlr = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `train`"), "{e}");
+        let e = parse("", &["train.lrr=3"]).unwrap_err().to_string();
+        assert!(
+            e.contains("did you mean `lr`") && e.contains("--set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overrides_parse_values() {
+        let c = parse(
+            "[train]\nlr = 1.0\n",
+            &["train.lr=2e-5", "train.batch_size=4"],
+        )
+        .unwrap();
+        assert_eq!(
+            c.train,
+            Train {
+                lr: 2e-5,
+                batch_size: 4
+            }
+        );
+        let e = parse("[train]\nlr = \"fast\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("lr = \"fast\""), "{e}");
+        assert!(parse("", &["lr=3"]).is_err());
+    }
+}

@@ -1,0 +1,80 @@
+//! Each subcommand is a short recipe over the shared components: load a config, a model and
+//! data, pick an objective, hand them to the trainer.
+
+pub mod sft;
+
+use crate::model::loader::{apply_adapter, load_pretrained, select_device, Loaded};
+use crate::model::lora::LoraConfig;
+use crate::model::parse_dtype;
+use crate::train::TrainConfig;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The `[model]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Local directory or Hub repo id.
+    pub path: String,
+    /// An adapter merged into the base weights before a fresh LoRA is attached (e.g. the SFT
+    /// adapter for DPO); it is also part of the frozen reference.
+    pub adapter: Option<String>,
+    /// Write a tiny random checkpoint at `path` when it does not exist (demos, tests).
+    pub create_tiny_if_missing: bool,
+    pub tiny_seed: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: crate::model::loader::DEFAULT_MODEL.to_string(),
+            adapter: None,
+            create_tiny_if_missing: false,
+            tiny_seed: 0,
+        }
+    }
+}
+
+/// Loads the base model (merging `model.adapter` into it) on the configured device/dtype.
+pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
+    if let Some(n) = train.threads {
+        // Candle's CPU kernels size their thread pool from this variable.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if model.create_tiny_if_missing && !Path::new(&model.path).exists() {
+        crate::model::tiny::write_tiny_checkpoint(Path::new(&model.path), model.tiny_seed)?;
+    }
+    let device = select_device(&train.device)?;
+    let dtype = parse_dtype(&train.dtype)?;
+    let mut loaded = load_pretrained(&model.path, None, dtype, &device)?;
+    if let Some(adapter) = &model.adapter {
+        apply_adapter(&mut loaded.model, Path::new(adapter))?;
+        loaded.model.merge_lora()?;
+    }
+    loaded.model.logits_chunk = train.logits_chunk;
+    Ok(loaded)
+}
+
+/// Loads the base and attaches a fresh LoRA (seeded by `train.seed`).
+pub fn load_policy(model: &ModelConfig, lora: &LoraConfig, train: &TrainConfig) -> Result<Loaded> {
+    lora.validate()?;
+    let mut loaded = load_base(model, train)?;
+    loaded.model.attach_lora(lora, train.seed)?;
+    Ok(loaded)
+}
+
+/// Creates the output directory and writes the resolved config into it.
+pub fn prepare_output(output_dir: &str, resolved: &impl Serialize) -> Result<PathBuf> {
+    let dir = PathBuf::from(output_dir);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create output directory", dir.display()))?;
+    let text = crate::config::to_toml(resolved)?;
+    crate::io::write_atomic(&dir.join("config.resolved.toml"), text.as_bytes())?;
+    Ok(dir)
+}
+
+/// What `base_model_name_or_path` says in adapter files.
+pub fn base_name(model: &ModelConfig) -> String {
+    model.path.clone()
+}

@@ -1,0 +1,144 @@
+//! Checkpoints: `<output_dir>/checkpoints/checkpoint-<step>/` with the adapter as PEFT files,
+//! the AdamW moments, and the trainer state. A directory is written under a temporary name
+//! and renamed when complete, so the newest `checkpoint-*` is always whole.
+
+use super::optim::AdamW;
+use crate::io::{write_json_atomic, AtomicDir};
+use crate::model::lora::{safetensors_bytes, write_peft_adapter, LoraConfig};
+use crate::model::Qwen2;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything besides tensors that an exact resume needs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Where the data cursor is: epoch and batch within the epoch's plan.
+    pub epoch: u64,
+    pub batch_in_epoch: usize,
+    /// f16 dynamic loss scaling.
+    pub loss_scale: f64,
+    pub clean_steps: u64,
+    /// Consecutive and total steps skipped for a non-finite loss or gradient.
+    pub bad_streak: u32,
+    pub skipped_steps: u64,
+    pub best_eval_loss: Option<f64>,
+    pub evals_without_improvement: u32,
+    pub tokens_seen: u64,
+    pub early_stopped: bool,
+}
+
+pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
+    output_dir.join("checkpoints")
+}
+
+pub fn save(
+    output_dir: &Path,
+    model: &Qwen2,
+    opt: &AdamW,
+    state: &TrainerState,
+    lora: &LoraConfig,
+    base_model: &str,
+) -> Result<PathBuf> {
+    for (name, var) in opt.vars() {
+        let finite = var
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?
+            .is_finite();
+        if !finite {
+            bail!(
+                "refusing to checkpoint step {}: parameter `{name}` is not finite",
+                state.step
+            );
+        }
+    }
+    let dest = checkpoints_dir(output_dir).join(format!("checkpoint-{:07}", state.step));
+    let dir = AtomicDir::new(&dest)?;
+    write_peft_adapter(dir.path(), lora, base_model, &model.lora_tensors())?;
+    let opt_bytes = safetensors_bytes(&opt.state_tensors(), None)?;
+    crate::io::write_atomic(&dir.path().join("optimizer.safetensors"), &opt_bytes)?;
+    write_json_atomic(&dir.path().join("trainer_state.json"), state)?;
+    dir.commit()?;
+    Ok(dest)
+}
+
+/// The newest complete checkpoint, if any.
+pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
+    let dir = checkpoints_dir(output_dir);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+                && p.join("trainer_state.json").is_file()
+        })
+        .collect();
+    found.sort();
+    Ok(found.pop())
+}
+
+/// Restores adapter values, optimizer moments and trainer state from `dir`.
+pub fn load(dir: &Path, model: &Qwen2, opt: &mut AdamW, device: &Device) -> Result<TrainerState> {
+    let state_path = dir.join("trainer_state.json");
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(&state_path)
+            .with_context(|| format!("{}: cannot read", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
+    let tensors = crate::model::lora::read_peft_tensors(dir, device)?;
+    for lin in model.linears() {
+        if let Some(l) = &lin.lora {
+            let (a, b) = tensors.get(&lin.path).with_context(|| {
+                format!(
+                    "{}: checkpoint lacks the adapter of `{}`",
+                    dir.display(),
+                    lin.path
+                )
+            })?;
+            anyhow::ensure!(
+                a.dims() == l.a.dims() && b.dims() == l.b.dims(),
+                "{}: adapter shapes of `{}` changed (different lora.r?)",
+                dir.display(),
+                lin.path
+            );
+            l.a.set(&a.to_dtype(l.a.dtype())?)?;
+            l.b.set(&b.to_dtype(l.b.dtype())?)?;
+        }
+    }
+    let opt_path = dir.join("optimizer.safetensors");
+    let opt_tensors = candle_core::safetensors::load(&opt_path, device)
+        .with_context(|| format!("{}: cannot read optimizer state", opt_path.display()))?;
+    opt.load_state(&opt_tensors, state.step)
+        .with_context(|| opt_path.display().to_string())?;
+    Ok(state)
+}
+
+/// Deletes all but the newest `keep` checkpoints.
+pub fn prune(output_dir: &Path, keep: usize) -> Result<()> {
+    let dir = checkpoints_dir(output_dir);
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+        })
+        .collect();
+    found.sort();
+    let excess = found.len().saturating_sub(keep.max(1));
+    for p in found.into_iter().take(excess) {
+        std::fs::remove_dir_all(&p)
+            .with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
+    }
+    Ok(())
+}

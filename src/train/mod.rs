@@ -1,0 +1,147 @@
+//! The one training loop every stage shares: objectives plug in, the loop stays the same.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod progress;
+pub mod schedule;
+pub mod trainer;
+
+use crate::model::lora::LoraCtx;
+use crate::model::Qwen2;
+use candle_core::{Result, Tensor};
+use schedule::SchedulerKind;
+use serde::{Deserialize, Serialize};
+
+/// What a stage trains for. The trainer owns batching, accumulation, clipping, the optimizer,
+/// schedules, evaluation, checkpoints and logging; an objective only turns a batch into a loss.
+pub trait Objective {
+    type Example;
+
+    /// Tokens the example runs through the model (for throughput figures).
+    fn tokens(&self, ex: &Self::Example) -> usize;
+
+    /// The example's weight in the loss mean: labelled tokens for NLL, 1 per pair for DPO. The
+    /// trainer divides summed losses by the summed weights of a whole accumulated step, so
+    /// accumulating k micro-batches equals one batch k times larger.
+    fn weight(&self, ex: &Self::Example) -> f64;
+
+    /// Summed loss over the batch and summed metrics (the trainer divides both by the summed
+    /// weights). `train` says whether a gradient will be taken.
+    fn loss(
+        &self,
+        model: &Qwen2,
+        batch: &[&Self::Example],
+        ctx: LoraCtx,
+        train: bool,
+    ) -> Result<LossOutput>;
+}
+
+pub struct LossOutput {
+    /// Scalar: sum over the batch of weight-scaled per-example losses.
+    pub loss_sum: Tensor,
+    /// (name, sum over the batch); reported as sum / total weight.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// The `[train]` section shared by every training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub output_dir: String,
+    pub epochs: u64,
+    /// Overrides `epochs` when set.
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub eval_batch_size: Option<usize>,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub scheduler: SchedulerKind,
+    pub warmup_ratio: f64,
+    pub warmup_steps: Option<u64>,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Global-norm gradient clipping; 0 disables it.
+    pub max_grad_norm: f64,
+    /// Frozen base weights and activations: f32, bf16 or f16 (LoRA and AdamW are always f32).
+    pub dtype: String,
+    pub device: String,
+    pub seed: u64,
+    pub log_every: u64,
+    pub eval_every: Option<u64>,
+    pub save_every: Option<u64>,
+    pub keep_checkpoints: usize,
+    /// Stop when the validation loss has not improved for this many evaluations.
+    pub early_stopping_patience: Option<u32>,
+    pub early_stopping_min_delta: f64,
+    /// Consecutive non-finite steps tolerated before the run stops.
+    pub max_bad_steps: u32,
+    /// f16 dynamic loss scaling.
+    pub loss_scale_init: f64,
+    pub loss_scale_growth_interval: u64,
+    /// Rows of the LM head computed at once (memory is this times the vocabulary).
+    pub logits_chunk: usize,
+    /// CPU threads for matmuls (default: all cores).
+    pub threads: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: "runs/out".to_string(),
+            epochs: 1,
+            max_steps: None,
+            batch_size: 2,
+            eval_batch_size: None,
+            grad_accum: 1,
+            lr: 1e-5,
+            scheduler: SchedulerKind::Cosine,
+            warmup_ratio: 0.1,
+            warmup_steps: None,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            dtype: "f32".to_string(),
+            device: "auto".to_string(),
+            seed: 42,
+            log_every: 10,
+            eval_every: None,
+            save_every: None,
+            keep_checkpoints: 3,
+            early_stopping_patience: None,
+            early_stopping_min_delta: 0.0,
+            max_bad_steps: 5,
+            loss_scale_init: 65536.0,
+            loss_scale_growth_interval: 2000,
+            logits_chunk: 256,
+            threads: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.batch_size > 0, "train.batch_size must be at least 1");
+        anyhow::ensure!(self.grad_accum > 0, "train.grad_accum must be at least 1");
+        anyhow::ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "train.lr must be positive"
+        );
+        anyhow::ensure!(self.log_every > 0, "train.log_every must be at least 1");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.warmup_ratio),
+            "train.warmup_ratio must be in [0, 1]"
+        );
+        anyhow::ensure!(
+            self.max_steps.is_some() || self.epochs > 0,
+            "train.epochs must be at least 1"
+        );
+        crate::model::parse_dtype(&self.dtype)?;
+        Ok(())
+    }
+}

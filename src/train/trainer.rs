@@ -1,0 +1,509 @@
+//! The training loop. `train_step` is the whole optimizer step on one screen; `train` around it
+//! handles the data cursor, precision, evaluation, early stopping, checkpoints, logging, resume
+//! and signals.
+
+use super::checkpoint::{self, TrainerState};
+use super::optim::{AdamW, AdamWParams};
+use super::progress::Progress;
+use super::schedule::LrSchedule;
+use super::{Objective, TrainConfig};
+use crate::data::batching::epoch_batches;
+use crate::io::JsonlWriter;
+use crate::model::lora::{write_peft_adapter, Adapters, LoraConfig, LoraCtx};
+use crate::model::Qwen2;
+use crate::rng::{mix_seed, DropoutRng};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything one training run needs.
+pub struct TrainRun<'a, O: Objective> {
+    pub model: &'a Qwen2,
+    pub objective: &'a O,
+    pub train: &'a [O::Example],
+    pub val: &'a [O::Example],
+    pub cfg: &'a TrainConfig,
+    pub lora: &'a LoraConfig,
+    /// Written into adapter_config.json's base_model_name_or_path.
+    pub base_model: &'a str,
+    pub output_dir: &'a Path,
+    pub group_by_length: bool,
+    pub resume: bool,
+    pub quiet: bool,
+    /// Shown before the progress bar, e.g. "sft".
+    pub label: &'a str,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOutcome {
+    pub steps: u64,
+    /// Mean training loss of the last logging window.
+    pub last_loss: Option<f64>,
+    pub first_loss: Option<f64>,
+    /// The last evaluation's metrics (`eval_loss`, ...).
+    pub eval: BTreeMap<String, f64>,
+    pub early_stopped: bool,
+    pub skipped_steps: u64,
+    pub wall_s: f64,
+}
+
+/// Result of one optimizer step.
+struct StepStats {
+    loss: f64,
+    grad_norm: f64,
+    weight: f64,
+    tokens: usize,
+    metrics: Vec<(String, f64)>,
+    applied: bool,
+}
+
+/// One optimizer step over `group` (grad_accum micro-batches of example indices).
+fn train_step<O: Objective>(
+    run: &TrainRun<O>,
+    opt: &mut AdamW,
+    state: &TrainerState,
+    group: &[Vec<usize>],
+    lr: f64,
+) -> Result<StepStats> {
+    let weight: f64 = group
+        .iter()
+        .flatten()
+        .map(|&i| run.objective.weight(&run.train[i]))
+        .sum();
+    let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
+    let (mut loss_sum, mut tokens, mut metrics) = (0.0, 0, BTreeMap::<String, f64>::new());
+    for (k, idxs) in group.iter().enumerate() {
+        let batch: Vec<&O::Example> = idxs.iter().map(|&i| &run.train[i]).collect();
+        let dropout = DropoutRng::new(mix_seed(run.cfg.seed, state.step, k as u64));
+        let ctx = LoraCtx {
+            adapters: Adapters::Enabled,
+            dropout: Some(&dropout),
+        };
+        let out = run.objective.loss(run.model, &batch, ctx, true)?;
+        // Dividing by the whole step's weight makes k micro-batches sum to one big batch.
+        let scaled = (&out.loss_sum * (state.loss_scale / weight.max(f64::MIN_POSITIVE)))?;
+        let step_grads = scaled.backward()?;
+        for (slot, (_, var)) in grads.iter_mut().zip(opt.vars()) {
+            if let Some(g) = step_grads.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        loss_sum += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        tokens += batch.iter().map(|e| run.objective.tokens(e)).sum::<usize>();
+        for (name, v) in out.metrics {
+            *metrics.entry(name).or_default() += v;
+        }
+    }
+    let grads: Vec<Tensor> = grads
+        .into_iter()
+        .zip(opt.vars())
+        .map(|(g, (_, var))| match g {
+            Some(g) => Ok((g.to_dtype(DType::F32)? / state.loss_scale)?),
+            None => Ok(var.zeros_like()?.to_dtype(DType::F32)?),
+        })
+        .collect::<Result<_>>()?;
+    let mut sq = 0.0f64;
+    for g in &grads {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let grad_norm = sq.sqrt();
+    let loss = loss_sum / weight;
+    let applied = loss.is_finite() && grad_norm.is_finite();
+    if applied {
+        let max = run.cfg.max_grad_norm;
+        let clip = if max > 0.0 && grad_norm > max {
+            max / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let grads = if clip < 1.0 {
+            grads
+                .iter()
+                .map(|g| g * clip)
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            grads
+        };
+        opt.step(&grads, lr)?;
+    }
+    let metrics = metrics.into_iter().map(|(k, v)| (k, v / weight)).collect();
+    Ok(StepStats {
+        loss,
+        grad_norm,
+        weight,
+        tokens,
+        metrics,
+        applied,
+    })
+}
+
+/// Mean loss and metrics over `examples` without gradients (adapters on, no dropout).
+pub fn evaluate<O: Objective>(
+    model: &Qwen2,
+    objective: &O,
+    examples: &[O::Example],
+    batch_size: usize,
+) -> Result<BTreeMap<String, f64>> {
+    let lengths: Vec<usize> = examples.iter().map(|e| objective.tokens(e)).collect();
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let (mut loss, mut weight, mut sums) = (0.0, 0.0, BTreeMap::<String, f64>::new());
+    for idxs in order.chunks(batch_size.max(1)) {
+        let batch: Vec<&O::Example> = idxs.iter().map(|&i| &examples[i]).collect();
+        let out = objective.loss(model, &batch, LoraCtx::EVAL, false)?;
+        loss += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        weight += batch.iter().map(|e| objective.weight(e)).sum::<f64>();
+        for (k, v) in out.metrics {
+            *sums.entry(k).or_default() += v;
+        }
+    }
+    let mut out = BTreeMap::from([("eval_loss".to_string(), loss / weight)]);
+    for (k, v) in sums {
+        out.insert(format!("eval_{k}"), v / weight);
+    }
+    Ok(out)
+}
+
+/// Walks the epoch plans: `take` hands out up to n batches, never crossing an epoch boundary.
+struct Cursor {
+    epoch: u64,
+    batch: usize,
+    plan: Vec<Vec<usize>>,
+}
+
+impl Cursor {
+    fn new<O: Objective>(run: &TrainRun<O>, epoch: u64, batch: usize) -> Self {
+        let plan = Self::plan(run, epoch);
+        Self { epoch, batch, plan }
+    }
+
+    fn plan<O: Objective>(run: &TrainRun<O>, epoch: u64) -> Vec<Vec<usize>> {
+        let lengths: Vec<usize> = run.train.iter().map(|e| run.objective.tokens(e)).collect();
+        epoch_batches(
+            &lengths,
+            run.cfg.batch_size,
+            run.group_by_length,
+            run.cfg.seed,
+            epoch,
+        )
+    }
+
+    fn take<O: Objective>(&mut self, run: &TrainRun<O>, n: usize) -> Vec<Vec<usize>> {
+        if self.batch >= self.plan.len() {
+            self.epoch += 1;
+            self.batch = 0;
+            self.plan = Self::plan(run, self.epoch);
+        }
+        let end = (self.batch + n).min(self.plan.len());
+        let out = self.plan[self.batch..end].to_vec();
+        self.batch = end;
+        out
+    }
+}
+
+static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// SIGINT/SIGTERM ask the loop to checkpoint and exit; a second SIGINT exits at once.
+fn stop_flag() -> Arc<AtomicBool> {
+    STOP.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+            let _ = signal_hook::flag::register(sig, flag.clone());
+        }
+        flag
+    })
+    .clone()
+}
+
+/// Marker error for an interrupted run (the CLI maps it to exit code 130).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: checkpoint saved at step {0}; continue with --resume")]
+pub struct Interrupted(pub u64);
+
+/// Keeps only metrics lines up to `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::write_atomic(path, kept.as_bytes())
+}
+
+pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
+    let cfg = run.cfg;
+    let started = Instant::now();
+    anyhow::ensure!(
+        !run.train.is_empty(),
+        "no training examples left after filtering"
+    );
+    let f16 = crate::model::parse_dtype(&cfg.dtype)? == DType::F16;
+    let batches_per_epoch = run.train.len().div_ceil(cfg.batch_size) as u64;
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64);
+    let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
+    let schedule = LrSchedule::new(
+        cfg.lr,
+        cfg.scheduler,
+        total_steps,
+        cfg.warmup_ratio,
+        cfg.warmup_steps,
+        cfg.min_lr_ratio,
+    );
+    let vars = run.model.lora_vars();
+    anyhow::ensure!(
+        !vars.is_empty(),
+        "the model has no LoRA parameters to train"
+    );
+    let params = AdamWParams {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = AdamW::new(vars, params)?;
+    let mut state = TrainerState {
+        loss_scale: if f16 { cfg.loss_scale_init } else { 1.0 },
+        ..TrainerState::default()
+    };
+    let metrics_path = run.output_dir.join("metrics.jsonl");
+    let progress = Progress::new(total_steps, 0, run.quiet, run.label);
+    match checkpoint::latest(run.output_dir)? {
+        Some(dir) if run.resume => {
+            state = checkpoint::load(&dir, run.model, &mut opt, &run.model.device)?;
+            truncate_metrics(&metrics_path, state.step)?;
+            progress.log(&format!("resumed from {} (step {})", dir.display(), state.step));
+        }
+        Some(dir) => bail!(
+            "{}: an earlier run's checkpoint is here; pass --resume to continue it, or choose another train.output_dir",
+            dir.display()
+        ),
+        None => {
+            if metrics_path.exists() {
+                std::fs::remove_file(&metrics_path).with_context(|| format!("{}: cannot replace", metrics_path.display()))?;
+            }
+        }
+    }
+    let mut metrics_out = JsonlWriter::append(&metrics_path)?;
+    let mut cursor = Cursor::new(&run, state.epoch, state.batch_in_epoch);
+    let stop = stop_flag();
+    let eval_bs = cfg.eval_batch_size.unwrap_or(cfg.batch_size * 2);
+    let mut outcome = TrainOutcome::default();
+    let mut window = Window::default();
+    progress.set(state.step, String::new());
+
+    while state.step < total_steps && !state.early_stopped {
+        if stop.load(Ordering::SeqCst) {
+            checkpoint::save(
+                run.output_dir,
+                run.model,
+                &opt,
+                &state,
+                run.lora,
+                run.base_model,
+            )?;
+            progress.finish();
+            return Err(Interrupted(state.step).into());
+        }
+        let group = cursor.take(&run, cfg.grad_accum);
+        let lr = schedule.lr(state.step);
+        let t0 = Instant::now();
+        let stats = train_step(&run, &mut opt, &state, &group, lr)?;
+        (state.epoch, state.batch_in_epoch) = (cursor.epoch, cursor.batch);
+        state.step += 1;
+        state.tokens_seen += stats.tokens as u64;
+        if stats.applied {
+            state.bad_streak = 0;
+            state.clean_steps += 1;
+            if f16 && state.clean_steps >= cfg.loss_scale_growth_interval {
+                state.loss_scale *= 2.0;
+                state.clean_steps = 0;
+            }
+            outcome.first_loss.get_or_insert(stats.loss);
+        } else {
+            state.skipped_steps += 1;
+            state.bad_streak += 1;
+            state.clean_steps = 0;
+            progress.log(&format!(
+                "step {}: non-finite loss {} or gradient norm {}; step skipped",
+                state.step, stats.loss, stats.grad_norm
+            ));
+            if f16 {
+                state.loss_scale /= 2.0;
+                anyhow::ensure!(state.loss_scale >= 1.0, "f16 loss scale fell below 1 at step {}: the loss itself is not finite; use bf16 or f32, or lower train.lr", state.step);
+            } else if state.bad_streak >= cfg.max_bad_steps {
+                bail!("{} consecutive steps had a non-finite loss or gradient (last at step {}); lower train.lr, or use f32", state.bad_streak, state.step);
+            }
+        }
+        window.add(&stats, lr, t0.elapsed().as_secs_f64());
+        let epoch = state.step as f64 / steps_per_epoch as f64;
+        progress.set(state.step, window.bar_message());
+        if state.step.is_multiple_of(cfg.log_every) || state.step == total_steps {
+            let mut line = window.flush(state.step, epoch);
+            line["skipped_steps"] = state.skipped_steps.into();
+            if f16 {
+                line["loss_scale"] = state.loss_scale.into();
+            }
+            outcome.last_loss = line["loss"].as_f64().or(outcome.last_loss);
+            progress.log(&log_line(&line));
+            metrics_out.write(&line)?;
+        }
+        let eval_due = cfg.eval_every.is_some_and(|n| state.step.is_multiple_of(n));
+        if !run.val.is_empty() && (eval_due || state.step == total_steps) {
+            let eval = evaluate(run.model, run.objective, run.val, eval_bs)?;
+            let mut line = serde_json::json!({"step": state.step, "epoch": epoch});
+            for (k, v) in &eval {
+                line[k] = (*v).into();
+            }
+            progress.log(&log_line(&line));
+            metrics_out.write(&line)?;
+            let loss = eval["eval_loss"];
+            if state
+                .best_eval_loss
+                .is_none_or(|b| loss < b - cfg.early_stopping_min_delta)
+            {
+                state.best_eval_loss = Some(loss);
+                state.evals_without_improvement = 0;
+            } else {
+                state.evals_without_improvement += 1;
+                if cfg
+                    .early_stopping_patience
+                    .is_some_and(|p| state.evals_without_improvement >= p)
+                {
+                    state.early_stopped = true;
+                    progress.log(&format!(
+                        "early stopping at step {}: eval_loss has not improved for {} evaluations",
+                        state.step, state.evals_without_improvement
+                    ));
+                }
+            }
+            outcome.eval = eval;
+        }
+        let save_due = cfg.save_every.is_some_and(|n| state.step.is_multiple_of(n));
+        if save_due || state.step == total_steps || state.early_stopped {
+            checkpoint::save(
+                run.output_dir,
+                run.model,
+                &opt,
+                &state,
+                run.lora,
+                run.base_model,
+            )?;
+            checkpoint::prune(run.output_dir, cfg.keep_checkpoints)?;
+        }
+    }
+    progress.finish();
+    write_peft_adapter(
+        run.output_dir,
+        run.lora,
+        run.base_model,
+        &run.model.lora_tensors(),
+    )?;
+    outcome.steps = state.step;
+    outcome.early_stopped = state.early_stopped;
+    outcome.skipped_steps = state.skipped_steps;
+    outcome.wall_s = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+fn log_line(v: &serde_json::Value) -> String {
+    let obj = v.as_object().map(|o| {
+        o.iter()
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) if v.is_f64() => format!("{k}={}", fmt_num(x)),
+                _ => format!("{k}={v}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    obj.unwrap_or_default()
+}
+
+fn fmt_num(x: f64) -> String {
+    if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) {
+        format!("{x:.3e}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// Accumulates steps between log lines (loss and metrics weighted like the loss).
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    weight: f64,
+    grad_norm: f64,
+    steps: u64,
+    tokens: usize,
+    seconds: f64,
+    lr: f64,
+    metrics: BTreeMap<String, f64>,
+    last_loss: f64,
+    last_tps: f64,
+}
+
+impl Window {
+    fn add(&mut self, s: &StepStats, lr: f64, seconds: f64) {
+        if s.applied {
+            self.loss += s.loss * s.weight;
+            self.weight += s.weight;
+            self.grad_norm += s.grad_norm;
+            self.steps += 1;
+            for (k, v) in &s.metrics {
+                *self.metrics.entry(k.clone()).or_default() += v * s.weight;
+            }
+        }
+        self.tokens += s.tokens;
+        self.seconds += seconds;
+        self.lr = lr;
+        self.last_loss = s.loss;
+        self.last_tps = s.tokens as f64 / seconds.max(1e-9);
+    }
+
+    fn bar_message(&self) -> String {
+        format!(
+            "loss {} lr {} {:.0} tok/s",
+            fmt_num(self.last_loss),
+            fmt_num(self.lr),
+            self.last_tps
+        )
+    }
+
+    fn flush(&mut self, step: u64, epoch: f64) -> serde_json::Value {
+        let w = self.weight.max(f64::MIN_POSITIVE);
+        let mut line = serde_json::json!({
+            "step": step,
+            "epoch": epoch,
+            "loss": if self.steps > 0 { serde_json::json!(self.loss / w) } else { serde_json::Value::Null },
+            "lr": self.lr,
+            "grad_norm": if self.steps > 0 { serde_json::json!(self.grad_norm / self.steps as f64) } else { serde_json::Value::Null },
+            "tokens_per_s": self.tokens as f64 / self.seconds.max(1e-9),
+        });
+        for (k, v) in &self.metrics {
+            line[k] = (v / w).into();
+        }
+        *self = Window::default();
+        line
+    }
+}
