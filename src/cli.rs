@@ -44,6 +44,8 @@ pub enum Command {
     Dpo(StageArgs),
     /// DPO with an explicit multi-objective reward term (linear, Chebyshev, MODPO).
     HybridDpo(StageArgs),
+    /// Reward-weighted likelihood training (report 2).
+    RewardWeighted(StageArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -80,6 +82,16 @@ pub struct EvalArgs {
     /// Tokens per window for --perplexity (non-overlapping windows).
     #[arg(long, default_value_t = 2048)]
     pub context: usize,
+    /// Reward model directory (written by train-rm) for --score.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    /// JSONL of {prompt, response} (or {messages} ending with the assistant's reply) to score
+    /// with --reward-model; writes each record with its per-objective scores.
+    #[arg(long)]
+    pub score: Option<PathBuf>,
+    /// Where --score writes its JSONL (stdout when omitted).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -147,44 +159,63 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sft(a) => {
             crate::recipes::sft::run(a.config.as_deref(), &a.set, a.resume, a.quiet).map(|_| ())
         }
-        Command::TrainRm(_) => not_implemented("train-rm"),
-        Command::Dpo(_) => not_implemented("dpo"),
-        Command::HybridDpo(_) => not_implemented("hybrid-dpo"),
+        Command::TrainRm(a) => {
+            crate::recipes::train_rm::run(a.config.as_deref(), &a.set, a.resume, a.quiet)
+        }
+        Command::Dpo(a) => {
+            crate::recipes::dpo::run_dpo(a.config.as_deref(), &a.set, a.resume, a.quiet).map(|_| ())
+        }
+        Command::HybridDpo(a) => {
+            crate::recipes::dpo::run_hybrid(a.config.as_deref(), &a.set, a.resume, a.quiet)
+                .map(|_| ())
+        }
+        Command::RewardWeighted(a) => {
+            crate::recipes::dpo::run_reward_weighted(a.config.as_deref(), &a.set, a.resume, a.quiet)
+                .map(|_| ())
+        }
     }
-}
-
-fn not_implemented(name: &str) -> Result<()> {
-    bail!("`{name}` is not implemented yet")
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
-    let Some(path) = &args.perplexity else {
-        bail!("eval: nothing to evaluate (give --perplexity FILE)");
-    };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let loaded = args.model.load()?;
-    let ids = loaded.tokenizer.encode(&text)?;
-    if ids.len() < 2 {
-        bail!(
-            "{}: needs at least 2 tokens, has {}",
-            path.display(),
-            ids.len()
-        );
+    if args.perplexity.is_none() && args.score.is_none() {
+        bail!("eval: nothing to evaluate (give --perplexity FILE and/or --score FILE --reward-model DIR)");
     }
-    let nll = perplexity(&loaded.model, &ids, args.context, LoraCtx::EVAL)?;
-    let mean = nll.mean();
+    let loaded = args.model.load()?;
+    let mut report = serde_json::Map::new();
+    if let Some(path) = &args.perplexity {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let ids = loaded.tokenizer.encode(&text)?;
+        if ids.len() < 2 {
+            bail!(
+                "{}: needs at least 2 tokens, has {}",
+                path.display(),
+                ids.len()
+            );
+        }
+        let nll = perplexity(&loaded.model, &ids, args.context, LoraCtx::EVAL)?;
+        let mean = nll.mean();
+        report.insert("nll_per_token".into(), mean.into());
+        report.insert("tokens".into(), nll.tokens.into());
+        report.insert("perplexity".into(), mean.exp().into());
+        if !args.json {
+            println!(
+                "nll/token {mean:.6}  perplexity {:.4}  ({} predicted tokens)",
+                mean.exp(),
+                nll.tokens
+            );
+        }
+    }
+    if let Some(path) = &args.score {
+        let rm = args
+            .reward_model
+            .as_deref()
+            .context("--score needs --reward-model DIR")?;
+        let n = crate::recipes::evaluate::score_file(&loaded, rm, path, args.output.as_deref())?;
+        report.insert("scored".into(), n.into());
+    }
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"nll_per_token": mean, "tokens": nll.tokens, "perplexity": mean.exp()})
-        );
-    } else {
-        println!(
-            "nll/token {mean:.6}  perplexity {:.4}  ({} predicted tokens)",
-            mean.exp(),
-            nll.tokens
-        );
+        println!("{}", serde_json::Value::Object(report));
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! The module tree mirrors the pipeline: `model` (Qwen2 + LoRA, loading, the LM head),
 //! `tokenizer` (ChatML), `generate`, `eval`, and the shared utilities they stand on.
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -12,6 +13,7 @@ pub mod io;
 pub mod model;
 pub mod objectives;
 pub mod recipes;
+pub mod reward;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

@@ -3,6 +3,8 @@
 
 pub mod batching;
 pub mod chat;
+pub mod preference;
+pub mod ratings;
 pub mod source;
 
 use anyhow::{bail, Result};
@@ -148,6 +150,71 @@ pub fn load_records<T>(
     }
     report.used = out.len();
     Ok((out, report))
+}
+
+/// Training and validation examples of one stage, with what happened to the records.
+pub struct Splits<T> {
+    pub train: Vec<T>,
+    pub val: Vec<T>,
+    pub train_report: DataReport,
+    pub val_report: Option<DataReport>,
+}
+
+impl<T> Splits<T> {
+    /// Logs the data reports and writes them to `data_report.json` in `out`.
+    pub fn report(&self, out: &std::path::Path) -> Result<()> {
+        eprintln!("train data: {}", self.train_report.summary());
+        for e in &self.train_report.bad_examples {
+            eprintln!("  skipped: {e}");
+        }
+        if let Some(r) = &self.val_report {
+            eprintln!("validation data: {}", r.summary());
+        }
+        eprintln!(
+            "{} training / {} validation examples",
+            self.train.len(),
+            self.val.len()
+        );
+        crate::io::write_json_atomic(
+            &out.join("data_report.json"),
+            &serde_json::json!({"train": self.train_report, "validation": self.val_report}),
+        )
+    }
+}
+
+/// Reads `data.train_files` (and `validation_files`) with `parse`, then shuffles, caps and
+/// splits as the config says.
+pub fn load_splits<T>(
+    data: &DataConfig,
+    parse: impl Fn(&serde_json::Value, &mut DataReport) -> Parsed<T>,
+) -> Result<Splits<T>> {
+    if data.train_files.is_empty() {
+        bail!("data.train_files is empty: name at least one JSONL or Parquet file");
+    }
+    let (records, train_report) = load_records(&data.train_files, data.on_bad_record, &parse)?;
+    let examples: Vec<T> = records.into_iter().map(|(_, e)| e).collect();
+    if data.validation_files.is_empty() {
+        let (train, val) = shuffle_cap_split(
+            examples,
+            data.shuffle_seed,
+            data.max_samples,
+            data.validation_fraction,
+        )?;
+        return Ok(Splits {
+            train,
+            val,
+            train_report,
+            val_report: None,
+        });
+    }
+    let (train, _) = shuffle_cap_split(examples, data.shuffle_seed, data.max_samples, 0.0)?;
+    let (val, val_report) = load_records(&data.validation_files, data.on_bad_record, &parse)?;
+    Ok(Splits {
+        train,
+        val: val.into_iter().map(|(_, e)| e).collect(),
+        train_report,
+        val_report: Some(val_report),
+    })
 }
 
 /// Shuffles with `seed`, caps at `max_samples`, and splits off `validation_fraction`.

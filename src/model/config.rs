@@ -187,6 +187,23 @@ impl Qwen2Config {
         })
     }
 
+    /// Shape of a decoder-layer tensor given its name within the layer (`mlp.up_proj.weight`).
+    pub fn tensor_shape(&self, leaf: &str) -> Vec<usize> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        match leaf {
+            "self_attn.q_proj.weight" => vec![q, h],
+            "self_attn.q_proj.bias" => vec![q],
+            "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
+            "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
+            "self_attn.o_proj.weight" => vec![h, q],
+            "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
+            "mlp.down_proj.weight" => vec![h, i],
+            _ => vec![h],
+        }
+    }
+
     /// Number of base-model parameters (the tied embedding counted once).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;

@@ -4,7 +4,7 @@
 //! `model.safetensors.index.json`. Every failure names the file and the tensor.
 
 use super::config::Qwen2Config;
-use super::qwen2::{Qwen2, RmsNorm};
+use super::qwen2::Qwen2;
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -260,55 +260,7 @@ pub fn load_with_config(
     device: &Device,
 ) -> Result<Qwen2> {
     let w = WeightFiles::open(&files.weights)?;
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let q = cfg.num_attention_heads * cfg.head_dim;
-    let kv = cfg.num_key_value_heads * cfg.head_dim;
-    let expected = |name: &str| -> Vec<usize> {
-        let leaf = name
-            .rsplit_once(".layers.")
-            .map_or(name, |(_, rest)| rest.split_once('.').map_or(rest, |x| x.1));
-        match leaf {
-            "self_attn.q_proj.weight" => vec![q, h],
-            "self_attn.q_proj.bias" => vec![q],
-            "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
-            "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-            "self_attn.o_proj.weight" => vec![h, q],
-            "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
-            "mlp.down_proj.weight" => vec![h, i],
-            _ => vec![h],
-        }
-    };
-    let mut err = None;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    for l in 0..cfg.num_hidden_layers {
-        let layer = Qwen2::build_layer(&cfg, l, |name| {
-            w.load(name, &expected(name), dtype, device).map_err(|e| {
-                let msg = format!("{e:#}");
-                err = Some(e);
-                candle_core::Error::Msg(msg)
-            })
-        });
-        match layer {
-            Ok(layer) => layers.push(layer),
-            Err(e) => return Err(err.take().unwrap_or_else(|| anyhow::anyhow!("{e}"))),
-        }
-    }
-    let embed = w.load(
-        "model.embed_tokens.weight",
-        &[cfg.vocab_size, h],
-        dtype,
-        device,
-    )?;
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(w.load("lm_head.weight", &[cfg.vocab_size, h], dtype, device)?)
-    };
-    let norm = RmsNorm::new(
-        w.load("model.norm.weight", &[h], dtype, device)?,
-        cfg.rms_norm_eps,
-    );
-    Ok(Qwen2::from_parts(cfg, embed, lm_head, layers, norm)?)
+    Qwen2::build(cfg, |name, shape| w.load(name, shape, dtype, device))
 }
 
 /// Attaches the PEFT adapter in `dir` (ours or PEFT's own files) to `model`.

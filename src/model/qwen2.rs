@@ -287,6 +287,57 @@ impl ModelInput {
         })
     }
 
+    /// One sequence with an arbitrary visibility rule: query i may attend to key j when
+    /// `visible(i, j)`.
+    pub fn single(
+        ids: Vec<u32>,
+        positions: Vec<u32>,
+        visible: impl Fn(usize, usize) -> bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let t = ids.len();
+        let mut bias = vec![f32::MIN; t * t];
+        for i in 0..t {
+            for j in 0..t {
+                if visible(i, j) {
+                    bias[i * t + j] = 0.0;
+                }
+            }
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (1, t), device)?,
+            positions: Tensor::from_vec(positions, (1, t), device)?,
+            bias: Tensor::from_vec(bias, (1, 1, t, t), device)?,
+        })
+    }
+
+    /// A preference pair packed as `[prompt | chosen | rejected]`: the prompt runs once, each
+    /// response attends to the prompt and to its own earlier tokens, and both responses continue
+    /// the prompt's positions, so each response sees exactly what it would see alone.
+    pub fn packed_pair(
+        prompt: &[u32],
+        chosen: &[u32],
+        rejected: &[u32],
+        device: &Device,
+    ) -> Result<Self> {
+        let (p, c, r) = (
+            prompt.len() as u32,
+            chosen.len() as u32,
+            rejected.len() as u32,
+        );
+        let ids: Vec<u32> = prompt
+            .iter()
+            .chain(chosen)
+            .chain(rejected)
+            .copied()
+            .collect();
+        let positions: Vec<u32> = (0..p + c).chain(p..p + r).collect();
+        let (p, c) = (p as usize, c as usize);
+        let segment = |i: usize| usize::from(i >= p) + usize::from(i >= p + c);
+        let visible = |i: usize, j: usize| j <= i && (j < p || segment(j) == segment(i));
+        Self::single(ids, positions, visible, device)
+    }
+
     /// Right-padded batch of whole sequences (training, scoring): positions 0..len.
     pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
@@ -377,48 +428,64 @@ impl Qwen2 {
         })
     }
 
-    pub fn build_layer(
-        cfg: &Qwen2Config,
-        idx: usize,
-        mut get: impl FnMut(&str) -> Result<Tensor>,
-    ) -> Result<DecoderLayer> {
-        let p = format!("model.layers.{idx}");
-        let mut lin = |name: &str, bias: bool| -> Result<LoraLinear> {
-            let path = format!("{p}.{name}");
-            let w = get(&format!("{path}.weight"))?;
-            let b = if bias {
-                Some(get(&format!("{path}.bias"))?)
-            } else {
-                None
+    /// Builds the model from a source of named tensors; `get(name, shape)` must return a
+    /// tensor of that shape (the loader checks files, `init-tiny` and benches make them up).
+    pub fn build(
+        cfg: Qwen2Config,
+        mut get: impl FnMut(&str, &[usize]) -> anyhow::Result<Tensor>,
+    ) -> anyhow::Result<Self> {
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for idx in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{idx}");
+            let mut t = |leaf: &str| get(&format!("{p}.{leaf}"), &cfg.tensor_shape(leaf));
+            let mut lin = |name: &str, bias: bool| -> anyhow::Result<LoraLinear> {
+                let w = t(&format!("{name}.weight"))?;
+                let b = if bias {
+                    Some(t(&format!("{name}.bias"))?)
+                } else {
+                    None
+                };
+                Ok(LoraLinear::new(format!("{p}.{name}"), w, b))
             };
-            Ok(LoraLinear::new(path, w, b))
+            let self_attn = Attention {
+                q_proj: lin("self_attn.q_proj", true)?,
+                k_proj: lin("self_attn.k_proj", true)?,
+                v_proj: lin("self_attn.v_proj", true)?,
+                o_proj: lin("self_attn.o_proj", false)?,
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", false)?,
+                up_proj: lin("mlp.up_proj", false)?,
+                down_proj: lin("mlp.down_proj", false)?,
+            };
+            let mut t = |leaf: &str| get(&format!("{p}.{leaf}"), &cfg.tensor_shape(leaf));
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::new(t("input_layernorm.weight")?, cfg.rms_norm_eps),
+                self_attn,
+                post_attention_layernorm: RmsNorm::new(
+                    t("post_attention_layernorm.weight")?,
+                    cfg.rms_norm_eps,
+                ),
+                mlp,
+            });
+        }
+        let embed = get(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+        )?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size])?)
         };
-        let self_attn = Attention {
-            q_proj: lin("self_attn.q_proj", true)?,
-            k_proj: lin("self_attn.k_proj", true)?,
-            v_proj: lin("self_attn.v_proj", true)?,
-            o_proj: lin("self_attn.o_proj", false)?,
-            n_heads: cfg.num_attention_heads,
-            n_kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-        };
-        let mlp = Mlp {
-            gate_proj: lin("mlp.gate_proj", false)?,
-            up_proj: lin("mlp.up_proj", false)?,
-            down_proj: lin("mlp.down_proj", false)?,
-        };
-        Ok(DecoderLayer {
-            input_layernorm: RmsNorm::new(
-                get(&format!("{p}.input_layernorm.weight"))?,
-                cfg.rms_norm_eps,
-            ),
-            self_attn,
-            post_attention_layernorm: RmsNorm::new(
-                get(&format!("{p}.post_attention_layernorm.weight"))?,
-                cfg.rms_norm_eps,
-            ),
-            mlp,
-        })
+        let norm = RmsNorm::new(
+            get("model.norm.weight", &[cfg.hidden_size])?,
+            cfg.rms_norm_eps,
+        );
+        Ok(Self::from_parts(cfg, embed, lm_head, layers, norm)?)
     }
 
     /// Final hidden states [B, T, H] (after the last RMSNorm).

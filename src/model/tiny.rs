@@ -182,6 +182,23 @@ pub fn random_weights(cfg: &Qwen2Config, seed: u64) -> Result<HashMap<String, Te
     Ok(w)
 }
 
+/// A model with random weights (std 0.02) of any config, built in memory: benchmarks at the
+/// real dimensions need no download.
+pub fn random_model(
+    cfg: &Qwen2Config,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<super::Qwen2> {
+    super::Qwen2::build(cfg.clone(), |name, shape| {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, candle_core::DType::F32, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    })
+}
+
 /// Writes config.json, generation_config.json, model.safetensors, tokenizer.json and
 /// tokenizer_config.json into `out`.
 pub fn write_tiny_checkpoint(out: &Path, seed: u64) -> Result<()> {

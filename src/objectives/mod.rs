@@ -1,6 +1,11 @@
 //! Training objectives: each turns a batch into a summed loss for the shared trainer.
 
+pub mod dpo;
 pub mod nll;
+pub mod pair;
+pub mod reward_head;
+pub mod reward_weighted;
+pub mod scalarize;
 
 use crate::model::lm_head::gather_rows;
 use crate::model::lora::LoraCtx;

@@ -8,14 +8,16 @@ use crate::tokenizer::LabelledIds;
 use crate::train::{LossOutput, Objective};
 use candle_core::Result;
 
-pub struct Nll;
+pub struct Nll<'a> {
+    pub model: &'a Qwen2,
+}
 
 /// Labelled tokens that are predicted (a token at position 0 has nothing before it).
 pub fn predicted_tokens(ex: &LabelledIds) -> usize {
     ex.labelled.iter().skip(1).filter(|&&l| l).count()
 }
 
-impl Objective for Nll {
+impl Objective for Nll<'_> {
     type Example = LabelledIds;
 
     fn tokens(&self, ex: &LabelledIds) -> usize {
@@ -26,18 +28,12 @@ impl Objective for Nll {
         predicted_tokens(ex) as f64
     }
 
-    fn loss(
-        &self,
-        model: &Qwen2,
-        batch: &[&LabelledIds],
-        ctx: LoraCtx,
-        train: bool,
-    ) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&LabelledIds], ctx: LoraCtx, train: bool) -> Result<LossOutput> {
         let seqs: Vec<(&[u32], &[bool])> = batch
             .iter()
             .map(|e| (e.ids.as_slice(), e.labelled.as_slice()))
             .collect();
-        let lp = labelled_logprobs(model, &seqs, ctx, train)?;
+        let lp = labelled_logprobs(self.model, &seqs, ctx, train)?;
         Ok(LossOutput {
             loss_sum: lp.logprobs.sum_all()?.neg()?,
             metrics: vec![],

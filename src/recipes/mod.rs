@@ -1,7 +1,10 @@
 //! Each subcommand is a short recipe over the shared components: load a config, a model and
 //! data, pick an objective, hand them to the trainer.
 
+pub mod dpo;
+pub mod evaluate;
 pub mod sft;
+pub mod train_rm;
 
 use crate::model::loader::{apply_adapter, load_pretrained, select_device, Loaded};
 use crate::model::lora::LoraConfig;
@@ -23,6 +26,17 @@ pub struct ModelConfig {
     /// Write a tiny random checkpoint at `path` when it does not exist (demos, tests).
     pub create_tiny_if_missing: bool,
     pub tiny_seed: u64,
+}
+
+impl ModelConfig {
+    /// The adapter to merge, if any (an empty string means none, so `--set model.adapter=""`
+    /// can switch it off).
+    pub fn adapter_path(&self) -> Option<&Path> {
+        self.adapter
+            .as_deref()
+            .filter(|a| !a.is_empty())
+            .map(Path::new)
+    }
 }
 
 impl Default for ModelConfig {
@@ -48,8 +62,8 @@ pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
     let device = select_device(&train.device)?;
     let dtype = parse_dtype(&train.dtype)?;
     let mut loaded = load_pretrained(&model.path, None, dtype, &device)?;
-    if let Some(adapter) = &model.adapter {
-        apply_adapter(&mut loaded.model, Path::new(adapter))?;
+    if let Some(adapter) = model.adapter_path() {
+        apply_adapter(&mut loaded.model, adapter)?;
         loaded.model.merge_lora()?;
     }
     loaded.model.logits_chunk = train.logits_chunk;

@@ -2,13 +2,14 @@
 
 use super::{base_name, load_policy, prepare_output, ModelConfig};
 use crate::data::chat::sft_example;
-use crate::data::{load_records, shuffle_cap_split, DataConfig, DataReport};
+use crate::data::{load_splits, DataConfig, DataReport};
 use crate::model::lora::LoraConfig;
 use crate::objectives::nll::Nll;
 use crate::tokenizer::{ChatTokenizer, LabelledIds};
+use crate::train::trainable::PeftAdapter;
 use crate::train::trainer::{train, TrainOutcome, TrainRun};
 use crate::train::TrainConfig;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -31,30 +32,8 @@ pub type SftData = (
 
 /// Loads, validates, tokenises and splits the SFT data.
 pub fn load_sft_data(data: &DataConfig, tok: &ChatTokenizer) -> Result<SftData> {
-    if data.train_files.is_empty() {
-        bail!("data.train_files is empty: name at least one JSONL or Parquet file");
-    }
-    let parse = |v: &serde_json::Value, r: &mut DataReport| sft_example(v, tok, data, r);
-    let (records, report) = load_records(&data.train_files, data.on_bad_record, parse)?;
-    let examples: Vec<LabelledIds> = records.into_iter().map(|(_, e)| e).collect();
-    if data.validation_files.is_empty() {
-        let (train, val) = shuffle_cap_split(
-            examples,
-            data.shuffle_seed,
-            data.max_samples,
-            data.validation_fraction,
-        )?;
-        return Ok((train, val, report, None));
-    }
-    let (train, _) = shuffle_cap_split(examples, data.shuffle_seed, data.max_samples, 0.0)?;
-    let parse = |v: &serde_json::Value, r: &mut DataReport| sft_example(v, tok, data, r);
-    let (val, val_report) = load_records(&data.validation_files, data.on_bad_record, parse)?;
-    Ok((
-        train,
-        val.into_iter().map(|(_, e)| e).collect(),
-        report,
-        Some(val_report),
-    ))
+    let s = load_splits(data, |v, r| sft_example(v, tok, data, r))?;
+    Ok((s.train, s.val, s.train_report, s.val_report))
 }
 
 pub fn run(
@@ -67,31 +46,25 @@ pub fn run(
     cfg.train.validate()?;
     let out = prepare_output(&cfg.train.output_dir, &cfg)?;
     let loaded = load_policy(&cfg.model, &cfg.lora, &cfg.train)?;
-    let (train_set, val_set, report, val_report) = load_sft_data(&cfg.data, &loaded.tokenizer)?;
-    eprintln!("train data: {}", report.summary());
-    for e in &report.bad_examples {
-        eprintln!("  skipped: {e}");
-    }
-    if let Some(r) = &val_report {
-        eprintln!("validation data: {}", r.summary());
-    }
-    eprintln!(
-        "{} training / {} validation examples",
-        train_set.len(),
-        val_set.len()
-    );
-    crate::io::write_json_atomic(
-        &out.join("data_report.json"),
-        &serde_json::json!({"train": report, "validation": val_report}),
-    )?;
-    let outcome = train(TrainRun {
+    let data = load_splits(&cfg.data, |v, r| {
+        sft_example(v, &loaded.tokenizer, &cfg.data, r)
+    })?;
+    data.report(&out)?;
+    let (train_set, val_set) = (&data.train, &data.val);
+    let adapter = PeftAdapter {
         model: &loaded.model,
-        objective: &Nll,
-        train: &train_set,
-        val: &val_set,
-        cfg: &cfg.train,
         lora: &cfg.lora,
-        base_model: &base_name(&cfg.model),
+        base_model: base_name(&cfg.model),
+    };
+    let outcome = train(TrainRun {
+        objective: &Nll {
+            model: &loaded.model,
+        },
+        trainable: &adapter,
+        train: train_set,
+        val: val_set,
+        cfg: &cfg.train,
+        device: &loaded.model.device,
         output_dir: &out,
         group_by_length: cfg.data.group_by_length,
         resume,

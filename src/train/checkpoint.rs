@@ -1,11 +1,11 @@
-//! Checkpoints: `<output_dir>/checkpoints/checkpoint-<step>/` with the adapter as PEFT files,
-//! the AdamW moments, and the trainer state. A directory is written under a temporary name
+//! Checkpoints: `<output_dir>/checkpoints/checkpoint-<step>/` with the trained artifact (PEFT
+//! files, or a reward head), the AdamW moments, and the trainer state. A directory is written under a temporary name
 //! and renamed when complete, so the newest `checkpoint-*` is always whole.
 
 use super::optim::AdamW;
+use super::trainable::Trainable;
 use crate::io::{write_json_atomic, AtomicDir};
-use crate::model::lora::{safetensors_bytes, write_peft_adapter, LoraConfig};
-use crate::model::Qwen2;
+use crate::model::lora::safetensors_bytes;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -37,11 +37,9 @@ pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
 
 pub fn save(
     output_dir: &Path,
-    model: &Qwen2,
+    trainable: &dyn Trainable,
     opt: &AdamW,
     state: &TrainerState,
-    lora: &LoraConfig,
-    base_model: &str,
 ) -> Result<PathBuf> {
     for (name, var) in opt.vars() {
         let finite = var
@@ -60,7 +58,7 @@ pub fn save(
     }
     let dest = checkpoints_dir(output_dir).join(format!("checkpoint-{:07}", state.step));
     let dir = AtomicDir::new(&dest)?;
-    write_peft_adapter(dir.path(), lora, base_model, &model.lora_tensors())?;
+    trainable.save(dir.path())?;
     let opt_bytes = safetensors_bytes(&opt.state_tensors(), None)?;
     crate::io::write_atomic(&dir.path().join("optimizer.safetensors"), &opt_bytes)?;
     write_json_atomic(&dir.path().join("trainer_state.json"), state)?;
@@ -87,34 +85,20 @@ pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(found.pop())
 }
 
-/// Restores adapter values, optimizer moments and trainer state from `dir`.
-pub fn load(dir: &Path, model: &Qwen2, opt: &mut AdamW, device: &Device) -> Result<TrainerState> {
+/// Restores the artifact, optimizer moments and trainer state from `dir`.
+pub fn load(
+    dir: &Path,
+    trainable: &dyn Trainable,
+    opt: &mut AdamW,
+    device: &Device,
+) -> Result<TrainerState> {
     let state_path = dir.join("trainer_state.json");
     let state: TrainerState = serde_json::from_str(
         &std::fs::read_to_string(&state_path)
             .with_context(|| format!("{}: cannot read", state_path.display()))?,
     )
     .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
-    let tensors = crate::model::lora::read_peft_tensors(dir, device)?;
-    for lin in model.linears() {
-        if let Some(l) = &lin.lora {
-            let (a, b) = tensors.get(&lin.path).with_context(|| {
-                format!(
-                    "{}: checkpoint lacks the adapter of `{}`",
-                    dir.display(),
-                    lin.path
-                )
-            })?;
-            anyhow::ensure!(
-                a.dims() == l.a.dims() && b.dims() == l.b.dims(),
-                "{}: adapter shapes of `{}` changed (different lora.r?)",
-                dir.display(),
-                lin.path
-            );
-            l.a.set(&a.to_dtype(l.a.dtype())?)?;
-            l.b.set(&b.to_dtype(l.b.dtype())?)?;
-        }
-    }
+    trainable.load(dir)?;
     let opt_path = dir.join("optimizer.safetensors");
     let opt_tensors = candle_core::safetensors::load(&opt_path, device)
         .with_context(|| format!("{}: cannot read optimizer state", opt_path.display()))?;

@@ -4,16 +4,17 @@ pub mod checkpoint;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod trainable;
 pub mod trainer;
 
 use crate::model::lora::LoraCtx;
-use crate::model::Qwen2;
 use candle_core::{Result, Tensor};
 use schedule::SchedulerKind;
 use serde::{Deserialize, Serialize};
 
 /// What a stage trains for. The trainer owns batching, accumulation, clipping, the optimizer,
-/// schedules, evaluation, checkpoints and logging; an objective only turns a batch into a loss.
+/// schedules, evaluation, checkpoints and logging; an objective only turns a batch into a loss
+/// (it holds whatever it computes with: the model, reward scores, cached features).
 pub trait Objective {
     type Example;
 
@@ -26,14 +27,9 @@ pub trait Objective {
     fn weight(&self, ex: &Self::Example) -> f64;
 
     /// Summed loss over the batch and summed metrics (the trainer divides both by the summed
-    /// weights). `train` says whether a gradient will be taken.
-    fn loss(
-        &self,
-        model: &Qwen2,
-        batch: &[&Self::Example],
-        ctx: LoraCtx,
-        train: bool,
-    ) -> Result<LossOutput>;
+    /// weights). `ctx` carries adapter switches and dropout; `train` says whether a gradient
+    /// will be taken. The objective holds what it computes with (model, scores, features).
+    fn loss(&self, batch: &[&Self::Example], ctx: LoraCtx, train: bool) -> Result<LossOutput>;
 }
 
 pub struct LossOutput {

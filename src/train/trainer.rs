@@ -6,11 +6,11 @@ use super::checkpoint::{self, TrainerState};
 use super::optim::{AdamW, AdamWParams};
 use super::progress::Progress;
 use super::schedule::LrSchedule;
+use super::trainable::Trainable;
 use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
 use crate::io::JsonlWriter;
-use crate::model::lora::{write_peft_adapter, Adapters, LoraConfig, LoraCtx};
-use crate::model::Qwen2;
+use crate::model::lora::{Adapters, LoraCtx};
 use crate::rng::{mix_seed, DropoutRng};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -22,14 +22,13 @@ use std::time::Instant;
 
 /// Everything one training run needs.
 pub struct TrainRun<'a, O: Objective> {
-    pub model: &'a Qwen2,
     pub objective: &'a O,
+    /// What is updated and saved (LoRA adapters, a reward head).
+    pub trainable: &'a dyn Trainable,
     pub train: &'a [O::Example],
     pub val: &'a [O::Example],
     pub cfg: &'a TrainConfig,
-    pub lora: &'a LoraConfig,
-    /// Written into adapter_config.json's base_model_name_or_path.
-    pub base_model: &'a str,
+    pub device: &'a candle_core::Device,
     pub output_dir: &'a Path,
     pub group_by_length: bool,
     pub resume: bool,
@@ -83,7 +82,7 @@ fn train_step<O: Objective>(
             adapters: Adapters::Enabled,
             dropout: Some(&dropout),
         };
-        let out = run.objective.loss(run.model, &batch, ctx, true)?;
+        let out = run.objective.loss(&batch, ctx, true)?;
         // Dividing by the whole step's weight makes k micro-batches sum to one big batch.
         let scaled = (&out.loss_sum * (state.loss_scale / weight.max(f64::MIN_POSITIVE)))?;
         let step_grads = scaled.backward()?;
@@ -150,7 +149,6 @@ fn train_step<O: Objective>(
 
 /// Mean loss and metrics over `examples` without gradients (adapters on, no dropout).
 pub fn evaluate<O: Objective>(
-    model: &Qwen2,
     objective: &O,
     examples: &[O::Example],
     batch_size: usize,
@@ -161,7 +159,7 @@ pub fn evaluate<O: Objective>(
     let (mut loss, mut weight, mut sums) = (0.0, 0.0, BTreeMap::<String, f64>::new());
     for idxs in order.chunks(batch_size.max(1)) {
         let batch: Vec<&O::Example> = idxs.iter().map(|&i| &examples[i]).collect();
-        let out = objective.loss(model, &batch, LoraCtx::EVAL, false)?;
+        let out = objective.loss(&batch, LoraCtx::EVAL, false)?;
         loss += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         weight += batch.iter().map(|e| objective.weight(e)).sum::<f64>();
         for (k, v) in out.metrics {
@@ -271,10 +269,10 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         cfg.warmup_steps,
         cfg.min_lr_ratio,
     );
-    let vars = run.model.lora_vars();
+    let vars = run.trainable.vars();
     anyhow::ensure!(
         !vars.is_empty(),
-        "the model has no LoRA parameters to train"
+        "nothing to train: no trainable parameters"
     );
     let params = AdamWParams {
         beta1: cfg.adam_beta1,
@@ -291,7 +289,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     let progress = Progress::new(total_steps, 0, run.quiet, run.label);
     match checkpoint::latest(run.output_dir)? {
         Some(dir) if run.resume => {
-            state = checkpoint::load(&dir, run.model, &mut opt, &run.model.device)?;
+            state = checkpoint::load(&dir, run.trainable, &mut opt, run.device)?;
             truncate_metrics(&metrics_path, state.step)?;
             progress.log(&format!("resumed from {} (step {})", dir.display(), state.step));
         }
@@ -315,14 +313,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
 
     while state.step < total_steps && !state.early_stopped {
         if stop.load(Ordering::SeqCst) {
-            checkpoint::save(
-                run.output_dir,
-                run.model,
-                &opt,
-                &state,
-                run.lora,
-                run.base_model,
-            )?;
+            checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
             progress.finish();
             return Err(Interrupted(state.step).into());
         }
@@ -371,7 +362,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         }
         let eval_due = cfg.eval_every.is_some_and(|n| state.step.is_multiple_of(n));
         if !run.val.is_empty() && (eval_due || state.step == total_steps) {
-            let eval = evaluate(run.model, run.objective, run.val, eval_bs)?;
+            let eval = evaluate(run.objective, run.val, eval_bs)?;
             let mut line = serde_json::json!({"step": state.step, "epoch": epoch});
             for (k, v) in &eval {
                 line[k] = (*v).into();
@@ -402,24 +393,12 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         }
         let save_due = cfg.save_every.is_some_and(|n| state.step.is_multiple_of(n));
         if save_due || state.step == total_steps || state.early_stopped {
-            checkpoint::save(
-                run.output_dir,
-                run.model,
-                &opt,
-                &state,
-                run.lora,
-                run.base_model,
-            )?;
+            checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
             checkpoint::prune(run.output_dir, cfg.keep_checkpoints)?;
         }
     }
     progress.finish();
-    write_peft_adapter(
-        run.output_dir,
-        run.lora,
-        run.base_model,
-        &run.model.lora_tensors(),
-    )?;
+    run.trainable.save(run.output_dir)?;
     outcome.steps = state.step;
     outcome.early_stopped = state.early_stopped;
     outcome.skipped_steps = state.skipped_steps;

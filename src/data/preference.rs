@@ -1,0 +1,122 @@
+//! Preference pairs (UltraFeedback-binarized: `chosen` / `rejected` conversations ending in the
+//! assistant's reply; or `prompt` / `chosen` / `rejected` strings). The prompt is tokenised once,
+//! so chosen and rejected share byte-identical prompt ids; each response is its own segment.
+
+use super::chat::parse_messages;
+use super::{json_kind, DataConfig, DataReport, FieldError, Parsed};
+use crate::tokenizer::{ChatTokenizer, Message};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferencePair {
+    /// ChatML prompt ids, ending with `<|im_start|>assistant\n`.
+    pub prompt: Vec<u32>,
+    /// Response ids, ending with `<|im_end|>` unless truncated.
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    pub prompt_messages: Vec<Message>,
+    pub chosen_text: String,
+    pub rejected_text: String,
+    pub score_chosen: Option<f64>,
+    pub score_rejected: Option<f64>,
+}
+
+impl PreferencePair {
+    /// Tokens in the packed `[prompt | chosen | rejected]` sequence.
+    pub fn packed_len(&self) -> usize {
+        self.prompt.len() + self.chosen.len() + self.rejected.len()
+    }
+}
+
+/// Splits a conversation into (messages before the final reply, the final reply).
+fn split_reply(
+    v: Option<&serde_json::Value>,
+    field: &str,
+    prompt: Option<&str>,
+) -> Result<(Vec<Message>, String), FieldError> {
+    if let Some(serde_json::Value::String(reply)) = v {
+        let prompt = prompt.ok_or_else(|| {
+            FieldError::new(
+                "prompt",
+                "needed (as a string) when chosen/rejected are strings",
+            )
+        })?;
+        return Ok((vec![Message::new("user", prompt)], reply.clone()));
+    }
+    let mut msgs = parse_messages(v, field)?;
+    let last = msgs.len() - 1;
+    if msgs[last].role != "assistant" {
+        return Err(FieldError::new(
+            format!("{field}[{last}].role"),
+            "the last message must be the assistant's reply",
+        ));
+    }
+    let reply = msgs.pop().map(|m| m.content).unwrap_or_default();
+    if !msgs.iter().any(|m| m.role == "user") {
+        return Err(FieldError::new(field, "no user message before the reply"));
+    }
+    Ok((msgs, reply))
+}
+
+pub fn preference_pair(
+    v: &serde_json::Value,
+    tok: &ChatTokenizer,
+    cfg: &DataConfig,
+    report: &mut DataReport,
+) -> Parsed<PreferencePair> {
+    let prompt_str = match v.get("prompt") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.as_str()),
+        Some(other) => {
+            return Parsed::Bad(FieldError::new(
+                "prompt",
+                format!("expected a string, found {}", json_kind(other)),
+            ))
+        }
+    };
+    let (chosen_prompt, chosen_text) = match split_reply(v.get("chosen"), "chosen", prompt_str) {
+        Ok(x) => x,
+        Err(e) => return Parsed::Bad(e),
+    };
+    let (rejected_prompt, rejected_text) =
+        match split_reply(v.get("rejected"), "rejected", prompt_str) {
+            Ok(x) => x,
+            Err(e) => return Parsed::Bad(e),
+        };
+    if chosen_prompt != rejected_prompt {
+        return Parsed::Bad(FieldError::new(
+            "rejected",
+            "its conversation before the final reply differs from chosen's",
+        ));
+    }
+    let score = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    let encoded = (|| -> anyhow::Result<_> {
+        Ok((
+            tok.encode_prompt(&chosen_prompt)?,
+            tok.encode_response(&chosen_text)?,
+            tok.encode_response(&rejected_text)?,
+        ))
+    })();
+    let (prompt, mut chosen, mut rejected) = match encoded {
+        Ok(x) => x,
+        Err(e) => return Parsed::Bad(FieldError::new("(record)", e.to_string())),
+    };
+    if prompt.len() >= cfg.max_length {
+        return Parsed::TooLong;
+    }
+    let room = cfg.max_length - prompt.len();
+    if chosen.len() > room || rejected.len() > room {
+        chosen.truncate(room);
+        rejected.truncate(room);
+        report.truncated += 1;
+    }
+    Parsed::Ok(PreferencePair {
+        prompt,
+        chosen,
+        rejected,
+        prompt_messages: chosen_prompt,
+        chosen_text,
+        rejected_text,
+        score_chosen: score("score_chosen"),
+        score_rejected: score("score_rejected"),
+    })
+}

@@ -1,0 +1,70 @@
+//! Summed response log-probs of preference pairs, one packed `[prompt | chosen | rejected]`
+//! forward per pair: the prompt is computed once and both responses run on its keys/values
+//! (gradients flow through the shared prefix). Each pair is computed the same way whatever
+//! batch it is in, so precomputed reference log-probs equal an inline reference bit for bit.
+
+use crate::model::lm_head::gather_rows;
+use crate::model::lora::LoraCtx;
+use crate::model::qwen2::ModelInput;
+use crate::model::Qwen2;
+use candle_core::{DType, Result, Tensor};
+
+/// Per-pair sums of response-token log-probs, [B] f32 each, and token counts.
+pub struct PairLogps {
+    pub chosen: Tensor,
+    pub rejected: Tensor,
+    pub chosen_tokens: Vec<usize>,
+    pub rejected_tokens: Vec<usize>,
+}
+
+/// (prompt, chosen, rejected) token ids.
+pub type PairIds<'a> = (&'a [u32], &'a [u32], &'a [u32]);
+
+pub fn pair_logprobs(
+    model: &Qwen2,
+    pairs: &[PairIds],
+    ctx: LoraCtx,
+    with_grad: bool,
+) -> Result<PairLogps> {
+    let (mut chosen, mut rejected) = (vec![], vec![]);
+    for &(prompt, c, r) in pairs {
+        if prompt.is_empty() || c.is_empty() || r.is_empty() {
+            candle_core::bail!("a preference pair needs a prompt and two non-empty responses");
+        }
+        let input = ModelInput::packed_pair(prompt, c, r, &model.device)?;
+        let hidden = model.forward(&input, ctx, None)?;
+        let p = prompt.len();
+        // Response token j is predicted by the hidden state just before it; for both
+        // responses' first token that is the prompt's last position.
+        let mut rows: Vec<u32> = (0..c.len()).map(|j| (p + j - 1) as u32).collect();
+        rows.extend((0..r.len()).map(|j| if j == 0 { p - 1 } else { p + c.len() + j - 1 } as u32));
+        let targets: Vec<u32> = c.iter().chain(r).copied().collect();
+        let lp = model
+            .token_logprobs(&gather_rows(&hidden, &rows)?, &targets, with_grad)?
+            .to_dtype(DType::F32)?;
+        chosen.push(lp.narrow(0, 0, c.len())?.sum_all()?);
+        rejected.push(lp.narrow(0, c.len(), r.len())?.sum_all()?);
+    }
+    Ok(PairLogps {
+        chosen: Tensor::stack(&chosen, 0)?,
+        rejected: Tensor::stack(&rejected, 0)?,
+        chosen_tokens: pairs.iter().map(|p| p.1.len()).collect(),
+        rejected_tokens: pairs.iter().map(|p| p.2.len()).collect(),
+    })
+}
+
+/// Reference log-probs of many pairs (adapters off, no gradient), as (chosen, rejected) f32.
+pub fn reference_logprobs(
+    model: &Qwen2,
+    pairs: &[PairIds],
+    progress: &dyn Fn(usize),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (mut c, mut r) = (vec![], vec![]);
+    for (i, pair) in pairs.iter().enumerate() {
+        let lp = pair_logprobs(model, std::slice::from_ref(pair), LoraCtx::REFERENCE, false)?;
+        c.push(lp.chosen.to_vec1::<f32>()?[0]);
+        r.push(lp.rejected.to_vec1::<f32>()?[0]);
+        progress(i + 1);
+    }
+    Ok((c, r))
+}

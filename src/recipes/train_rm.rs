@@ -1,0 +1,329 @@
+//! `mo-align train-rm`: the multi-objective reward model. The backbone (base + optional SFT
+//! adapter) is frozen, so its features are computed once and cached; the linear head is trained
+//! on the cache by the shared trainer (epochs take milliseconds).
+
+use super::{load_base, prepare_output, ModelConfig};
+use crate::cache::{cache_dir, load_or_compute, model_digest, Digest};
+use crate::data::preference::preference_pair;
+use crate::data::ratings::{rated_responses, RatedResponse, DEFAULT_OBJECTIVES};
+use crate::data::{load_splits, DataConfig, Splits};
+use crate::model::lora::LoraCtx;
+use crate::model::Qwen2;
+use crate::objectives::reward_head::{RatedFeatures, RewardRegression};
+use crate::objectives::scalarize::{build as build_scalarizer, ScalarizerKind};
+use crate::reward::{feature_stats, last_token_features, pearson, RewardHead, RewardModelInfo};
+use crate::train::progress::Progress;
+use crate::train::trainer::{train, TrainRun};
+use crate::train::TrainConfig;
+use anyhow::Result;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The `[rm]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RmConfig {
+    /// Objectives (UltraFeedback aspects) the head predicts, in order.
+    pub objectives: Vec<String>,
+    /// Binarized preference files on which the composite reward's ranking accuracy is reported.
+    pub ranking_files: Vec<String>,
+    /// Weights of the composite (linear) reward for that accuracy; equal when empty.
+    pub ranking_weights: Vec<f64>,
+    /// Sequences per backbone forward when extracting features.
+    pub feature_batch_size: usize,
+    pub cache_dir: Option<String>,
+}
+
+impl Default for RmConfig {
+    fn default() -> Self {
+        Self {
+            objectives: DEFAULT_OBJECTIVES.iter().map(|s| s.to_string()).collect(),
+            ranking_files: vec![],
+            ranking_weights: vec![],
+            feature_batch_size: 8,
+            cache_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainRmConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub rm: RmConfig,
+    pub train: TrainConfig,
+}
+
+impl Default for TrainRmConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelConfig::default(),
+            data: DataConfig {
+                validation_fraction: 0.1,
+                ..DataConfig::default()
+            },
+            rm: RmConfig::default(),
+            train: TrainConfig {
+                epochs: 20,
+                batch_size: 64,
+                lr: 1e-3,
+                warmup_ratio: 0.05,
+                max_grad_norm: 0.0,
+                log_every: 20,
+                ..TrainConfig::default()
+            },
+        }
+    }
+}
+
+/// Features of `seqs` from the frozen backbone, cached under a digest of model + ids.
+pub fn cached_features(
+    model: &Qwen2,
+    model_key: &Digest,
+    seqs: &[&[u32]],
+    batch: usize,
+    dir: &Path,
+    quiet: bool,
+    label: &str,
+) -> Result<Tensor> {
+    let mut key = model_key.clone();
+    key.str("last-token-final-hidden-v1");
+    for s in seqs {
+        key.ids(s);
+    }
+    let (t, hit) = load_or_compute(dir, "features", &key, &model.device, || {
+        let bar = Progress::new(seqs.len() as u64, 0, quiet, label);
+        let f = last_token_features(model, seqs, batch, LoraCtx::EVAL, &|n| {
+            bar.set(n as u64, String::new())
+        })?;
+        bar.finish();
+        Ok(HashMap::from([("features".to_string(), f)]))
+    })?;
+    if hit {
+        eprintln!("{label}: {} feature rows from the cache", seqs.len());
+    }
+    Ok(t["features"].clone())
+}
+
+/// Per-objective validation MSE and Pearson r of the head.
+pub fn head_report(
+    head: &RewardHead,
+    features: &Tensor,
+    examples: &[RatedFeatures],
+) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    if examples.is_empty() {
+        return Ok(out.into());
+    }
+    let rows: Vec<u32> = examples.iter().map(|e| e.row as u32).collect();
+    let x = features.index_select(&Tensor::new(rows.as_slice(), features.device())?, 0)?;
+    let pred = head.predict(&x)?.to_vec2::<f32>()?;
+    for (k, name) in head.info.objectives.iter().enumerate() {
+        let (mut p, mut t) = (vec![], vec![]);
+        for (i, e) in examples.iter().enumerate() {
+            if e.mask[k] > 0.0 {
+                p.push(pred[i][k] as f64);
+                t.push(e.targets[k] as f64);
+            }
+        }
+        let mse =
+            p.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / p.len().max(1) as f64;
+        out.insert(
+            name.clone(),
+            serde_json::json!({"mse": mse, "pearson": pearson(&p, &t), "n": p.len()}),
+        );
+    }
+    Ok(out.into())
+}
+
+pub fn run(config: Option<&Path>, overrides: &[String], resume: bool, quiet: bool) -> Result<()> {
+    let cfg: TrainRmConfig = crate::config::load(config, overrides)?;
+    cfg.train.validate()?;
+    anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
+    let out = prepare_output(&cfg.train.output_dir, &cfg)?;
+    let loaded = load_base(&cfg.model, &cfg.train)?;
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    // Split by record (instruction), so completions of one prompt never straddle the split.
+    let data: Splits<Vec<RatedResponse>> = load_splits(&cfg.data, |v, r| {
+        rated_responses(v, tok, &cfg.rm.objectives, &cfg.data, r)
+    })?;
+    data.report(&out)?;
+    let train_rows: Vec<RatedResponse> = data.train.into_iter().flatten().collect();
+    let val_rows: Vec<RatedResponse> = data.val.into_iter().flatten().collect();
+    anyhow::ensure!(!train_rows.is_empty(), "no rated responses to train on");
+    eprintln!(
+        "{} training / {} validation rated responses",
+        train_rows.len(),
+        val_rows.len()
+    );
+
+    let adapter = cfg.model.adapter_path();
+    let model_key = model_digest(&loaded.files, adapter, &cfg.train.dtype)?;
+    let dir = cache_dir(cfg.rm.cache_dir.as_deref());
+    let seqs: Vec<&[u32]> = train_rows
+        .iter()
+        .chain(&val_rows)
+        .map(|r| r.ids.as_slice())
+        .collect();
+    let features = cached_features(
+        model,
+        &model_key,
+        &seqs,
+        cfg.rm.feature_batch_size,
+        &dir,
+        quiet,
+        "reward features",
+    )?;
+    let examples = |rows: &[RatedResponse], offset: usize| -> Vec<RatedFeatures> {
+        rows.iter()
+            .enumerate()
+            .map(|(i, r)| RatedFeatures {
+                row: offset + i,
+                targets: r.targets.clone(),
+                mask: r.mask.clone(),
+                tokens: r.ids.len(),
+            })
+            .collect()
+    };
+    let (train_ex, val_ex) = (
+        examples(&train_rows, 0),
+        examples(&val_rows, train_rows.len()),
+    );
+
+    let (mean, std) = feature_stats(&features.narrow(0, 0, train_rows.len())?)?;
+    let k = cfg.rm.objectives.len();
+    let initial: Vec<f32> = (0..k)
+        .map(|j| {
+            let (s, n) = train_rows.iter().fold((0.0, 0.0), |(s, n), r| {
+                (s + r.targets[j] * r.mask[j], n + r.mask[j])
+            });
+            if n > 0.0 {
+                s / n
+            } else {
+                0.5
+            }
+        })
+        .collect();
+    let info = RewardModelInfo {
+        objectives: cfg.rm.objectives.clone(),
+        rating_normalisation: "(rating - 1) / 4".to_string(),
+        backbone_model: cfg.model.path.clone(),
+        backbone_adapter: cfg.model.adapter_path().map(|p| p.display().to_string()),
+        hidden_size: model.config.hidden_size,
+        feature: "final hidden state (after the last RMSNorm) at the last token of ChatML prompt + response".to_string(),
+    };
+    let head = RewardHead::new(info, mean, std, &initial)?;
+    let objective = RewardRegression {
+        head: &head,
+        features: &features,
+    };
+    let outcome = train(TrainRun {
+        objective: &objective,
+        trainable: &head,
+        train: &train_ex,
+        val: &val_ex,
+        cfg: &cfg.train,
+        device: &model.device,
+        output_dir: &out,
+        group_by_length: false,
+        resume,
+        quiet,
+        label: "train-rm",
+    })?;
+
+    let mut report = serde_json::json!({
+        "steps": outcome.steps,
+        "train_loss_first": outcome.first_loss,
+        "train_loss_last": outcome.last_loss,
+        "validation": head_report(&head, &features, &val_ex)?,
+    });
+    if !cfg.rm.ranking_files.is_empty() {
+        let rank_cfg = DataConfig {
+            train_files: cfg.rm.ranking_files.clone(),
+            validation_fraction: 0.0,
+            max_samples: None,
+            ..cfg.data.clone()
+        };
+        let pairs = load_splits(&rank_cfg, |v, r| preference_pair(v, tok, &rank_cfg, r))?.train;
+        let full = |p: &crate::data::preference::PreferencePair, resp: &[u32]| {
+            [p.prompt.as_slice(), resp].concat()
+        };
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .flat_map(|p| [full(p, &p.chosen), full(p, &p.rejected)])
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let f = cached_features(
+            model,
+            &model_key,
+            &refs,
+            cfg.rm.feature_batch_size,
+            &dir,
+            quiet,
+            "ranking features",
+        )?;
+        let scores = head.predict(&f)?.to_vec2::<f32>()?;
+        let w = if cfg.rm.ranking_weights.is_empty() {
+            vec![1.0 / k as f64; k]
+        } else {
+            cfg.rm.ranking_weights.clone()
+        };
+        let s = build_scalarizer(ScalarizerKind::Linear, &w, None, 1.0, k)?;
+        let correct = (0..pairs.len())
+            .filter(|&i| s.scalarize(&scores[2 * i]) > s.scalarize(&scores[2 * i + 1]))
+            .count();
+        let mut per_objective = serde_json::Map::new();
+        for (j, name) in cfg.rm.objectives.iter().enumerate() {
+            let c = (0..pairs.len())
+                .filter(|&i| scores[2 * i][j] > scores[2 * i + 1][j])
+                .count();
+            per_objective.insert(name.clone(), (c as f64 / pairs.len().max(1) as f64).into());
+        }
+        report["ranking"] = serde_json::json!({
+            "pairs": pairs.len(),
+            "composite_accuracy": correct as f64 / pairs.len().max(1) as f64,
+            "weights": w,
+            "per_objective_accuracy": per_objective,
+        });
+    }
+    crate::io::write_json_atomic(&out.join("rm_report.json"), &report)?;
+    print_report(&report, &cfg.rm.objectives);
+    eprintln!("reward model in {}", out.display());
+    Ok(())
+}
+
+fn print_report(report: &serde_json::Value, objectives: &[String]) {
+    eprintln!("{:<24} {:>10} {:>10}", "objective", "val MSE", "Pearson r");
+    for o in objectives {
+        let v = &report["validation"][o];
+        eprintln!(
+            "{:<24} {:>10.4} {:>10.4}",
+            o,
+            v["mse"].as_f64().unwrap_or(f64::NAN),
+            v["pearson"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(acc) = report["ranking"]["composite_accuracy"].as_f64() {
+        eprintln!(
+            "composite reward ranks {:.1}% of {} binarized pairs correctly",
+            100.0 * acc,
+            report["ranking"]["pairs"]
+        );
+    }
+}
+
+/// Scores [N, K] of token sequences under a reward head, with `model` (run with `ctx`) as the
+/// backbone.
+pub fn score_sequences(
+    model: &Qwen2,
+    head: &RewardHead,
+    seqs: &[&[u32]],
+    batch: usize,
+    ctx: LoraCtx,
+) -> Result<Vec<Vec<f32>>> {
+    let f = last_token_features(model, seqs, batch, ctx, &|_| {})?;
+    Ok(head.predict(&f)?.to_vec2::<f32>()?)
+}

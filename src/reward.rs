@@ -1,0 +1,220 @@
+//! The multi-objective reward model: a frozen backbone (the base model, optionally with the SFT
+//! adapter merged) as feature extractor, and a linear head predicting one normalised rating per
+//! objective from the final hidden state at the last token of the ChatML prompt + response.
+//!
+//! Files: `reward_head.safetensors` (`score.weight` [K, H], `score.bias` [K], and the feature
+//! standardisation `feature_mean` / `feature_std` [H]) and `reward_model.json` (objective names,
+//! rating normalisation, the backbone the head expects).
+
+use crate::io::{write_atomic, write_json_atomic};
+use crate::model::lm_head::gather_rows;
+use crate::model::lora::{safetensors_bytes, LoraCtx};
+use crate::model::qwen2::ModelInput;
+use crate::model::Qwen2;
+use crate::train::trainable::Trainable;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const HEAD_FILE: &str = "reward_head.safetensors";
+pub const INFO_FILE: &str = "reward_model.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardModelInfo {
+    pub objectives: Vec<String>,
+    /// How targets were made from ratings.
+    pub rating_normalisation: String,
+    /// The backbone the head was trained on: model path or Hub id, and adapter merged into it.
+    pub backbone_model: String,
+    pub backbone_adapter: Option<String>,
+    pub hidden_size: usize,
+    pub feature: String,
+}
+
+pub struct RewardHead {
+    pub info: RewardModelInfo,
+    pub weight: Var,
+    pub bias: Var,
+    pub feature_mean: Tensor,
+    pub feature_std: Tensor,
+}
+
+impl RewardHead {
+    /// A zero head (predicts `initial` for every objective) with the given standardisation.
+    pub fn new(
+        info: RewardModelInfo,
+        feature_mean: Tensor,
+        feature_std: Tensor,
+        initial: &[f32],
+    ) -> Result<Self> {
+        let dev = feature_mean.device().clone();
+        let k = info.objectives.len();
+        anyhow::ensure!(
+            initial.len() == k,
+            "initial values for {} objectives, head has {k}",
+            initial.len()
+        );
+        Ok(Self {
+            weight: Var::zeros((k, info.hidden_size), DType::F32, &dev)?,
+            bias: Var::from_tensor(&Tensor::new(initial, &dev)?)?,
+            info,
+            feature_mean,
+            feature_std,
+        })
+    }
+
+    /// Scores [N, K] from features [N, H].
+    pub fn predict(&self, features: &Tensor) -> Result<Tensor> {
+        let x = features
+            .broadcast_sub(&self.feature_mean)?
+            .broadcast_div(&self.feature_std)?;
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let info_path = dir.join(INFO_FILE);
+        let info: RewardModelInfo =
+            serde_json::from_str(&std::fs::read_to_string(&info_path).with_context(|| {
+                format!(
+                    "{}: cannot read (not a reward model directory?)",
+                    info_path.display()
+                )
+            })?)
+            .with_context(|| format!("{}: not a reward model description", info_path.display()))?;
+        let head_path = dir.join(HEAD_FILE);
+        let t = candle_core::safetensors::load(&head_path, device)
+            .with_context(|| format!("{}: cannot read", head_path.display()))?;
+        let get = |k: &str, shape: &[usize]| -> Result<Tensor> {
+            let x = t
+                .get(k)
+                .with_context(|| format!("{}: tensor `{k}` is missing", head_path.display()))?;
+            if x.dims() != shape {
+                bail!(
+                    "{}: tensor `{k}` has shape {:?}, expected {shape:?}",
+                    head_path.display(),
+                    x.dims()
+                );
+            }
+            Ok(x.to_dtype(DType::F32)?)
+        };
+        let (k, h) = (info.objectives.len(), info.hidden_size);
+        let head = Self {
+            weight: Var::from_tensor(&get("score.weight", &[k, h])?)?,
+            bias: Var::from_tensor(&get("score.bias", &[k])?)?,
+            feature_mean: get("feature_mean", &[h])?,
+            feature_std: get("feature_std", &[h])?,
+            info,
+        };
+        Ok(head)
+    }
+
+    /// A digest of the head's files, for caches of its scores.
+    pub fn digest(dir: &Path) -> Result<crate::cache::Digest> {
+        let mut d = crate::cache::Digest::default();
+        d.file(&dir.join(INFO_FILE))?.file(&dir.join(HEAD_FILE))?;
+        Ok(d)
+    }
+}
+
+impl Trainable for RewardHead {
+    fn vars(&self) -> Vec<(String, Var)> {
+        vec![
+            ("score.weight".into(), self.weight.clone()),
+            ("score.bias".into(), self.bias.clone()),
+        ]
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let tensors = HashMap::from([
+            ("score.weight".to_string(), self.weight.as_tensor().clone()),
+            ("score.bias".to_string(), self.bias.as_tensor().clone()),
+            ("feature_mean".to_string(), self.feature_mean.clone()),
+            ("feature_std".to_string(), self.feature_std.clone()),
+        ]);
+        write_atomic(&dir.join(HEAD_FILE), &safetensors_bytes(&tensors, None)?)?;
+        write_json_atomic(&dir.join(INFO_FILE), &self.info)
+    }
+
+    fn load(&self, dir: &Path) -> Result<()> {
+        let saved = Self::load(dir, self.weight.device())?;
+        self.weight.set(saved.weight.as_tensor())?;
+        self.bias.set(saved.bias.as_tensor())?;
+        Ok(())
+    }
+}
+
+/// Final hidden states (f32, [N, H]) at the last token of each sequence, computed in
+/// length-sorted batches of `batch_size` (no gradient).
+pub fn last_token_features(
+    model: &Qwen2,
+    seqs: &[&[u32]],
+    batch_size: usize,
+    ctx: LoraCtx,
+    progress: &dyn Fn(usize),
+) -> Result<Tensor> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+    let mut rows: Vec<Option<Tensor>> = vec![None; seqs.len()];
+    let mut done = 0;
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].to_vec()).collect();
+        if batch.iter().any(Vec::is_empty) {
+            bail!("cannot take features of an empty sequence");
+        }
+        let input = ModelInput::right_padded(&batch, 0, &model.device)?;
+        let t = input.ids.dim(1)?;
+        let hidden = model.forward(&input, ctx, None)?;
+        let last: Vec<u32> = batch
+            .iter()
+            .enumerate()
+            .map(|(b, s)| (b * t + s.len() - 1) as u32)
+            .collect();
+        let feats = gather_rows(&hidden, &last)?.to_dtype(DType::F32)?;
+        for (j, &i) in chunk.iter().enumerate() {
+            rows[i] = Some(feats.get(j)?);
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    let rows: Vec<Tensor> = rows
+        .into_iter()
+        .map(|r| r.expect("every row computed"))
+        .collect();
+    if rows.is_empty() {
+        return Ok(Tensor::zeros(
+            (0, model.config.hidden_size),
+            DType::F32,
+            &model.device,
+        )?);
+    }
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Per-feature mean and standard deviation (std floored at 1e-6) of [N, H] features.
+pub fn feature_stats(features: &Tensor) -> Result<(Tensor, Tensor)> {
+    let mean = features.mean(0)?;
+    let var = features.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+    let std = (var + 1e-12)?.sqrt()?.maximum(1e-6)?;
+    Ok((mean, std))
+}
+
+/// Pearson correlation of two equally long series (NaN when either is constant).
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx).powi(2);
+        syy += (b - my).powi(2);
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// Masked mean squared error summed per row: [N] from predictions, targets and masks [N, K].
+pub fn masked_sq_error(pred: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok(((pred - targets)?.sqr()? * mask)?.sum(D::Minus1)?)
+}

@@ -1,0 +1,59 @@
+//! What the trainer updates and saves: a LoRA adapter (PEFT files) or a reward head. The loop
+//! does not care which; checkpoints hold the artifact, the optimizer state and the trainer state.
+
+use crate::model::lora::{read_peft_tensors, write_peft_adapter, LoraConfig};
+use crate::model::Qwen2;
+use anyhow::{Context, Result};
+use candle_core::Var;
+use std::path::Path;
+
+pub trait Trainable {
+    /// The trainable tensors, named, in a fixed order.
+    fn vars(&self) -> Vec<(String, Var)>;
+    /// Writes the artifact's files into `dir` (atomically, file by file).
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// Restores the values saved by `save` from `dir`.
+    fn load(&self, dir: &Path) -> Result<()>;
+}
+
+/// The model's LoRA adapters, saved as PEFT files.
+pub struct PeftAdapter<'a> {
+    pub model: &'a Qwen2,
+    pub lora: &'a LoraConfig,
+    /// Written into adapter_config.json's `base_model_name_or_path`.
+    pub base_model: String,
+}
+
+impl Trainable for PeftAdapter<'_> {
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.model.lora_vars()
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        write_peft_adapter(dir, self.lora, &self.base_model, &self.model.lora_tensors())
+    }
+
+    fn load(&self, dir: &Path) -> Result<()> {
+        let tensors = read_peft_tensors(dir, &self.model.device)?;
+        for lin in self.model.linears() {
+            if let Some(l) = &lin.lora {
+                let (a, b) = tensors.get(&lin.path).with_context(|| {
+                    format!(
+                        "{}: checkpoint lacks the adapter of `{}`",
+                        dir.display(),
+                        lin.path
+                    )
+                })?;
+                anyhow::ensure!(
+                    a.dims() == l.a.dims() && b.dims() == l.b.dims(),
+                    "{}: adapter shapes of `{}` changed (different lora.r?)",
+                    dir.display(),
+                    lin.path
+                );
+                l.a.set(&a.to_dtype(l.a.dtype())?)?;
+                l.b.set(&b.to_dtype(l.b.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,502 @@
+//! Preference stages on the tiny model: reference log-probs, DPO at step 0, multi-objective
+//! reductions to plain DPO, the reward model, and learning on the demo data.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use mo_align::data::preference::{preference_pair, PreferencePair};
+use mo_align::data::{load_splits, DataConfig, DataReport, Parsed};
+use mo_align::model::lora::{Adapters, LoraConfig, LoraCtx};
+use mo_align::model::qwen2::ModelInput;
+use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
+use mo_align::objectives::pair::pair_logprobs;
+use mo_align::recipes::dpo::{cached_reference, explicit_terms, Formulation, HybridConfig};
+use mo_align::rng::DropoutRng;
+use mo_align::train::Objective;
+use std::path::Path;
+
+fn pairs(n: usize) -> Vec<PreferencePair> {
+    let tok =
+        mo_align::tokenizer::ChatTokenizer::from_file(&tiny_dir().join("tokenizer.json")).unwrap();
+    let cfg = DataConfig {
+        train_files: vec!["data/ultrafeedback_binarized/train_prefs.jsonl".into()],
+        max_samples: Some(n),
+        ..DataConfig::default()
+    };
+    load_splits(&cfg, |v, r| preference_pair(v, &tok, &cfg, r))
+        .unwrap()
+        .train
+}
+
+fn policy() -> mo_align::model::loader::Loaded {
+    let mut l = load_tiny(DType::F32);
+    l.model.attach_lora(&LoraConfig::default(), 11).unwrap();
+    l
+}
+
+fn model_key() -> mo_align::cache::Digest {
+    mo_align::cache::model_digest(
+        &mo_align::model::loader::resolve(tiny_dir().to_str().unwrap()).unwrap(),
+        None,
+        "f32",
+    )
+    .unwrap()
+}
+
+#[test]
+fn precomputed_reference_equals_inline_reference_and_survives_the_cache() {
+    let l = policy();
+    let ps = pairs(6);
+    let dir = scratch("ref-cache");
+    let (c1, r1) = cached_reference(&l.model, &model_key(), &ps, &dir, true).unwrap();
+    let (c2, r2) = cached_reference(&l.model, &model_key(), &ps, &dir, true).unwrap();
+    assert_eq!(
+        (&c1, &r1),
+        (&c2, &r2),
+        "cache hit must return the computed values"
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    // Inline: all six pairs in one batch, adapters disabled.
+    let ids: Vec<_> = ps
+        .iter()
+        .map(|p| (&p.prompt[..], &p.chosen[..], &p.rejected[..]))
+        .collect();
+    let inline = pair_logprobs(&l.model, &ids, LoraCtx::REFERENCE, false).unwrap();
+    assert_eq!(inline.chosen.to_vec1::<f32>().unwrap(), c1);
+    assert_eq!(inline.rejected.to_vec1::<f32>().unwrap(), r1);
+}
+
+#[test]
+fn packed_pairs_score_exactly_the_response_tokens() {
+    let l = load_tiny(DType::F64);
+    for p in pairs(3) {
+        // Shared prompt: both responses follow byte-identical prompt ids (one copy in the pair).
+        assert!(!p.prompt.is_empty() && p.chosen.last() == Some(&l.tokenizer.im_end));
+        assert_eq!(
+            p.prompt,
+            l.tokenizer.encode_prompt(&p.prompt_messages).unwrap()
+        );
+        let lp = pair_logprobs(
+            &l.model,
+            &[(&p.prompt, &p.chosen, &p.rejected)],
+            LoraCtx::EVAL,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (lp.chosen_tokens[0], lp.rejected_tokens[0]),
+            (p.chosen.len(), p.rejected.len())
+        );
+        // Each response scored alone as prompt + response, labels on the response only.
+        for (resp, got) in [(&p.chosen, &lp.chosen), (&p.rejected, &lp.rejected)] {
+            let seq: Vec<u32> = p.prompt.iter().chain(resp.iter()).copied().collect();
+            let labelled: Vec<bool> = (0..seq.len()).map(|i| i >= p.prompt.len()).collect();
+            let alone =
+                mo_align::eval::sequence_nll(&l.model, &[(seq, labelled)], LoraCtx::EVAL).unwrap();
+            assert_eq!(alone.tokens, resp.len());
+            let got = got.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()[0];
+            // Pair sums are f32; the f64 model makes everything before that exact.
+            assert!(
+                (got + alone.nll).abs() < 1e-6 * alone.nll.abs(),
+                "packed {got} vs alone {}",
+                -alone.nll
+            );
+        }
+    }
+}
+
+fn examples(l: &mo_align::model::loader::Loaded, ps: &[PreferencePair]) -> Vec<DpoExample> {
+    let dir = scratch("ref-step0");
+    let (c, r) = cached_reference(&l.model, &model_key(), ps, &dir, true).unwrap();
+    ps.iter()
+        .zip(c.into_iter().zip(r))
+        .map(|(p, (ref_chosen, ref_rejected))| DpoExample {
+            pair: p.clone(),
+            ref_chosen,
+            ref_rejected,
+            offset: 0.0,
+            scale: 1.0,
+        })
+        .collect()
+}
+
+#[test]
+fn at_step_zero_the_policy_is_the_reference() {
+    let l = policy();
+    let ex = examples(&l, &pairs(5));
+    let batch: Vec<&DpoExample> = ex.iter().collect();
+    let dpo = Dpo {
+        model: &l.model,
+        cfg: DpoConfig::default(),
+        explicit: false,
+    };
+    let dropout = DropoutRng::new(3);
+    for ctx in [
+        LoraCtx::EVAL,
+        LoraCtx {
+            adapters: Adapters::Enabled,
+            dropout: Some(&dropout),
+        },
+    ] {
+        let out = dpo.loss(&batch, ctx, true).unwrap();
+        let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
+        for k in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+        ] {
+            assert_eq!(m[k], 0.0, "{k} at step 0");
+        }
+        let loss = out.loss_sum.to_scalar::<f32>().unwrap() / batch.len() as f32;
+        assert_eq!(loss, std::f32::consts::LN_2, "sigmoid loss at step 0");
+    }
+}
+
+#[test]
+fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
+    let l = policy();
+    let mut ex = examples(&l, &pairs(4));
+    // Nudge the adapter so the policy differs from the reference.
+    for (_, v) in l.model.lora_vars() {
+        v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
+    }
+    let batch: Vec<&DpoExample> = ex.iter().collect();
+    let dpo = Dpo {
+        model: &l.model,
+        cfg: DpoConfig::default(),
+        explicit: false,
+    };
+    let plain = dpo
+        .loss(&batch, LoraCtx::EVAL, false)
+        .unwrap()
+        .loss_sum
+        .to_scalar::<f32>()
+        .unwrap();
+    let scores = [vec![0.9f32, 0.2, 0.7, 0.4], vec![0.1f32, 0.8, 0.3, 0.6]];
+    let modpo = HybridConfig {
+        formulation: Formulation::Modpo,
+        weights: vec![0.0; 4],
+        preference_weight: 1.0,
+        ..HybridConfig::default()
+    };
+    let hybrid = HybridConfig {
+        formulation: Formulation::Hybrid,
+        lambda: 0.0,
+        ..HybridConfig::default()
+    };
+    for h in [modpo, hybrid] {
+        for e in ex.iter_mut() {
+            (e.offset, e.scale) = explicit_terms(&h, &scores[0], &scores[1]).unwrap();
+        }
+        let batch: Vec<&DpoExample> = ex.iter().collect();
+        let got = dpo
+            .loss(&batch, LoraCtx::EVAL, false)
+            .unwrap()
+            .loss_sum
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            got, plain,
+            "{:?} does not reduce to plain DPO",
+            h.formulation
+        );
+    }
+    // And the explicit terms themselves, by hand: equal weights, linear: 0.25 * (2.2 - 1.8).
+    let lin = HybridConfig {
+        lambda: 2.0,
+        ..HybridConfig::default()
+    };
+    let (off, scale) = explicit_terms(&lin, &scores[0], &scores[1]).unwrap();
+    assert!(
+        (off - 2.0 * 0.25 * (2.2 - 1.8)).abs() < 1e-6 && scale == 1.0,
+        "{off}"
+    );
+    let m = HybridConfig {
+        formulation: Formulation::Modpo,
+        weights: vec![0.5, 0.0, 0.0, 0.5],
+        preference_weight: 0.5,
+        ..HybridConfig::default()
+    };
+    let (off, scale) = explicit_terms(&m, &scores[0], &scores[1]).unwrap();
+    assert!(
+        (off - -(0.5 * 0.8 + 0.5 * -0.2)).abs() < 1e-6 && scale == 2.0,
+        "{off} {scale}"
+    );
+}
+
+#[test]
+fn bad_preference_records_are_named() {
+    let tok =
+        mo_align::tokenizer::ChatTokenizer::from_file(&tiny_dir().join("tokenizer.json")).unwrap();
+    let cfg = DataConfig::default();
+    let cases = [
+        (
+            r#"{"chosen": [{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}"#,
+            "rejected",
+            "missing",
+        ),
+        (
+            r#"{"chosen": [{"role":"user","content":"a"},{"role":"assistant","content":"b"}], "rejected": [{"role":"user","content":"X"},{"role":"assistant","content":"c"}]}"#,
+            "rejected",
+            "differs",
+        ),
+        (
+            r#"{"chosen": [{"role":"user","content":"a"},{"role":"user","content":"b"}], "rejected": [{"role":"user","content":"a"},{"role":"assistant","content":"c"}]}"#,
+            "chosen[1].role",
+            "last message",
+        ),
+        (r#"{"chosen": "b", "rejected": "c"}"#, "prompt", "needed"),
+    ];
+    for (json, field, problem) in cases {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        match preference_pair(&v, &tok, &cfg, &mut DataReport::default()) {
+            Parsed::Bad(e) => assert!(
+                e.field == field && e.problem.contains(problem),
+                "{json}: {e:?}"
+            ),
+            _ => panic!("{json}: accepted"),
+        }
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(r#"{"prompt": "a", "chosen": "b", "rejected": "c"}"#).unwrap();
+    assert!(matches!(
+        preference_pair(&v, &tok, &cfg, &mut DataReport::default()),
+        Parsed::Ok(_)
+    ));
+}
+
+fn run_stage(
+    f: fn(
+        Option<&Path>,
+        &[String],
+        bool,
+        bool,
+    ) -> anyhow::Result<mo_align::train::trainer::TrainOutcome>,
+    config: &str,
+    sets: &[String],
+) -> mo_align::train::trainer::TrainOutcome {
+    f(Some(Path::new(config)), sets, false, true).unwrap()
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The demo chain on the tiny model: SFT -> reward model -> DPO -> hybrid DPO (Chebyshev) ->
+/// MODPO -> reward-weighted, each stage reading the previous stage's files.
+#[test]
+fn demo_chain_runs_and_the_reward_model_learns() {
+    let root = scratch("chain");
+    let p = |s: &str| root.join(s).to_str().unwrap().to_string();
+    let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
+    let cache = format!("{:?}", p("cache"));
+    mo_align::recipes::sft::run(
+        Some(Path::new("configs/demo/sft.toml")),
+        &[
+            model.clone(),
+            format!("train.output_dir={:?}", p("sft")),
+            "train.max_steps=30".into(),
+        ],
+        false,
+        true,
+    )
+    .unwrap();
+    let adapter = format!("model.adapter={:?}", p("sft"));
+    mo_align::recipes::train_rm::run(
+        Some(Path::new("configs/demo/train-rm.toml")),
+        &[
+            model.clone(),
+            adapter.clone(),
+            format!("train.output_dir={:?}", p("rm")),
+            format!("rm.cache_dir={cache}"),
+        ],
+        false,
+        true,
+    )
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("rm/reward_model.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        report["objectives"],
+        serde_json::json!([
+            "helpfulness",
+            "truthfulness",
+            "instruction_following",
+            "honesty"
+        ])
+    );
+    let m = metrics(&root.join("rm"));
+    let losses: Vec<f64> = m.iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.8),
+        "reward head MSE did not fall: {losses:?}"
+    );
+    let rm_report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("rm/rm_report.json")).unwrap())
+            .unwrap();
+    for o in [
+        "helpfulness",
+        "truthfulness",
+        "instruction_following",
+        "honesty",
+    ] {
+        assert!(rm_report["validation"][o]["mse"]
+            .as_f64()
+            .unwrap()
+            .is_finite());
+    }
+    assert!(rm_report["ranking"]["composite_accuracy"]
+        .as_f64()
+        .is_some());
+
+    let common = |out: &str| {
+        vec![
+            model.clone(),
+            adapter.clone(),
+            format!("train.output_dir={:?}", p(out)),
+            format!("dpo.cache_dir={cache}"),
+            "train.max_steps=10".into(),
+        ]
+    };
+    run_stage(
+        mo_align::recipes::dpo::run_dpo,
+        "configs/demo/dpo.toml",
+        &common("dpo"),
+    );
+    let hybrid_sets = |out: &str, extra: &[&str]| {
+        let mut v = common(out);
+        v.push(format!("hybrid.reward_model={:?}", p("rm")));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    run_stage(
+        mo_align::recipes::dpo::run_hybrid,
+        "configs/demo/hybrid-dpo.toml",
+        &hybrid_sets("hybrid", &[]),
+    );
+    let m = metrics(&root.join("hybrid"));
+    assert!(
+        m.iter().any(|l| l.get("explicit/share").is_some()),
+        "hybrid runs log the explicit term's share"
+    );
+    run_stage(
+        mo_align::recipes::dpo::run_hybrid,
+        "configs/demo/hybrid-dpo.toml",
+        &hybrid_sets("modpo", &["hybrid.formulation=\"modpo\""]),
+    );
+    run_stage(
+        mo_align::recipes::dpo::run_reward_weighted,
+        "configs/demo/reward-weighted.toml",
+        &[
+            model.clone(),
+            adapter.clone(),
+            format!("train.output_dir={:?}", p("rw")),
+            format!("reward.reward_model={:?}", p("rm")),
+            format!("reward.cache_dir={cache}"),
+            "train.max_steps=10".into(),
+        ],
+    );
+    for stage in ["dpo", "hybrid", "modpo", "rw"] {
+        assert!(
+            root.join(stage).join("adapter_model.safetensors").is_file(),
+            "{stage}: no adapter"
+        );
+    }
+}
+
+#[test]
+fn cached_reward_features_equal_recomputed_ones() {
+    let l = load_tiny(DType::F32);
+    let ps = pairs(4);
+    let seqs: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| [p.prompt.as_slice(), &p.chosen].concat())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let dir = scratch("feature-cache");
+    let a = mo_align::recipes::train_rm::cached_features(
+        &l.model,
+        &model_key(),
+        &refs,
+        3,
+        &dir,
+        true,
+        "t",
+    )
+    .unwrap();
+    let b = mo_align::recipes::train_rm::cached_features(
+        &l.model,
+        &model_key(),
+        &refs,
+        3,
+        &dir,
+        true,
+        "t",
+    )
+    .unwrap();
+    let c =
+        mo_align::reward::last_token_features(&l.model, &refs, 1, LoraCtx::EVAL, &|_| {}).unwrap();
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    let d = (a - &c)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "batched features differ from one-by-one by {d}");
+    // The last-token feature is the final hidden state at that position.
+    let input = ModelInput::right_padded(&seqs[..1], 0, &Device::Cpu).unwrap();
+    let h = l.model.forward(&input, LoraCtx::EVAL, None).unwrap();
+    let last = h.get(0).unwrap().get(seqs[0].len() - 1).unwrap();
+    assert_eq!(
+        last.to_vec1::<f32>().unwrap(),
+        c.get(0).unwrap().to_vec1::<f32>().unwrap()
+    );
+}
+
+#[test]
+fn dpo_overfits_fifty_pairs() {
+    let out = scratch("dpo-overfit");
+    let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
+    let o = mo_align::recipes::dpo::run_dpo(
+        Some(Path::new("configs/demo/dpo.toml")),
+        &[
+            model,
+            "model.adapter=\"\"".into(),
+            format!("train.output_dir={:?}", out.to_str().unwrap()),
+            format!("dpo.cache_dir={:?}", out.join("cache").to_str().unwrap()),
+            "data.max_samples=50".into(),
+            "data.validation_files=[]".into(),
+            "train.epochs=30".into(),
+            "train.batch_size=5".into(),
+            "train.grad_accum=1".into(),
+            "train.lr=5e-3".into(),
+            "train.log_every=50".into(),
+        ],
+        false,
+        true,
+    )
+    .unwrap();
+    assert_eq!(o.steps, 300);
+    let m = metrics(&out);
+    let last = m
+        .iter()
+        .rev()
+        .find(|l| l.get("rewards/accuracies").is_some())
+        .unwrap();
+    let acc = last["rewards/accuracies"].as_f64().unwrap();
+    assert!(
+        acc > 0.9,
+        "rewards/accuracies on the training pairs only reached {acc}"
+    );
+    assert!(last["rewards/margins"].as_f64().unwrap() > 0.0);
+}
