@@ -15,7 +15,7 @@
 use candle_core::{DType, Device};
 use mo_align::model::lora::{LoraConfig, LoraCtx};
 use mo_align::model::tiny::{random_model, tiny_config};
-use mo_align::model::{Adapters, Qwen2Config};
+use mo_align::model::Qwen2Config;
 use mo_align::objectives::nll::Nll;
 use mo_align::rng::{mix_seed, stream_rng, DropoutRng};
 use mo_align::tokenizer::LabelledIds;
@@ -157,11 +157,7 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
         let t0 = Instant::now();
         let loss = if case.mode == "sft" {
             let dropout = DropoutRng::new(mix_seed(0, step as u64, 0));
-            let ctx = LoraCtx {
-                adapters: Adapters::Enabled,
-                dropout: Some(&dropout),
-            };
-            let out = nll.loss(&refs, ctx, true)?;
+            let out = nll.loss(&refs, LoraCtx::train(&dropout))?;
             let loss = (out.loss_sum / weight)?;
             let grads = loss.backward()?;
             let g: Vec<_> = opt
@@ -177,7 +173,7 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
             opt.step(&g, 1e-5)?;
             loss.to_dtype(DType::F64)?.to_scalar::<f64>()?
         } else {
-            let out = nll.loss(&refs, LoraCtx::EVAL, false)?;
+            let out = nll.loss(&refs, LoraCtx::EVAL)?;
             (out.loss_sum / weight)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?

@@ -183,7 +183,7 @@ fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
         let ids = &seqs[0];
         let from = g[key]["sft_label_from"].as_u64().unwrap() as usize;
         let input = ModelInput::right_padded(std::slice::from_ref(ids), 0, &Device::Cpu).unwrap();
-        let hidden = m.forward(&input, LoraCtx::EVAL, None).unwrap();
+        let hidden = m.forward(&input, LoraCtx::TRAIN, None).unwrap();
         let rows: Vec<u32> = (from as u32 - 1..ids.len() as u32 - 1).collect();
         let lp = m
             .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[from..], true)
@@ -319,7 +319,7 @@ fn f64_model_with_random_lora() -> Qwen2 {
 
 fn scalar_loss(m: &Qwen2, ids: &[u32]) -> Tensor {
     let input = ModelInput::right_padded(&[ids.to_vec()], 0, &Device::Cpu).unwrap();
-    let hidden = m.forward(&input, LoraCtx::EVAL, None).unwrap();
+    let hidden = m.forward(&input, LoraCtx::TRAIN, None).unwrap();
     let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
     let lp = m
         .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[1..], true)
@@ -515,4 +515,16 @@ fn merged_adapter_equals_adapter() {
     assert!(!m.has_lora());
     let merged = logprobs(&m, &ids, Qwen2::ctx(Adapters::Enabled));
     assert!(max_abs_diff(&with_adapter, &merged) < 1e-10);
+}
+
+#[test]
+fn forwards_without_a_gradient_record_no_graph() {
+    let mut m = load_tiny(DType::F32).model;
+    m.attach_lora(&LoraConfig::default(), 1).unwrap();
+    let input = ModelInput::right_padded(&golden_seqs(), 0, &Device::Cpu).unwrap();
+    // No graph means no activations kept alive for a backward that never comes.
+    for ctx in [LoraCtx::EVAL, LoraCtx::REFERENCE] {
+        assert!(!m.forward(&input, ctx, None).unwrap().track_op());
+    }
+    assert!(m.forward(&input, LoraCtx::TRAIN, None).unwrap().track_op());
 }

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use common::*;
 use mo_align::data::preference::{preference_pair, PreferencePair};
 use mo_align::data::{load_splits, DataConfig, DataReport, Parsed};
-use mo_align::model::lora::{Adapters, LoraConfig, LoraCtx};
+use mo_align::model::lora::{LoraConfig, LoraCtx};
 use mo_align::model::qwen2::ModelInput;
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::pair::pair_logprobs;
@@ -62,7 +62,7 @@ fn precomputed_reference_equals_inline_reference_and_survives_the_cache() {
         .iter()
         .map(|p| (&p.prompt[..], &p.chosen[..], &p.rejected[..]))
         .collect();
-    let inline = pair_logprobs(&l.model, &ids, LoraCtx::REFERENCE, false).unwrap();
+    let inline = pair_logprobs(&l.model, &ids, LoraCtx::REFERENCE).unwrap();
     assert_eq!(inline.chosen.to_vec1::<f32>().unwrap(), c1);
     assert_eq!(inline.rejected.to_vec1::<f32>().unwrap(), r1);
 }
@@ -81,7 +81,6 @@ fn packed_pairs_score_exactly_the_response_tokens() {
             &l.model,
             &[(&p.prompt, &p.chosen, &p.rejected)],
             LoraCtx::EVAL,
-            false,
         )
         .unwrap();
         assert_eq!(
@@ -132,14 +131,8 @@ fn at_step_zero_the_policy_is_the_reference() {
         explicit: false,
     };
     let dropout = DropoutRng::new(3);
-    for ctx in [
-        LoraCtx::EVAL,
-        LoraCtx {
-            adapters: Adapters::Enabled,
-            dropout: Some(&dropout),
-        },
-    ] {
-        let out = dpo.loss(&batch, ctx, true).unwrap();
+    for ctx in [LoraCtx::EVAL, LoraCtx::train(&dropout)] {
+        let out = dpo.loss(&batch, ctx).unwrap();
         let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
         for k in [
             "rewards/chosen",
@@ -169,7 +162,7 @@ fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
         explicit: false,
     };
     let plain = dpo
-        .loss(&batch, LoraCtx::EVAL, false)
+        .loss(&batch, LoraCtx::EVAL)
         .unwrap()
         .loss_sum
         .to_scalar::<f32>()
@@ -192,7 +185,7 @@ fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
         }
         let batch: Vec<&DpoExample> = ex.iter().collect();
         let got = dpo
-            .loss(&batch, LoraCtx::EVAL, false)
+            .loss(&batch, LoraCtx::EVAL)
             .unwrap()
             .loss_sum
             .to_scalar::<f32>()

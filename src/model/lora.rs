@@ -111,17 +111,37 @@ pub struct LoraCtx<'a> {
     pub adapters: Adapters,
     /// Dropout masks when training; `None` means no dropout (eval, reference, generation).
     pub dropout: Option<&'a DropoutRng>,
+    /// Whether a gradient will be taken. Without one the adapters enter as constants, so the
+    /// forward records no graph and keeps no activations (candle has no no-grad mode).
+    pub grad: bool,
 }
 
-impl LoraCtx<'_> {
+impl<'a> LoraCtx<'a> {
     pub const EVAL: LoraCtx<'static> = LoraCtx {
         adapters: Adapters::Enabled,
         dropout: None,
+        grad: false,
     };
     pub const REFERENCE: LoraCtx<'static> = LoraCtx {
         adapters: Adapters::Disabled,
         dropout: None,
+        grad: false,
     };
+    /// Adapters on, gradients recorded, no dropout.
+    pub const TRAIN: LoraCtx<'static> = LoraCtx {
+        adapters: Adapters::Enabled,
+        dropout: None,
+        grad: true,
+    };
+
+    /// Adapters on, gradients recorded, dropout masks from `rng`.
+    pub fn train(rng: &'a DropoutRng) -> Self {
+        LoraCtx {
+            adapters: Adapters::Enabled,
+            dropout: Some(rng),
+            grad: true,
+        }
+    }
 }
 
 impl LoraLinear {
@@ -151,10 +171,13 @@ impl LoraLinear {
         let dims = x32.dims().to_vec();
         let n = x32.elem_count() / dims[dims.len() - 1];
         let x2 = x32.reshape((n, dims[dims.len() - 1]))?;
-        let delta = x2
-            .matmul(&lora.a.as_tensor().t()?)?
-            .matmul(&lora.b.as_tensor().t()?)?
-            .affine(lora.scale, 0.0)?;
+        let (a, b) = if ctx.grad {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        } else {
+            (lora.a.detach(), lora.b.detach())
+        };
+        // Scaling the rank-r intermediate is r/out of the work of scaling the output.
+        let delta = (x2.matmul(&a.t()?)? * lora.scale)?.matmul(&b.t()?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
         let delta = delta.reshape(out_dims)?.to_dtype(y.dtype())?;

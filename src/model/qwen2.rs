@@ -579,6 +579,7 @@ impl Qwen2 {
         LoraCtx {
             adapters,
             dropout: None,
+            grad: false,
         }
     }
 }

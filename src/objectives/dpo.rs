@@ -131,13 +131,13 @@ impl Objective for Dpo<'_> {
         1.0
     }
 
-    fn loss(&self, batch: &[&DpoExample], ctx: LoraCtx, train: bool) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&DpoExample], ctx: LoraCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
         let ids: Vec<_> = batch
             .iter()
             .map(|e| (&e.pair.prompt[..], &e.pair.chosen[..], &e.pair.rejected[..]))
             .collect();
-        let lp = pair_logprobs(self.model, &ids, ctx, train)?;
+        let lp = pair_logprobs(self.model, &ids, ctx)?;
         let col = |f: &dyn Fn(&DpoExample) -> f32| {
             Tensor::from_vec(
                 batch.iter().map(|e| f(e)).collect::<Vec<f32>>(),

@@ -45,7 +45,6 @@ pub fn labelled_logprobs(
     model: &Qwen2,
     seqs: &[(&[u32], &[bool])],
     ctx: LoraCtx,
-    with_grad: bool,
 ) -> Result<LabelledLogprobs> {
     let ids: Vec<Vec<u32>> = seqs.iter().map(|(i, _)| i.to_vec()).collect();
     let input = ModelInput::right_padded(&ids, 0, &model.device)?;
@@ -64,7 +63,7 @@ pub fn labelled_logprobs(
     }
     let h = gather_rows(&hidden, &rows)?;
     let logprobs = model
-        .token_logprobs(&h, &targets, with_grad)?
+        .token_logprobs(&h, &targets, ctx.grad)?
         .to_dtype(DType::F32)?;
     Ok(LabelledLogprobs { logprobs, counts })
 }

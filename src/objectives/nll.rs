@@ -28,12 +28,12 @@ impl Objective for Nll<'_> {
         predicted_tokens(ex) as f64
     }
 
-    fn loss(&self, batch: &[&LabelledIds], ctx: LoraCtx, train: bool) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&LabelledIds], ctx: LoraCtx) -> Result<LossOutput> {
         let seqs: Vec<(&[u32], &[bool])> = batch
             .iter()
             .map(|e| (e.ids.as_slice(), e.labelled.as_slice()))
             .collect();
-        let lp = labelled_logprobs(self.model, &seqs, ctx, train)?;
+        let lp = labelled_logprobs(self.model, &seqs, ctx)?;
         Ok(LossOutput {
             loss_sum: lp.logprobs.sum_all()?.neg()?,
             metrics: vec![],

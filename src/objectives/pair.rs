@@ -20,12 +20,7 @@ pub struct PairLogps {
 /// (prompt, chosen, rejected) token ids.
 pub type PairIds<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
-pub fn pair_logprobs(
-    model: &Qwen2,
-    pairs: &[PairIds],
-    ctx: LoraCtx,
-    with_grad: bool,
-) -> Result<PairLogps> {
+pub fn pair_logprobs(model: &Qwen2, pairs: &[PairIds], ctx: LoraCtx) -> Result<PairLogps> {
     let (mut chosen, mut rejected) = (vec![], vec![]);
     for &(prompt, c, r) in pairs {
         if prompt.is_empty() || c.is_empty() || r.is_empty() {
@@ -40,7 +35,7 @@ pub fn pair_logprobs(
         rows.extend((0..r.len()).map(|j| if j == 0 { p - 1 } else { p + c.len() + j - 1 } as u32));
         let targets: Vec<u32> = c.iter().chain(r).copied().collect();
         let lp = model
-            .token_logprobs(&gather_rows(&hidden, &rows)?, &targets, with_grad)?
+            .token_logprobs(&gather_rows(&hidden, &rows)?, &targets, ctx.grad)?
             .to_dtype(DType::F32)?;
         chosen.push(lp.narrow(0, 0, c.len())?.sum_all()?);
         rejected.push(lp.narrow(0, c.len(), r.len())?.sum_all()?);
@@ -61,7 +56,7 @@ pub fn reference_logprobs(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (mut c, mut r) = (vec![], vec![]);
     for (i, pair) in pairs.iter().enumerate() {
-        let lp = pair_logprobs(model, std::slice::from_ref(pair), LoraCtx::REFERENCE, false)?;
+        let lp = pair_logprobs(model, std::slice::from_ref(pair), LoraCtx::REFERENCE)?;
         c.push(lp.chosen.to_vec1::<f32>()?[0]);
         r.push(lp.rejected.to_vec1::<f32>()?[0]);
         progress(i + 1);

@@ -33,7 +33,7 @@ impl Objective for RewardRegression<'_> {
         ex.mask.iter().map(|&m| m as f64).sum()
     }
 
-    fn loss(&self, batch: &[&RatedFeatures], _ctx: LoraCtx, _train: bool) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&RatedFeatures], _ctx: LoraCtx) -> Result<LossOutput> {
         let dev = self.features.device();
         let rows: Vec<u32> = batch.iter().map(|e| e.row as u32).collect();
         let x = self

@@ -68,13 +68,13 @@ impl Objective for RewardWeighted<'_> {
         2.0
     }
 
-    fn loss(&self, batch: &[&WeightedPair], ctx: LoraCtx, train: bool) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&WeightedPair], ctx: LoraCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
         let ids: Vec<_> = batch
             .iter()
             .map(|e| (&e.pair.prompt[..], &e.pair.chosen[..], &e.pair.rejected[..]))
             .collect();
-        let lp = pair_logprobs(self.model, &ids, ctx, train)?;
+        let lp = pair_logprobs(self.model, &ids, ctx)?;
         let col = |xs: Vec<f32>| Tensor::from_vec(xs, batch.len(), dev);
         let mean_c = (&lp.chosen / col(lp.chosen_tokens.iter().map(|&n| n as f32).collect())?)?;
         let mean_r = (&lp.rejected / col(lp.rejected_tokens.iter().map(|&n| n as f32).collect())?)?;

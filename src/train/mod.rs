@@ -27,9 +27,9 @@ pub trait Objective {
     fn weight(&self, ex: &Self::Example) -> f64;
 
     /// Summed loss over the batch and summed metrics (the trainer divides both by the summed
-    /// weights). `ctx` carries adapter switches and dropout; `train` says whether a gradient
-    /// will be taken. The objective holds what it computes with (model, scores, features).
-    fn loss(&self, batch: &[&Self::Example], ctx: LoraCtx, train: bool) -> Result<LossOutput>;
+    /// weights). `ctx` carries the adapter switch, dropout, and whether a gradient will be
+    /// taken. The objective holds what it computes with (model, scores, features).
+    fn loss(&self, batch: &[&Self::Example], ctx: LoraCtx) -> Result<LossOutput>;
 }
 
 pub struct LossOutput {

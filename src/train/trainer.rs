@@ -10,7 +10,7 @@ use super::trainable::Trainable;
 use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
 use crate::io::JsonlWriter;
-use crate::model::lora::{Adapters, LoraCtx};
+use crate::model::lora::LoraCtx;
 use crate::rng::{mix_seed, DropoutRng};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -78,11 +78,7 @@ fn train_step<O: Objective>(
     for (k, idxs) in group.iter().enumerate() {
         let batch: Vec<&O::Example> = idxs.iter().map(|&i| &run.train[i]).collect();
         let dropout = DropoutRng::new(mix_seed(run.cfg.seed, state.step, k as u64));
-        let ctx = LoraCtx {
-            adapters: Adapters::Enabled,
-            dropout: Some(&dropout),
-        };
-        let out = run.objective.loss(&batch, ctx, true)?;
+        let out = run.objective.loss(&batch, LoraCtx::train(&dropout))?;
         // Dividing by the whole step's weight makes k micro-batches sum to one big batch.
         let scaled = (&out.loss_sum * (state.loss_scale / weight.max(f64::MIN_POSITIVE)))?;
         let step_grads = scaled.backward()?;
@@ -159,7 +155,7 @@ pub fn evaluate<O: Objective>(
     let (mut loss, mut weight, mut sums) = (0.0, 0.0, BTreeMap::<String, f64>::new());
     for idxs in order.chunks(batch_size.max(1)) {
         let batch: Vec<&O::Example> = idxs.iter().map(|&i| &examples[i]).collect();
-        let out = objective.loss(&batch, LoraCtx::EVAL, false)?;
+        let out = objective.loss(&batch, LoraCtx::EVAL)?;
         loss += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         weight += batch.iter().map(|e| objective.weight(e)).sum::<f64>();
         for (k, v) in out.metrics {
