@@ -40,6 +40,10 @@ pub struct LoraConfig {
     pub dropout: f32,
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
+    /// Start from this PEFT adapter's weights instead of a fresh adapter (its r, alpha and
+    /// targets must match this section); training continues that adapter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for LoraConfig {
@@ -50,6 +54,7 @@ impl Default for LoraConfig {
             dropout: 0.05,
             target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
+            init_from: None,
         }
     }
 }
@@ -357,6 +362,7 @@ pub fn read_peft_config(dir: &Path) -> anyhow::Result<LoraConfig> {
             .get("use_rslora")
             .and_then(|x| x.as_bool())
             .unwrap_or(false),
+        init_from: None,
     };
     cfg.validate().with_context(|| path.display().to_string())?;
     Ok(cfg)

@@ -588,3 +588,40 @@ impl Qwen2 {
 pub fn module_name(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
 }
+
+impl RmsNorm {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Qwen2 {
+    /// Every base weight under its Hugging Face name (adapters not included; merge first).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                layer.input_layernorm.weight().clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight().clone(),
+            ));
+            for lin in layer.linears() {
+                out.push((format!("{}.weight", lin.path), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{}.bias", lin.path), b.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight().clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
+    }
+}

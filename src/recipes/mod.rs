@@ -3,6 +3,8 @@
 
 pub mod dpo;
 pub mod evaluate;
+pub mod merge;
+pub mod pipeline;
 pub mod sft;
 pub mod train_rm;
 
@@ -74,7 +76,32 @@ pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
 pub fn load_policy(model: &ModelConfig, lora: &LoraConfig, train: &TrainConfig) -> Result<Loaded> {
     lora.validate()?;
     let mut loaded = load_base(model, train)?;
-    loaded.model.attach_lora(lora, train.seed)?;
+    match lora.init_from.as_deref().filter(|p| !p.is_empty()) {
+        None => loaded.model.attach_lora(lora, train.seed)?,
+        Some(dir) => {
+            let file = apply_adapter(&mut loaded.model, Path::new(dir))?;
+            let mut want = lora.target_modules.clone();
+            let mut got = file.target_modules.clone();
+            want.sort();
+            got.sort();
+            if (file.r, file.alpha, file.use_rslora, got)
+                != (lora.r, lora.alpha, lora.use_rslora, want)
+            {
+                anyhow::bail!(
+                    "lora.init_from {dir}: its r={}, alpha={}, use_rslora={}, targets {:?} differ from [lora]",
+                    file.r,
+                    file.alpha,
+                    file.use_rslora,
+                    file.target_modules
+                );
+            }
+            for lin in loaded.model.linears_mut() {
+                if let Some(l) = lin.lora.as_mut() {
+                    l.dropout = lora.dropout;
+                }
+            }
+        }
+    }
     Ok(loaded)
 }
 

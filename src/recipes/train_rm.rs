@@ -290,6 +290,10 @@ pub fn run(config: Option<&Path>, overrides: &[String], resume: bool, quiet: boo
         });
     }
     crate::io::write_json_atomic(&out.join("rm_report.json"), &report)?;
+    // Redraw now that the report exists (adds the per-objective chart).
+    if let Err(e) = crate::plot::plot_run(&out, false) {
+        eprintln!("warning: plots not drawn: {e:#}");
+    }
     print_report(&report, &cfg.rm.objectives);
     eprintln!("reward model in {}", out.display());
     Ok(())

@@ -395,6 +395,10 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     }
     progress.finish();
     run.trainable.save(run.output_dir)?;
+    // Plots are a convenience: a drawing failure must not fail a finished run.
+    if let Err(e) = crate::plot::plot_run(run.output_dir, false) {
+        eprintln!("warning: plots not drawn: {e:#}");
+    }
     outcome.steps = state.step;
     outcome.early_stopped = state.early_stopped;
     outcome.skipped_steps = state.skipped_steps;

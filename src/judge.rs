@@ -1,0 +1,249 @@
+//! Judges for win rates: our multi-objective reward model (scalarised with weights w), or any
+//! Hugging Face Qwen2 sequence-classification reward model (a `score` head on the last token),
+//! so a stronger external judge can be plugged in.
+
+use crate::model::config::Qwen2Config;
+use crate::model::loader::{load_pretrained, load_with_config, resolve, Loaded};
+use crate::model::lora::LoraCtx;
+use crate::model::Qwen2;
+use crate::reward::{last_token_features, RewardHead};
+use crate::tokenizer::{ChatTokenizer, Message};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub enum Judge {
+    /// Our reward model: backbone (base + adapter merged) and head; total = w . scores.
+    Ours {
+        backbone: Box<Loaded>,
+        head: RewardHead,
+        weights: Vec<f64>,
+    },
+    /// An HF `Qwen2ForSequenceClassification` directory: total = the first label's score.
+    SequenceClassifier {
+        model: Box<Qwen2>,
+        tokenizer: ChatTokenizer,
+        score: Tensor,
+        name: String,
+    },
+}
+
+/// A judge's verdict on one (prompt, response).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub total: f64,
+    /// Per-objective scores (our reward model only).
+    pub objectives: Vec<f32>,
+}
+
+impl Judge {
+    /// `spec` is a reward-model directory written by train-rm (it has reward_model.json), or an
+    /// HF sequence-classification checkpoint (local directory or Hub id).
+    pub fn load(spec: &str, weights: &[f64], dtype: DType, device: &Device) -> Result<Self> {
+        let dir = Path::new(spec);
+        if dir.join(crate::reward::INFO_FILE).is_file() {
+            let head = RewardHead::load(dir, device)?;
+            let adapter = head.info.backbone_adapter.clone();
+            let mut backbone = load_pretrained(&head.info.backbone_model, None, dtype, device)?;
+            if let Some(a) = adapter.as_deref().filter(|a| !a.is_empty()) {
+                crate::model::loader::apply_adapter(&mut backbone.model, Path::new(a))?;
+                backbone.model.merge_lora()?;
+            }
+            let k = head.info.objectives.len();
+            let weights = if weights.is_empty() {
+                vec![1.0 / k as f64; k]
+            } else {
+                weights.to_vec()
+            };
+            if weights.len() != k {
+                bail!(
+                    "--judge-weights has {} values for the judge's {k} objectives {:?}",
+                    weights.len(),
+                    head.info.objectives
+                );
+            }
+            return Ok(Judge::Ours {
+                backbone: Box::new(backbone),
+                head,
+                weights,
+            });
+        }
+        let files = resolve(spec)?;
+        let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files.config)?)
+            .with_context(|| format!("{}: not valid JSON", files.config.display()))?;
+        let archs = raw["architectures"].as_array().cloned().unwrap_or_default();
+        if !archs.iter().any(|a| a == "Qwen2ForSequenceClassification") {
+            bail!("{spec}: not a reward model directory (no {}) nor a Qwen2ForSequenceClassification checkpoint", crate::reward::INFO_FILE);
+        }
+        // A classifier has no LM head; treat embeddings as tied so none is looked for.
+        let mut cfg =
+            Qwen2Config::from_json(&raw).with_context(|| files.config.display().to_string())?;
+        cfg.tie_word_embeddings = true;
+        let model = load_with_config(&files, cfg.clone(), dtype, device)?;
+        let weights_file = crate::model::loader::WeightFiles::open(&files.weights)?;
+        let labels = raw["num_labels"]
+            .as_u64()
+            .or_else(|| raw["id2label"].as_object().map(|m| m.len() as u64))
+            .unwrap_or(1) as usize;
+        let score = weights_file.load(
+            "score.weight",
+            &[labels, cfg.hidden_size],
+            DType::F32,
+            device,
+        )?;
+        let tokenizer = ChatTokenizer::from_file(&files.tokenizer)?;
+        Ok(Judge::SequenceClassifier {
+            model: Box::new(model),
+            tokenizer,
+            score,
+            name: spec.to_string(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        match self {
+            Judge::Ours { backbone, .. } => &backbone.tokenizer,
+            Judge::SequenceClassifier { tokenizer, .. } => tokenizer,
+        }
+    }
+
+    pub fn objectives(&self) -> Vec<String> {
+        match self {
+            Judge::Ours { head, .. } => head.info.objectives.clone(),
+            Judge::SequenceClassifier { .. } => vec![],
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Judge::Ours { head, weights, .. } => format!(
+                "mo-align reward model {:?} weights {:?}",
+                head.info.objectives, weights
+            ),
+            Judge::SequenceClassifier { name, .. } => format!("sequence classifier {name}"),
+        }
+    }
+
+    /// Verdicts for (prompt messages, response) items. Each distinct token sequence is scored
+    /// once, so identical answers get identical verdicts whatever batch they fall in.
+    pub fn score(&self, items: &[(Vec<Message>, String)], batch: usize) -> Result<Vec<Verdict>> {
+        let tok = self.tokenizer();
+        let mut unique: HashMap<Vec<u32>, usize> = HashMap::new();
+        let mut seqs: Vec<Vec<u32>> = vec![];
+        let mut index = vec![];
+        for (prompt, response) in items {
+            let mut ids = tok.encode_prompt(prompt)?;
+            ids.extend(tok.encode_response(response)?);
+            let next = seqs.len();
+            let i = *unique.entry(ids.clone()).or_insert_with(|| {
+                seqs.push(ids);
+                next
+            });
+            index.push(i);
+        }
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let verdicts: Vec<Verdict> = match self {
+            Judge::Ours {
+                backbone,
+                head,
+                weights,
+            } => {
+                let f = last_token_features(&backbone.model, &refs, batch, LoraCtx::EVAL, &|_| {})?;
+                let scores = head.predict(&f)?.to_vec2::<f32>()?;
+                scores
+                    .into_iter()
+                    .map(|s| Verdict {
+                        total: weights.iter().zip(&s).map(|(w, x)| w * *x as f64).sum(),
+                        objectives: s,
+                    })
+                    .collect()
+            }
+            Judge::SequenceClassifier { model, score, .. } => {
+                let f = last_token_features(model, &refs, batch, LoraCtx::EVAL, &|_| {})?;
+                let logits = f.matmul(&score.t()?)?.to_vec2::<f32>()?;
+                logits
+                    .into_iter()
+                    .map(|l| Verdict {
+                        total: l[0] as f64,
+                        objectives: vec![],
+                    })
+                    .collect()
+            }
+        };
+        Ok(index.into_iter().map(|i| verdicts[i].clone()).collect())
+    }
+}
+
+/// Win / tie / loss counts of model vs baseline totals; a tie is an exact draw or a difference
+/// within `tie_margin`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WinRate {
+    pub n: usize,
+    pub wins: usize,
+    pub ties: usize,
+    pub losses: usize,
+    /// (wins + ties / 2) / n.
+    pub win_rate: f64,
+    /// 95% Wilson score interval of the win rate.
+    pub ci95: (f64, f64),
+    /// Mean of model total minus baseline total.
+    pub mean_reward_diff: f64,
+}
+
+pub fn win_rate(model: &[f64], baseline: &[f64], tie_margin: f64) -> WinRate {
+    let n = model.len();
+    let (mut wins, mut ties, mut losses) = (0, 0, 0);
+    for (m, b) in model.iter().zip(baseline) {
+        let d = m - b;
+        if d.abs() <= tie_margin {
+            ties += 1;
+        } else if d > 0.0 {
+            wins += 1;
+        } else {
+            losses += 1;
+        }
+    }
+    let nf = n.max(1) as f64;
+    let p = (wins as f64 + 0.5 * ties as f64) / nf;
+    let z = 1.959_963_984_540_054f64;
+    let denom = 1.0 + z * z / nf;
+    let center = (p + z * z / (2.0 * nf)) / denom;
+    let half = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt() / denom;
+    let mean_reward_diff = model.iter().zip(baseline).map(|(m, b)| m - b).sum::<f64>() / nf;
+    WinRate {
+        n,
+        wins,
+        ties,
+        losses,
+        win_rate: p,
+        ci95: ((center - half).max(0.0), (center + half).min(1.0)),
+        mean_reward_diff,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn win_rate_arithmetic() {
+        let w = win_rate(&[1.0, 2.0, 3.0, 0.5], &[0.5, 2.0, 1.0, 1.0], 0.0);
+        assert_eq!((w.wins, w.ties, w.losses), (2, 1, 1));
+        assert!((w.win_rate - 0.625).abs() < 1e-12);
+        assert!((w.mean_reward_diff - (0.5 + 0.0 + 2.0 - 0.5) / 4.0).abs() < 1e-12);
+        // Wilson interval for p = 0.625, n = 4, z = 1.96: center 0.56376, half-width 0.34434.
+        assert!(
+            (w.ci95.0 - 0.219_427).abs() < 1e-5 && (w.ci95.1 - 0.908_101).abs() < 1e-5,
+            "{:?}",
+            w.ci95
+        );
+        let ties = win_rate(&[0.3; 10], &[0.3; 10], 0.0);
+        assert_eq!(
+            (ties.wins, ties.ties, ties.losses, ties.win_rate),
+            (0, 10, 0, 0.5)
+        );
+        let margin = win_rate(&[1.0, 1.05], &[1.0, 1.0], 0.1);
+        assert_eq!(margin.ties, 2);
+    }
+}

@@ -1,0 +1,364 @@
+//! `mo-align pipeline`: sft -> train-rm -> dpo -> hybrid-dpo -> eval from one config, each
+//! stage a recipe run with its own config file, then the win rate of every stage against the
+//! base model judged by the trained reward model, written as a summary (markdown + JSON) with
+//! plots. Re-running is cheap: a stage whose output matches its config is not trained again.
+
+use super::evaluate::{load_for_eval, read_prompts, win_rate_eval, write_generations};
+use super::{dpo, sft, train_rm};
+use crate::generate::SamplingConfig;
+use crate::judge::Judge;
+use crate::model::loader::select_device;
+use crate::model::parse_dtype;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The `[pipeline]` section: where each stage's config lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StagesConfig {
+    pub output_dir: String,
+    pub sft: String,
+    pub train_rm: String,
+    pub dpo: String,
+    pub hybrid_dpo: String,
+    /// `--set` overrides applied to every stage (e.g. `train.device="cuda"`).
+    pub overrides: Vec<String>,
+}
+
+/// The `[eval]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineEvalConfig {
+    /// Held-out prompts (`prompt`, `messages` or `chosen` records).
+    pub prompts: String,
+    pub max_prompts: Option<usize>,
+    /// Judge: a train-rm directory or an HF sequence classifier; empty = this pipeline's RM.
+    pub judge: String,
+    pub judge_weights: Vec<f64>,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub repetition_penalty: f64,
+    pub seed: u64,
+    pub gen_batch_size: usize,
+    pub tie_margin: f64,
+    pub dtype: String,
+    pub device: String,
+}
+
+impl Default for PipelineEvalConfig {
+    fn default() -> Self {
+        Self {
+            prompts: String::new(),
+            max_prompts: Some(200),
+            judge: String::new(),
+            judge_weights: vec![],
+            max_new_tokens: 256,
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            gen_batch_size: 8,
+            tie_margin: 0.0,
+            dtype: "f32".into(),
+            device: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub pipeline: StagesConfig,
+    pub eval: PipelineEvalConfig,
+}
+
+/// The resolved config a stage would write, and whether its output already holds a finished
+/// run of exactly that config.
+fn stage_state<T: Serialize + serde::de::DeserializeOwned>(
+    config: &Path,
+    overrides: &[String],
+    output_dir: impl Fn(&T) -> String,
+    artifact: &str,
+) -> Result<(T, PathBuf, bool)> {
+    let cfg: T = crate::config::load(Some(config), overrides)?;
+    let out = PathBuf::from(output_dir(&cfg));
+    let resolved = crate::config::to_toml(&cfg)?;
+    let existing = std::fs::read_to_string(out.join("config.resolved.toml")).ok();
+    if let Some(old) = &existing {
+        if *old != resolved {
+            bail!(
+                "{}: holds a run of a different config than {}; remove it or change train.output_dir",
+                out.display(),
+                config.display()
+            );
+        }
+    }
+    let done = existing.is_some() && out.join(artifact).is_file();
+    Ok((cfg, out, done))
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct StageRow {
+    stage: String,
+    output_dir: String,
+    train_seconds: f64,
+    skipped: bool,
+    win_rate: f64,
+    ci95: (f64, f64),
+    wins: usize,
+    ties: usize,
+    losses: usize,
+    mean_reward_diff: f64,
+    model_objectives: Vec<f64>,
+    baseline_objectives: Vec<f64>,
+}
+
+pub fn run(config: Option<&Path>, overrides: &[String], _resume: bool, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let cfg: PipelineConfig = crate::config::load(config, overrides)?;
+    let p = &cfg.pipeline;
+    for (k, v) in [
+        ("sft", &p.sft),
+        ("train_rm", &p.train_rm),
+        ("dpo", &p.dpo),
+        ("hybrid_dpo", &p.hybrid_dpo),
+        ("output_dir", &p.output_dir),
+    ] {
+        if v.is_empty() {
+            bail!("pipeline.{k} is empty");
+        }
+    }
+    if cfg.eval.prompts.is_empty() {
+        bail!("eval.prompts is empty: name a file of held-out prompts");
+    }
+    let out = super::prepare_output(&p.output_dir, &cfg)?;
+    let ov = &p.overrides;
+    let mut timings: Vec<(String, PathBuf, f64, bool)> = vec![];
+    // Every stage resumes: an interrupted stage continues, a finished one is skipped.
+    let mut stage = |name: &str,
+                     done: bool,
+                     out_dir: PathBuf,
+                     f: &mut dyn FnMut() -> Result<()>|
+     -> Result<()> {
+        let t = Instant::now();
+        if done {
+            eprintln!("== {name}: up to date in {}", out_dir.display());
+        } else {
+            eprintln!("== {name}");
+            f()?;
+        }
+        timings.push((name.to_string(), out_dir, t.elapsed().as_secs_f64(), done));
+        Ok(())
+    };
+
+    let (sft_cfg, sft_out, done) = stage_state(
+        Path::new(&p.sft),
+        ov,
+        |c: &sft::SftConfig| c.train.output_dir.clone(),
+        "adapter_model.safetensors",
+    )?;
+    stage("sft", done, sft_out.clone(), &mut || {
+        sft::run(Some(Path::new(&p.sft)), ov, true, quiet).map(drop)
+    })?;
+    let (_, rm_out, done) = stage_state(
+        Path::new(&p.train_rm),
+        ov,
+        |c: &train_rm::TrainRmConfig| c.train.output_dir.clone(),
+        crate::reward::HEAD_FILE,
+    )?;
+    stage("train-rm", done, rm_out.clone(), &mut || {
+        train_rm::run(Some(Path::new(&p.train_rm)), ov, true, quiet)
+    })?;
+    let (dpo_cfg, dpo_out, done) = stage_state(
+        Path::new(&p.dpo),
+        ov,
+        |c: &dpo::DpoRunConfig| c.train.output_dir.clone(),
+        "adapter_model.safetensors",
+    )?;
+    stage("dpo", done, dpo_out.clone(), &mut || {
+        dpo::run_dpo(Some(Path::new(&p.dpo)), ov, true, quiet).map(drop)
+    })?;
+    let (hyb_cfg, hyb_out, done) = stage_state(
+        Path::new(&p.hybrid_dpo),
+        ov,
+        |c: &dpo::HybridRunConfig| c.train.output_dir.clone(),
+        "adapter_model.safetensors",
+    )?;
+    stage("hybrid-dpo", done, hyb_out.clone(), &mut || {
+        dpo::run_hybrid(Some(Path::new(&p.hybrid_dpo)), ov, true, quiet).map(drop)
+    })?;
+
+    // Evaluation: every stage against the base model, judged by the reward model.
+    eprintln!("== eval");
+    let e = &cfg.eval;
+    let device = select_device(&e.device)?;
+    let dtype = parse_dtype(&e.dtype)?;
+    let judge_spec = if e.judge.is_empty() {
+        rm_out.display().to_string()
+    } else {
+        e.judge.clone()
+    };
+    let judge = Judge::load(&judge_spec, &e.judge_weights, dtype, &device)?;
+    let base_path = sft_cfg.model.path.clone();
+    let baseline = load_for_eval(&base_path, None, None, dtype, &device)?;
+    let prompts = read_prompts(&e.prompts, e.max_prompts)?;
+    let sampling = SamplingConfig {
+        max_new_tokens: e.max_new_tokens,
+        temperature: e.temperature,
+        top_p: e.top_p,
+        top_k: e.top_k,
+        repetition_penalty: e.repetition_penalty,
+        seed: e.seed,
+    };
+    let sft_adapter = sft_out.clone();
+    let evals: [(&str, Option<PathBuf>, PathBuf); 3] = [
+        ("sft", None, sft_adapter.clone()),
+        (
+            "dpo",
+            dpo_cfg.model.adapter_path().map(Path::to_path_buf),
+            dpo_out.clone(),
+        ),
+        (
+            "hybrid-dpo",
+            hyb_cfg.model.adapter_path().map(Path::to_path_buf),
+            hyb_out.clone(),
+        ),
+    ];
+    let mut rows = vec![];
+    let mut objectives = vec![];
+    for (name, base_adapter, adapter) in evals {
+        let t = Instant::now();
+        let model = load_for_eval(
+            &base_path,
+            base_adapter.as_deref(),
+            Some(&adapter),
+            dtype,
+            &device,
+        )?;
+        let (wr, gens) = win_rate_eval(
+            &model,
+            &baseline,
+            &judge,
+            &prompts,
+            &sampling,
+            e.gen_batch_size,
+            e.tie_margin,
+        )?;
+        write_generations(&out.join(format!("generations-{name}.jsonl")), &gens)?;
+        let (train_s, skipped) = timings
+            .iter()
+            .find(|t| t.0 == name)
+            .map(|t| (t.2, t.3))
+            .unwrap_or((0.0, false));
+        let o = &wr.overall;
+        eprintln!(
+            "{name}: win rate {:.1}% ({:.1}s to evaluate)",
+            100.0 * o.win_rate,
+            t.elapsed().as_secs_f64()
+        );
+        objectives = wr.objectives.clone();
+        rows.push(StageRow {
+            stage: name.to_string(),
+            output_dir: adapter.display().to_string(),
+            train_seconds: train_s,
+            skipped,
+            win_rate: o.win_rate,
+            ci95: o.ci95,
+            wins: o.wins,
+            ties: o.ties,
+            losses: o.losses,
+            mean_reward_diff: o.mean_reward_diff,
+            model_objectives: wr.mean_objectives_model.clone(),
+            baseline_objectives: wr.mean_objectives_baseline.clone(),
+        });
+    }
+    let rm_seconds = timings
+        .iter()
+        .find(|t| t.0 == "train-rm")
+        .map(|t| t.2)
+        .unwrap_or(0.0);
+    let rm_report: serde_json::Value = std::fs::read_to_string(rm_out.join("rm_report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let summary = serde_json::json!({
+        "judge": judge.describe(),
+        "baseline": base_path,
+        "prompts": prompts.len(),
+        "sampling": sampling,
+        "objectives": objectives,
+        "stages": rows,
+        "reward_model": {"output_dir": rm_out, "train_seconds": rm_seconds, "report": rm_report},
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
+    let md = markdown(&summary, &rows, &objectives);
+    crate::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;
+    crate::plot::plot_run(&out, false).context("drawing the summary plots")?;
+    println!("{md}");
+    Ok(())
+}
+
+fn markdown(summary: &serde_json::Value, rows: &[StageRow], objectives: &[String]) -> String {
+    let mut s = String::from("# mo-align pipeline summary\n\n");
+    s.push_str(&format!(
+        "Win rate of each stage against the base model `{}` on {} held-out prompts, judged by {}. Ties count half.\n\n",
+        summary["baseline"].as_str().unwrap_or("?"),
+        summary["prompts"],
+        summary["judge"].as_str().unwrap_or("?")
+    ));
+    s.push_str("| stage | win rate | 95% CI | W/T/L | mean reward diff |");
+    for o in objectives {
+        s.push_str(&format!(" {o} |"));
+    }
+    s.push_str(" train time (s) |\n|---|---|---|---|---|");
+    s.push_str(&"---|".repeat(objectives.len()));
+    s.push_str("---|\n");
+    if let Some(first) = rows.first() {
+        s.push_str("| base | | | | |");
+        for v in &first.baseline_objectives {
+            s.push_str(&format!(" {v:.3} |"));
+        }
+        s.push_str(" |\n");
+    }
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {:.1}% | {:.1}-{:.1}% | {}/{}/{} | {:+.4} |",
+            r.stage,
+            100.0 * r.win_rate,
+            100.0 * r.ci95.0,
+            100.0 * r.ci95.1,
+            r.wins,
+            r.ties,
+            r.losses,
+            r.mean_reward_diff
+        ));
+        for v in &r.model_objectives {
+            s.push_str(&format!(" {v:.3} |"));
+        }
+        s.push_str(&format!(
+            " {:.1}{} |\n",
+            r.train_seconds,
+            if r.skipped { " (cached)" } else { "" }
+        ));
+    }
+    s.push_str(&format!(
+        "\nReward model trained in {:.1}s; whole pipeline {:.1}s.\n",
+        summary["reward_model"]["train_seconds"]
+            .as_f64()
+            .unwrap_or(0.0),
+        summary["wall_seconds"].as_f64().unwrap_or(0.0)
+    ));
+    if let Some(acc) = summary["reward_model"]["report"]["ranking"]["composite_accuracy"].as_f64() {
+        s.push_str(&format!(
+            "Reward model ranks {:.1}% of held-out binarized pairs correctly.\n",
+            100.0 * acc
+        ));
+    }
+    s
+}

@@ -1,0 +1,413 @@
+//! Evaluation, generation, export, plots and the demo pipeline on the tiny model.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use mo_align::generate::SamplingConfig;
+use mo_align::judge::Judge;
+use mo_align::model::lora::LoraCtx;
+use mo_align::recipes::evaluate::{answer_prompts, load_for_eval, read_prompts, win_rate_eval};
+use mo_align::tokenizer::Message;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Copies the demo configs into `root`, pointing every path under runs/demo at `root`.
+fn demo_configs(root: &Path) -> PathBuf {
+    let cfg_dir = root.join("configs");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    for f in [
+        "sft",
+        "train-rm",
+        "dpo",
+        "hybrid-dpo",
+        "pipeline",
+        "reward-weighted",
+    ] {
+        let text = std::fs::read_to_string(format!("configs/demo/{f}.toml")).unwrap();
+        let text = text
+            .replace("runs/demo/", &format!("{}/", root.display()))
+            .replace("configs/demo/", &format!("{}/", cfg_dir.display()));
+        std::fs::write(cfg_dir.join(format!("{f}.toml")), text).unwrap();
+    }
+    cfg_dir
+}
+
+#[test]
+fn demo_pipeline_runs_end_to_end_with_a_row_per_stage_and_valid_plots() {
+    let root = scratch("pipeline");
+    let cfg = demo_configs(&root);
+    let sets = [
+        "eval.max_prompts=8".to_string(),
+        "eval.max_new_tokens=12".to_string(),
+    ];
+    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, false, true).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/summary.json")).unwrap())
+            .unwrap();
+    let stages: Vec<&str> = summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["sft", "dpo", "hybrid-dpo"]);
+    for s in summary["stages"].as_array().unwrap() {
+        let (w, t, l) = (
+            s["wins"].as_u64().unwrap(),
+            s["ties"].as_u64().unwrap(),
+            s["losses"].as_u64().unwrap(),
+        );
+        assert_eq!(w + t + l, 8);
+        assert_eq!(s["model_objectives"].as_array().unwrap().len(), 4);
+    }
+    let md = std::fs::read_to_string(root.join("pipeline/summary.md")).unwrap();
+    for stage in ["| sft |", "| dpo |", "| hybrid-dpo |", "| base |"] {
+        assert!(md.contains(stage), "summary.md lacks {stage}");
+    }
+    // Every stage drew its plots, and each is well-formed SVG with drawn content.
+    let plots = [
+        "sft/loss.svg",
+        "sft/lr.svg",
+        "rm/rm_objectives.svg",
+        "rm/loss.svg",
+        "dpo/dpo_rewards.svg",
+        "dpo/dpo_accuracy.svg",
+        "hybrid-dpo/explicit_reward.svg",
+        "pipeline/stage_objectives.svg",
+        "pipeline/win_rates.svg",
+    ];
+    for p in plots {
+        let text = std::fs::read_to_string(root.join(p)).unwrap_or_else(|_| panic!("{p} missing"));
+        let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{p}: not XML: {e}"));
+        assert_eq!(doc.root_element().tag_name().name(), "svg", "{p}");
+        let drawn = doc
+            .descendants()
+            .filter(|n| matches!(n.tag_name().name(), "polyline" | "rect" | "path" | "circle"))
+            .count();
+        assert!(drawn > 3, "{p}: nothing drawn");
+    }
+    // A second run trains nothing again: every stage is up to date.
+    let before = std::fs::read(root.join("dpo/adapter_model.safetensors")).unwrap();
+    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, false, true).unwrap();
+    assert_eq!(
+        before,
+        std::fs::read(root.join("dpo/adapter_model.safetensors")).unwrap()
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/summary.json")).unwrap())
+            .unwrap();
+    assert!(summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["skipped"] == true));
+}
+
+fn prompts() -> Vec<Vec<Message>> {
+    read_prompts("data/ultrafeedback_binarized/test_prefs.jsonl", Some(6)).unwrap()
+}
+
+#[test]
+fn identical_answers_tie_and_win_half() {
+    let root = scratch("rm-for-judge");
+    let cfg = demo_configs(&root);
+    let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
+    mo_align::recipes::train_rm::run(
+        Some(&cfg.join("train-rm.toml")),
+        &[model, "model.adapter=\"\"".into(), "train.epochs=2".into()],
+        false,
+        true,
+    )
+    .unwrap();
+    let judge = Judge::load(
+        root.join("rm").to_str().unwrap(),
+        &[],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let a = load_for_eval(
+        tiny_dir().to_str().unwrap(),
+        None,
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let b = load_for_eval(
+        tiny_dir().to_str().unwrap(),
+        None,
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let sampling = SamplingConfig {
+        max_new_tokens: 10,
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 5,
+        ..SamplingConfig::default()
+    };
+    let (report, gens) = win_rate_eval(&a, &b, &judge, &prompts(), &sampling, 4, 0.0).unwrap();
+    assert_eq!(
+        (
+            report.overall.wins,
+            report.overall.ties,
+            report.overall.losses
+        ),
+        (0, 6, 0)
+    );
+    assert_eq!(report.overall.win_rate, 0.5);
+    assert_eq!(report.overall.mean_reward_diff, 0.0);
+    assert!(gens
+        .iter()
+        .all(|g| g.model_answer == g.baseline_answer && g.decoding == sampling));
+    for (_, v) in report.per_objective {
+        assert_eq!(v["ties"], 6);
+    }
+}
+
+#[test]
+fn batched_chat_generation_equals_one_by_one() {
+    let m = load_for_eval(
+        tiny_dir().to_str().unwrap(),
+        None,
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ps = prompts();
+    for sampling in [
+        SamplingConfig {
+            max_new_tokens: 16,
+            ..SamplingConfig::default()
+        },
+        SamplingConfig {
+            max_new_tokens: 16,
+            temperature: 0.9,
+            top_k: 50,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            seed: 9,
+        },
+    ] {
+        let batched = answer_prompts(&m, &ps, &sampling, 4).unwrap();
+        for (i, p) in ps.iter().enumerate() {
+            // One-by-one with the same per-prompt random stream (its index in the file).
+            let tok = &m.tokenizer;
+            let ids = tok.encode_prompt(p).unwrap();
+            let out = mo_align::generate::generate(
+                &m.model,
+                &[ids],
+                &[i as u64],
+                &sampling,
+                &tok.stop_ids(),
+                tok.pad_id,
+                LoraCtx::EVAL,
+            )
+            .unwrap();
+            let end = out[0]
+                .iter()
+                .position(|t| tok.stop_ids().contains(t))
+                .unwrap_or(out[0].len());
+            assert_eq!(
+                batched[i],
+                tok.decode(&out[0][..end], true).unwrap(),
+                "prompt {i}, {sampling:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn merged_export_reloads_and_matches_base_plus_adapter() {
+    let out = scratch("merged").join("model");
+    let adapter = golden_dir().join("adapter");
+    mo_align::recipes::merge::run(tiny_dir().to_str().unwrap(), &adapter, &out, "f32").unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing from the merged export");
+    }
+    let with_adapter = load_for_eval(
+        tiny_dir().to_str().unwrap(),
+        None,
+        Some(&adapter),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let merged =
+        load_for_eval(out.to_str().unwrap(), None, None, DType::F32, &Device::Cpu).unwrap();
+    assert!(!merged.model.has_lora());
+    let ids = with_adapter
+        .tokenizer
+        .encode("The capital of France is Paris. Water boils at 100 degrees.")
+        .unwrap();
+    let seqs = vec![(
+        ids.clone(),
+        (0..ids.len()).map(|i| i > 0).collect::<Vec<_>>(),
+    )];
+    let a = mo_align::eval::sequence_nll(&with_adapter.model, &seqs, LoraCtx::EVAL).unwrap();
+    let b = mo_align::eval::sequence_nll(&merged.model, &seqs, LoraCtx::EVAL).unwrap();
+    assert!(
+        (a.nll - b.nll).abs() / a.tokens as f64 <= 1e-5,
+        "{} vs {}",
+        a.nll,
+        b.nll
+    );
+    // The config keeps the tied embeddings: no lm_head tensor is written.
+    let t = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(!t.contains_key("lm_head.weight"));
+}
+
+#[test]
+fn hf_sequence_classifier_judge_scores_the_last_token() {
+    let dir = scratch("seqcls");
+    for f in std::fs::read_dir(tiny_dir()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["Qwen2ForSequenceClassification"]);
+    cfg["num_labels"] = 1.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut w =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let score = Tensor::randn(0f32, 1.0, (1, 64), &Device::Cpu).unwrap();
+    w.insert("score.weight".into(), score.clone());
+    std::fs::write(
+        dir.join("model.safetensors"),
+        mo_align::model::lora::safetensors_bytes(&w, None).unwrap(),
+    )
+    .unwrap();
+
+    let judge = Judge::load(dir.to_str().unwrap(), &[], DType::F32, &Device::Cpu).unwrap();
+    let items = vec![(vec![Message::new("user", "Hi")], "Hello there!".to_string())];
+    let v = judge.score(&items, 2).unwrap();
+    // By hand: the final hidden state at the last token of the ChatML sequence, times w.
+    let base = load_for_eval(
+        tiny_dir().to_str().unwrap(),
+        None,
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut ids = base.tokenizer.encode_prompt(&items[0].0).unwrap();
+    ids.extend(base.tokenizer.encode_response(&items[0].1).unwrap());
+    let f = mo_align::reward::last_token_features(&base.model, &[&ids], 1, LoraCtx::EVAL, &|_| {})
+        .unwrap();
+    let want = f
+        .matmul(&score.t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
+    assert!((v[0].total - want).abs() < 1e-5, "{} vs {want}", v[0].total);
+}
+
+#[test]
+fn eval_cli_combines_modes_in_one_run() {
+    let root = scratch("eval-cli");
+    let cfg = demo_configs(&root);
+    let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
+    mo_align::recipes::train_rm::run(
+        Some(&cfg.join("train-rm.toml")),
+        &[model, "model.adapter=\"\"".into(), "train.epochs=2".into()],
+        false,
+        true,
+    )
+    .unwrap();
+    let score_in = root.join("score.jsonl");
+    std::fs::write(&score_in, "{\"prompt\": \"Hi\", \"response\": \"Hello!\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"2+2?\"}, {\"role\": \"assistant\", \"content\": \"4\"}]}\n").unwrap();
+    let (score_out, report, gens) = (
+        root.join("scored.jsonl"),
+        root.join("report.json"),
+        root.join("gens.jsonl"),
+    );
+    let out = Command::new(bin())
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "--model",
+            tiny_dir().to_str().unwrap(),
+            "--adapter",
+        ])
+        .arg(golden_dir().join("adapter"))
+        .args([
+            "--sft-data",
+            "data/smoltalk/test.jsonl",
+            "--preferences",
+            "data/ultrafeedback_binarized/test_prefs.jsonl",
+        ])
+        .arg("--reward-model")
+        .arg(root.join("rm"))
+        .arg("--score")
+        .arg(&score_in)
+        .arg("--output")
+        .arg(&score_out)
+        .args([
+            "--win-rate",
+            "--prompts",
+            "data/ultrafeedback_binarized/test_prefs.jsonl",
+            "--max-prompts",
+            "4",
+            "--max-new-tokens",
+            "8",
+        ])
+        .args([
+            "--baseline",
+            tiny_dir().to_str().unwrap(),
+            "--judge",
+            root.join("rm").to_str().unwrap(),
+        ])
+        .arg("--generations-out")
+        .arg(&gens)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    for k in ["chat NLL", "preferences", "win rate"] {
+        assert!(table.contains(k), "table lacks {k}: {table}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["sft_data"]["nll_per_token"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["preferences"]["pairs"], 40);
+    assert!(r["preferences"]["reward_model"]["honesty"]["accuracy"]
+        .as_f64()
+        .is_some());
+    assert_eq!(r["win_rate"]["overall"]["n"], 4);
+    assert_eq!(r["scored"], 2);
+    let scored: Vec<serde_json::Value> = std::fs::read_to_string(&score_out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(scored.len(), 2);
+    assert!(
+        scored[1]["scores"]["helpfulness"].as_f64().is_some() && scored[1]["messages"].is_array()
+    );
+    assert_eq!(std::fs::read_to_string(&gens).unwrap().lines().count(), 4);
+    assert!(
+        root.join("eval_objectives.svg").is_file(),
+        "the eval bar chart is drawn next to the report"
+    );
+}
