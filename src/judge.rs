@@ -23,7 +23,7 @@ pub enum Judge {
     /// An HF `Qwen2ForSequenceClassification` directory: total = the first label's score.
     SequenceClassifier {
         model: Box<Qwen2>,
-        tokenizer: ChatTokenizer,
+        tokenizer: Box<ChatTokenizer>,
         score: Tensor,
         name: String,
     },
@@ -95,7 +95,7 @@ impl Judge {
         let tokenizer = ChatTokenizer::from_file(&files.tokenizer)?;
         Ok(Judge::SequenceClassifier {
             model: Box::new(model),
-            tokenizer,
+            tokenizer: Box::new(tokenizer),
             score,
             name: spec.to_string(),
         })
