@@ -152,13 +152,16 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
     let nll = Nll { model: &model };
     let weight: f64 = refs.iter().map(|e| nll.weight(e)).sum();
     let mut times = vec![];
+    let mut phases: Vec<[f64; 3]> = vec![];
     let mut losses = vec![];
     for step in 0..case.steps + 1 {
         let t0 = Instant::now();
-        let loss = if case.mode == "sft" {
+        let (loss, phase) = if case.mode == "sft" {
             let dropout = DropoutRng::new(mix_seed(0, step as u64, 0));
             let out = nll.loss(&refs, LoraCtx::train(&dropout))?;
             let loss = (out.loss_sum / weight)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let t1 = Instant::now();
             let grads = loss.backward()?;
             let g: Vec<_> = opt
                 .vars()
@@ -170,19 +173,36 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
                         .unwrap_or_else(|| v.zeros_like().unwrap())
                 })
                 .collect();
+            drop(grads);
+            let t2 = Instant::now();
             opt.step(&g, 1e-5)?;
-            loss.to_dtype(DType::F64)?.to_scalar::<f64>()?
+            let t3 = Instant::now();
+            (
+                value,
+                [
+                    (t1 - t0).as_secs_f64(),
+                    (t2 - t1).as_secs_f64(),
+                    (t3 - t2).as_secs_f64(),
+                ],
+            )
         } else {
             let out = nll.loss(&refs, LoraCtx::EVAL)?;
-            (out.loss_sum / weight)?
+            let value = (out.loss_sum / weight)?
                 .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
+                .to_scalar::<f64>()?;
+            (value, [t0.elapsed().as_secs_f64(), 0.0, 0.0])
         };
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
+            phases.push(phase);
         }
         losses.push(loss);
     }
+    let phase_median = |i: usize| {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = case.batch * case.seq;
@@ -199,6 +219,9 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
         "step_s_min": times[0],
         "step_s_max": times[times.len() - 1],
         "tok_per_s": tokens as f64 / median,
+        "forward_s_median": phase_median(0),
+        "backward_s_median": phase_median(1),
+        "optimizer_s_median": phase_median(2),
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_load_mib": rss_after_load,
         "threads": candle_core::utils::get_num_threads(),

@@ -51,10 +51,21 @@ impl DropoutRng {
         }
     }
 
-    /// Inverted-dropout mask: 0 with probability `p`, else 1/(1-p), as f32 of `shape`.
-    pub fn mask(&self, shape: &[usize], p: f32, device: &Device) -> Result<Tensor> {
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Takes the next call id (one per dropout site in a forward).
+    pub fn next_call(&self) -> u64 {
         let call = self.calls.get();
         self.calls.set(call + 1);
+        call
+    }
+
+    /// Inverted-dropout mask of call `call`: 0 with probability `p`, else 1/(1-p), as f32 of
+    /// `shape`. The same (seed, call) always gives the same mask, so a backward can regenerate
+    /// it instead of keeping it.
+    pub fn mask_at(&self, call: u64, shape: &[usize], p: f32, device: &Device) -> Result<Tensor> {
         let mut rng = stream_rng(self.seed, call);
         let n: usize = shape.iter().product();
         let threshold = (p as f64 * u32::MAX as f64) as u32;

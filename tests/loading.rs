@@ -27,14 +27,18 @@ fn write_weights(path: &Path, w: &HashMap<String, Tensor>) {
     std::fs::write(path, safetensors_bytes(w, None).unwrap()).unwrap();
 }
 
-fn text_file() -> std::path::PathBuf {
-    let p = scratch("text").join("t.txt");
-    std::fs::write(
-        &p,
-        "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees.",
-    )
-    .unwrap();
-    p
+fn text_file() -> &'static Path {
+    // Written once: tests run in parallel, and a shared scratch dir would be wiped under them.
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let p = scratch("text").join("t.txt");
+        std::fs::write(
+            &p,
+            "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees.",
+        )
+        .unwrap();
+        p
+    })
 }
 
 /// Runs `mo-align eval --perplexity` and returns (exit code, stdout, stderr).

@@ -5,6 +5,7 @@
 //! nothing. A and B are f32 `Var`s whatever the base dtype: f16 moments and updates underflow.
 
 use super::frozen::frozen_linear;
+use super::fused::{self, LoraParts};
 use crate::io::write_atomic;
 use crate::rng::{stream_rng, uniform_vec, DropoutRng};
 use anyhow::{bail, Context};
@@ -160,33 +161,31 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: LoraCtx) -> Result<Tensor> {
-        let y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
         let lora = match (&self.lora, ctx.adapters) {
             (Some(l), Adapters::Enabled) => l,
-            _ => return Ok(y),
+            _ => return frozen_linear(x, &self.weight, self.bias.as_ref()),
         };
-        let x32 = x.to_dtype(lora.a.dtype())?;
-        let x32 = match ctx.dropout {
-            Some(rng) if lora.dropout > 0.0 => {
-                let mask = rng.mask(x32.dims(), lora.dropout, x32.device())?;
-                (x32 * mask)?
-            }
-            _ => x32,
-        };
-        let dims = x32.dims().to_vec();
-        let n = x32.elem_count() / dims[dims.len() - 1];
-        let x2 = x32.reshape((n, dims[dims.len() - 1]))?;
+        // Without a gradient the adapter enters as constants, so no graph is recorded.
         let (a, b) = if ctx.grad {
             (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
         } else {
             (lora.a.detach(), lora.b.detach())
         };
-        // Scaling the rank-r intermediate is r/out of the work of scaling the output.
-        let delta = (x2.matmul(&a.t()?)? * lora.scale)?.matmul(&b.t()?)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
-        let delta = delta.reshape(out_dims)?.to_dtype(y.dtype())?;
-        y + delta
+        let dropout = match ctx.dropout {
+            Some(rng) if lora.dropout > 0.0 => Some((rng, rng.next_call(), lora.dropout)),
+            _ => None,
+        };
+        fused::lora_linear(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            LoraParts {
+                a: &a,
+                b: &b,
+                scale: lora.scale,
+                dropout,
+            },
+        )
     }
 
     pub fn in_features(&self) -> usize {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod frozen;
+pub mod fused;
 pub mod lm_head;
 pub mod loader;
 pub mod lora;

@@ -2,14 +2,16 @@
 //! files, but built only from ops that have a backward (no fused rms_norm / rope /
 //! softmax_last_dim, which drop gradients silently) and frozen-operand ops for every weight.
 //!
+//! Each block (RMSNorm, rope, attention, SwiGLU, LoRA linear) is a fused op with a hand-written
+//! backward (`fused.rs`), so the graph keeps one node per block.
+//!
 //! `forward` returns final hidden states; `lm_head` turns them into log-probs of given targets
 //! without materialising full-vocabulary logits.
 
-use super::compute_dtype;
 use super::config::Qwen2Config;
-use super::frozen::{frozen_add, frozen_mul};
+use super::fused;
 use super::lora::{Adapters, LoraConfig, LoraCtx, LoraLinear};
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// RMSNorm in f32, as transformers computes it, then scaled by the (frozen) weight.
 pub struct RmsNorm {
@@ -23,13 +25,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(compute_dtype(dtype))?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
-        frozen_mul(&normed, &self.weight)
+        fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -96,11 +92,7 @@ impl Rope {
             .index_select(&flat, 0)?
             .reshape((b, 1, t, half))?
             .to_dtype(x.dtype())?;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let r1 = (frozen_mul(&x1, &cos)? - frozen_mul(&x2, &sin)?)?;
-        let r2 = (frozen_mul(&x2, &cos)? + frozen_mul(&x1, &sin)?)?;
-        Tensor::cat(&[r1, r2], D::Minus1)
+        fused::rope(x, &cos, &sin)
     }
 }
 
@@ -157,16 +149,10 @@ impl Attention {
             }
             None => (k, v),
         };
-        let tk = k.dims()[2];
         // Grouped-query attention without copying K/V: query heads sharing a KV head are stacked
         // along the time axis ([B, nkv, rep*T, hd]) so one matmul serves the whole group.
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, tk))?;
-        let scores = scores.to_dtype(compute_dtype(x.dtype()))?;
-        let bias = input.bias.to_dtype(scores.dtype())?;
-        let scores = frozen_add(&scores, &bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
-        let out = probs.reshape((b, nkv, rep * t, tk))?.matmul(&v)?;
+        let out = fused::attention(&q, &k, &v, &input.bias, rep)?;
         let out = out
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
@@ -184,9 +170,9 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, ctx: LoraCtx) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, ctx)?.silu()?;
+        let gate = self.gate_proj.forward(x, ctx)?;
         let up = self.up_proj.forward(x, ctx)?;
-        self.down_proj.forward(&(gate * up)?, ctx)
+        self.down_proj.forward(&fused::swiglu(&gate, &up)?, ctx)
     }
 }
 

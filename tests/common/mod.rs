@@ -29,9 +29,12 @@ pub fn golden() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A fresh scratch directory under the system temp dir.
+/// A fresh, empty scratch directory under the system temp dir.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mo-align-test-{name}-{}", std::process::id()));
+    // Unique per call: tests run in parallel and must never share (or wipe) a directory.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("mo-align-test-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -1,0 +1,465 @@
+//! Fused blocks with hand-written backwards: RMSNorm, rotary embedding, attention, SwiGLU and
+//! the LoRA linear layer.
+//!
+//! Each block computes its forward with plain tensor ops on detached inputs (no graph), then
+//! attaches the result to its inputs through a custom op whose backward is the block's gradient
+//! formula. The graph holds one node per block instead of dozens, keeps only what the backward
+//! needs (the attention probabilities are recomputed, dropout masks are regenerated from their
+//! seed), and the backward is a few matmuls instead of candle's per-node gradient bookkeeping.
+//! The forward/backward pairs are checked against autograd of the plain formulas (unit tests
+//! below) and, through the whole model, against PyTorch and finite differences.
+
+use super::compute_dtype;
+use crate::rng::DropoutRng;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+
+type Grad1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+type Grad3 =
+    Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+
+/// A precomputed value whose forward "computes" by copying it, and whose backward is a closure.
+struct Attached<G> {
+    value: Tensor,
+    grad: G,
+}
+
+impl<G> Attached<G> {
+    fn copy_value<S: BackendStorage>(&self, s: &S, l: &Layout) -> Result<(S, Shape)> {
+        Ok((s.to_dtype(l, self.value.dtype())?, l.shape().clone()))
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let (s, l) = self.value.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => self.copy_value(c, l),
+            _ => candle_core::bail!("fused op: value not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (s, l) = self.value.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => self.copy_value(c, l),
+            _ => candle_core::bail!("fused op: value not on the GPU"),
+        }
+    }
+}
+
+impl CustomOp1 for Attached<Grad1> {
+    fn name(&self) -> &'static str {
+        "fused1"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.grad)(grad)?))
+    }
+}
+
+impl CustomOp3 for Attached<Grad3> {
+    fn name(&self) -> &'static str {
+        "fused3"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.grad)(grad)
+    }
+}
+
+/// `value` as a function of `x` with gradient `grad(dy) = dx` (when `x` is in a graph).
+fn attach1(x: &Tensor, value: Tensor, grad: Grad1) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(Attached { value, grad })
+}
+
+/// `value` as a function of (a, b, c) with gradient `grad(dy) = (da, db, dc)`.
+fn attach3(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, grad: Grad3) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(value);
+    }
+    a.apply_op3(b, c, Attached { value, grad })
+}
+
+/// RMSNorm as transformers computes it (statistics in f32): y = w * (x / rms(x)).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let acc = compute_dtype(dtype);
+    let xf = x.detach().to_dtype(acc)?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let xhat = xf.broadcast_mul(&inv)?;
+    let y = xhat.to_dtype(dtype)?.broadcast_mul(weight)?;
+    let w = weight.to_dtype(acc)?;
+    attach1(
+        x,
+        y,
+        Box::new(move |dy| {
+            // dx = inv * (g - xhat * mean(g * xhat)), g = dy * w
+            let g = dy.to_dtype(acc)?.broadcast_mul(&w)?;
+            let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+            g.broadcast_sub(&xhat.broadcast_mul(&proj)?)?
+                .broadcast_mul(&inv)?
+                .to_dtype(dtype)
+        }),
+    )
+}
+
+/// Rotate-half rotary embedding of x [B, H, T, d] with cos/sin [B, 1, T, d/2].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rotate = |t: &Tensor, sign: f64| -> Result<Tensor> {
+        let half = t.dim(D::Minus1)? / 2;
+        let (t1, t2) = (
+            t.narrow(D::Minus1, 0, half)?,
+            t.narrow(D::Minus1, half, half)?,
+        );
+        // forward (sign 1): [t1 cos - t2 sin, t2 cos + t1 sin]; backward is the inverse rotation.
+        let r1 = (t1.broadcast_mul(cos)? - (t2.broadcast_mul(sin)? * sign)?)?;
+        let r2 = (t2.broadcast_mul(cos)? + (t1.broadcast_mul(sin)? * sign)?)?;
+        Tensor::cat(&[r1, r2], D::Minus1)
+    };
+    let y = rotate(&x.detach(), 1.0)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    attach1(
+        x,
+        y,
+        Box::new(move |dy| {
+            let half = dy.dim(D::Minus1)? / 2;
+            let (g1, g2) = (
+                dy.narrow(D::Minus1, 0, half)?,
+                dy.narrow(D::Minus1, half, half)?,
+            );
+            let d1 = (g1.broadcast_mul(&cos)? + g2.broadcast_mul(&sin)?)?;
+            let d2 = (g2.broadcast_mul(&cos)? - g1.broadcast_mul(&sin)?)?;
+            Tensor::cat(&[d1, d2], D::Minus1)
+        }),
+    )
+}
+
+/// Softmax attention with grouped heads: q [B, nkv, rep*T, d] (already scaled), k, v
+/// [B, nkv, Tk, d], bias [B, 1, T, Tk] (0 or the most negative float). Returns [B, nkv, rep*T, d].
+/// The backward recomputes the probabilities instead of keeping them (O(T) memory per head).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let acc = compute_dtype(dtype);
+    let (b, nkv, rt, _d) = q.dims4()?;
+    let (t, tk) = (rt / rep, k.dim(2)?);
+    let probs = move |q: &Tensor, k: &Tensor, bias: &Tensor| -> Result<Tensor> {
+        let s = q
+            .matmul(&k.t()?)?
+            .to_dtype(acc)?
+            .reshape((b, nkv * rep, t, tk))?;
+        let s = s.broadcast_add(&bias.to_dtype(acc)?)?;
+        candle_nn::ops::softmax_last_dim(&s)?.reshape((b, nkv, rt, tk))
+    };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let p = probs(&qd, &kd, bias)?;
+    let y = p.to_dtype(dtype)?.matmul(&vd)?;
+    drop(p);
+    let bias = bias.clone();
+    attach3(
+        q,
+        k,
+        v,
+        y,
+        Box::new(move |dy| {
+            let p = probs(&qd, &kd, &bias)?; // [B, nkv, rT, Tk] in acc
+            let dyf = dy.to_dtype(acc)?;
+            let dv = p.t()?.matmul(&dyf)?;
+            let dp = dyf.matmul(&vd.to_dtype(acc)?.t()?)?;
+            let rowdot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+            let ds = (p * dp.broadcast_sub(&rowdot)?)?;
+            let dq = ds.matmul(&kd.to_dtype(acc)?)?;
+            let dk = ds.t()?.matmul(&qd.to_dtype(acc)?)?;
+            Ok((
+                Some(dq.to_dtype(dtype)?),
+                Some(dk.to_dtype(dtype)?),
+                Some(dv.to_dtype(dtype)?),
+            ))
+        }),
+    )
+}
+
+/// silu(gate) * up
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (g, u) = (gate.detach(), up.detach());
+    let y = (g.silu()? * &u)?;
+    if !(gate.track_op() || up.track_op()) {
+        return Ok(y);
+    }
+    let dtype = gate.dtype();
+    let acc = compute_dtype(dtype);
+    // Pass `up` through the three-input op twice: (gate, up, up) with the last gradient None.
+    let up2 = up.clone();
+    attach3(
+        gate,
+        up,
+        &up2,
+        y,
+        Box::new(move |dy| {
+            let (gf, uf, dyf) = (g.to_dtype(acc)?, u.to_dtype(acc)?, dy.to_dtype(acc)?);
+            let sig = candle_nn::ops::sigmoid(&gf)?;
+            let silu = (&gf * &sig)?;
+            // d silu / dg = sig * (1 + g * (1 - sig))
+            let dsilu = (&sig * ((&gf * (1.0 - &sig)?)? + 1.0)?)?;
+            let dg = ((&dyf * &uf)? * dsilu)?.to_dtype(dtype)?;
+            let du = (dyf * silu)?.to_dtype(dtype)?;
+            Ok((Some(dg), Some(du), None))
+        }),
+    )
+}
+
+/// The adapter part of a LoRA linear layer, as the fused op needs it.
+pub struct LoraParts<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+    /// (rng, call id, p) when dropout is on.
+    pub dropout: Option<(&'a DropoutRng, u64, f32)>,
+}
+
+/// y = x W^T + b + s * B(A(dropout(x))) over the last dimension, with gradients for x, A and B.
+/// The backward keeps only x and the rank-r intermediate and regenerates the dropout mask.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: LoraParts,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (inp, out) = (dims[dims.len() - 1], weight.dim(0)?);
+    let n = x.elem_count() / inp;
+    let dtype = x.dtype();
+    let ldt = lora.a.dtype();
+    let x2 = x.detach().reshape((n, inp))?;
+    let mut y = x2.matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let mask = |dev: &candle_core::Device| -> Result<Option<Tensor>> {
+        match lora.dropout {
+            Some((rng, call, p)) if p > 0.0 => {
+                Ok(Some(rng.mask_at(call, &[n, inp], p, dev)?.to_dtype(ldt)?))
+            }
+            _ => Ok(None),
+        }
+    };
+    let xl = x2.to_dtype(ldt)?;
+    let xd = match mask(x.device())? {
+        Some(m) => (&xl * m)?,
+        None => xl,
+    };
+    let (a, b) = (lora.a.detach(), lora.b.detach());
+    let u = (xd.matmul(&a.t()?)? * lora.scale)?; // [n, r]
+    drop(xd);
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank >= 1") = out;
+    let y = (y + u.matmul(&b.t()?)?.to_dtype(dtype)?)?.reshape(out_dims)?;
+    let (w, scale) = (weight.clone(), lora.scale);
+    let dropout = lora.dropout.map(|(rng, call, p)| (rng.seed(), call, p));
+    let dev = x.device().clone();
+    attach3(
+        x,
+        lora.a,
+        lora.b,
+        y,
+        Box::new(move |dy| {
+            let dy2 = dy.reshape((n, out))?;
+            let dyl = dy2.to_dtype(ldt)?;
+            let db = dyl.t()?.matmul(&u)?; // s is already in u
+            let du = (dyl.matmul(&b)? * scale)?; // [n, r]
+            let mask = match dropout {
+                Some((seed, call, p)) if p > 0.0 => Some(
+                    DropoutRng::new(seed)
+                        .mask_at(call, &[n, inp], p, &dev)?
+                        .to_dtype(ldt)?,
+                ),
+                _ => None,
+            };
+            let xl = x2.to_dtype(ldt)?;
+            let xd = match &mask {
+                Some(m) => (&xl * m)?,
+                None => xl,
+            };
+            let da = du.t()?.matmul(&xd)?;
+            let dxl = du.matmul(&a)?;
+            let dxl = match &mask {
+                Some(m) => (dxl * m)?,
+                None => dxl,
+            };
+            let dx = (dy2.matmul(&w)? + dxl.to_dtype(dtype)?)?.reshape(dims.as_slice())?;
+            Ok((Some(dx), Some(da), Some(db)))
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Each fused block against autograd through the same formula written with plain ops.
+    #[test]
+    fn fused_gradients_match_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| Var::randn(0f64, 1.0, s, &dev);
+        // RMSNorm
+        let x = r(&[3, 8])?;
+        let w = Tensor::randn(0f64, 1.0, 8, &dev)?;
+        let y = rms_norm(x.as_tensor(), &w, 1e-6)?;
+        let yr = x
+            .as_tensor()
+            .broadcast_div(&(x.as_tensor().sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?
+            .broadcast_mul(&w)?;
+        assert!(max_diff(&y, &yr) < 1e-12);
+        let proj = Tensor::randn(0f64, 1.0, (3, 8), &dev)?;
+        let g = (&y * &proj)?.sum_all()?.backward()?;
+        let gr = (&yr * &proj)?.sum_all()?.backward()?;
+        assert!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-10);
+        // rope
+        let x = r(&[2, 3, 5, 8])?;
+        let ang = Tensor::randn(0f64, 1.0, (2, 1, 5, 4), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let y = rope(x.as_tensor(), &cos, &sin)?;
+        let (x1, x2) = (
+            x.as_tensor().narrow(3, 0, 4)?,
+            x.as_tensor().narrow(3, 4, 4)?,
+        );
+        let yr = Tensor::cat(
+            &[
+                (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?,
+                (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?,
+            ],
+            3,
+        )?;
+        assert!(max_diff(&y, &yr) < 1e-12);
+        let proj = Tensor::randn(0f64, 1.0, y.dims(), &dev)?;
+        let g = (&y * &proj)?.sum_all()?.backward()?;
+        let gr = (&yr * &proj)?.sum_all()?.backward()?;
+        assert!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-10);
+        // attention with 2 query heads per KV head and a causal mask
+        let (q, k, v) = (r(&[1, 2, 2 * 4, 8])?, r(&[1, 2, 4, 8])?, r(&[1, 2, 4, 8])?);
+        let mut bias = vec![0f64; 16];
+        for i in 0..4 {
+            for j in i + 1..4 {
+                bias[i * 4 + j] = f64::MIN;
+            }
+        }
+        let bias = Tensor::from_vec(bias, (1, 1, 4, 4), &dev)?;
+        let y = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, 2)?;
+        let s = q
+            .as_tensor()
+            .matmul(&k.as_tensor().t()?)?
+            .reshape((1, 4, 4, 4))?
+            .broadcast_add(&bias)?;
+        let yr = candle_nn::ops::softmax(&s, D::Minus1)?
+            .reshape((1, 2, 8, 4))?
+            .matmul(v.as_tensor())?;
+        assert!(max_diff(&y, &yr) < 1e-12);
+        let proj = Tensor::randn(0f64, 1.0, y.dims(), &dev)?;
+        let g = (&y * &proj)?.sum_all()?.backward()?;
+        let gr = (&yr * &proj)?.sum_all()?.backward()?;
+        for t in [&q, &k, &v] {
+            assert!(max_diff(g.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10);
+        }
+        // SwiGLU
+        let (a, b) = (r(&[3, 6])?, r(&[3, 6])?);
+        let y = swiglu(a.as_tensor(), b.as_tensor())?;
+        let yr = (a.as_tensor().silu()? * b.as_tensor())?;
+        let proj = Tensor::randn(0f64, 1.0, (3, 6), &dev)?;
+        let g = (&y * &proj)?.sum_all()?.backward()?;
+        let gr = (&yr * &proj)?.sum_all()?.backward()?;
+        for t in [&a, &b] {
+            assert!(max_diff(g.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10);
+        }
+        // LoRA linear with dropout
+        let x = r(&[2, 3, 6])?;
+        let w = Tensor::randn(0f64, 1.0, (5, 6), &dev)?;
+        let bias = Tensor::randn(0f64, 1.0, 5, &dev)?;
+        let (la, lb) = (r(&[2, 6])?, r(&[5, 2])?);
+        let rng = DropoutRng::new(9);
+        let call = rng.next_call();
+        let parts = LoraParts {
+            a: la.as_tensor(),
+            b: lb.as_tensor(),
+            scale: 1.5,
+            dropout: Some((&rng, call, 0.3)),
+        };
+        let y = lora_linear(x.as_tensor(), &w, Some(&bias), parts)?;
+        let m = rng
+            .mask_at(call, &[6, 6], 0.3, &dev)?
+            .to_dtype(DType::F64)?
+            .reshape((2, 3, 6))?;
+        let x2 = x.as_tensor();
+        let yr = (x2.broadcast_matmul(&w.t()?)?.broadcast_add(&bias)?
+            + ((x2 * &m)?
+                .broadcast_matmul(&la.as_tensor().t()?)?
+                .broadcast_matmul(&lb.as_tensor().t()?)?
+                * 1.5)?)?;
+        assert!(max_diff(&y, &yr) < 1e-12);
+        let proj = Tensor::randn(0f64, 1.0, y.dims(), &dev)?;
+        let g = (&y * &proj)?.sum_all()?.backward()?;
+        let gr = (&yr * &proj)?.sum_all()?.backward()?;
+        for t in [&x, &la, &lb] {
+            assert!(max_diff(g.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10);
+        }
+        Ok(())
+    }
+}
