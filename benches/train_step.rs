@@ -1,26 +1,43 @@
-//! Training-step and forward benchmarks at tiny and real Qwen2.5-0.5B dimensions (random
-//! weights, random token ids, no download), one JSON line per case.
+//! Speed and memory at tiny and real Qwen2.5-0.5B dimensions (random weights, random token ids,
+//! no download), one JSON line per case:
 //!
 //!     cargo bench --bench train_step                  # every case, each in a fresh process
-//!     cargo bench --bench train_step -- --only tiny   # cases whose name contains "tiny"
+//!     cargo bench --bench train_step -- --only real   # cases whose name contains "real"
 //!     cargo bench --bench train_step -- --case real-sft-b1-t256
 //!
-//! Modes: `sft` is LoRA r8 (alpha 16, dropout 0.05) on all seven projections, forward, backward
-//! and AdamW with the NLL over every position (what the reference PyTorch script times);
-//! `forward` is a no-grad forward plus log-probs at every position.
+//! Modes (LoRA r 8, alpha 16, dropout 0.05 on all seven projections, f32, AdamW):
+//! - `sft`: forward, backward, AdamW with the NLL over every position (what the reference
+//!   PyTorch script in ../shared/tools/reference-env.sh times);
+//! - `sftprompt`: the same with the first half of each sequence a prompt (no loss there), as
+//!   in real SFT; PyTorch + PEFT computes full logits either way, so its cost is the `sft` row;
+//! - `dpo`: pairs with a T/2 prompt and two T/2 responses (the PyTorch script's layout); the
+//!   reference log-probs are one no-grad pass per pair per epoch, timed separately and added to
+//!   the step, so tokens/s counts 2*B*T tokens per (step + reference pass) like PyTorch's;
+//! - `forward`: no-grad forward plus log-probs at every position;
+//! - `features`: reward-model feature extraction (last-token hidden states), no grad;
+//! - `generate`: greedy KV-cache decoding, B prompts of T tokens, new tokens per second.
+//!
+//! Cases named `*-ckpt-*` recompute each decoder layer in the backward (activation
+//! checkpointing, `train.recompute_layers = true`).
 //!
 //! Each case: 1 warm-up step, then the median of the timed steps. Peak RSS is the process's
 //! VmHWM, so every case runs in its own process.
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use mo_align::data::preference::PreferencePair;
+use mo_align::generate::{generate, SamplingConfig};
+use mo_align::model::checkpointing::GradSink;
 use mo_align::model::lora::{LoraConfig, LoraCtx};
 use mo_align::model::tiny::{random_model, tiny_config};
-use mo_align::model::Qwen2Config;
+use mo_align::model::{Qwen2, Qwen2Config};
+use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::nll::Nll;
+use mo_align::objectives::pair::{reference_logprobs, PairIds};
+use mo_align::reward::last_token_features;
 use mo_align::rng::{mix_seed, stream_rng, DropoutRng};
 use mo_align::tokenizer::LabelledIds;
 use mo_align::train::optim::{AdamW, AdamWParams};
-use mo_align::train::Objective;
+use mo_align::train::{LossOutput, Objective};
 use rand::Rng;
 use std::time::Instant;
 
@@ -30,74 +47,52 @@ struct Case {
     mode: &'static str,
     batch: usize,
     seq: usize,
+    /// Timed steps (new tokens for `generate`).
     steps: usize,
 }
 
-const CASES: [Case; 8] = [
+const fn case(
+    name: &'static str,
+    real: bool,
+    mode: &'static str,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+) -> Case {
     Case {
-        name: "tiny-sft-b4-t128",
-        real: false,
-        mode: "sft",
-        batch: 4,
-        seq: 128,
-        steps: 10,
-    },
-    Case {
-        name: "tiny-forward-b4-t128",
-        real: false,
-        mode: "forward",
-        batch: 4,
-        seq: 128,
-        steps: 10,
-    },
-    Case {
-        name: "real-sft-b1-t256",
-        real: true,
-        mode: "sft",
-        batch: 1,
-        seq: 256,
-        steps: 3,
-    },
-    Case {
-        name: "real-forward-b1-t256",
-        real: true,
-        mode: "forward",
-        batch: 1,
-        seq: 256,
-        steps: 3,
-    },
-    Case {
-        name: "real-sft-b2-t512",
-        real: true,
-        mode: "sft",
-        batch: 2,
-        seq: 512,
-        steps: 3,
-    },
-    Case {
-        name: "real-forward-b2-t512",
-        real: true,
-        mode: "forward",
-        batch: 2,
-        seq: 512,
-        steps: 3,
-    },
-    Case {
-        name: "real-sft-b1-t64",
-        real: true,
-        mode: "sft",
-        batch: 1,
-        seq: 64,
-        steps: 3,
-    },
-    Case {
-        name: "real-forward-b1-t64",
-        real: true,
-        mode: "forward",
-        batch: 1,
-        seq: 64,
-        steps: 3,
-    },
+        name,
+        real,
+        mode,
+        batch,
+        seq,
+        steps,
+    }
+}
+
+const CASES: [Case; 23] = [
+    case("tiny-sft-b4-t128", false, "sft", 4, 128, 10),
+    case("tiny-sftprompt-b4-t128", false, "sftprompt", 4, 128, 10),
+    case("tiny-dpo-b4-t128", false, "dpo", 4, 128, 10),
+    case("tiny-forward-b4-t128", false, "forward", 4, 128, 10),
+    case("tiny-features-b8-t128", false, "features", 8, 128, 10),
+    case("tiny-generate-b4-t32", false, "generate", 4, 32, 64),
+    case("real-sft-b1-t256", true, "sft", 1, 256, 3),
+    case("real-sftprompt-b1-t256", true, "sftprompt", 1, 256, 3),
+    case("real-dpo-b1-t256", true, "dpo", 1, 256, 3),
+    case("real-sft-b2-t512", true, "sft", 2, 512, 3),
+    case("real-sftprompt-b2-t512", true, "sftprompt", 2, 512, 3),
+    case("real-dpo-b2-t512", true, "dpo", 2, 512, 3),
+    case("real-sft-ckpt-b1-t256", true, "sft", 1, 256, 3),
+    case("real-sftprompt-ckpt-b1-t256", true, "sftprompt", 1, 256, 3),
+    case("real-dpo-ckpt-b1-t256", true, "dpo", 1, 256, 3),
+    case("real-sft-ckpt-b2-t512", true, "sft", 2, 512, 3),
+    case("real-sftprompt-ckpt-b2-t512", true, "sftprompt", 2, 512, 3),
+    case("real-dpo-ckpt-b2-t512", true, "dpo", 2, 512, 3),
+    case("real-forward-b1-t256", true, "forward", 1, 256, 3),
+    case("real-forward-b2-t512", true, "forward", 2, 512, 3),
+    case("real-features-b8-t256", true, "features", 8, 256, 3),
+    case("real-generate-b1-t64", true, "generate", 1, 64, 32),
+    case("real-generate-b8-t64", true, "generate", 8, 64, 32),
 ];
 
 fn real_config() -> Qwen2Config {
@@ -128,6 +123,80 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One training step of `objective` on `batch`: (loss, forward s, backward s, optimizer s).
+fn train_step<O: Objective>(
+    objective: &O,
+    batch: &[&O::Example],
+    opt: &mut AdamW,
+    step: u64,
+    recompute: bool,
+) -> anyhow::Result<(f64, [f64; 3])> {
+    let t0 = Instant::now();
+    let dropout = DropoutRng::new(mix_seed(0, step, 0));
+    let sink = GradSink::new();
+    let ctx = LoraCtx::train(&dropout);
+    let ctx = if recompute {
+        ctx.with_recompute(&sink)
+    } else {
+        ctx
+    };
+    let LossOutput { loss_sum, .. } = objective.loss(batch, ctx)?;
+    let weight: f64 = batch.iter().map(|e| objective.weight(e)).sum();
+    let loss = (loss_sum / weight)?;
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if std::env::var("BENCH_RSS_TRACE").is_ok() {
+        eprintln!(
+            "after forward: rss {:.0} MiB, peak {:.0} MiB",
+            rss_mib(),
+            peak_rss_mib()
+        );
+    }
+    let t1 = Instant::now();
+    let grads = loss.backward()?;
+    let g: Vec<Tensor> = opt
+        .vars()
+        .iter()
+        .map(|(_, v)| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .or_else(|| sink.take(v.as_tensor().id()))
+                .unwrap_or_else(|| v.zeros_like().unwrap())
+        })
+        .collect();
+    drop(grads);
+    let t2 = Instant::now();
+    opt.step(&g, 1e-5)?;
+    let t3 = Instant::now();
+    Ok((
+        value,
+        [
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+        ],
+    ))
+}
+
+fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..vocab)).collect()
+}
+
 fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
     let cfg = if case.real {
         real_config()
@@ -135,101 +204,200 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
         tiny_config()
     };
     let device = Device::Cpu;
-    let mut model = random_model(&cfg, DType::F32, &device)?;
-    let lora = LoraConfig::default();
-    model.attach_lora(&lora, 0)?;
+    let mut model: Qwen2 = random_model(&cfg, DType::F32, &device)?;
+    let dropout: f32 = std::env::var("BENCH_DROPOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.05);
+    model.attach_lora(
+        &LoraConfig {
+            dropout,
+            ..LoraConfig::default()
+        },
+        0,
+    )?;
+    if let Some(c) = std::env::var("BENCH_LOGITS_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        model.logits_chunk = c;
+    }
     let rss_after_load = peak_rss_mib();
     let mut rng = stream_rng(1234, 0);
     let vocab = cfg.vocab_size.min(151643) as u32;
-    let batch: Vec<LabelledIds> = (0..case.batch)
-        .map(|_| LabelledIds {
-            ids: (0..case.seq).map(|_| rng.random_range(0..vocab)).collect(),
-            labelled: vec![true; case.seq],
-        })
-        .collect();
-    let refs: Vec<&LabelledIds> = batch.iter().collect();
+    let (b, t) = (case.batch, case.seq);
+    let recompute = case.name.contains("ckpt");
     let mut opt = AdamW::new(model.lora_vars(), AdamWParams::default())?;
-    let nll = Nll { model: &model };
-    let weight: f64 = refs.iter().map(|e| nll.weight(e)).sum();
     let mut times = vec![];
     let mut phases: Vec<[f64; 3]> = vec![];
+    let mut extra = serde_json::Map::new();
     let mut losses = vec![];
-    for step in 0..case.steps + 1 {
-        let t0 = Instant::now();
-        let (loss, phase) = if case.mode == "sft" {
-            let dropout = DropoutRng::new(mix_seed(0, step as u64, 0));
-            let out = nll.loss(&refs, LoraCtx::train(&dropout))?;
-            let loss = (out.loss_sum / weight)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let t1 = Instant::now();
-            let grads = loss.backward()?;
-            let g: Vec<_> = opt
-                .vars()
-                .iter()
-                .map(|(_, v)| {
-                    grads
-                        .get(v.as_tensor())
-                        .cloned()
-                        .unwrap_or_else(|| v.zeros_like().unwrap())
+    let tokens: usize;
+    match case.mode {
+        "sft" | "sftprompt" | "forward" => {
+            let prompt = if case.mode == "sftprompt" { t / 2 } else { 0 };
+            let batch: Vec<LabelledIds> = (0..b)
+                .map(|_| LabelledIds {
+                    ids: random_ids(&mut rng, t, vocab),
+                    labelled: (0..t).map(|i| i >= prompt).collect(),
                 })
                 .collect();
-            drop(grads);
-            let t2 = Instant::now();
-            opt.step(&g, 1e-5)?;
-            let t3 = Instant::now();
-            (
-                value,
-                [
-                    (t1 - t0).as_secs_f64(),
-                    (t2 - t1).as_secs_f64(),
-                    (t3 - t2).as_secs_f64(),
-                ],
-            )
-        } else {
-            let out = nll.loss(&refs, LoraCtx::EVAL)?;
-            let value = (out.loss_sum / weight)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            (value, [t0.elapsed().as_secs_f64(), 0.0, 0.0])
-        };
-        if step > 0 {
-            times.push(t0.elapsed().as_secs_f64());
-            phases.push(phase);
+            let refs: Vec<&LabelledIds> = batch.iter().collect();
+            let nll = Nll { model: &model };
+            tokens = b * t;
+            for step in 0..=case.steps {
+                let t0 = Instant::now();
+                let (loss, phase) = if case.mode == "forward" {
+                    let out = nll.loss(&refs, LoraCtx::EVAL)?;
+                    (
+                        out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                        [t0.elapsed().as_secs_f64(), 0.0, 0.0],
+                    )
+                } else {
+                    train_step(&nll, &refs, &mut opt, step as u64, recompute)?
+                };
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                    phases.push(phase);
+                }
+                losses.push(loss);
+            }
         }
-        losses.push(loss);
+        "dpo" => {
+            let half = t / 2;
+            let pairs: Vec<PreferencePair> = (0..b)
+                .map(|_| PreferencePair {
+                    prompt: random_ids(&mut rng, half, vocab),
+                    chosen: random_ids(&mut rng, t - half, vocab),
+                    rejected: random_ids(&mut rng, t - half, vocab),
+                    prompt_messages: vec![],
+                    chosen_text: String::new(),
+                    rejected_text: String::new(),
+                    score_chosen: None,
+                    score_rejected: None,
+                })
+                .collect();
+            let ids: Vec<PairIds> = pairs
+                .iter()
+                .map(|p| (&p.prompt[..], &p.chosen[..], &p.rejected[..]))
+                .collect();
+            let (mut ref_times, mut examples) = (vec![], vec![]);
+            for step in 0..=case.steps {
+                let t0 = Instant::now();
+                let (c, r) = reference_logprobs(&model, &ids, &|_| {})?;
+                if step > 0 {
+                    ref_times.push(t0.elapsed().as_secs_f64());
+                }
+                examples = pairs
+                    .iter()
+                    .zip(c.into_iter().zip(r))
+                    .map(|(p, (ref_chosen, ref_rejected))| DpoExample {
+                        pair: p.clone(),
+                        ref_chosen,
+                        ref_rejected,
+                        offset: 0.0,
+                        scale: 1.0,
+                    })
+                    .collect();
+            }
+            let refs: Vec<&DpoExample> = examples.iter().collect();
+            let dpo = Dpo {
+                model: &model,
+                cfg: DpoConfig::default(),
+                explicit: false,
+            };
+            for step in 0..=case.steps {
+                let t0 = Instant::now();
+                let (loss, phase) = train_step(&dpo, &refs, &mut opt, step as u64, recompute)?;
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                    phases.push(phase);
+                }
+                losses.push(loss);
+            }
+            let reference = median(ref_times);
+            extra.insert("reference_pass_s_median".into(), reference.into());
+            extra.insert("train_step_s_median".into(), median(times.clone()).into());
+            // Reference log-probs are computed once per pair and epoch: add one pass per step.
+            times.iter_mut().for_each(|x| *x += reference);
+            tokens = 2 * b * t;
+        }
+        "features" => {
+            let seqs: Vec<Vec<u32>> = (0..b).map(|_| random_ids(&mut rng, t, vocab)).collect();
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            tokens = b * t;
+            for step in 0..=case.steps {
+                let t0 = Instant::now();
+                let f = last_token_features(&model, &refs, b, LoraCtx::EVAL, &|_| {})?;
+                losses.push(
+                    f.sqr()?
+                        .mean_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?,
+                );
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        "generate" => {
+            let prompts: Vec<Vec<u32>> = (0..b).map(|_| random_ids(&mut rng, t, vocab)).collect();
+            let streams: Vec<u64> = (0..b as u64).collect();
+            let cfg = SamplingConfig {
+                max_new_tokens: case.steps,
+                ..SamplingConfig::default()
+            };
+            tokens = b * case.steps;
+            for step in 0..3 {
+                let t0 = Instant::now();
+                let out = generate(&model, &prompts, &streams, &cfg, &[], 0, LoraCtx::EVAL)?;
+                losses.push(out.iter().map(Vec::len).sum::<usize>() as f64);
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        other => anyhow::bail!("unknown mode {other}"),
     }
-    let phase_median = |i: usize| {
-        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let tokens = case.batch * case.seq;
-    Ok(serde_json::json!({
+    let step_s = median(times.clone());
+    let mut out = serde_json::json!({
         "bench": "train_step",
         "case": case.name,
         "model": if case.real { "qwen2.5-0.5b-dims" } else { "tiny" },
         "mode": case.mode,
-        "B": case.batch,
-        "T": case.seq,
+        "B": b,
+        "T": t,
         "tokens_per_step": tokens,
         "timed_steps": times.len(),
-        "step_s_median": median,
-        "step_s_min": times[0],
-        "step_s_max": times[times.len() - 1],
-        "tok_per_s": tokens as f64 / median,
-        "forward_s_median": phase_median(0),
-        "backward_s_median": phase_median(1),
-        "optimizer_s_median": phase_median(2),
+        "step_s_median": step_s,
+        "step_s_min": times.iter().copied().fold(f64::MAX, f64::min),
+        "step_s_max": times.iter().copied().fold(0.0, f64::max),
+        "tok_per_s": tokens as f64 / step_s,
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_load_mib": rss_after_load,
         "threads": candle_core::utils::get_num_threads(),
-        "loss_first": losses[0],
-        "loss_last": losses[losses.len() - 1],
+        "loss_first": losses.first(),
+        "loss_last": losses.last(),
+        "recompute_layers": recompute,
         "dtype": "f32",
         "device": "cpu",
-    }))
+    });
+    if !phases.is_empty() {
+        for (i, k) in [
+            "forward_s_median",
+            "backward_s_median",
+            "optimizer_s_median",
+        ]
+        .iter()
+        .enumerate()
+        {
+            out[*k] = median(phases.iter().map(|p| p[i]).collect()).into();
+        }
+    }
+    for (k, v) in extra {
+        out[k] = v;
+    }
+    Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -260,9 +428,10 @@ fn main() -> anyhow::Result<()> {
         if out.status.success() {
             print!("{}", String::from_utf8_lossy(&out.stdout));
         } else {
+            let err = String::from_utf8_lossy(&out.stderr);
             println!(
                 "{}",
-                serde_json::json!({"bench": "train_step", "case": case.name, "error": String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")})
+                serde_json::json!({"bench": "train_step", "case": case.name, "error": err.lines().next().unwrap_or("")})
             );
         }
     }

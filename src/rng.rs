@@ -55,6 +55,19 @@ impl DropoutRng {
         self.seed
     }
 
+    /// A generator whose next call id is `calls` (replays a forward from that point).
+    pub fn starting_at(seed: u64, calls: u64) -> Self {
+        Self {
+            seed,
+            calls: Cell::new(calls),
+        }
+    }
+
+    /// The next call id, without taking it.
+    pub fn calls(&self) -> u64 {
+        self.calls.get()
+    }
+
     /// Takes the next call id (one per dropout site in a forward).
     pub fn next_call(&self) -> u64 {
         let call = self.calls.get();

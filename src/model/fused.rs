@@ -19,29 +19,43 @@ type Grad3 =
     Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 
 /// A precomputed value whose forward "computes" by copying it, and whose backward is a closure.
+/// The value is taken out by that copy, so the graph keeps only the op's output, not two copies.
 struct Attached<G> {
-    value: Tensor,
+    value: std::sync::Mutex<Option<Tensor>>,
     grad: G,
 }
 
 impl<G> Attached<G> {
-    fn copy_value<S: BackendStorage>(&self, s: &S, l: &Layout) -> Result<(S, Shape)> {
-        Ok((s.to_dtype(l, self.value.dtype())?, l.shape().clone()))
+    fn new(value: Tensor, grad: G) -> Self {
+        Self {
+            value: std::sync::Mutex::new(Some(value)),
+            grad,
+        }
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused op poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("fused op forward ran twice".into()))
     }
 
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let (s, l) = self.value.storage_and_layout();
+        let value = self.take()?;
+        let (s, l) = value.storage_and_layout();
         match &*s {
-            Storage::Cpu(c) => self.copy_value(c, l),
+            Storage::Cpu(c) => Ok((c.to_dtype(l, value.dtype())?, l.shape().clone())),
             _ => candle_core::bail!("fused op: value not on the CPU"),
         }
     }
 
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (s, l) = self.value.storage_and_layout();
+        let value = self.take()?;
+        let (s, l) = value.storage_and_layout();
         match &*s {
-            Storage::Cuda(c) => self.copy_value(c, l),
+            Storage::Cuda(c) => Ok((c.to_dtype(l, value.dtype())?, l.shape().clone())),
             _ => candle_core::bail!("fused op: value not on the GPU"),
         }
     }
@@ -107,11 +121,11 @@ impl CustomOp3 for Attached<Grad3> {
 }
 
 /// `value` as a function of `x` with gradient `grad(dy) = dx` (when `x` is in a graph).
-fn attach1(x: &Tensor, value: Tensor, grad: Grad1) -> Result<Tensor> {
+pub(crate) fn attach1(x: &Tensor, value: Tensor, grad: Grad1) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
     }
-    x.apply_op1(Attached { value, grad })
+    x.apply_op1(Attached::new(value, grad))
 }
 
 /// `value` as a function of (a, b, c) with gradient `grad(dy) = (da, db, dc)`.
@@ -119,7 +133,7 @@ fn attach3(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, grad: Grad3) -> Re
     if !(a.track_op() || b.track_op() || c.track_op()) {
         return Ok(value);
     }
-    a.apply_op3(b, c, Attached { value, grad })
+    a.apply_op3(b, c, Attached::new(value, grad))
 }
 
 /// RMSNorm as transformers computes it (statistics in f32): y = w * (x / rms(x)).
@@ -300,6 +314,8 @@ pub fn lora_linear(
     let (w, scale) = (weight.clone(), lora.scale);
     let dropout = lora.dropout.map(|(rng, call, p)| (rng.seed(), call, p));
     let dev = x.device().clone();
+    // The first layer's input (embeddings) needs no gradient: skip its dx matmuls.
+    let need_dx = x.track_op();
     attach3(
         x,
         lora.a,
@@ -324,6 +340,9 @@ pub fn lora_linear(
                 None => xl,
             };
             let da = du.t()?.matmul(&xd)?;
+            if !need_dx {
+                return Ok((None, Some(da), Some(db)));
+            }
             let dxl = du.matmul(&a)?;
             let dxl = match &mask {
                 Some(m) => (dxl * m)?,

@@ -56,7 +56,7 @@ impl Qwen2 {
             if with_grad {
                 let probs = shifted.broadcast_sub(&lse)?.exp()?;
                 drop(shifted);
-                let expected = probs.to_dtype(w.dtype())?.matmul(w)?.to_dtype(acc)?;
+                let expected = expected_embedding(&probs.to_dtype(w.dtype())?, w)?.to_dtype(acc)?;
                 let own = w.index_select(&tgt, 0)?.to_dtype(acc)?;
                 grads.push((own - expected)?);
             }
@@ -76,6 +76,29 @@ impl Qwen2 {
             .matmul(&self.output_weight().t()?)?
             .to_dtype(DType::F32)
     }
+}
+
+/// probs [C, V] @ w [V, H], accumulated over vocabulary blocks: a single matmul with a
+/// 151936-long inner dimension makes the CPU gemm keep per-thread packing buffers the size of
+/// the whole embedding (about 0.5 GB each).
+fn expected_embedding(probs: &Tensor, w: &Tensor) -> Result<Tensor> {
+    const BLOCK: usize = 16384;
+    let v = w.dim(0)?;
+    if v <= BLOCK {
+        return probs.matmul(w);
+    }
+    let mut acc: Option<Tensor> = None;
+    for start in (0..v).step_by(BLOCK) {
+        let len = BLOCK.min(v - start);
+        let part = probs
+            .narrow(1, start, len)?
+            .matmul(&w.narrow(0, start, len)?)?;
+        acc = Some(match acc {
+            Some(a) => (a + part)?,
+            None => part,
+        });
+    }
+    Ok(acc.expect("v > BLOCK"))
 }
 
 /// Picks rows of `hidden` [B, T, H] at flat indices `b * T + t` -> [N, H] (differentiable).

@@ -95,6 +95,7 @@ impl LoraConfig {
 }
 
 /// One adapter pair on one linear layer.
+#[derive(Clone)]
 pub struct Lora {
     pub a: Var,
     pub b: Var,
@@ -103,6 +104,7 @@ pub struct Lora {
 }
 
 /// A frozen linear layer (weight, optional bias) with an optional LoRA adapter.
+#[derive(Clone)]
 pub struct LoraLinear {
     /// HF module path, e.g. `model.layers.3.self_attn.q_proj`.
     pub path: String,
@@ -120,6 +122,9 @@ pub struct LoraCtx<'a> {
     /// Whether a gradient will be taken. Without one the adapters enter as constants, so the
     /// forward records no graph and keeps no activations (candle has no no-grad mode).
     pub grad: bool,
+    /// Activation checkpointing: decoder layers are recomputed in the backward, and the
+    /// adapter gradients found there are deposited in this sink for the trainer.
+    pub recompute: Option<&'a std::sync::Arc<super::checkpointing::GradSink>>,
 }
 
 impl<'a> LoraCtx<'a> {
@@ -127,17 +132,20 @@ impl<'a> LoraCtx<'a> {
         adapters: Adapters::Enabled,
         dropout: None,
         grad: false,
+        recompute: None,
     };
     pub const REFERENCE: LoraCtx<'static> = LoraCtx {
         adapters: Adapters::Disabled,
         dropout: None,
         grad: false,
+        recompute: None,
     };
     /// Adapters on, gradients recorded, no dropout.
     pub const TRAIN: LoraCtx<'static> = LoraCtx {
         adapters: Adapters::Enabled,
         dropout: None,
         grad: true,
+        recompute: None,
     };
 
     /// Adapters on, gradients recorded, dropout masks from `rng`.
@@ -146,6 +154,15 @@ impl<'a> LoraCtx<'a> {
             adapters: Adapters::Enabled,
             dropout: Some(rng),
             grad: true,
+            recompute: None,
+        }
+    }
+
+    /// The same context with decoder layers recomputed in the backward (see `checkpointing`).
+    pub fn with_recompute(self, sink: &'a std::sync::Arc<super::checkpointing::GradSink>) -> Self {
+        LoraCtx {
+            recompute: Some(sink),
+            ..self
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Qwen2.5 with LoRA adapters, built only from differentiable Candle ops plus frozen-operand
 //! custom ops whose backward computes the input gradient alone.
 
+pub mod checkpointing;
 pub mod config;
 pub mod frozen;
 pub mod fused;

@@ -14,6 +14,7 @@ use super::lora::{Adapters, LoraConfig, LoraCtx, LoraLinear};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// RMSNorm in f32, as transformers computes it, then scaled by the (frozen) weight.
+#[derive(Clone)]
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -31,6 +32,7 @@ impl RmsNorm {
 
 /// cos / sin tables for rotary embeddings, built in f32 (f64 for an f64 model), never in the
 /// model's half dtype: in bf16, positions above 256 round to the wrong angle.
+#[derive(Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -96,6 +98,7 @@ impl Rope {
     }
 }
 
+#[derive(Clone)]
 pub struct Attention {
     pub q_proj: LoraLinear,
     pub k_proj: LoraLinear,
@@ -162,6 +165,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     pub gate_proj: LoraLinear,
     pub up_proj: LoraLinear,
@@ -176,6 +180,7 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
@@ -184,7 +189,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         input: &ModelInput,
@@ -230,6 +235,7 @@ impl DecoderLayer {
 }
 
 /// Token ids with their positions and the additive attention bias (causal + padding).
+#[derive(Clone)]
 pub struct ModelInput {
     /// [B, T] u32
     pub ids: Tensor,
@@ -383,7 +389,7 @@ pub struct Qwen2 {
     pub lm_head: Option<Tensor>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    rope: Rope,
+    pub rope: Rope,
     pub dtype: DType,
     pub device: Device,
     /// Rows of the LM head processed at once (bounds logits memory to chunk x vocab).
@@ -410,7 +416,7 @@ impl Qwen2 {
             rope,
             dtype,
             device,
-            logits_chunk: 256,
+            logits_chunk: 128,
         })
     }
 
@@ -488,7 +494,12 @@ impl Qwen2 {
             .reshape((b, t, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, input, &self.rope, ctx, layer_cache)?;
+            x = match ctx.recompute {
+                Some(sink) if ctx.grad => super::checkpointing::checkpointed_layer(
+                    layer, &x, input, &self.rope, ctx, sink,
+                )?,
+                _ => layer.forward(&x, input, &self.rope, ctx, layer_cache)?,
+            };
         }
         self.norm.forward(&x)
     }
@@ -566,6 +577,7 @@ impl Qwen2 {
             adapters,
             dropout: None,
             grad: false,
+            recompute: None,
         }
     }
 }

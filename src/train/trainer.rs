@@ -10,6 +10,7 @@ use super::trainable::Trainable;
 use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
 use crate::io::JsonlWriter;
+use crate::model::checkpointing::GradSink;
 use crate::model::lora::LoraCtx;
 use crate::rng::{mix_seed, DropoutRng};
 use anyhow::{bail, Context, Result};
@@ -78,15 +79,27 @@ fn train_step<O: Objective>(
     for (k, idxs) in group.iter().enumerate() {
         let batch: Vec<&O::Example> = idxs.iter().map(|&i| &run.train[i]).collect();
         let dropout = DropoutRng::new(mix_seed(run.cfg.seed, state.step, k as u64));
-        let out = run.objective.loss(&batch, LoraCtx::train(&dropout))?;
+        let sink = GradSink::new();
+        let ctx = LoraCtx::train(&dropout);
+        let ctx = if run.cfg.recompute_layers {
+            ctx.with_recompute(&sink)
+        } else {
+            ctx
+        };
+        let out = run.objective.loss(&batch, ctx)?;
         // Dividing by the whole step's weight makes k micro-batches sum to one big batch.
         let scaled = (&out.loss_sum * (state.loss_scale / weight.max(f64::MIN_POSITIVE)))?;
         let step_grads = scaled.backward()?;
         for (slot, (_, var)) in grads.iter_mut().zip(opt.vars()) {
-            if let Some(g) = step_grads.get(var.as_tensor()) {
+            // Recomputed layers deposit their adapter gradients in the sink.
+            let parts = [
+                step_grads.get(var.as_tensor()).cloned(),
+                sink.take(var.as_tensor().id()),
+            ];
+            for g in parts.into_iter().flatten() {
                 *slot = Some(match slot.take() {
                     Some(acc) => (acc + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
