@@ -1,4 +1,4 @@
-//! Ops with a frozen operand: `x @ W^T + b`, `x * w`, `x + m` where W, b, w, m never learn.
+//! Ops with a frozen operand: `x @ W^T + b` and `x * w`, where W, b, w never learn.
 //!
 //! Candle's backward computes and stores the gradient of *both* operands of a matmul or a
 //! broadcast binary op, trainable or not. For a frozen 151936x896 embedding or a 4864x896 MLP
@@ -94,36 +94,21 @@ impl CustomOp1 for FrozenLinearOp {
     }
 }
 
-/// Which broadcast binary op a [`FrozenBinaryOp`] applies.
-#[derive(Clone, Copy)]
-enum FrozenBinary {
-    Mul,
-    Add,
-}
-
-/// `x * c` or `x + c` with `c` broadcast to `x`'s shape.
-struct FrozenBinaryOp {
+/// `x * c` with `c` broadcast to `x`'s shape.
+struct FrozenMulOp {
     operand: Tensor,
-    kind: FrozenBinary,
 }
 
-impl FrozenBinaryOp {
+impl FrozenMulOp {
     fn fwd<S: BackendStorage>(&self, x: &S, xl: &Layout, c: &S, cl: &Layout) -> Result<(S, Shape)> {
         let cl = cl.broadcast_as(xl.shape())?;
-        let y = match self.kind {
-            FrozenBinary::Mul => x.binary_impl::<Mul>(c, xl, &cl)?,
-            FrozenBinary::Add => x.binary_impl::<Add>(c, xl, &cl)?,
-        };
-        Ok((y, xl.shape().clone()))
+        Ok((x.binary_impl::<Mul>(c, xl, &cl)?, xl.shape().clone()))
     }
 }
 
-impl CustomOp1 for FrozenBinaryOp {
+impl CustomOp1 for FrozenMulOp {
     fn name(&self) -> &'static str {
-        match self.kind {
-            FrozenBinary::Mul => "frozen-mul",
-            FrozenBinary::Add => "frozen-add",
-        }
+        "frozen-mul"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -142,10 +127,7 @@ impl CustomOp1 for FrozenBinaryOp {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        match self.kind {
-            FrozenBinary::Mul => Ok(Some(grad_y.broadcast_mul(&self.operand)?)),
-            FrozenBinary::Add => Ok(Some(grad_y.clone())),
-        }
+        Ok(Some(grad_y.broadcast_mul(&self.operand)?))
     }
 }
 
@@ -167,17 +149,8 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 
 /// `x * factor` (broadcast); `factor` never receives a gradient.
 pub fn frozen_mul(x: &Tensor, factor: &Tensor) -> Result<Tensor> {
-    x.apply_op1(FrozenBinaryOp {
+    x.apply_op1(FrozenMulOp {
         operand: factor.detach(),
-        kind: FrozenBinary::Mul,
-    })
-}
-
-/// `x + offset` (broadcast); `offset` never receives a gradient (attention masks).
-pub fn frozen_add(x: &Tensor, offset: &Tensor) -> Result<Tensor> {
-    x.apply_op1(FrozenBinaryOp {
-        operand: offset.detach(),
-        kind: FrozenBinary::Add,
     })
 }
 
@@ -194,13 +167,11 @@ mod tests {
         let b = Tensor::randn(0f32, 1., 4, &dev)?;
         let c = Tensor::randn(0f32, 1., 4, &dev)?;
         let y = frozen_mul(&frozen_linear(x.as_tensor(), &w, Some(&b))?, &c)?;
-        let y = frozen_add(&y, &c)?;
         let y_ref = x
             .as_tensor()
             .broadcast_matmul(&w.t()?)?
             .broadcast_add(&b)?
-            .broadcast_mul(&c)?
-            .broadcast_add(&c)?;
+            .broadcast_mul(&c)?;
         let diff = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         let g = y.sqr()?.sum_all()?.backward()?;
