@@ -5,8 +5,9 @@
 #   scripts/build-cuda.sh [COMPUTE_CAP]        # default 90 (H100/H200); 89 for an RTX 4090
 #
 # What it does:
-#   1. installs CUDA 12.x nvcc, headers and runtime libraries from PyPI wheels into
-#      target/cuda-toolkit (no root; driver 580 runs CUDA <= 13.0, so 12.x is safe);
+#   1. installs the CUDA 13.0 nvcc, headers and runtime libraries from PyPI wheels into
+#      target/cuda-toolkit (no root; the GPU machines run driver 580 = CUDA 13.0; the 12.x
+#      nvcc wheels ship ptxas only);
 #   2. lays them out as a toolkit (bin/, include/, lib64/ with the unversioned .so names the
 #      linker wants) and writes a stub libcuda.so exporting the driver API symbols cudarc
 #      links against (the real libcuda.so.1 comes with the driver on the GPU machine);
@@ -19,25 +20,25 @@ CAP=${1:-90}
 TK=$PWD/target/cuda-toolkit
 DIST=$PWD/target/cuda-dist
 PY=${PYTHON:-python3}
-CUDA_VERSION_PIN=${CUDA_VERSION_PIN:-12.9}
+CUDA_VERSION_PIN=${CUDA_VERSION_PIN:-13.0}
+ROOT=$TK/py/nvidia/cu13   # the CUDA 13 wheels share one tree: bin/, include/, lib/, nvvm/
 
 if [ ! -x "$TK/bin/nvcc" ]; then
   echo "== installing the CUDA $CUDA_VERSION_PIN toolkit wheels into $TK"
   rm -rf "$TK" && mkdir -p "$TK"
   "$PY" -m pip install --quiet --no-deps --target "$TK/py" \
-    "nvidia-cuda-nvcc-cu12==$CUDA_VERSION_PIN.*" "nvidia-cuda-runtime-cu12==$CUDA_VERSION_PIN.*" \
-    "nvidia-cuda-nvrtc-cu12==$CUDA_VERSION_PIN.*" "nvidia-cuda-cccl-cu12==$CUDA_VERSION_PIN.*" \
-    "nvidia-cublas-cu12" "nvidia-curand-cu12"
-  mkdir -p "$TK/bin" "$TK/include" "$TK/lib64" "$TK/nvvm"
-  N=$TK/py/nvidia
-  cp -r "$N"/cuda_nvcc/bin/* "$TK/bin/"
-  cp -r "$N"/cuda_nvcc/nvvm/* "$TK/nvvm/"
-  for d in "$N"/*/include; do cp -r "$d"/* "$TK/include/"; done
-  for d in "$N"/*/lib; do cp -a "$d"/* "$TK/lib64/"; done
+    "nvidia-cuda-nvcc==$CUDA_VERSION_PIN.*" "nvidia-cuda-crt==$CUDA_VERSION_PIN.*" "nvidia-nvvm==$CUDA_VERSION_PIN.*" \
+    "nvidia-cuda-runtime==$CUDA_VERSION_PIN.*" "nvidia-cuda-nvrtc==$CUDA_VERSION_PIN.*" \
+    "nvidia-cuda-cccl==$CUDA_VERSION_PIN.*" "nvidia-cublas==$CUDA_VERSION_PIN.*" "nvidia-curand==10.4.0.*"
+  [ -x "$ROOT/bin/nvcc" ] || { echo "no nvcc in the $CUDA_VERSION_PIN wheels ($ROOT/bin)" >&2; exit 1; }
+  for d in bin include nvvm; do ln -s "$ROOT/$d" "$TK/$d"; done
+  mkdir -p "$TK/lib64"
+  cp -a "$ROOT"/lib/* "$TK/lib64/"
   # The linker looks for libX.so; wheels ship libX.so.MAJOR only.
   (cd "$TK/lib64" && for f in lib*.so.*; do base=${f%%.so.*}.so; [ -e "$base" ] || ln -s "$f" "$base"; done)
 fi
 
+cargo fetch --quiet
 CUDARC_SRC=$(cargo metadata --format-version 1 --features cuda 2>/dev/null | "$PY" -c '
 import json, sys
 m = json.load(sys.stdin)
@@ -45,8 +46,10 @@ print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "cudarc").r
 if [ ! -e "$TK/lib64/stubs/libcuda.so" ]; then
   echo "== writing a stub libcuda.so from cudarc's driver bindings"
   mkdir -p "$TK/lib64/stubs"
-  grep -rhoE 'pub fn cu[A-Za-z0-9_]+\(' "$CUDARC_SRC/src/driver/sys" | sed -E 's/pub fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
+  # Every driver function cudarc declares in its `extern "C"` blocks (the names it links).
+  grep -rhoE '^\s+fn cu[A-Za-z0-9_]+\(' "$CUDARC_SRC/src/driver/sys" | sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
     | awk '{print "void " $1 "(void) {}"}' > "$TK/lib64/stubs/libcuda_stub.c"
+  [ -s "$TK/lib64/stubs/libcuda_stub.c" ] || { echo "no driver symbols found under $CUDARC_SRC" >&2; exit 1; }
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$TK/lib64/stubs/libcuda.so" "$TK/lib64/stubs/libcuda_stub.c"
 fi
 
@@ -59,10 +62,17 @@ export LD_LIBRARY_PATH=$TK/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $TK/lib64 -L $TK/lib64/stubs"
 cargo build --release --features cuda --bin mo-align --target-dir target/cuda
 
-rm -rf "$DIST" && mkdir -p "$DIST/lib"
+rm -rf "$DIST" && mkdir -p "$DIST"
 cp target/cuda/release/mo-align "$DIST/"
-for lib in libcublas libcublasLt libcurand libnvrtc libnvrtc-builtins libcudart; do
-  cp -a "$TK"/lib64/"$lib".so* "$DIST/lib/" 2>/dev/null || true
-done
-echo "== done: $DIST (run with LD_LIBRARY_PATH=$DIST/lib)"
+# cuBLAS / cuRAND / NVRTC are hundreds of MB: on the GPU machine use the copies PyTorch's wheels
+# installed (site-packages/nvidia/*/lib), or carry target/cuda-toolkit/lib64 where none exist.
+cat > "$DIST/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the CUDA build with the CUDA libraries of the local PyTorch installation.
+here=$(cd "$(dirname "$0")" && pwd)
+libs=$(python3 -c 'import nvidia, os; r=os.path.dirname(nvidia.__path__[0]) + "/nvidia"; print(":".join(os.path.join(r, d, "lib") for d in os.listdir(r) if os.path.isdir(os.path.join(r, d, "lib"))))' 2>/dev/null)
+LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/mo-align" "$@"
+RUN
+chmod +x "$DIST/run.sh"
+echo "== done: $DIST/mo-align (run it there with $DIST/run.sh ...)"
 du -sh "$DIST"

@@ -6,7 +6,7 @@
 //! training, and cached on disk.
 
 use super::train_rm::score_sequences;
-use super::{base_name, load_base, load_policy, prepare_output, ModelConfig};
+use super::{load_base, load_policy, prepare_output, train_adapter, AdapterRun, ModelConfig};
 use crate::cache::{cache_dir, load_or_compute, model_digest, Digest};
 use crate::data::preference::{preference_pair, PreferencePair};
 use crate::data::{load_splits, DataConfig};
@@ -21,8 +21,7 @@ use crate::objectives::reward_weighted::{
 use crate::objectives::scalarize::{build as build_scalarizer, ScalarizerKind};
 use crate::reward::RewardHead;
 use crate::train::progress::Progress;
-use crate::train::trainable::PeftAdapter;
-use crate::train::trainer::{TrainOutcome, TrainRun};
+use crate::train::trainer::TrainOutcome;
 use crate::train::{Objective, TrainConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -353,51 +352,28 @@ fn prepare(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The trainer run of a preference stage over its prepared model and data.
 fn run_training<O: Objective>(
     objective: &O,
     p: &Prepared,
-    lora: &LoraConfig,
-    model: &ModelConfig,
-    cfg: &TrainConfig,
-    train: &[O::Example],
-    val: &[O::Example],
-    group: bool,
-    resume: bool,
-    quiet: bool,
+    cfg: (&LoraConfig, &ModelConfig, &TrainConfig, &DataConfig),
+    sets: (&[O::Example], &[O::Example]),
+    flags: (bool, bool),
     label: &str,
 ) -> Result<TrainOutcome> {
-    let adapter = PeftAdapter {
-        model: &p.loaded.model,
+    let (lora, model, train, data) = cfg;
+    let run = AdapterRun {
+        loaded: &p.loaded,
         lora,
-        base_model: base_name(model),
-    };
-    let outcome = crate::train::trainer::train(TrainRun {
-        objective,
-        trainable: &adapter,
+        model,
         train,
-        val,
-        cfg,
-        device: &p.loaded.model.device,
-        output_dir: &p.out,
-        group_by_length: group,
-        resume,
-        quiet,
+        out: &p.out,
+        group_by_length: data.group_by_length,
+        resume: flags.0,
+        quiet: flags.1,
         label,
-    })?;
-    eprintln!(
-        "{label} done: {} steps in {:.1}s, loss {} -> {}{}; adapter in {}",
-        outcome.steps,
-        outcome.wall_s,
-        outcome.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
-        outcome.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-        outcome
-            .eval
-            .get("eval_rewards/accuracies")
-            .map_or(String::new(), |a| format!(", eval accuracy {a:.3}")),
-        p.out.display()
-    );
-    Ok(outcome)
+    };
+    train_adapter(run, objective, sets.0, sets.1)
 }
 
 fn with_reference(
@@ -439,14 +415,9 @@ pub fn run_dpo(
     run_training(
         &objective,
         &p,
-        &cfg.lora,
-        &cfg.model,
-        &cfg.train,
-        &train_ex,
-        &val_ex,
-        cfg.data.group_by_length,
-        resume,
-        quiet,
+        (&cfg.lora, &cfg.model, &cfg.train, &cfg.data),
+        (&train_ex, &val_ex),
+        (resume, quiet),
         "dpo",
     )
 }
@@ -527,14 +498,9 @@ pub fn run_hybrid(
     run_training(
         &objective,
         &p,
-        &cfg.lora,
-        &cfg.model,
-        &cfg.train,
-        &sets[0],
-        &sets[1],
-        cfg.data.group_by_length,
-        resume,
-        quiet,
+        (&cfg.lora, &cfg.model, &cfg.train, &cfg.data),
+        (&sets[0], &sets[1]),
+        (resume, quiet),
         "hybrid-dpo",
     )
 }
@@ -604,14 +570,9 @@ pub fn run_reward_weighted(
     run_training(
         &objective,
         &p,
-        &cfg.lora,
-        &cfg.model,
-        &cfg.train,
-        &sets[0],
-        &sets[1],
-        cfg.data.group_by_length,
-        resume,
-        quiet,
+        (&cfg.lora, &cfg.model, &cfg.train, &cfg.data),
+        (&sets[0], &sets[1]),
+        (resume, quiet),
         "reward-weighted",
     )
 }

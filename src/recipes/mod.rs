@@ -119,3 +119,59 @@ pub fn prepare_output(output_dir: &str, resolved: &impl Serialize) -> Result<Pat
 pub fn base_name(model: &ModelConfig) -> String {
     model.path.clone()
 }
+
+/// What an adapter-training recipe hands the trainer besides its objective and data.
+pub struct AdapterRun<'a> {
+    pub loaded: &'a Loaded,
+    pub lora: &'a LoraConfig,
+    pub model: &'a ModelConfig,
+    pub train: &'a TrainConfig,
+    pub out: &'a Path,
+    pub group_by_length: bool,
+    pub resume: bool,
+    pub quiet: bool,
+    pub label: &'a str,
+}
+
+/// Trains the model's LoRA adapter with `objective` through the shared trainer, saving PEFT
+/// files, and prints a one-line summary.
+pub fn train_adapter<O: crate::train::Objective>(
+    run: AdapterRun,
+    objective: &O,
+    train: &[O::Example],
+    val: &[O::Example],
+) -> Result<crate::train::trainer::TrainOutcome> {
+    let adapter = crate::train::trainable::PeftAdapter {
+        model: &run.loaded.model,
+        lora: run.lora,
+        base_model: base_name(run.model),
+    };
+    let outcome = crate::train::trainer::train(crate::train::trainer::TrainRun {
+        objective,
+        trainable: &adapter,
+        train,
+        val,
+        cfg: run.train,
+        device: &run.loaded.model.device,
+        output_dir: run.out,
+        group_by_length: run.group_by_length,
+        resume: run.resume,
+        quiet: run.quiet,
+        label: run.label,
+    })?;
+    let eval: String = ["eval_loss", "eval_rewards/accuracies"]
+        .iter()
+        .filter_map(|k| outcome.eval.get(*k).map(|v| format!(", {k} {v:.4}")))
+        .collect();
+    let loss = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
+    eprintln!(
+        "{} done: {} steps in {:.1}s, loss {} -> {}{eval}; adapter in {}",
+        run.label,
+        outcome.steps,
+        outcome.wall_s,
+        loss(outcome.first_loss),
+        loss(outcome.last_loss),
+        run.out.display()
+    );
+    Ok(outcome)
+}

@@ -1,13 +1,12 @@
 //! `mo-align sft`: LoRA supervised fine-tuning on chat data, loss on assistant tokens only.
 
-use super::{base_name, load_policy, prepare_output, ModelConfig};
+use super::{load_policy, prepare_output, train_adapter, AdapterRun, ModelConfig};
 use crate::data::chat::sft_example;
 use crate::data::{load_splits, DataConfig, DataReport};
 use crate::model::lora::LoraConfig;
 use crate::objectives::nll::Nll;
 use crate::tokenizer::{ChatTokenizer, LabelledIds};
-use crate::train::trainable::PeftAdapter;
-use crate::train::trainer::{train, TrainOutcome, TrainRun};
+use crate::train::trainer::TrainOutcome;
 use crate::train::TrainConfig;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -51,37 +50,23 @@ pub fn run(
     })?;
     data.report(&out)?;
     let (train_set, val_set) = (&data.train, &data.val);
-    let adapter = PeftAdapter {
-        model: &loaded.model,
+    let run = AdapterRun {
+        loaded: &loaded,
         lora: &cfg.lora,
-        base_model: base_name(&cfg.model),
-    };
-    let outcome = train(TrainRun {
-        objective: &Nll {
-            model: &loaded.model,
-        },
-        trainable: &adapter,
-        train: train_set,
-        val: val_set,
-        cfg: &cfg.train,
-        device: &loaded.model.device,
-        output_dir: &out,
+        model: &cfg.model,
+        train: &cfg.train,
+        out: &out,
         group_by_length: cfg.data.group_by_length,
         resume,
         quiet,
         label: "sft",
-    })?;
-    eprintln!(
-        "sft done: {} steps in {:.1}s, loss {} -> {}{}; adapter in {}",
-        outcome.steps,
-        outcome.wall_s,
-        outcome.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
-        outcome.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-        outcome
-            .eval
-            .get("eval_loss")
-            .map_or(String::new(), |l| format!(", eval_loss {l:.4}")),
-        out.display()
-    );
-    Ok(outcome)
+    };
+    train_adapter(
+        run,
+        &Nll {
+            model: &loaded.model,
+        },
+        train_set,
+        val_set,
+    )
 }
