@@ -4,6 +4,13 @@
 //!     cargo bench --bench train_step                  # every case, each in a fresh process
 //!     cargo bench --bench train_step -- --only real   # cases whose name contains "real"
 //!     cargo bench --bench train_step -- --case real-sft-b1-t256
+//!     cargo bench --features cuda --bench train_step -- --device cuda --dtype bf16   # GPU cases
+//!
+//! `--device cuda` runs the `gpu` cases (real size, T = 1024) and reports the peak device memory
+//! (driver-reported use, sampled every millisecond) and the model FLOP utilisation against the
+//! card's dense bf16 peak (known cards by name, or `--peak-tflops X`); `--peak-tflops` also
+//! gives an MFU on the CPU. FLOPs are nominal: what the PyTorch + PEFT step does per counted
+//! token (see `nominal_flops_per_token`), so work mo-align skips shows up as a higher MFU.
 //!
 //! Modes (LoRA r 8, alpha 16, dropout 0.05 on all seven projections, f32, AdamW):
 //! - `sft`: forward, backward, AdamW with the NLL over every position (what the reference
@@ -69,7 +76,7 @@ const fn case(
     }
 }
 
-const CASES: [Case; 23] = [
+const CASES: [Case; 28] = [
     case("tiny-sft-b4-t128", false, "sft", 4, 128, 10),
     case("tiny-sftprompt-b4-t128", false, "sftprompt", 4, 128, 10),
     case("tiny-dpo-b4-t128", false, "dpo", 4, 128, 10),
@@ -93,7 +100,162 @@ const CASES: [Case; 23] = [
     case("real-features-b8-t256", true, "features", 8, 256, 3),
     case("real-generate-b1-t64", true, "generate", 1, 64, 32),
     case("real-generate-b8-t64", true, "generate", 8, 64, 32),
+    // GPU cases (run only with --device cuda): real size at T = 1024.
+    case("gpu-sft-b4-t1024", true, "sft", 4, 1024, 10),
+    case("gpu-sftprompt-b4-t1024", true, "sftprompt", 4, 1024, 10),
+    case("gpu-dpo-b2-t1024", true, "dpo", 2, 1024, 10),
+    case("gpu-sft-ckpt-b8-t1024", true, "sft", 8, 1024, 10),
+    case("gpu-generate-b16-t128", true, "generate", 16, 128, 64),
 ];
+
+/// The value after `flag` on the command line.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// What the benchmark runs on, from `--device` and `--dtype`.
+struct Target {
+    device: Device,
+    device_name: String,
+    dtype: DType,
+}
+
+fn target(args: &[String]) -> anyhow::Result<Target> {
+    let value_of = |flag: &str| flag_value(args, flag);
+    let dtype = match value_of("--dtype").as_deref().unwrap_or("f32") {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => anyhow::bail!("--dtype {other}: expected f32, bf16 or f16"),
+    };
+    let name = value_of("--device").unwrap_or_else(|| "cpu".into());
+    let device = mo_align::model::loader::select_device(&name)?;
+    let device_name = device_name(&device);
+    Ok(Target {
+        device,
+        device_name,
+        dtype,
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn device_name(device: &Device) -> String {
+    match device.as_cuda_device() {
+        Ok(d) => d
+            .cuda_stream()
+            .context()
+            .name()
+            .unwrap_or_else(|_| "cuda".into()),
+        Err(_) => "cpu".into(),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_name(_: &Device) -> String {
+    "cpu".into()
+}
+
+/// Dense bf16 tensor-core peak (TFLOP/s) of cards we know by name.
+fn known_bf16_peak_tflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_lowercase();
+    [
+        ("h200", 989.4),
+        ("h100 pcie", 756.0),
+        ("h100", 989.4),
+        ("a100", 312.0),
+        ("l40s", 362.0),
+        ("4090", 165.2),
+        ("a10g", 70.0),
+    ]
+    .iter()
+    .find(|(k, _)| n.contains(k))
+    .map(|(_, v)| *v)
+}
+
+/// Samples the device memory in use (driver free/total) every millisecond on its own thread and
+/// keeps the maximum: candle allocates from CUDA's stream-ordered pool, which gives memory back
+/// between steps, so a reading after the step would miss the peak.
+struct DeviceMemoryPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<f64>>,
+}
+
+impl DeviceMemoryPeak {
+    #[cfg(feature = "cuda")]
+    fn start(device: &Device) -> Option<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let ctx = device
+            .as_cuda_device()
+            .ok()?
+            .cuda_stream()
+            .context()
+            .clone();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0usize;
+            if ctx.bind_to_thread().is_err() {
+                return f64::NAN;
+            }
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((free, total)) =
+                    candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+                {
+                    peak = peak.max(total - free);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak as f64 / (1024.0 * 1024.0)
+        });
+        Some(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn start(_: &Device) -> Option<Self> {
+        None
+    }
+
+    fn finish(mut self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or(f64::NAN)
+    }
+}
+
+/// FLOPs per counted token of the step PyTorch + PEFT runs for `mode` (LoRA terms omitted):
+/// a forward is 2 FLOPs per weight (the LM head at every position) plus causal attention
+/// (QK^T and PV over T/2 keys on average: 2 T d per layer); a LoRA backward computes input
+/// gradients only, another forward's worth for the weights and twice the attention. A DPO step
+/// adds the reference forward. `features` skips the LM head; `generate` counts weights only.
+fn nominal_flops_per_token(cfg: &Qwen2Config, mode: &str, t: usize) -> f64 {
+    let (h, i, l) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.num_hidden_layers as f64,
+    );
+    let d = (cfg.num_attention_heads * cfg.head_dim) as f64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
+    let per_layer = h * d + 2.0 * h * kv + d * h + 3.0 * h * i;
+    let body = l * per_layer;
+    let head = cfg.vocab_size as f64 * h;
+    let attn = 2.0 * t as f64 * d * l;
+    let fwd = 2.0 * (body + head) + attn;
+    match mode {
+        "sft" | "sftprompt" => 2.0 * fwd + attn,
+        "dpo" => 3.0 * fwd + attn,
+        "forward" => fwd,
+        "features" => 2.0 * body + attn,
+        _ => 2.0 * (body + head),
+    }
+}
 
 fn real_config() -> Qwen2Config {
     Qwen2Config {
@@ -168,6 +330,7 @@ fn train_step<O: Objective>(
     }
     let t1 = Instant::now();
     let grads = loss.backward()?;
+    loss.device().synchronize()?;
     let g: Vec<Tensor> = opt
         .vars()
         .iter()
@@ -182,6 +345,7 @@ fn train_step<O: Objective>(
     drop(grads);
     let t2 = Instant::now();
     opt.step(&g, 1e-5)?;
+    loss.device().synchronize()?;
     let t3 = Instant::now();
     Ok((
         value,
@@ -197,14 +361,18 @@ fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab)).collect()
 }
 
-fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
+fn run_case(
+    case: &Case,
+    target: &Target,
+    peak_tflops: Option<f64>,
+) -> anyhow::Result<serde_json::Value> {
     let cfg = if case.real {
         real_config()
     } else {
         tiny_config()
     };
-    let device = Device::Cpu;
-    let mut model: Qwen2 = random_model(&cfg, DType::F32, &device)?;
+    let device = target.device.clone();
+    let mut model: Qwen2 = random_model(&cfg, target.dtype, &device)?;
     let dropout: f32 = std::env::var("BENCH_DROPOUT")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -223,6 +391,7 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
         model.logits_chunk = c;
     }
     let rss_after_load = peak_rss_mib();
+    let device_peak = DeviceMemoryPeak::start(&device);
     let mut rng = stream_rng(1234, 0);
     let vocab = cfg.vocab_size.min(151643) as u32;
     let (b, t) = (case.batch, case.seq);
@@ -360,6 +529,14 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
         other => anyhow::bail!("unknown mode {other}"),
     }
     let step_s = median(times.clone());
+    let peak_device_mib = device_peak.map(DeviceMemoryPeak::finish);
+    let flops_per_token = nominal_flops_per_token(&cfg, case.mode, t);
+    let achieved_tflops = flops_per_token * tokens as f64 / step_s / 1e12;
+    let peak_tflops = peak_tflops.or_else(|| {
+        (target.dtype == DType::BF16)
+            .then(|| known_bf16_peak_tflops(&target.device_name))
+            .flatten()
+    });
     let mut out = serde_json::json!({
         "bench": "train_step",
         "case": case.name,
@@ -379,8 +556,13 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
         "loss_first": losses.first(),
         "loss_last": losses.last(),
         "recompute_layers": recompute,
-        "dtype": "f32",
-        "device": "cpu",
+        "dtype": format!("{:?}", target.dtype).to_lowercase(),
+        "device": target.device_name,
+        "peak_device_mib": peak_device_mib,
+        "nominal_flops_per_token": flops_per_token,
+        "achieved_tflops": achieved_tflops,
+        "peak_tflops": peak_tflops,
+        "mfu": peak_tflops.map(|p| achieved_tflops / p),
     });
     if !phases.is_empty() {
         for (i, k) in [
@@ -402,28 +584,39 @@ fn run_case(case: &Case) -> anyhow::Result<serde_json::Value> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let value_of = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
+    let value_of = |flag: &str| flag_value(&args, flag);
+    let peak_tflops = match value_of("--peak-tflops") {
+        Some(v) => Some(
+            v.parse::<f64>()
+                .map_err(|_| anyhow::anyhow!("--peak-tflops {v}: not a number"))?,
+        ),
+        None => None,
     };
     if let Some(name) = value_of("--case") {
         let case = CASES
             .iter()
             .find(|c| c.name == name)
             .ok_or_else(|| anyhow::anyhow!("unknown case {name}"))?;
-        println!("{}", run_case(case)?);
+        println!("{}", run_case(case, &target(&args)?, peak_tflops)?);
         return Ok(());
+    }
+    let gpu = !matches!(value_of("--device").as_deref(), None | Some("cpu"));
+    // Pass the device, dtype and peak on to every case's process.
+    let mut passed = vec![];
+    for flag in ["--device", "--dtype", "--peak-tflops"] {
+        if let Some(v) = value_of(flag) {
+            passed.extend([flag.to_string(), v]);
+        }
     }
     let only = value_of("--only");
     let exe = std::env::current_exe()?;
-    for case in CASES
-        .iter()
-        .filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o)))
-    {
+    for case in CASES.iter().filter(|c| match only.as_deref() {
+        Some(o) => c.name.contains(o),
+        None => c.name.starts_with("gpu-") == gpu,
+    }) {
         let out = std::process::Command::new(&exe)
             .args(["--case", case.name])
+            .args(&passed)
             .output()?;
         if out.status.success() {
             print!("{}", String::from_utf8_lossy(&out.stdout));

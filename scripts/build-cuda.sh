@@ -12,8 +12,16 @@
 #      linker wants) and writes a stub libcuda.so exporting the driver API symbols cudarc
 #      links against (the real libcuda.so.1 comes with the driver on the GPU machine);
 #   3. runs `cargo build --release --features cuda` with CUDA_COMPUTE_CAP set;
-#   4. copies the binary and the CUDA libraries the GPU machine lacks into target/cuda-dist/,
-#      ready to carry (run there as: LD_LIBRARY_PATH=target/cuda-dist/lib target/cuda-dist/mo-align ...).
+#   4. builds the CUDA test binary (tests/cuda.rs: the GPU counterparts of the model and
+#      training tests) and the benchmark binary (benches/train_step.rs);
+#   5. writes both, stripped, with runners into target/cuda-dist/, and packs that folder as
+#      target/cuda-dist.tar.xz (under the device tool's 64 MiB carry limit).
+#
+# On the GPU machine, from the repository root:
+#   tar xJf target/cuda-dist.tar.xz -C target
+#   target/cuda-dist/run.sh eval --model ... --device cuda      # the CLI
+#   target/cuda-dist/run-tests.sh                               # tests/cuda.rs
+#   target/cuda-dist/run-bench.sh                               # the gpu-* benchmark cases
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CAP=${1:-90}
@@ -62,17 +70,79 @@ export LD_LIBRARY_PATH=$TK/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $TK/lib64 -L $TK/lib64/stubs"
 cargo build --release --features cuda --bin mo-align --target-dir target/cuda
 
+echo "== cargo test --release --features cuda --test cuda --no-run"
+TEST_BIN=$(cargo test --release --features cuda --test cuda --no-run --target-dir target/cuda \
+  --message-format=json 2>/dev/null | "$PY" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$TEST_BIN" ] || { echo "the CUDA test binary did not build" >&2; exit 1; }
+echo "== cargo bench --features cuda --bench train_step --no-run"
+BENCH_BIN=$(cargo bench --features cuda --bench train_step --no-run --target-dir target/cuda \
+  --message-format=json 2>/dev/null | "$PY" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "train_step" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$BENCH_BIN" ] || { echo "the CUDA benchmark binary did not build" >&2; exit 1; }
+
 rm -rf "$DIST" && mkdir -p "$DIST"
-cp target/cuda/release/mo-align "$DIST/"
+strip -o "$DIST/mo-align" target/cuda/release/mo-align
+strip -o "$DIST/cuda-tests" "$TEST_BIN"
+strip -o "$DIST/train-step-bench" "$BENCH_BIN"
+# candle creates a cuRAND generator with every CUDA device, but mo-align never draws random
+# numbers on the GPU (dropout masks and LoRA init come from seeded host streams), and PyTorch's
+# CUDA 13 wheels ship no libcurand. libcurand.so.10 is 130 MB, too big to carry, so the dist has
+# a stub used only where no real one is found: generator set-up succeeds, and every generate
+# call fails with CURAND_STATUS_NOT_INITIALIZED (101) instead of returning garbage.
+CURAND_SRC=$(dirname "$CUDARC_SRC/src/curand/sys/mod.rs")
+mkdir -p "$DIST/fallback"
+grep -rhoE '^\s+(pub )?fn curand[A-Za-z0-9_]+\(' "$CURAND_SRC" | sed -E 's/^\s+(pub )?fn (curand[A-Za-z0-9_]+)\(/\2/' | sort -u \
+  | awk '/^curandCreateGenerator$/ {print "int " $1 "(void **gen, int kind) { static int dummy; *gen = &dummy; return 0; }"; next}
+         /^curand(DestroyGenerator|SetPseudoRandomGeneratorSeed|SetStream|SetGeneratorOffset|SetGeneratorOrdering)$/ {print "int " $1 "(void) { return 0; }"; next}
+         {print "int " $1 "(void) { return 101; }"}' > "$DIST/fallback/curand_stub.c"
+[ -s "$DIST/fallback/curand_stub.c" ] || { echo "no cuRAND symbols found under $CURAND_SRC" >&2; exit 1; }
+# The binaries ask for cuRAND's symbols at version node `libcurand.so.10`, as the real one has.
+echo 'libcurand.so.10 { global: *; };' > "$DIST/fallback/curand.map"
+gcc -shared -fPIC -Wl,-soname,libcurand.so.10 -Wl,--version-script="$DIST/fallback/curand.map" \
+  -o "$DIST/fallback/libcurand.so.10" "$DIST/fallback/curand_stub.c"
 # cuBLAS / cuRAND / NVRTC are hundreds of MB: on the GPU machine use the copies PyTorch's wheels
 # installed (site-packages/nvidia/*/lib), or carry target/cuda-toolkit/lib64 where none exist.
+cat > "$DIST/env.sh" <<'RUN'
+# Puts the CUDA libraries of the local PyTorch installation (site-packages/nvidia/*/lib) on the
+# library path; sourced by run.sh and run-tests.sh.
+libs=$(python3 -c 'import nvidia, os; r=os.path.dirname(nvidia.__path__[0]) + "/nvidia"; print(":".join(os.path.join(r, d, "lib") for d in os.listdir(r) if os.path.isdir(os.path.join(r, d, "lib"))))' 2>/dev/null)
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The cuRAND stub only where no real libcurand.so.10 is on the path or in the linker cache.
+found=$(IFS=:; for d in $LD_LIBRARY_PATH; do [ -e "$d/libcurand.so.10" ] && echo "$d"; done)
+if [ -z "$found" ] && ! ldconfig -p 2>/dev/null | grep -q 'libcurand\.so\.10'; then
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$here/fallback"
+fi
+RUN
 cat > "$DIST/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the CUDA build with the CUDA libraries of the local PyTorch installation.
 here=$(cd "$(dirname "$0")" && pwd)
-libs=$(python3 -c 'import nvidia, os; r=os.path.dirname(nvidia.__path__[0]) + "/nvidia"; print(":".join(os.path.join(r, d, "lib") for d in os.listdir(r) if os.path.isdir(os.path.join(r, d, "lib"))))' 2>/dev/null)
-LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/mo-align" "$@"
+. "$here/env.sh"
+exec "$here/mo-align" "$@"
 RUN
-chmod +x "$DIST/run.sh"
-echo "== done: $DIST/mo-align (run it there with $DIST/run.sh ...)"
-du -sh "$DIST"
+cat > "$DIST/run-tests.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs tests/cuda.rs from the repository root (it reads tests/golden, configs/demo and data/).
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/env.sh"
+MO_ALIGN_BIN="$here/mo-align" exec "$here/cuda-tests" --test-threads=1 "$@"
+RUN
+cat > "$DIST/run-bench.sh" <<'RUN'
+#!/usr/bin/env bash
+# The GPU benchmark cases: run-bench.sh [--only NAME] (defaults: --device cuda --dtype bf16).
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/env.sh"
+exec "$here/train-step-bench" --device cuda --dtype bf16 "$@"
+RUN
+chmod +x "$DIST/run.sh" "$DIST/run-tests.sh" "$DIST/run-bench.sh"
+tar cJf "$DIST.tar.xz" -C "$(dirname "$DIST")" "$(basename "$DIST")"
+echo "== done: $DIST (run it there with $DIST/run.sh ...; tests: $DIST/run-tests.sh)"
+du -sh "$DIST" "$DIST.tar.xz"

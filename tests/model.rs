@@ -22,15 +22,6 @@ fn logprobs(model: &Qwen2, ids: &[u32], ctx: LoraCtx) -> Vec<f64> {
     lp.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
 }
 
-fn golden_seqs() -> Vec<Vec<u32>> {
-    golden()["seqs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(json_u32s)
-        .collect()
-}
-
 #[test]
 fn golden_checkpoint_is_the_one_the_references_were_made_from() {
     use std::io::Read;

@@ -5,7 +5,8 @@
 
 The policy is MODEL + ADAPTER (trainable, dropout 0), the reference MODEL alone (passed as
 `ref_model`: TRL 1.x otherwise copies the loaded adapter as the reference), batch = all pairs,
-one step. mo-align's equivalent: `--set lora.init_from=ADAPTER_DIR` with no `model.adapter`. Pairs use mo-align's tokenisation: the prompt is
+one step, in f32: TRL 1.x's configs default to `bf16=True` (bf16 autocast even on CPU), which
+moves every log-prob by ~0.02 nats, so the check sets `bf16=False`. mo-align's equivalent: `--set lora.init_from=ADAPTER_DIR` with no `model.adapter`. Pairs use mo-align's tokenisation: the prompt is
 the ChatML render with the generation prompt, each response its content followed by the eos
 token (<|im_end|>), passed to TRL as plain strings so no chat template re-renders them.
 Prints the first logged step (loss, rewards/*, logps/*) as JSON, and TRL's token ids.
@@ -45,7 +46,7 @@ ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(rows), max_steps=1,
                  learning_rate=1e-6, beta=beta, logging_steps=1, report_to=[], use_cpu=True,
                  gradient_accumulation_steps=1, max_length=2048, lr_scheduler_type="constant",
-                 save_strategy="no")
+                 save_strategy="no", bf16=False, gradient_checkpointing=False)
 trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
 ds = trainer.train_dataset
 print(json.dumps({"trl_ids": [{"prompt": e["prompt_ids"], "chosen": e["chosen_ids"], "rejected": e["rejected_ids"]} for e in ds]}))

@@ -298,8 +298,10 @@ pub fn select_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
+            // `cuda_is_available` only says the feature is compiled in; a CUDA build on a
+            // machine without a GPU must still run on the CPU.
             if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
+                Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
             } else {
                 Ok(Device::Cpu)
             }

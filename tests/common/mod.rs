@@ -20,8 +20,27 @@ pub fn load_tiny(dtype: DType) -> Loaded {
     load_pretrained(tiny_dir().to_str().unwrap(), None, dtype, &Device::Cpu).expect("load tiny")
 }
 
+/// The repository root: the current directory when it is one (cargo runs tests there; a test
+/// binary carried to a GPU machine runs from a copied checkout), else where it was compiled.
+pub fn repo_root() -> PathBuf {
+    match std::env::current_dir() {
+        Ok(cwd) if cwd.join("tests/golden/tiny_seed0").is_dir() => cwd,
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 pub fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny_seed0")
+    repo_root().join("tests/golden/tiny_seed0")
+}
+
+/// The token sequences the goldens were computed on.
+pub fn golden_seqs() -> Vec<Vec<u32>> {
+    golden()["seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(json_u32s)
+        .collect()
 }
 
 pub fn golden() -> serde_json::Value {
