@@ -583,6 +583,8 @@ fn run_case(
 }
 
 fn main() -> anyhow::Result<()> {
+    // The allocator settings the mo-align binary uses.
+    mo_align::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let value_of = |flag: &str| flag_value(&args, flag);
     let peak_tflops = match value_of("--peak-tflops") {

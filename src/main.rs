@@ -2,6 +2,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    mo_align::memory::keep_freed_memory();
     let cli = mo_align::cli::Cli::parse();
     match mo_align::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
