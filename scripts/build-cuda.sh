@@ -70,23 +70,23 @@ export LD_LIBRARY_PATH=$TK/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $TK/lib64 -L $TK/lib64/stubs"
 cargo build --release --features cuda --bin mo-align --target-dir target/cuda
 
-echo "== cargo test --release --features cuda --test cuda --no-run"
-TEST_BIN=$(cargo test --release --features cuda --test cuda --no-run --target-dir target/cuda \
-  --message-format=json 2>/dev/null | "$PY" -c '
-import json, sys
+# Builds one test or bench target (`cargo SUBCOMMAND --TARGET-KIND NAME [ARGS]`, release
+# profile) and prints the path of its executable; compiler errors go to stderr as cargo renders them.
+built_exe() {
+  local sub=$1 kind=$2 name=$3
+  shift 3
+  echo "== cargo $sub $* --features cuda --$kind $name --no-run" >&2
+  cargo "$sub" "$@" --features cuda --"$kind" "$name" --no-run --target-dir target/cuda \
+    --message-format=json-render-diagnostics | NAME=$name "$PY" -c '
+import json, os, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == os.environ["NAME"] and m.get("executable"):
+        print(m["executable"])'
+}
+TEST_BIN=$(built_exe test test cuda --release)
 [ -x "$TEST_BIN" ] || { echo "the CUDA test binary did not build" >&2; exit 1; }
-echo "== cargo bench --features cuda --bench train_step --no-run"
-BENCH_BIN=$(cargo bench --features cuda --bench train_step --no-run --target-dir target/cuda \
-  --message-format=json 2>/dev/null | "$PY" -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "train_step" and m.get("executable"):
-        print(m["executable"])')
+BENCH_BIN=$(built_exe bench bench train_step)  # cargo bench is always release
 [ -x "$BENCH_BIN" ] || { echo "the CUDA benchmark binary did not build" >&2; exit 1; }
 
 rm -rf "$DIST" && mkdir -p "$DIST"
