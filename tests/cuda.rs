@@ -32,7 +32,6 @@ fn batch_logprobs(m: &Qwen2, seqs: &[Vec<u32>], ctx: LoraCtx) -> Vec<Vec<f64>> {
     let input = ModelInput::right_padded(seqs, 0, &m.device).unwrap();
     let hidden = m.forward(&input, ctx, None).unwrap();
     let t = hidden.dim(1).unwrap();
-    let hidden = hidden.flatten_to(1).unwrap();
     seqs.iter()
         .enumerate()
         .map(|(b, s)| {
@@ -79,7 +78,6 @@ fn scalar_loss(m: &Qwen2, seqs: &[Vec<u32>]) -> Tensor {
     let input = ModelInput::right_padded(seqs, 0, &m.device).unwrap();
     let hidden = m.forward(&input, LoraCtx::TRAIN, None).unwrap();
     let t = hidden.dim(1).unwrap();
-    let hidden = hidden.flatten_to(1).unwrap();
     let mut rows = vec![];
     let mut targets = vec![];
     for (b, s) in seqs.iter().enumerate() {
