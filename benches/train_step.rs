@@ -275,24 +275,26 @@ fn real_config() -> Qwen2Config {
     }
 }
 
-fn peak_rss_mib() -> f64 {
+/// A `/proc/self/status` memory field (`VmHWM`, `VmRSS`) in MiB.
+fn proc_status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| {
+            l.strip_prefix(field)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+fn peak_rss_mib() -> f64 {
+    proc_status_mib("VmHWM")
+}
+
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    proc_status_mib("VmRSS")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -446,10 +448,7 @@ fn run_case(
                     score_rejected: None,
                 })
                 .collect();
-            let ids: Vec<PairIds> = pairs
-                .iter()
-                .map(|p| (&p.prompt[..], &p.chosen[..], &p.rejected[..]))
-                .collect();
+            let ids: Vec<PairIds> = pairs.iter().map(|p| p.ids()).collect();
             let (mut ref_times, mut examples) = (vec![], vec![]);
             for step in 0..=case.steps {
                 let t0 = Instant::now();

@@ -202,23 +202,34 @@ pub enum Chart<'a> {
     },
 }
 
+/// Draws `chart` on any plotters backend (SVG and PNG share this).
+fn draw_chart<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    chart: &Chart,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    match chart {
+        Chart::Lines {
+            title,
+            y_label,
+            series,
+        } => draw_lines(root, title, y_label, series),
+        Chart::Bars {
+            title,
+            labels,
+            series,
+        } => draw_bars(root, title, labels, series),
+    }
+}
+
 /// Writes `chart` as `<dir>/<name>.svg` (and `.png` when asked); returns the paths written.
 pub fn write_chart(dir: &Path, name: &str, chart: &Chart, png: bool) -> Result<Vec<PathBuf>> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-        match chart {
-            Chart::Lines {
-                title,
-                y_label,
-                series,
-            } => draw_lines(root, title, y_label, series)?,
-            Chart::Bars {
-                title,
-                labels,
-                series,
-            } => draw_bars(root, title, labels, series)?,
-        }
+        draw_chart(root, chart)?;
     }
     let path = dir.join(format!("{name}.svg"));
     write_atomic(&path, svg.as_bytes())?;
@@ -235,18 +246,7 @@ fn write_png(dir: &Path, name: &str, chart: &Chart) -> Result<PathBuf> {
     let tmp = dir.join(format!(".{name}.png.tmp-{}", std::process::id()));
     {
         let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
-        match chart {
-            Chart::Lines {
-                title,
-                y_label,
-                series,
-            } => draw_lines(root, title, y_label, series)?,
-            Chart::Bars {
-                title,
-                labels,
-                series,
-            } => draw_bars(root, title, labels, series)?,
-        }
+        draw_chart(root, chart)?;
     }
     std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(path)

@@ -104,13 +104,9 @@ fn demo_pipeline_runs_end_to_end_with_a_row_per_stage_and_valid_plots() {
         .all(|s| s["skipped"] == true));
 }
 
-fn prompts() -> Vec<Vec<Message>> {
-    read_prompts("data/ultrafeedback_binarized/test_prefs.jsonl", Some(6)).unwrap()
-}
-
-#[test]
-fn identical_answers_tie_and_win_half() {
-    let root = scratch("rm-for-judge");
+/// A scratch directory with a reward model trained on the tiny model in `<root>/rm`.
+fn scratch_with_trained_rm(name: &str) -> std::path::PathBuf {
+    let root = scratch(name);
     let cfg = demo_configs(&root);
     let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
     mo_align::recipes::train_rm::run(
@@ -120,6 +116,16 @@ fn identical_answers_tie_and_win_half() {
         true,
     )
     .unwrap();
+    root
+}
+
+fn prompts() -> Vec<Vec<Message>> {
+    read_prompts("data/ultrafeedback_binarized/test_prefs.jsonl", Some(6)).unwrap()
+}
+
+#[test]
+fn identical_answers_tie_and_win_half() {
+    let root = scratch_with_trained_rm("rm-for-judge");
     let judge = Judge::load(
         root.join("rm").to_str().unwrap(),
         &[],
@@ -318,16 +324,7 @@ fn hf_sequence_classifier_judge_scores_the_last_token() {
 
 #[test]
 fn eval_cli_combines_modes_in_one_run() {
-    let root = scratch("eval-cli");
-    let cfg = demo_configs(&root);
-    let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
-    mo_align::recipes::train_rm::run(
-        Some(&cfg.join("train-rm.toml")),
-        &[model, "model.adapter=\"\"".into(), "train.epochs=2".into()],
-        false,
-        true,
-    )
-    .unwrap();
+    let root = scratch_with_trained_rm("eval-cli");
     let score_in = root.join("score.jsonl");
     std::fs::write(&score_in, "{\"prompt\": \"Hi\", \"response\": \"Hello!\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"2+2?\"}, {\"role\": \"assistant\", \"content\": \"4\"}]}\n").unwrap();
     let (score_out, report, gens) = (

@@ -58,10 +58,7 @@ fn precomputed_reference_equals_inline_reference_and_survives_the_cache() {
     );
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     // Inline: all six pairs in one batch, adapters disabled.
-    let ids: Vec<_> = ps
-        .iter()
-        .map(|p| (&p.prompt[..], &p.chosen[..], &p.rejected[..]))
-        .collect();
+    let ids: Vec<_> = ps.iter().map(|p| p.ids()).collect();
     let inline = pair_logprobs(&l.model, &ids, LoraCtx::REFERENCE).unwrap();
     assert_eq!(inline.chosen.to_vec1::<f32>().unwrap(), c1);
     assert_eq!(inline.rejected.to_vec1::<f32>().unwrap(), r1);

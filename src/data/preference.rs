@@ -25,6 +25,11 @@ impl PreferencePair {
     pub fn packed_len(&self) -> usize {
         self.prompt.len() + self.chosen.len() + self.rejected.len()
     }
+
+    /// (prompt, chosen, rejected) token ids, as the pair log-prob pass takes them.
+    pub fn ids(&self) -> (&[u32], &[u32], &[u32]) {
+        (&self.prompt, &self.chosen, &self.rejected)
+    }
 }
 
 /// Splits a conversation into (messages before the final reply, the final reply).

@@ -133,10 +133,7 @@ impl Objective for Dpo<'_> {
 
     fn loss(&self, batch: &[&DpoExample], ctx: LoraCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
-        let ids: Vec<_> = batch
-            .iter()
-            .map(|e| (&e.pair.prompt[..], &e.pair.chosen[..], &e.pair.rejected[..]))
-            .collect();
+        let ids: Vec<_> = batch.iter().map(|e| e.pair.ids()).collect();
         let lp = pair_logprobs(self.model, &ids, ctx)?;
         let col = |f: &dyn Fn(&DpoExample) -> f32| {
             Tensor::from_vec(

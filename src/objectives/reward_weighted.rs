@@ -70,10 +70,7 @@ impl Objective for RewardWeighted<'_> {
 
     fn loss(&self, batch: &[&WeightedPair], ctx: LoraCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
-        let ids: Vec<_> = batch
-            .iter()
-            .map(|e| (&e.pair.prompt[..], &e.pair.chosen[..], &e.pair.rejected[..]))
-            .collect();
+        let ids: Vec<_> = batch.iter().map(|e| e.pair.ids()).collect();
         let lp = pair_logprobs(self.model, &ids, ctx)?;
         let col = |xs: Vec<f32>| Tensor::from_vec(xs, batch.len(), dev);
         let mean_c = (&lp.chosen / col(lp.chosen_tokens.iter().map(|&n| n as f32).collect())?)?;

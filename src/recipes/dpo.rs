@@ -182,10 +182,7 @@ impl Default for RewardWeightedRunConfig {
 }
 
 fn pair_ids(pairs: &[PreferencePair]) -> Vec<PairIds<'_>> {
-    pairs
-        .iter()
-        .map(|p| (&p.prompt[..], &p.chosen[..], &p.rejected[..]))
-        .collect()
+    pairs.iter().map(|p| p.ids()).collect()
 }
 
 fn ids_digest(base: &Digest, tag: &str, pairs: &[PreferencePair]) -> Digest {
@@ -376,6 +373,26 @@ fn run_training<O: Objective>(
     train_adapter(run, objective, sets.0, sets.1)
 }
 
+impl Prepared {
+    /// Training and validation examples built from the frozen reward model's scores of each
+    /// split's pairs (computed once and cached in `dir`).
+    fn rm_scored_sets<E>(
+        &self,
+        rm: &Path,
+        (model_cfg, train_cfg): (&ModelConfig, &TrainConfig),
+        batch: usize,
+        dir: &Path,
+        mut build: impl FnMut(&[PreferencePair], PairScores) -> Result<Vec<E>>,
+    ) -> Result<[Vec<E>; 2]> {
+        let mut score = |pairs: &[PreferencePair]| {
+            let scores =
+                cached_rm_scores(rm, &self.loaded, model_cfg, train_cfg, pairs, batch, dir)?;
+            build(pairs, scores)
+        };
+        Ok([score(&self.train)?, score(&self.val)?])
+    }
+}
+
 fn with_reference(
     p: &Prepared,
     pairs: &[PreferencePair],
@@ -469,27 +486,22 @@ pub fn run_hybrid(
     let p = prepare(&cfg.model, &cfg.lora, &cfg.data, &cfg.train, &cfg)?;
     let dir = cache_dir(cfg.dpo.cache_dir.as_deref());
     let rm = Path::new(&cfg.hybrid.reward_model);
-    let mut sets = vec![];
-    for pairs in [&p.train, &p.val] {
-        let mut ex = with_reference(&p, pairs, &dir, quiet)?;
-        let PairScores {
-            chosen: c,
-            rejected: r,
-            ..
-        } = cached_rm_scores(
-            rm,
-            &p.loaded,
-            &cfg.model,
-            &cfg.train,
-            pairs,
-            cfg.hybrid.score_batch_size,
-            &dir,
-        )?;
-        for (e, (sc, sr)) in ex.iter_mut().zip(c.iter().zip(&r)) {
-            (e.offset, e.scale) = explicit_terms(&cfg.hybrid, sc, sr)?;
-        }
-        sets.push(ex);
-    }
+    let sets = p.rm_scored_sets(
+        rm,
+        (&cfg.model, &cfg.train),
+        cfg.hybrid.score_batch_size,
+        &dir,
+        |pairs, scores| {
+            let mut ex = with_reference(&p, pairs, &dir, quiet)?;
+            for (e, (sc, sr)) in ex
+                .iter_mut()
+                .zip(scores.chosen.iter().zip(&scores.rejected))
+            {
+                (e.offset, e.scale) = explicit_terms(&cfg.hybrid, sc, sr)?;
+            }
+            Ok(ex)
+        },
+    )?;
     let objective = Dpo {
         model: &p.loaded.model,
         cfg: cfg.dpo.clone(),
@@ -518,52 +530,49 @@ pub fn run_reward_weighted(
     let p = prepare(&cfg.model, &cfg.lora, &cfg.data, &cfg.train, &cfg)?;
     let dir = cache_dir(cfg.reward.cache_dir.as_deref());
     let rm = Path::new(&cfg.reward.reward_model);
-    let mut sets = vec![];
-    for pairs in [&p.train, &p.val] {
-        let PairScores {
-            chosen: c,
-            rejected: r,
-            objectives,
-        } = cached_rm_scores(
-            rm,
-            &p.loaded,
-            &cfg.model,
-            &cfg.train,
-            pairs,
-            cfg.reward.score_batch_size,
-            &dir,
-        )?;
-        let k = objectives.len();
-        let w = if cfg.reward.weights.is_empty() {
-            vec![1.0 / k as f64; k]
-        } else {
-            cfg.reward.weights.clone()
-        };
-        let t = if cfg.reward.targets.is_empty() {
-            vec![1.0; k]
-        } else {
-            cfg.reward.targets.clone()
-        };
-        if w.len() != k || t.len() != k {
-            bail!("reward.weights and reward.targets need {k} entries ({objectives:?})");
-        }
-        let ex: Vec<WeightedPair> = pairs
-            .iter()
-            .zip(c.iter().zip(&r))
-            .map(|(pair, (sc, sr))| {
-                let (rc, rr) = (target_gap_reward(sc, &w, &t), target_gap_reward(sr, &w, &t));
-                let (ac, ar) = advantages(rc, rr, cfg.reward.advantage);
-                WeightedPair {
-                    pair: pair.clone(),
-                    reward_chosen: rc,
-                    reward_rejected: rr,
-                    adv_chosen: ac,
-                    adv_rejected: ar,
-                }
-            })
-            .collect();
-        sets.push(ex);
-    }
+    let sets = p.rm_scored_sets(
+        rm,
+        (&cfg.model, &cfg.train),
+        cfg.reward.score_batch_size,
+        &dir,
+        |pairs, scores| {
+            let PairScores {
+                chosen: c,
+                rejected: r,
+                objectives,
+            } = scores;
+            let k = objectives.len();
+            let w = if cfg.reward.weights.is_empty() {
+                vec![1.0 / k as f64; k]
+            } else {
+                cfg.reward.weights.clone()
+            };
+            let t = if cfg.reward.targets.is_empty() {
+                vec![1.0; k]
+            } else {
+                cfg.reward.targets.clone()
+            };
+            if w.len() != k || t.len() != k {
+                bail!("reward.weights and reward.targets need {k} entries ({objectives:?})");
+            }
+            let ex: Vec<WeightedPair> = pairs
+                .iter()
+                .zip(c.iter().zip(&r))
+                .map(|(pair, (sc, sr))| {
+                    let (rc, rr) = (target_gap_reward(sc, &w, &t), target_gap_reward(sr, &w, &t));
+                    let (ac, ar) = advantages(rc, rr, cfg.reward.advantage);
+                    WeightedPair {
+                        pair: pair.clone(),
+                        reward_chosen: rc,
+                        reward_rejected: rr,
+                        adv_chosen: ac,
+                        adv_rejected: ar,
+                    }
+                })
+                .collect();
+            Ok(ex)
+        },
+    )?;
     let objective = RewardWeighted {
         model: &p.loaded.model,
     };

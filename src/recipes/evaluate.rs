@@ -276,7 +276,7 @@ pub fn preference_eval(
         load_splits(&cfg, |v, r| preference_pair(v, &loaded.tokenizer, &cfg, r))?.train;
     let (mut acc, mut margin, mut rc, mut rr) = (0.0, 0.0, 0.0, 0.0);
     for p in &pairs {
-        let ids = [(&p.prompt[..], &p.chosen[..], &p.rejected[..])];
+        let ids = [p.ids()];
         let pol = pair_logprobs(&loaded.model, &ids, LoraCtx::EVAL)?;
         let refp = pair_logprobs(&loaded.model, &ids, LoraCtx::REFERENCE)?;
         let c = beta * (pol.chosen.to_vec1::<f32>()?[0] - refp.chosen.to_vec1::<f32>()?[0]) as f64;
