@@ -346,7 +346,7 @@ fn train_step<O: Objective>(
         .collect();
     drop(grads);
     let t2 = Instant::now();
-    opt.step(&g, 1e-5)?;
+    opt.step(&g, 1e-5, 1.0)?;
     loss.device().synchronize()?;
     let t3 = Instant::now();
     Ok((

@@ -8,7 +8,7 @@ use crate::model::lora::LoraCtx;
 use crate::model::qwen2::{KvCache, ModelInput};
 use crate::model::Qwen2;
 use crate::rng::stream_rng;
-use candle_core::Result;
+use candle_core::{Result, Tensor, D};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -88,13 +88,23 @@ pub fn generate(
         let hidden = model.forward(&input, ctx, Some(&mut cache))?;
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let logits = model.logits(&last)?.to_vec2::<f32>()?;
+        let logits = model.logits(&last)?;
+        // Greedy decoding keeps the [B, V] logits on the device and reads back B ids; sampling
+        // reads the rows and selects on the host.
+        let choice = if cfg.temperature <= 0.0 {
+            Choice::Greedy(greedy_ids(&logits, &history, cfg.repetition_penalty)?)
+        } else {
+            Choice::Rows(logits.to_vec2::<f32>()?)
+        };
         let mut step_ids = vec![];
         for i in 0..b {
             let tok = if done[i] {
                 pad_id
             } else {
-                let tok = pick_token(&logits[i], &history[i], cfg, &mut rngs[i]);
+                let tok = match &choice {
+                    Choice::Greedy(ids) => ids[i],
+                    Choice::Rows(rows) => pick_token(&rows[i], &history[i], cfg, &mut rngs[i]),
+                };
                 history[i].push(tok);
                 outputs[i].push(tok);
                 if stop_ids.contains(&tok) || next_pos[i] + 1 >= max_pos {
@@ -121,7 +131,71 @@ pub fn generate(
     Ok(outputs)
 }
 
-/// One decoding decision from f32 logits.
+enum Choice {
+    Greedy(Vec<u32>),
+    Rows(Vec<Vec<f32>>),
+}
+
+/// Greedy ids of `logits` [B, V] (f32, on the model's device) after transformers' repetition
+/// penalty, computed where the logits are: the seen tokens' logits are gathered, penalised and
+/// scattered back, then the argmax (first maximum, as torch.argmax) is taken on the device.
+fn greedy_ids(logits: &Tensor, history: &[Vec<u32>], penalty: f64) -> Result<Vec<u32>> {
+    let logits = if penalty != 1.0 {
+        let seen: Vec<Vec<u32>> = history
+            .iter()
+            .map(|h| {
+                let mut s = h.clone();
+                s.sort_unstable();
+                s.dedup();
+                s
+            })
+            .collect();
+        let width = seen.iter().map(Vec::len).max().unwrap_or(0);
+        // Rows are padded by repeating their first token: a duplicate index writes the same value.
+        let flat: Vec<u32> = seen
+            .iter()
+            .flat_map(|s| {
+                let first = s.first().copied().unwrap_or(0);
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat(first))
+                    .take(width)
+            })
+            .collect();
+        let idx = Tensor::from_vec(flat, (seen.len(), width), logits.device())?;
+        let picked = logits.gather(&idx, 1)?;
+        // A true division, as on the host (`x / p`, not `x * (1 / p)`).
+        let p = Tensor::new(penalty as f32, logits.device())?;
+        let penalised = picked
+            .lt(0f32)?
+            .where_cond(&picked.broadcast_mul(&p)?, &picked.broadcast_div(&p)?)?;
+        logits.scatter(&idx, &penalised, 1)?
+    } else {
+        logits.clone()
+    };
+    logits.argmax(D::Minus1)?.to_vec1::<u32>()
+}
+
+/// transformers' repetition penalty on host logits: seen tokens' logits are divided by the
+/// penalty when positive and multiplied when negative.
+fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f64) {
+    if penalty == 1.0 {
+        return;
+    }
+    let p = penalty as f32;
+    let mut seen = std::collections::HashSet::new();
+    for &t in history {
+        if seen.insert(t) {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l < 0.0 { *l * p } else { *l / p };
+            }
+        }
+    }
+}
+
+/// One decoding decision from f32 logits: penalty -> temperature -> top-k -> top-p -> sample.
+/// Candidates are found by partial selection (`select_nth_unstable`), never a full sort of the
+/// vocabulary: top-k selects k; top-p alone selects a growing prefix until it holds the mass.
 pub fn pick_token(
     logits: &[f32],
     history: &[u32],
@@ -129,37 +203,68 @@ pub fn pick_token(
     rng: &mut impl Rng,
 ) -> u32 {
     let mut logits = logits.to_vec();
-    if cfg.repetition_penalty != 1.0 {
-        let p = cfg.repetition_penalty as f32;
-        let mut seen = std::collections::HashSet::new();
-        for &t in history {
-            if seen.insert(t) {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l < 0.0 { *l * p } else { *l / p };
-                }
-            }
-        }
-    }
+    apply_repetition_penalty(&mut logits, history, cfg.repetition_penalty);
     if cfg.temperature <= 0.0 {
         return argmax(&logits);
     }
     let inv_t = 1.0 / cfg.temperature as f32;
-    let mut cand: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l * inv_t))
-        .collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if cfg.top_k > 0 && cfg.top_k < cand.len() {
-        cand.truncate(cfg.top_k);
+    logits.iter_mut().for_each(|l| *l *= inv_t);
+    let v = logits.len();
+    // Descending logit, then ascending id: a total order, so truncation is deterministic.
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let top = |k: usize| -> Vec<(u32, f32)> {
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, order);
+            cand.truncate(k);
+        }
+        cand.sort_by(order);
+        cand
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weight = |l: f32| ((l - max) as f64).exp();
+    let top_k = if cfg.top_k > 0 && cfg.top_k < v {
+        Some(cfg.top_k)
+    } else {
+        None
+    };
+    if top_k.is_none() && cfg.top_p >= 1.0 {
+        // No truncation: sample from the whole distribution in id order.
+        let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+        let mut u = rng.random::<f64>() * total;
+        for (i, &l) in logits.iter().enumerate() {
+            u -= weight(l);
+            if u < 0.0 {
+                return i as u32;
+            }
+        }
+        return argmax(&logits);
     }
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand
-        .iter()
-        .map(|&(_, l)| ((l - max) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    // The candidates (sorted) and the mass they are normalised against.
+    let (cand, total) = match top_k {
+        Some(k) => {
+            let cand = top(k);
+            let total = cand.iter().map(|&(_, l)| weight(l)).sum::<f64>();
+            (cand, total)
+        }
+        None => {
+            let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+            let mut k = 64.min(v);
+            loop {
+                let cand = top(k);
+                let mass: f64 = cand.iter().map(|&(_, l)| weight(l)).sum::<f64>() / total;
+                if mass >= cfg.top_p || k == v {
+                    break (cand, total);
+                }
+                k = (k * 8).min(v);
+            }
+        }
+    };
+    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| weight(l) / total).collect();
     if cfg.top_p < 1.0 {
         // Keep the smallest prefix whose mass reaches top_p (at least one token).
         let mut acc = 0.0;
@@ -172,10 +277,9 @@ pub fn pick_token(
             }
         }
         probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
     }
-    let u: f64 = rng.random();
+    let total: f64 = probs.iter().sum();
+    let u: f64 = rng.random::<f64>() * total;
     let mut acc = 0.0;
     for (i, p) in probs.iter().enumerate() {
         acc += p;

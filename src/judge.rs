@@ -161,7 +161,8 @@ impl Judge {
             }
             Judge::SequenceClassifier { model, score, .. } => {
                 let f = last_token_features(model, &refs, batch, LoraCtx::EVAL, &|_| {})?;
-                let logits = f.matmul(&score.t()?)?.to_vec2::<f32>()?;
+                let logits =
+                    crate::model::matmul::matmul_t(&f.contiguous()?, score)?.to_vec2::<f32>()?;
                 logits
                     .into_iter()
                     .map(|l| Verdict {

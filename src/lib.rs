@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod judge;
+pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod objectives;

@@ -70,7 +70,7 @@ impl RewardHead {
         let x = features
             .broadcast_sub(&self.feature_mean)?
             .broadcast_div(&self.feature_std)?;
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?
+        Ok(crate::model::matmul::matmul_t(&x, self.weight.as_tensor())?
             .broadcast_add(self.bias.as_tensor())?)
     }
 

@@ -1,11 +1,13 @@
 //! Seeded, platform-independent randomness.
 //!
-//! Every random draw in training (LoRA dropout masks, data order) comes from a ChaCha stream
-//! derived from (seed, purpose, counter), never from a thread RNG: a resumed run replays exactly
-//! the same draws from a step number alone, with no RNG state to save.
+//! Every random draw in training comes from a seeded stream, never from a thread RNG: data
+//! order, LoRA init and sampling from ChaCha streams derived from (seed, purpose, counter);
+//! dropout masks from a counter-based hash of (seed, call, element) computed where the tensor
+//! lives (`model::dropout`). A resumed run replays exactly the same draws from a step number
+//! alone, with no RNG state to save.
 
-use candle_core::{Device, Result, Tensor};
-use rand::{Rng, RngCore, SeedableRng};
+use crate::model::dropout::DropoutMask;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cell::Cell;
 
@@ -75,26 +77,18 @@ impl DropoutRng {
         call
     }
 
-    /// Inverted-dropout mask of call `call`: 0 with probability `p`, else 1/(1-p), as f32 of
-    /// `shape`. The same (seed, call) always gives the same mask, so a backward can regenerate
-    /// it instead of keeping it.
-    pub fn mask_at(&self, call: u64, shape: &[usize], p: f32, device: &Device) -> Result<Tensor> {
-        let mut rng = stream_rng(self.seed, call);
-        let n: usize = shape.iter().product();
-        let threshold = (p as f64 * u32::MAX as f64) as u32;
-        let keep = 1.0 / (1.0 - p);
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                if rng.next_u32() < threshold {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
-        Tensor::from_vec(data, shape, device)
+    /// The mask of dropout call `call` with drop probability `p`. The same (seed, call) always
+    /// gives the same mask on every device, so a backward regenerates it instead of keeping it.
+    pub fn mask(&self, call: u64, p: f32) -> DropoutMask {
+        DropoutMask {
+            key: mix_seed(self.seed, call, DROPOUT_STREAM),
+            p,
+        }
     }
 }
+
+/// Separates dropout keys from every other use of `mix_seed`.
+const DROPOUT_STREAM: u64 = 0x0064_726f_706f_7574; // "dropout"
 
 /// Mixes a few integers into one seed (SplitMix64 finaliser over each), e.g. (seed, step,
 /// micro-batch) for a step's dropout stream.

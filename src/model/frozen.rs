@@ -46,7 +46,14 @@ impl FrozenLinearOp {
         if k != k2 {
             candle_core::bail!("frozen linear: input has {k} features, weight expects {k2}");
         }
-        let y = x.matmul(w, (1, n, out, k), xl, &wl.transpose(0, 1)?)?;
+        let wt = wl.transpose(0, 1)?;
+        // This op calls the backend directly, so it applies the layout rule itself.
+        if super::matmul::layout_guard_enabled() {
+            super::matmul::check_cublas_layout(xl, &wt, (n, out, k)).map_err(|why| {
+                candle_core::Error::Msg(format!("frozen linear: layout cuBLAS would refuse: {why}"))
+            })?;
+        }
+        let y = x.matmul(w, (1, n, out, k), xl, &wt)?;
         let y = match bias {
             None => y,
             Some((b, bl)) => y.binary_impl::<Add>(
@@ -90,7 +97,10 @@ impl CustomOp1 for FrozenLinearOp {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_y.matmul(&self.weight)?))
+        Ok(Some(super::matmul::matmul(
+            &grad_y.contiguous()?,
+            &self.weight,
+        )?))
     }
 }
 

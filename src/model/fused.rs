@@ -10,7 +10,8 @@
 //! below) and, through the whole model, against PyTorch and finite differences.
 
 use super::compute_dtype;
-use crate::rng::DropoutRng;
+use super::dropout::DropoutMask;
+use super::matmul::{matmul, matmul_t};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 
@@ -136,7 +137,9 @@ fn attach3(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, grad: Grad3) -> Re
     a.apply_op3(b, c, Attached::new(value, grad))
 }
 
-/// RMSNorm as transformers computes it (statistics in f32): y = w * (x / rms(x)).
+/// RMSNorm as transformers computes it (statistics in f32): y = w * (x / rms(x)). The output
+/// takes the weight's dtype (the model dtype), the input may be wider (an f32 residual stream
+/// under f16); the input gradient comes back in the input's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let acc = compute_dtype(dtype);
@@ -145,7 +148,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .sqrt()?
         .recip()?;
     let xhat = xf.broadcast_mul(&inv)?;
-    let y = xhat.to_dtype(dtype)?.broadcast_mul(weight)?;
+    let y = xhat.to_dtype(weight.dtype())?.broadcast_mul(weight)?;
     let w = weight.to_dtype(acc)?;
     attach1(
         x,
@@ -195,14 +198,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Softmax attention with grouped heads: q [B, nkv, rep*T, d] (already scaled), k, v
 /// [B, nkv, Tk, d], bias [B, 1, T, Tk] (0 or the most negative float). Returns [B, nkv, rep*T, d].
 /// The backward recomputes the probabilities instead of keeping them (O(T) memory per head).
+/// As under autocast, the four products run in the model dtype and the softmax and its
+/// gradient in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) -> Result<Tensor> {
     let dtype = q.dtype();
     let acc = compute_dtype(dtype);
     let (b, nkv, rt, _d) = q.dims4()?;
     let (t, tk) = (rt / rep, k.dim(2)?);
     let probs = move |q: &Tensor, k: &Tensor, bias: &Tensor| -> Result<Tensor> {
-        let s = q
-            .matmul(&k.t()?)?
+        let s = matmul_t(q, k)?
             .to_dtype(acc)?
             .reshape((b, nkv * rep, t, tk))?;
         let s = s.broadcast_add(&bias.to_dtype(acc)?)?;
@@ -210,7 +214,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) 
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let p = probs(&qd, &kd, bias)?;
-    let y = p.to_dtype(dtype)?.matmul(&vd)?;
+    let y = matmul(&p.to_dtype(dtype)?, &vd)?;
     drop(p);
     let bias = bias.clone();
     attach3(
@@ -219,19 +223,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) 
         v,
         y,
         Box::new(move |dy| {
+            let dy = dy.contiguous()?;
             let p = probs(&qd, &kd, &bias)?; // [B, nkv, rT, Tk] in acc
-            let dyf = dy.to_dtype(acc)?;
-            let dv = p.t()?.matmul(&dyf)?;
-            let dp = dyf.matmul(&vd.to_dtype(acc)?.t()?)?;
+            let pd = p.to_dtype(dtype)?;
+            let dv = matmul(&pd.t()?, &dy)?;
+            drop(pd);
+            let dp = matmul_t(&dy, &vd)?.to_dtype(acc)?;
             let rowdot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-            let ds = (p * dp.broadcast_sub(&rowdot)?)?;
-            let dq = ds.matmul(&kd.to_dtype(acc)?)?;
-            let dk = ds.t()?.matmul(&qd.to_dtype(acc)?)?;
-            Ok((
-                Some(dq.to_dtype(dtype)?),
-                Some(dk.to_dtype(dtype)?),
-                Some(dv.to_dtype(dtype)?),
-            ))
+            let ds = (p * dp.broadcast_sub(&rowdot)?)?.to_dtype(dtype)?;
+            let dq = matmul(&ds, &kd)?;
+            let dk = matmul(&ds.t()?, &qd)?;
+            Ok((Some(dq), Some(dk), Some(dv)))
         }),
     )
 }
@@ -270,12 +272,14 @@ pub struct LoraParts<'a> {
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scale: f64,
-    /// (rng, call id, p) when dropout is on.
-    pub dropout: Option<(&'a DropoutRng, u64, f32)>,
+    /// The dropout mask on the adapter's input, when dropout is on.
+    pub dropout: Option<DropoutMask>,
 }
 
 /// y = x W^T + b + s * B(A(dropout(x))) over the last dimension, with gradients for x, A and B.
-/// The backward keeps only x and the rank-r intermediate and regenerates the dropout mask.
+/// The adapter runs in the model dtype like PEFT under autocast (A and B, kept in f32, are cast
+/// for the product; their gradients come back in f32). The backward keeps only x and the
+/// rank-r intermediate and redraws the dropout mask.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -287,33 +291,24 @@ pub fn lora_linear(
     let n = x.elem_count() / inp;
     let dtype = x.dtype();
     let ldt = lora.a.dtype();
-    let x2 = x.detach().reshape((n, inp))?;
-    let mut y = x2.matmul(&weight.t()?)?;
+    let x2 = x.detach().reshape((n, inp))?.contiguous()?;
+    let mut y = matmul_t(&x2, weight)?;
     if let Some(b) = bias {
         y = y.broadcast_add(b)?;
     }
-    let mask = |dev: &candle_core::Device| -> Result<Option<Tensor>> {
-        match lora.dropout {
-            Some((rng, call, p)) if p > 0.0 => {
-                Ok(Some(rng.mask_at(call, &[n, inp], p, dev)?.to_dtype(ldt)?))
-            }
-            _ => Ok(None),
-        }
+    let (a, b) = (
+        lora.a.detach().to_dtype(dtype)?,
+        lora.b.detach().to_dtype(dtype)?,
+    );
+    let drop = |t: &Tensor| match &lora.dropout {
+        Some(m) => m.apply(t),
+        None => Ok(t.clone()),
     };
-    let xl = x2.to_dtype(ldt)?;
-    let xd = match mask(x.device())? {
-        Some(m) => (&xl * m)?,
-        None => xl,
-    };
-    let (a, b) = (lora.a.detach(), lora.b.detach());
-    let u = (xd.matmul(&a.t()?)? * lora.scale)?; // [n, r]
-    drop(xd);
+    let u = (matmul_t(&drop(&x2)?, &a)? * lora.scale)?; // [n, r]
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("rank >= 1") = out;
-    let y = (y + u.matmul(&b.t()?)?.to_dtype(dtype)?)?.reshape(out_dims)?;
-    let (w, scale) = (weight.clone(), lora.scale);
-    let dropout = lora.dropout.map(|(rng, call, p)| (rng.seed(), call, p));
-    let dev = x.device().clone();
+    let y = (y + matmul_t(&u, &b)?)?.reshape(out_dims)?;
+    let (w, scale, mask) = (weight.clone(), lora.scale, lora.dropout);
     // The first layer's input (embeddings) needs no gradient: skip its dx matmuls.
     let need_dx = x.track_op();
     attach3(
@@ -322,33 +317,20 @@ pub fn lora_linear(
         lora.b,
         y,
         Box::new(move |dy| {
-            let dy2 = dy.reshape((n, out))?;
-            let dyl = dy2.to_dtype(ldt)?;
-            let db = dyl.t()?.matmul(&u)?; // s is already in u
-            let du = (dyl.matmul(&b)? * scale)?; // [n, r]
-            let mask = match dropout {
-                Some((seed, call, p)) if p > 0.0 => Some(
-                    DropoutRng::new(seed)
-                        .mask_at(call, &[n, inp], p, &dev)?
-                        .to_dtype(ldt)?,
-                ),
-                _ => None,
+            let drop = |t: &Tensor| match &mask {
+                Some(m) => m.apply(t),
+                None => Ok(t.clone()),
             };
-            let xl = x2.to_dtype(ldt)?;
-            let xd = match &mask {
-                Some(m) => (&xl * m)?,
-                None => xl,
-            };
-            let da = du.t()?.matmul(&xd)?;
+            let dy2 = dy.reshape((n, out))?.contiguous()?;
+            let db = matmul(&dy2.t()?, &u)?; // s is already in u
+            let du = (matmul(&dy2, &b)? * scale)?; // [n, r]
+            let da = matmul(&du.t()?, &drop(&x2)?)?;
+            let (da, db) = (da.to_dtype(ldt)?, db.to_dtype(ldt)?);
             if !need_dx {
                 return Ok((None, Some(da), Some(db)));
             }
-            let dxl = du.matmul(&a)?;
-            let dxl = match &mask {
-                Some(m) => (dxl * m)?,
-                None => dxl,
-            };
-            let dx = (dy2.matmul(&w)? + dxl.to_dtype(dtype)?)?.reshape(dims.as_slice())?;
+            let dxl = drop(&matmul(&du, &a)?)?;
+            let dx = (matmul(&dy2, &w)? + dxl)?.reshape(dims.as_slice())?;
             Ok((Some(dx), Some(da), Some(db)))
         }),
     )
@@ -453,18 +435,16 @@ mod tests {
         let w = Tensor::randn(0f64, 1.0, (5, 6), &dev)?;
         let bias = Tensor::randn(0f64, 1.0, 5, &dev)?;
         let (la, lb) = (r(&[2, 6])?, r(&[5, 2])?);
-        let rng = DropoutRng::new(9);
-        let call = rng.next_call();
+        let mask = crate::rng::DropoutRng::new(9).mask(0, 0.3);
         let parts = LoraParts {
             a: la.as_tensor(),
             b: lb.as_tensor(),
             scale: 1.5,
-            dropout: Some((&rng, call, 0.3)),
+            dropout: Some(mask),
         };
         let y = lora_linear(x.as_tensor(), &w, Some(&bias), parts)?;
-        let m = rng
-            .mask_at(call, &[6, 6], 0.3, &dev)?
-            .to_dtype(DType::F64)?
+        let m = mask
+            .apply(&Tensor::ones((6, 6), DType::F64, &dev)?)?
             .reshape((2, 3, 6))?;
         let x2 = x.as_tensor();
         let yr = (x2.broadcast_matmul(&w.t()?)?.broadcast_add(&bias)?

@@ -12,6 +12,7 @@
 
 use super::compute_dtype;
 use super::frozen::frozen_mul;
+use super::matmul::{matmul, matmul_t};
 use super::qwen2::Qwen2;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -36,7 +37,7 @@ impl Qwen2 {
             return Tensor::zeros(0, acc, &self.device);
         }
         let w = self.output_weight();
-        let h_const = hidden.detach();
+        let h_const = hidden.detach().contiguous()?;
         let targets_t = Tensor::from_slice(targets, n, &self.device)?;
         let mut logps = Vec::new();
         let mut grads = Vec::new();
@@ -46,7 +47,7 @@ impl Qwen2 {
             let h = h_const.narrow(0, start, len)?;
             let tgt = targets_t.narrow(0, start, len)?;
             // Logits in the model dtype (as transformers does), softmax arithmetic in f32.
-            let logits = h.matmul(&w.t()?)?.to_dtype(acc)?;
+            let logits = matmul_t(&h, w)?.to_dtype(acc)?;
             let max = logits.max_keepdim(D::Minus1)?;
             let shifted = logits.broadcast_sub(&max)?;
             drop(logits);
@@ -54,9 +55,8 @@ impl Qwen2 {
             let picked = shifted.gather(&tgt.unsqueeze(1)?, 1)?;
             logps.push((picked - &lse)?.squeeze(1)?);
             if with_grad {
-                let probs = shifted.broadcast_sub(&lse)?.exp()?;
+                let expected = expected_embedding(&shifted, &lse, w)?;
                 drop(shifted);
-                let expected = expected_embedding(&probs.to_dtype(w.dtype())?, w)?.to_dtype(acc)?;
                 let own = w.index_select(&tgt, 0)?.to_dtype(acc)?;
                 grads.push((own - expected)?);
             }
@@ -72,33 +72,36 @@ impl Qwen2 {
 
     /// Full-vocabulary logits (f32) for a few rows, e.g. the last position when decoding.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        hidden
-            .matmul(&self.output_weight().t()?)?
-            .to_dtype(DType::F32)
+        matmul_t(&hidden.contiguous()?, self.output_weight())?.to_dtype(DType::F32)
     }
 }
 
-/// probs [C, V] @ w [V, H], accumulated over vocabulary blocks: a single matmul with a
-/// 151936-long inner dimension makes the CPU gemm keep per-thread packing buffers the size of
-/// the whole embedding (about 0.5 GB each).
-fn expected_embedding(probs: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// softmax(shifted - lse) [C, V] @ w [V, H] in f32, over vocabulary blocks: a single product
+/// with a 151936-long inner dimension makes the CPU gemm keep per-thread packing buffers the
+/// size of the whole embedding (about 0.5 GB each). Each block's probabilities are computed
+/// straight into a contiguous [C, block] tensor (an element-wise op on the column slice), and
+/// `w`'s rows are contiguous, so every product has a layout cuBLAS takes; a column slice of a
+/// full probability matrix would not be (its row stride stays V).
+fn expected_embedding(shifted: &Tensor, lse: &Tensor, w: &Tensor) -> Result<Tensor> {
     const BLOCK: usize = 16384;
     let v = w.dim(0)?;
-    if v <= BLOCK {
-        return probs.matmul(w);
-    }
-    let mut acc: Option<Tensor> = None;
+    let acc = shifted.dtype();
+    let mut sum: Option<Tensor> = None;
     for start in (0..v).step_by(BLOCK) {
         let len = BLOCK.min(v - start);
-        let part = probs
+        let probs = shifted
             .narrow(1, start, len)?
-            .matmul(&w.narrow(0, start, len)?)?;
-        acc = Some(match acc {
+            .broadcast_sub(lse)?
+            .exp()?
+            .to_dtype(w.dtype())?;
+        // Half-precision products, f32 accumulation across blocks.
+        let part = matmul(&probs, &w.narrow(0, start, len)?)?.to_dtype(acc)?;
+        sum = Some(match sum {
             Some(a) => (a + part)?,
             None => part,
         });
     }
-    Ok(acc.expect("v > BLOCK"))
+    sum.ok_or_else(|| candle_core::Error::Msg("empty vocabulary".into()))
 }
 
 /// Picks rows of `hidden` [B, T, H] at flat indices `b * T + t` -> [N, H] (differentiable).

@@ -189,7 +189,7 @@ impl LoraLinear {
             (lora.a.detach(), lora.b.detach())
         };
         let dropout = match ctx.dropout {
-            Some(rng) if lora.dropout > 0.0 => Some((rng, rng.next_call(), lora.dropout)),
+            Some(rng) if lora.dropout > 0.0 => Some(rng.mask(rng.next_call(), lora.dropout)),
             _ => None,
         };
         fused::lora_linear(
@@ -255,9 +255,7 @@ impl LoraLinear {
         if let Some(l) = self.lora.take() {
             let dtype = self.weight.dtype();
             let delta =
-                l.b.as_tensor()
-                    .matmul(l.a.as_tensor())?
-                    .affine(l.scale, 0.0)?;
+                super::matmul::matmul(l.b.as_tensor(), l.a.as_tensor())?.affine(l.scale, 0.0)?;
             let acc = delta.dtype();
             self.weight = (self.weight.to_dtype(acc)? + delta)?.to_dtype(dtype)?;
         }

@@ -3,11 +3,13 @@
 
 pub mod checkpointing;
 pub mod config;
+pub mod dropout;
 pub mod frozen;
 pub mod fused;
 pub mod lm_head;
 pub mod loader;
 pub mod lora;
+pub mod matmul;
 pub mod qwen2;
 pub mod tiny;
 
@@ -25,6 +27,18 @@ pub fn compute_dtype(dtype: DType) -> DType {
         DType::F64
     } else {
         DType::F32
+    }
+}
+
+/// The dtype of the residual stream between blocks: the model dtype, except f32 under f16.
+/// Qwen2.5 carries a few activation channels in the thousands; added up layer after layer in
+/// f16 (max 65504) they overflow to inf. bf16 has f32's range, so bf16 keeps its residual in
+/// bf16 as transformers does.
+pub fn residual_dtype(dtype: DType) -> DType {
+    if dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
     }
 }
 

@@ -200,10 +200,12 @@ impl DecoderLayer {
         let h =
             self.self_attn
                 .forward(&self.input_layernorm.forward(x)?, input, rope, ctx, cache)?;
-        let x = (x + h)?;
+        // Blocks compute in the model dtype; the residual stream may be wider (f16 models).
+        let x = (x + h.to_dtype(x.dtype())?)?;
         let h = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?, ctx)?;
+        let h = h.to_dtype(x.dtype())?;
         x + h
     }
 
@@ -491,7 +493,8 @@ impl Qwen2 {
         let mut x = self
             .embed_tokens
             .index_select(&input.ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+            .reshape((b, t, self.config.hidden_size))?
+            .to_dtype(super::residual_dtype(self.dtype))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
             x = match ctx.recompute {

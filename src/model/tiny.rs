@@ -183,19 +183,25 @@ pub fn random_weights(cfg: &Qwen2Config, seed: u64) -> Result<HashMap<String, Te
 }
 
 /// A model with random weights (std 0.02) of any config, built in memory: benchmarks at the
-/// real dimensions need no download.
+/// real dimensions need no download. The values are drawn on the host from a seeded stream
+/// and copied to `device`: the same model on every device, and no random-number library
+/// needed on a GPU (the CUDA dist ships only a cuRAND stub).
 pub fn random_model(
     cfg: &Qwen2Config,
     dtype: candle_core::DType,
     device: &Device,
 ) -> Result<super::Qwen2> {
+    let mut rng = crate::rng::stream_rng(0, 0x7261_6e64);
     super::Qwen2::build(cfg.clone(), |name, shape| {
-        let t = if name.ends_with("norm.weight") {
-            Tensor::ones(shape, candle_core::DType::F32, device)?
+        let n: usize = shape.iter().product();
+        let values = if name.ends_with("norm.weight") {
+            vec![1.0f32; n]
         } else {
-            Tensor::randn(0f32, 0.02, shape, device)?
+            crate::rng::normal_vec(&mut rng, n, 0.02)
         };
-        Ok(t.to_dtype(dtype)?)
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
     })
 }
 

@@ -35,7 +35,7 @@ impl LabelledLogprobs {
         }
         let sel = Tensor::from_vec(sel, (self.counts.len(), n), self.logprobs.device())?
             .to_dtype(self.logprobs.dtype())?;
-        sel.matmul(&self.logprobs.unsqueeze(1)?)?.squeeze(1)
+        crate::model::matmul::matmul(&sel, &self.logprobs.unsqueeze(1)?)?.squeeze(1)
     }
 }
 

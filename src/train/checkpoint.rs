@@ -59,7 +59,7 @@ pub fn save(
     let dest = checkpoints_dir(output_dir).join(format!("checkpoint-{:07}", state.step));
     let dir = AtomicDir::new(&dest)?;
     trainable.save(dir.path())?;
-    let opt_bytes = safetensors_bytes(&opt.state_tensors(), None)?;
+    let opt_bytes = safetensors_bytes(&opt.state_tensors()?, None)?;
     crate::io::write_atomic(&dir.path().join("optimizer.safetensors"), &opt_bytes)?;
     write_json_atomic(&dir.path().join("trainer_state.json"), state)?;
     dir.commit()?;

@@ -113,19 +113,20 @@ fn train_step<O: Objective>(
         .into_iter()
         .zip(opt.vars())
         .map(|(g, (_, var))| match g {
-            Some(g) => Ok((g.to_dtype(DType::F32)? / state.loss_scale)?),
-            None => Ok(var.zeros_like()?.to_dtype(DType::F32)?),
+            Some(g) => Ok(g),
+            None => Ok(var.zeros_like()?),
         })
         .collect::<Result<_>>()?;
-    let mut sq = 0.0f64;
-    for g in &grads {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    let grad_norm = sq.sqrt();
+    // One device-to-host read for the norm: per-tensor sums stay on the device until stacked.
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let sq = Tensor::stack(&sums, 0)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let grad_norm = sq.sqrt() / state.loss_scale;
     let loss = loss_sum / weight;
     let applied = loss.is_finite() && grad_norm.is_finite();
     if applied {
@@ -135,15 +136,7 @@ fn train_step<O: Objective>(
         } else {
             1.0
         };
-        let grads = if clip < 1.0 {
-            grads
-                .iter()
-                .map(|g| g * clip)
-                .collect::<candle_core::Result<Vec<_>>>()?
-        } else {
-            grads
-        };
-        opt.step(&grads, lr)?;
+        opt.step(&grads, lr, clip / state.loss_scale)?;
     }
     let metrics = metrics.into_iter().map(|(k, v)| (k, v / weight)).collect();
     Ok(StepStats {

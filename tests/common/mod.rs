@@ -1,6 +1,8 @@
 //! Shared test fixtures: the tiny checkpoint (written once per test binary) and golden files.
 #![allow(dead_code)]
 
+pub mod readiness;
+
 use candle_core::{DType, Device};
 use mo_align::model::loader::{load_pretrained, Loaded};
 use std::path::{Path, PathBuf};
