@@ -33,8 +33,9 @@
 use candle_core::{DType, Device, Tensor};
 use mo_align::data::preference::PreferencePair;
 use mo_align::generate::{generate, SamplingConfig};
-use mo_align::model::checkpointing::GradSink;
-use mo_align::model::lora::{LoraConfig, LoraCtx};
+use mo_align::model::ctx::ForwardCtx;
+use mo_align::model::ctx::GradSink;
+use mo_align::model::lora::LoraConfig;
 use mo_align::model::tiny::{random_model, tiny_config};
 use mo_align::model::{Qwen2, Qwen2Config};
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
@@ -313,7 +314,7 @@ fn train_step<O: Objective>(
     let t0 = Instant::now();
     let dropout = DropoutRng::new(mix_seed(0, step, 0));
     let sink = GradSink::new();
-    let ctx = LoraCtx::train(&dropout);
+    let ctx = ForwardCtx::train(&dropout);
     let ctx = if recompute {
         ctx.with_recompute(&sink)
     } else {
@@ -419,7 +420,7 @@ fn run_case(
             for step in 0..=case.steps {
                 let t0 = Instant::now();
                 let (loss, phase) = if case.mode == "forward" {
-                    let out = nll.loss(&refs, LoraCtx::EVAL)?;
+                    let out = nll.loss(&refs, ForwardCtx::EVAL)?;
                     (
                         out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
                         [t0.elapsed().as_secs_f64(), 0.0, 0.0],
@@ -496,7 +497,7 @@ fn run_case(
             tokens = b * t;
             for step in 0..=case.steps {
                 let t0 = Instant::now();
-                let f = last_token_features(&model, &refs, b, LoraCtx::EVAL, &|_| {})?;
+                let f = last_token_features(&model, &refs, b, ForwardCtx::EVAL, &|_| {})?;
                 losses.push(
                     f.sqr()?
                         .mean_all()?
@@ -518,7 +519,7 @@ fn run_case(
             tokens = b * case.steps;
             for step in 0..3 {
                 let t0 = Instant::now();
-                let out = generate(&model, &prompts, &streams, &cfg, &[], 0, LoraCtx::EVAL)?;
+                let out = generate(&model, &prompts, &streams, &cfg, &[], 0, ForwardCtx::EVAL)?;
                 losses.push(out.iter().map(Vec::len).sum::<usize>() as f64);
                 if step > 0 {
                     times.push(t0.elapsed().as_secs_f64());

@@ -3,9 +3,9 @@
 //! the values depend on (the model's files, the merged adapter, the exact token ids, the
 //! settings), so a rerun or a later epoch skips the computation and any change misses the cache.
 
+use crate::io::safetensors_bytes;
 use crate::io::write_atomic;
 use crate::model::loader::ModelFiles;
-use crate::model::lora::safetensors_bytes;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

@@ -2,8 +2,8 @@
 
 use crate::eval::perplexity;
 use crate::generate::{generate, SamplingConfig};
+use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{load_pretrained, select_device, Loaded, DEFAULT_MODEL};
-use crate::model::lora::LoraCtx;
 use crate::model::parse_dtype;
 use crate::recipes::evaluate as ev;
 use crate::tokenizer::Message;
@@ -306,7 +306,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
                 ids.len()
             );
         }
-        let nll = perplexity(&loaded.model, &ids, args.context, LoraCtx::EVAL)?;
+        let nll = perplexity(&loaded.model, &ids, args.context, ForwardCtx::EVAL)?;
         let mean = nll.mean();
         report.insert("nll_per_token".into(), mean.into());
         report.insert("tokens".into(), nll.tokens.into());
@@ -451,7 +451,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         &args.sampling.config(),
         &stop,
         tok.pad_id,
-        LoraCtx::EVAL,
+        ForwardCtx::EVAL,
     )?;
     let ids = &out[0];
     let text = tok.decode(ids, true)?;

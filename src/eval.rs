@@ -1,8 +1,8 @@
 //! Held-out likelihoods.
 
+use crate::model::ctx::ForwardCtx;
+use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
-use crate::model::lora::LoraCtx;
-use crate::model::qwen2::ModelInput;
 use crate::model::Qwen2;
 use candle_core::{DType, Result};
 
@@ -31,7 +31,7 @@ impl NllSum {
 /// NLL of a plain token stream, in non-overlapping windows of `context` tokens; each window
 /// predicts all its tokens but the first (for a text that fits one window this is exactly
 /// transformers' `model(ids, labels=ids).loss`).
-pub fn perplexity(model: &Qwen2, ids: &[u32], context: usize, ctx: LoraCtx) -> Result<NllSum> {
+pub fn perplexity(model: &Qwen2, ids: &[u32], context: usize, ctx: ForwardCtx) -> Result<NllSum> {
     let mut total = NllSum::default();
     for window in ids.chunks(context.max(2)) {
         if window.len() < 2 {
@@ -44,7 +44,11 @@ pub fn perplexity(model: &Qwen2, ids: &[u32], context: usize, ctx: LoraCtx) -> R
 }
 
 /// NLL of the labelled tokens of right-padded sequences (no gradient).
-pub fn sequence_nll(model: &Qwen2, seqs: &[(Vec<u32>, Vec<bool>)], ctx: LoraCtx) -> Result<NllSum> {
+pub fn sequence_nll(
+    model: &Qwen2,
+    seqs: &[(Vec<u32>, Vec<bool>)],
+    ctx: ForwardCtx,
+) -> Result<NllSum> {
     let ids: Vec<Vec<u32>> = seqs.iter().map(|(i, _)| i.clone()).collect();
     let input = ModelInput::right_padded(&ids, 0, &model.device)?;
     let t = input.ids.dim(1)?;

@@ -4,8 +4,9 @@
 //! Prompts are left-padded; rotary positions count real tokens only, so a prompt decodes the
 //! same whether it is alone or in a batch. Each prompt draws from its own seeded stream.
 
-use crate::model::lora::LoraCtx;
-use crate::model::qwen2::{KvCache, ModelInput};
+use crate::model::ctx::ForwardCtx;
+use crate::model::input::ModelInput;
+use crate::model::qwen2::KvCache;
 use crate::model::Qwen2;
 use crate::rng::stream_rng;
 use candle_core::{Result, Tensor, D};
@@ -48,7 +49,7 @@ pub fn generate(
     cfg: &SamplingConfig,
     stop_ids: &[u32],
     pad_id: u32,
-    ctx: LoraCtx,
+    ctx: ForwardCtx,
 ) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
     if b == 0 {
@@ -307,7 +308,7 @@ pub fn greedy_no_cache(
     model: &Qwen2,
     prompt: &[u32],
     max_new_tokens: usize,
-    ctx: LoraCtx,
+    ctx: ForwardCtx,
 ) -> Result<Vec<u32>> {
     let mut seq = prompt.to_vec();
     let mut out = vec![];

@@ -1,7 +1,9 @@
-//! Files written so that a crash never leaves a half-written output: temp file in the same
-//! directory, fsync, rename.
+//! Files written so that a crash never leaves a half-written output (temp file in the same
+//! directory, fsync, rename), and the safetensors serialisation every writer shares.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -116,4 +118,77 @@ impl JsonlWriter {
             .write_all(line.as_bytes())
             .with_context(|| format!("{}: cannot write", self.path.display()))
     }
+}
+
+/// Serialises tensors to safetensors bytes (keys sorted, so files are reproducible).
+pub fn safetensors_bytes(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    let mut data = Vec::with_capacity(keys.len());
+    for k in keys {
+        let t = tensors[k].contiguous()?;
+        let dtype = match t.dtype() {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::F64 => safetensors::Dtype::F64,
+            DType::U32 => safetensors::Dtype::U32,
+            DType::I64 => safetensors::Dtype::I64,
+            DType::U8 => safetensors::Dtype::U8,
+            d => bail!("cannot save dtype {d:?}"),
+        };
+        let bytes = tensor_le_bytes(&t)?;
+        data.push((k.clone(), dtype, t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(k, d, s, b)| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(safetensors::serialize(views, metadata)?)
+}
+
+fn tensor_le_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::U32 => t
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::I64 => t
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        d => bail!("cannot save dtype {d:?}"),
+    })
 }

@@ -3,8 +3,8 @@
 //! so a stronger external judge can be plugged in.
 
 use crate::model::config::Qwen2Config;
+use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{load_pretrained, load_with_config, resolve, Loaded};
-use crate::model::lora::LoraCtx;
 use crate::model::Qwen2;
 use crate::reward::{last_token_features, RewardHead};
 use crate::tokenizer::{ChatTokenizer, Message};
@@ -149,7 +149,8 @@ impl Judge {
                 head,
                 weights,
             } => {
-                let f = last_token_features(&backbone.model, &refs, batch, LoraCtx::EVAL, &|_| {})?;
+                let f =
+                    last_token_features(&backbone.model, &refs, batch, ForwardCtx::EVAL, &|_| {})?;
                 let scores = head.predict(&f)?.to_vec2::<f32>()?;
                 scores
                     .into_iter()
@@ -160,7 +161,7 @@ impl Judge {
                     .collect()
             }
             Judge::SequenceClassifier { model, score, .. } => {
-                let f = last_token_features(model, &refs, batch, LoraCtx::EVAL, &|_| {})?;
+                let f = last_token_features(model, &refs, batch, ForwardCtx::EVAL, &|_| {})?;
                 let logits =
                     crate::model::matmul::matmul_t(&f.contiguous()?, score)?.to_vec2::<f32>()?;
                 logits

@@ -6,10 +6,11 @@
 //! standardisation `feature_mean` / `feature_std` [H]) and `reward_model.json` (objective names,
 //! rating normalisation, the backbone the head expects).
 
+use crate::io::safetensors_bytes;
 use crate::io::{write_atomic, write_json_atomic};
+use crate::model::ctx::ForwardCtx;
+use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
-use crate::model::lora::{safetensors_bytes, LoraCtx};
-use crate::model::qwen2::ModelInput;
 use crate::model::Qwen2;
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Context, Result};
@@ -152,7 +153,7 @@ pub fn last_token_features(
     model: &Qwen2,
     seqs: &[&[u32]],
     batch_size: usize,
-    ctx: LoraCtx,
+    ctx: ForwardCtx,
     progress: &dyn Fn(usize),
 ) -> Result<Tensor> {
     let mut order: Vec<usize> = (0..seqs.len()).collect();

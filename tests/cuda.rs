@@ -13,13 +13,14 @@ use candle_core::{DType, Device, Tensor};
 use common::readiness::{
     grad_distance, readiness_model, readiness_seqs, training_step, READINESS_VOCAB,
 };
-use common::{golden_dir, golden_seqs, max_abs_diff, repo_root as repo};
+use common::{golden_dir, golden_seqs, max_abs_diff, repo_root as repo, train_ctx};
 use mo_align::generate::{generate, SamplingConfig};
+use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::dropout::DropoutMask;
+use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
 use mo_align::model::loader::{apply_adapter, load_pretrained};
-use mo_align::model::lora::{LoraConfig, LoraCtx};
-use mo_align::model::qwen2::ModelInput;
+use mo_align::model::lora::LoraConfig;
 use mo_align::model::Qwen2;
 
 fn gpu() -> Device {
@@ -33,7 +34,7 @@ fn load(dtype: DType, device: &Device) -> Qwen2 {
 }
 
 /// Per-token log-probs (as f64) of every sequence, right-padded into one batch.
-fn batch_logprobs(m: &Qwen2, seqs: &[Vec<u32>], ctx: LoraCtx) -> Vec<Vec<f64>> {
+fn batch_logprobs(m: &Qwen2, seqs: &[Vec<u32>], ctx: ForwardCtx) -> Vec<Vec<f64>> {
     let input = ModelInput::right_padded(seqs, 0, &m.device).unwrap();
     let hidden = m.forward(&input, ctx, None).unwrap();
     let t = hidden.dim(1).unwrap();
@@ -57,7 +58,7 @@ fn cuda_logprobs_with_a_peft_adapter_match_the_cpu() {
     let mut cuda = load(DType::F32, &gpu());
     apply_adapter(&mut cpu, &adapter).unwrap();
     apply_adapter(&mut cuda, &adapter).unwrap();
-    for ctx in [LoraCtx::EVAL, LoraCtx::REFERENCE] {
+    for ctx in [ForwardCtx::EVAL, ForwardCtx::REFERENCE] {
         let a = batch_logprobs(&cpu, &seqs, ctx);
         let b = batch_logprobs(&cuda, &seqs, ctx);
         for (x, y) in a.iter().zip(&b) {
@@ -70,8 +71,8 @@ fn cuda_logprobs_with_a_peft_adapter_match_the_cpu() {
 #[test]
 fn cuda_bf16_logprobs_stay_close_to_f32() {
     let seqs = golden_seqs();
-    let f32s = batch_logprobs(&load(DType::F32, &Device::Cpu), &seqs, LoraCtx::EVAL);
-    let bf16 = batch_logprobs(&load(DType::BF16, &gpu()), &seqs, LoraCtx::EVAL);
+    let f32s = batch_logprobs(&load(DType::F32, &Device::Cpu), &seqs, ForwardCtx::EVAL);
+    let bf16 = batch_logprobs(&load(DType::BF16, &gpu()), &seqs, ForwardCtx::EVAL);
     for (x, y) in f32s.iter().zip(&bf16) {
         let mean = x.iter().zip(y).map(|(a, b)| (a - b).abs()).sum::<f64>() / x.len() as f64;
         assert!(mean.is_finite() && mean < 0.05, "bf16 mean |diff| {mean}");
@@ -81,7 +82,7 @@ fn cuda_bf16_logprobs_stay_close_to_f32() {
 /// Sum of the log-probs of every sequence: a scalar whose gradient reaches every LoRA tensor.
 fn scalar_loss(m: &Qwen2, seqs: &[Vec<u32>]) -> Tensor {
     let input = ModelInput::right_padded(seqs, 0, &m.device).unwrap();
-    let hidden = m.forward(&input, LoraCtx::TRAIN, None).unwrap();
+    let hidden = m.forward(&input, train_ctx(), None).unwrap();
     let t = hidden.dim(1).unwrap();
     let mut rows = vec![];
     let mut targets = vec![];
@@ -264,8 +265,8 @@ fn cuda_batched_greedy_generation_matches_the_cpu() {
     let cpu = readiness_model(DType::F32, &Device::Cpu);
     let cuda = readiness_model(DType::F32, &gpu());
     let ids = [0, 1, 2];
-    let want = generate(&cpu, &prompts, &ids, &cfg, &[], 0, LoraCtx::EVAL).unwrap();
-    let got = generate(&cuda, &prompts, &ids, &cfg, &[], 0, LoraCtx::EVAL).unwrap();
+    let want = generate(&cpu, &prompts, &ids, &cfg, &[], 0, ForwardCtx::EVAL).unwrap();
+    let got = generate(&cuda, &prompts, &ids, &cfg, &[], 0, ForwardCtx::EVAL).unwrap();
     assert_eq!(got, want, "greedy CUDA decoding differs from the CPU");
     // Sampling (host-side selection from device logits) and bf16 decoding run.
     let sampled = SamplingConfig {
@@ -276,7 +277,7 @@ fn cuda_batched_greedy_generation_matches_the_cpu() {
     };
     let bf16 = readiness_model(DType::BF16, &gpu());
     for (m, c) in [(&cuda, &sampled), (&bf16, &cfg), (&bf16, &sampled)] {
-        let out = generate(m, &prompts, &ids, c, &[], 0, LoraCtx::EVAL).unwrap();
+        let out = generate(m, &prompts, &ids, c, &[], 0, ForwardCtx::EVAL).unwrap();
         assert!(out.iter().all(|o| o.len() == 8));
     }
 }

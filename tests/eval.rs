@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use mo_align::generate::SamplingConfig;
 use mo_align::judge::Judge;
-use mo_align::model::lora::LoraCtx;
+use mo_align::model::ctx::ForwardCtx;
 use mo_align::recipes::evaluate::{answer_prompts, load_for_eval, read_prompts, win_rate_eval};
 use mo_align::tokenizer::Message;
 use std::path::{Path, PathBuf};
@@ -212,7 +212,7 @@ fn batched_chat_generation_equals_one_by_one() {
                 &sampling,
                 &tok.stop_ids(),
                 tok.pad_id,
-                LoraCtx::EVAL,
+                ForwardCtx::EVAL,
             )
             .unwrap();
             let end = out[0]
@@ -261,8 +261,8 @@ fn merged_export_reloads_and_matches_base_plus_adapter() {
         ids.clone(),
         (0..ids.len()).map(|i| i > 0).collect::<Vec<_>>(),
     )];
-    let a = mo_align::eval::sequence_nll(&with_adapter.model, &seqs, LoraCtx::EVAL).unwrap();
-    let b = mo_align::eval::sequence_nll(&merged.model, &seqs, LoraCtx::EVAL).unwrap();
+    let a = mo_align::eval::sequence_nll(&with_adapter.model, &seqs, ForwardCtx::EVAL).unwrap();
+    let b = mo_align::eval::sequence_nll(&merged.model, &seqs, ForwardCtx::EVAL).unwrap();
     assert!(
         (a.nll - b.nll).abs() / a.tokens as f64 <= 1e-5,
         "{} vs {}",
@@ -292,7 +292,7 @@ fn hf_sequence_classifier_judge_scores_the_last_token() {
     w.insert("score.weight".into(), score.clone());
     std::fs::write(
         dir.join("model.safetensors"),
-        mo_align::model::lora::safetensors_bytes(&w, None).unwrap(),
+        mo_align::io::safetensors_bytes(&w, None).unwrap(),
     )
     .unwrap();
 
@@ -310,8 +310,9 @@ fn hf_sequence_classifier_judge_scores_the_last_token() {
     .unwrap();
     let mut ids = base.tokenizer.encode_prompt(&items[0].0).unwrap();
     ids.extend(base.tokenizer.encode_response(&items[0].1).unwrap());
-    let f = mo_align::reward::last_token_features(&base.model, &[&ids], 1, LoraCtx::EVAL, &|_| {})
-        .unwrap();
+    let f =
+        mo_align::reward::last_token_features(&base.model, &[&ids], 1, ForwardCtx::EVAL, &|_| {})
+            .unwrap();
     let want = f
         .matmul(&score.t().unwrap())
         .unwrap()

@@ -10,9 +10,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::readiness::*;
 use mo_align::generate::{generate, pick_token, SamplingConfig};
-use mo_align::model::lora::LoraCtx;
+use mo_align::model::ctx::ForwardCtx;
+use mo_align::model::input::ModelInput;
 use mo_align::model::matmul::set_layout_guard;
-use mo_align::model::qwen2::ModelInput;
 use mo_align::rng::stream_rng;
 use rand::Rng;
 
@@ -105,7 +105,7 @@ fn the_f16_residual_stream_does_not_overflow() {
     let input = ModelInput::right_padded(&seqs[..1], 0, &Device::Cpu).unwrap();
     let hidden = |dtype| {
         build(dtype)
-            .forward(&input, LoraCtx::EVAL, None)
+            .forward(&input, ForwardCtx::EVAL, None)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
@@ -133,7 +133,7 @@ fn host_greedy(m: &mo_align::Qwen2, prompt: &[u32], cfg: &SamplingConfig) -> Vec
     let mut out = vec![];
     for _ in 0..cfg.max_new_tokens {
         let input = ModelInput::right_padded(std::slice::from_ref(&seq), 0, &m.device).unwrap();
-        let hidden = m.forward(&input, LoraCtx::EVAL, None).unwrap();
+        let hidden = m.forward(&input, ForwardCtx::EVAL, None).unwrap();
         let last = hidden
             .narrow(1, seq.len() - 1, 1)
             .unwrap()
@@ -168,7 +168,7 @@ fn batched_greedy_generation_chooses_on_the_device_as_the_host_does() {
             ..SamplingConfig::default()
         };
         // B = 3 with different prompt lengths: left padding, a KV cache, [B, V] logits.
-        let got = generate(&m, &prompts, &[0, 1, 2], &cfg, &[], 0, LoraCtx::EVAL).unwrap();
+        let got = generate(&m, &prompts, &[0, 1, 2], &cfg, &[], 0, ForwardCtx::EVAL).unwrap();
         for (p, g) in prompts.iter().zip(&got) {
             assert_eq!(g, &host_greedy(&m, p, &cfg), "penalty {penalty}");
         }

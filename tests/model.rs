@@ -6,14 +6,15 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::*;
 use mo_align::generate::{generate, greedy_no_cache, SamplingConfig};
+use mo_align::model::ctx::ForwardCtx;
+use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
 use mo_align::model::loader::apply_adapter;
-use mo_align::model::lora::{LoraConfig, LoraCtx};
-use mo_align::model::qwen2::ModelInput;
-use mo_align::model::{Adapters, Qwen2};
+use mo_align::model::lora::LoraConfig;
+use mo_align::model::Qwen2;
 
 /// Per-token log-probs of `ids[1..]` given the prefix (one sequence, no padding).
-fn logprobs(model: &Qwen2, ids: &[u32], ctx: LoraCtx) -> Vec<f64> {
+fn logprobs(model: &Qwen2, ids: &[u32], ctx: ForwardCtx) -> Vec<f64> {
     let input = ModelInput::right_padded(&[ids.to_vec()], 0, &model.device).unwrap();
     let hidden = model.forward(&input, ctx, None).unwrap();
     let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
@@ -121,7 +122,7 @@ fn hidden_states_and_logprobs_match_transformers() {
         let m = load_tiny(dtype).model;
         let input = ModelInput::right_padded(&seqs[..1], 0, &Device::Cpu).unwrap();
         let hidden = m
-            .forward(&input, LoraCtx::EVAL, None)
+            .forward(&input, ForwardCtx::EVAL, None)
             .unwrap()
             .squeeze(0)
             .unwrap();
@@ -141,7 +142,7 @@ fn hidden_states_and_logprobs_match_transformers() {
         let d = max_abs_diff(&ours, &theirs);
         assert!(d < tol * 10.0, "{key}: hidden states differ by {d}");
         for (s, want) in seqs.iter().zip(g[key]["logprobs"].as_array().unwrap()) {
-            let d = max_abs_diff(&logprobs(&m, s, LoraCtx::EVAL), &json_f64s(want));
+            let d = max_abs_diff(&logprobs(&m, s, ForwardCtx::EVAL), &json_f64s(want));
             assert!(d < tol * 10.0, "{key}: log-probs differ by {d}");
         }
     }
@@ -160,12 +161,12 @@ fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
         assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
         for (i, s) in seqs.iter().enumerate() {
             let d = max_abs_diff(
-                &logprobs(&m, s, LoraCtx::EVAL),
+                &logprobs(&m, s, ForwardCtx::EVAL),
                 &json_f64s(&g[key]["lora_logprobs"][i]),
             );
             assert!(d < tol, "{key}: adapter log-probs differ by {d}");
             let d = max_abs_diff(
-                &logprobs(&m, s, LoraCtx::REFERENCE),
+                &logprobs(&m, s, ForwardCtx::REFERENCE),
                 &json_f64s(&g[key]["disabled_logprobs"][i]),
             );
             assert!(d < tol, "{key}: disabled-adapter log-probs differ by {d}");
@@ -174,7 +175,7 @@ fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
         let ids = &seqs[0];
         let from = g[key]["sft_label_from"].as_u64().unwrap() as usize;
         let input = ModelInput::right_padded(std::slice::from_ref(ids), 0, &Device::Cpu).unwrap();
-        let hidden = m.forward(&input, LoraCtx::TRAIN, None).unwrap();
+        let hidden = m.forward(&input, train_ctx(), None).unwrap();
         let rows: Vec<u32> = (from as u32 - 1..ids.len() as u32 - 1).collect();
         let lp = m
             .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[from..], true)
@@ -273,7 +274,7 @@ fn matches_candle_transformers_qwen2_with_adapters_off_or_zero() {
     let mut model = loaded.model;
     model.attach_lora(&LoraConfig::default(), 7).unwrap(); // B = 0: a fresh adapter changes nothing
     let input = ModelInput::right_padded(&[ids], 0, &Device::Cpu).unwrap();
-    for ctx in [LoraCtx::EVAL, LoraCtx::REFERENCE] {
+    for ctx in [ForwardCtx::EVAL, ForwardCtx::REFERENCE] {
         let got = model.forward(&input, ctx, None).unwrap();
         let d = (&got - &want)
             .unwrap()
@@ -315,7 +316,7 @@ fn f64_model_with_random_lora() -> Qwen2 {
 
 fn scalar_loss(m: &Qwen2, ids: &[u32]) -> Tensor {
     let input = ModelInput::right_padded(&[ids.to_vec()], 0, &Device::Cpu).unwrap();
-    let hidden = m.forward(&input, LoraCtx::TRAIN, None).unwrap();
+    let hidden = m.forward(&input, train_ctx(), None).unwrap();
     let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
     let lp = m
         .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[1..], true)
@@ -395,7 +396,7 @@ fn padded_batch_gives_each_sequence_its_own_logprobs() {
     let m = load_tiny(DType::F32).model;
     let seqs = golden_seqs();
     let input = ModelInput::right_padded(&seqs, 0, &Device::Cpu).unwrap();
-    let hidden = m.forward(&input, LoraCtx::EVAL, None).unwrap();
+    let hidden = m.forward(&input, ForwardCtx::EVAL, None).unwrap();
     let t = hidden.dim(1).unwrap();
     for (b, s) in seqs.iter().enumerate() {
         let rows: Vec<u32> = (0..s.len() - 1).map(|i| (b * t + i) as u32).collect();
@@ -403,7 +404,7 @@ fn padded_batch_gives_each_sequence_its_own_logprobs() {
             .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &s[1..], false)
             .unwrap();
         let batched: Vec<f64> = lp.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
-        let d = max_abs_diff(&batched, &logprobs(&m, s, LoraCtx::EVAL));
+        let d = max_abs_diff(&batched, &logprobs(&m, s, ForwardCtx::EVAL));
         assert!(
             d < 1e-5,
             "sequence {b}: padded batch differs from alone by {d}"
@@ -480,11 +481,11 @@ fn kv_cache_and_batched_decoding_equal_full_recomputation() {
         &cfg,
         &[],
         tok.pad_id,
-        LoraCtx::EVAL,
+        ForwardCtx::EVAL,
     )
     .unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let want = greedy_no_cache(m, p, 12, LoraCtx::EVAL).unwrap();
+        let want = greedy_no_cache(m, p, 12, ForwardCtx::EVAL).unwrap();
         let alone = generate(
             m,
             std::slice::from_ref(p),
@@ -492,7 +493,7 @@ fn kv_cache_and_batched_decoding_equal_full_recomputation() {
             &cfg,
             &[],
             tok.pad_id,
-            LoraCtx::EVAL,
+            ForwardCtx::EVAL,
         )
         .unwrap();
         assert_eq!(
@@ -511,10 +512,10 @@ fn merged_adapter_equals_adapter() {
     let mut m = load_tiny(DType::F64).model;
     apply_adapter(&mut m, &golden_dir().join("adapter")).unwrap();
     let ids = golden_seqs()[0].clone();
-    let with_adapter = logprobs(&m, &ids, LoraCtx::EVAL);
+    let with_adapter = logprobs(&m, &ids, ForwardCtx::EVAL);
     m.merge_lora().unwrap();
     assert!(!m.has_lora());
-    let merged = logprobs(&m, &ids, Qwen2::ctx(Adapters::Enabled));
+    let merged = logprobs(&m, &ids, ForwardCtx::EVAL);
     assert!(max_abs_diff(&with_adapter, &merged) < 1e-10);
 }
 
@@ -524,22 +525,22 @@ fn forwards_without_a_gradient_record_no_graph() {
     m.attach_lora(&LoraConfig::default(), 1).unwrap();
     let input = ModelInput::right_padded(&golden_seqs(), 0, &Device::Cpu).unwrap();
     // No graph means no activations kept alive for a backward that never comes.
-    for ctx in [LoraCtx::EVAL, LoraCtx::REFERENCE] {
+    for ctx in [ForwardCtx::EVAL, ForwardCtx::REFERENCE] {
         assert!(!m.forward(&input, ctx, None).unwrap().track_op());
     }
-    assert!(m.forward(&input, LoraCtx::TRAIN, None).unwrap().track_op());
+    assert!(m.forward(&input, train_ctx(), None).unwrap().track_op());
 }
 
 #[test]
 fn recomputed_layers_give_the_same_gradients_with_dropout() {
-    use mo_align::model::checkpointing::GradSink;
+    use mo_align::model::ctx::GradSink;
     use mo_align::rng::DropoutRng;
     let mut m = f64_model_with_random_lora();
     for lin in m.linears_mut() {
         lin.lora.as_mut().unwrap().dropout = 0.2;
     }
     let ids = golden_seqs()[0].clone();
-    let loss = |ctx: LoraCtx| {
+    let loss = |ctx: ForwardCtx| {
         let input = ModelInput::right_padded(std::slice::from_ref(&ids), 0, &Device::Cpu).unwrap();
         let hidden = m.forward(&input, ctx, None).unwrap();
         let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
@@ -549,11 +550,11 @@ fn recomputed_layers_give_the_same_gradients_with_dropout() {
             .unwrap()
     };
     let plain_rng = DropoutRng::new(5);
-    let plain = loss(LoraCtx::train(&plain_rng));
+    let plain = loss(ForwardCtx::train(&plain_rng));
     let g_plain = plain.backward().unwrap();
     let sink = GradSink::new();
     let ckpt_rng = DropoutRng::new(5);
-    let ckpt = loss(LoraCtx::train(&ckpt_rng).with_recompute(&sink));
+    let ckpt = loss(ForwardCtx::train(&ckpt_rng).with_recompute(&sink));
     assert_eq!(
         plain.to_scalar::<f64>().unwrap(),
         ckpt.to_scalar::<f64>().unwrap()

@@ -7,8 +7,9 @@ use candle_core::{DType, Device};
 use common::*;
 use mo_align::data::preference::{preference_pair, PreferencePair};
 use mo_align::data::{load_splits, DataConfig, DataReport, Parsed};
-use mo_align::model::lora::{LoraConfig, LoraCtx};
-use mo_align::model::qwen2::ModelInput;
+use mo_align::model::ctx::ForwardCtx;
+use mo_align::model::input::ModelInput;
+use mo_align::model::lora::LoraConfig;
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::pair::pair_logprobs;
 use mo_align::recipes::dpo::{cached_reference, explicit_terms, Formulation, HybridConfig};
@@ -59,7 +60,7 @@ fn precomputed_reference_equals_inline_reference_and_survives_the_cache() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     // Inline: all six pairs in one batch, adapters disabled.
     let ids: Vec<_> = ps.iter().map(|p| p.ids()).collect();
-    let inline = pair_logprobs(&l.model, &ids, LoraCtx::REFERENCE).unwrap();
+    let inline = pair_logprobs(&l.model, &ids, ForwardCtx::REFERENCE).unwrap();
     assert_eq!(inline.chosen.to_vec1::<f32>().unwrap(), c1);
     assert_eq!(inline.rejected.to_vec1::<f32>().unwrap(), r1);
 }
@@ -77,7 +78,7 @@ fn packed_pairs_score_exactly_the_response_tokens() {
         let lp = pair_logprobs(
             &l.model,
             &[(&p.prompt, &p.chosen, &p.rejected)],
-            LoraCtx::EVAL,
+            ForwardCtx::EVAL,
         )
         .unwrap();
         assert_eq!(
@@ -89,7 +90,8 @@ fn packed_pairs_score_exactly_the_response_tokens() {
             let seq: Vec<u32> = p.prompt.iter().chain(resp.iter()).copied().collect();
             let labelled: Vec<bool> = (0..seq.len()).map(|i| i >= p.prompt.len()).collect();
             let alone =
-                mo_align::eval::sequence_nll(&l.model, &[(seq, labelled)], LoraCtx::EVAL).unwrap();
+                mo_align::eval::sequence_nll(&l.model, &[(seq, labelled)], ForwardCtx::EVAL)
+                    .unwrap();
             assert_eq!(alone.tokens, resp.len());
             let got = got.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()[0];
             // Pair sums are f32; the f64 model makes everything before that exact.
@@ -128,7 +130,7 @@ fn at_step_zero_the_policy_is_the_reference() {
         explicit: false,
     };
     let dropout = DropoutRng::new(3);
-    for ctx in [LoraCtx::EVAL, LoraCtx::train(&dropout)] {
+    for ctx in [ForwardCtx::EVAL, ForwardCtx::train(&dropout)] {
         let out = dpo.loss(&batch, ctx).unwrap();
         let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
         for k in [
@@ -159,7 +161,7 @@ fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
         explicit: false,
     };
     let plain = dpo
-        .loss(&batch, LoraCtx::EVAL)
+        .loss(&batch, ForwardCtx::EVAL)
         .unwrap()
         .loss_sum
         .to_scalar::<f32>()
@@ -182,7 +184,7 @@ fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
         }
         let batch: Vec<&DpoExample> = ex.iter().collect();
         let got = dpo
-            .loss(&batch, LoraCtx::EVAL)
+            .loss(&batch, ForwardCtx::EVAL)
             .unwrap()
             .loss_sum
             .to_scalar::<f32>()
@@ -431,8 +433,8 @@ fn cached_reward_features_equal_recomputed_ones() {
         "t",
     )
     .unwrap();
-    let c =
-        mo_align::reward::last_token_features(&l.model, &refs, 1, LoraCtx::EVAL, &|_| {}).unwrap();
+    let c = mo_align::reward::last_token_features(&l.model, &refs, 1, ForwardCtx::EVAL, &|_| {})
+        .unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
     let d = (a - &c)
         .unwrap()
@@ -445,7 +447,7 @@ fn cached_reward_features_equal_recomputed_ones() {
     assert!(d < 1e-5, "batched features differ from one-by-one by {d}");
     // The last-token feature is the final hidden state at that position.
     let input = ModelInput::right_padded(&seqs[..1], 0, &Device::Cpu).unwrap();
-    let h = l.model.forward(&input, LoraCtx::EVAL, None).unwrap();
+    let h = l.model.forward(&input, ForwardCtx::EVAL, None).unwrap();
     let last = h.get(0).unwrap().get(seqs[0].len() - 1).unwrap();
     assert_eq!(
         last.to_vec1::<f32>().unwrap(),

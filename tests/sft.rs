@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::loader::{apply_adapter, load_pretrained};
-use mo_align::model::lora::LoraCtx;
 use mo_align::recipes::sft;
 use std::collections::HashMap;
 use std::path::Path;
@@ -321,9 +321,9 @@ fn peft_files_have_peft_names_shapes_and_config_and_reload_to_the_same_logprobs(
         ids.clone(),
         (0..ids.len()).map(|i| i > 0).collect::<Vec<_>>(),
     )];
-    let x = mo_align::eval::sequence_nll(&trained.model, &seqs, LoraCtx::EVAL).unwrap();
-    let y = mo_align::eval::sequence_nll(&via_cli.model, &seqs, LoraCtx::EVAL).unwrap();
-    let base = mo_align::eval::sequence_nll(&via_cli.model, &seqs, LoraCtx::REFERENCE).unwrap();
+    let x = mo_align::eval::sequence_nll(&trained.model, &seqs, ForwardCtx::EVAL).unwrap();
+    let y = mo_align::eval::sequence_nll(&via_cli.model, &seqs, ForwardCtx::EVAL).unwrap();
+    let base = mo_align::eval::sequence_nll(&via_cli.model, &seqs, ForwardCtx::REFERENCE).unwrap();
     assert_eq!(x, y);
     assert!(
         (x.nll - base.nll).abs() > 1e-4,

@@ -1,4 +1,4 @@
-//! Activation checkpointing for decoder layers.
+//! Activation checkpointing (used for decoder layers).
 //!
 //! A checkpointed layer runs its forward without a graph and keeps only its input. In the
 //! backward, the layer is run again with a graph (same dropout masks: the generator restarts
@@ -7,71 +7,44 @@
 //! custom op returns gradients for its inputs only), so they go to a `GradSink` that the
 //! trainer adds to the outer gradients.
 
+use super::ctx::{ForwardCtx, GradSink};
 use super::fused::attach1;
-use super::lora::LoraCtx;
-use super::qwen2::{DecoderLayer, ModelInput, Rope};
 use crate::rng::DropoutRng;
-use candle_core::{Result, Tensor, TensorId, Var};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use candle_core::{Result, Tensor, Var};
+use std::sync::Arc;
 
-/// Gradients of trainable tensors computed inside recomputed layers.
-#[derive(Default)]
-pub struct GradSink {
-    grads: Mutex<HashMap<TensorId, Tensor>>,
-}
-
-impl GradSink {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    fn add(&self, id: TensorId, g: &Tensor) -> Result<()> {
-        let mut map = self.grads.lock().expect("grad sink poisoned");
-        let sum = match map.remove(&id) {
-            Some(acc) => (acc + g)?,
-            None => g.clone(),
-        };
-        map.insert(id, sum);
-        Ok(())
-    }
-
-    /// Removes and returns the gradient deposited for `id`.
-    pub fn take(&self, id: TensorId) -> Option<Tensor> {
-        self.grads.lock().expect("grad sink poisoned").remove(&id)
-    }
-}
-
-/// `layer(x)`, keeping only `x` for the backward.
-pub fn checkpointed_layer(
-    layer: &DecoderLayer,
+/// `f(x)`, keeping only `x` for the backward. There `f` runs again with a graph (its dropout
+/// generator restarted at the same call id, so the masks are the same), `<f(x), incoming
+/// gradient>` is differentiated, the input gradient is returned to the outer graph and the
+/// gradients of `params` found inside go to `sink`.
+pub fn checkpointed<F>(
     x: &Tensor,
-    input: &ModelInput,
-    rope: &Rope,
-    ctx: LoraCtx,
+    ctx: ForwardCtx,
     sink: &Arc<GradSink>,
-) -> Result<Tensor> {
+    params: Vec<Var>,
+    f: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, ForwardCtx) -> Result<Tensor> + Send + Sync + 'static,
+{
     let replay = ctx.dropout.map(|d| (d.seed(), d.calls()));
-    // On the detached input nothing inside the layer is recorded.
-    let y = layer.forward(
+    // On the detached input nothing inside `f` is recorded.
+    let y = f(
         &x.detach(),
-        input,
-        rope,
-        LoraCtx {
+        ForwardCtx {
             grad: false,
             recompute: None,
             ..ctx
         },
-        None,
     )?;
-    // The first layer's input (embeddings) is outside any graph: make it a leaf so the layer's
-    // backward (and with it the adapter gradients) still runs.
+    // The first layer's input (embeddings) is outside any graph: make it a leaf so the
+    // backward (and with it the parameter gradients) still runs.
     let x = if x.track_op() {
         x.clone()
     } else {
         Var::from_tensor(x)?.as_tensor().clone()
     };
-    let (layer, input, rope, sink) = (layer.clone(), input.clone(), rope.clone(), sink.clone());
+    let sink = sink.clone();
     let (x_saved, adapters) = (x.detach(), ctx.adapters);
     attach1(
         &x,
@@ -79,21 +52,17 @@ pub fn checkpointed_layer(
         Box::new(move |dy| {
             let xv = Var::from_tensor(&x_saved)?;
             let rng = replay.map(|(seed, calls)| DropoutRng::starting_at(seed, calls));
-            let ctx = LoraCtx {
+            let ctx = ForwardCtx {
                 adapters,
                 dropout: rng.as_ref(),
                 grad: true,
                 recompute: None,
             };
-            let out = layer.forward(xv.as_tensor(), &input, &rope, ctx, None)?;
+            let out = f(xv.as_tensor(), ctx)?;
             let grads = (out * dy)?.sum_all()?.backward()?;
-            for lin in layer.linears() {
-                if let Some(l) = &lin.lora {
-                    for var in [&l.a, &l.b] {
-                        if let Some(g) = grads.get(var.as_tensor()) {
-                            sink.add(var.as_tensor().id(), g)?;
-                        }
-                    }
+            for var in &params {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    sink.add(var.as_tensor().id(), g)?;
                 }
             }
             match grads.get(xv.as_tensor()) {

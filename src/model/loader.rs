@@ -265,8 +265,8 @@ pub fn load_with_config(
 
 /// Attaches the PEFT adapter in `dir` (ours or PEFT's own files) to `model`.
 pub fn apply_adapter(model: &mut Qwen2, dir: &Path) -> Result<super::LoraConfig> {
-    let cfg = super::lora::read_peft_config(dir)?;
-    let mut tensors = super::lora::read_peft_tensors(dir, &model.device)?;
+    let cfg = super::peft::read_peft_config(dir)?;
+    let mut tensors = super::peft::read_peft_tensors(dir, &model.device)?;
     let file = dir.join("adapter_model.safetensors");
     for lin in model.linears_mut() {
         let name = super::qwen2::module_name(&lin.path).to_string();

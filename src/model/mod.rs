@@ -3,18 +3,22 @@
 
 pub mod checkpointing;
 pub mod config;
+pub mod ctx;
 pub mod dropout;
 pub mod frozen;
 pub mod fused;
+pub mod input;
 pub mod lm_head;
 pub mod loader;
 pub mod lora;
 pub mod matmul;
+pub mod peft;
 pub mod qwen2;
 pub mod tiny;
 
 pub use config::Qwen2Config;
-pub use lora::{Adapters, LoraConfig};
+pub use ctx::{Adapters, ForwardCtx};
+pub use lora::LoraConfig;
 pub use qwen2::{KvCache, Qwen2};
 
 use anyhow::{bail, Result};

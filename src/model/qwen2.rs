@@ -8,9 +8,12 @@
 //! `forward` returns final hidden states; `lm_head` turns them into log-probs of given targets
 //! without materialising full-vocabulary logits.
 
+use super::checkpointing::checkpointed;
 use super::config::Qwen2Config;
+use super::ctx::ForwardCtx;
 use super::fused;
-use super::lora::{Adapters, LoraConfig, LoraCtx, LoraLinear};
+use super::input::ModelInput;
+use super::lora::{LoraConfig, LoraLinear};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// RMSNorm in f32, as transformers computes it, then scaled by the (frozen) weight.
@@ -115,7 +118,7 @@ impl Attention {
         x: &Tensor,
         input: &ModelInput,
         rope: &Rope,
-        ctx: LoraCtx,
+        ctx: ForwardCtx,
         cache: Option<&mut (Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -173,7 +176,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, ctx: LoraCtx) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, ctx)?;
         let up = self.up_proj.forward(x, ctx)?;
         self.down_proj.forward(&fused::swiglu(&gate, &up)?, ctx)
@@ -194,7 +197,7 @@ impl DecoderLayer {
         x: &Tensor,
         input: &ModelInput,
         rope: &Rope,
-        ctx: LoraCtx,
+        ctx: ForwardCtx,
         cache: Option<&mut (Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let h =
@@ -222,6 +225,15 @@ impl DecoderLayer {
         ]
     }
 
+    /// The layer's adapter tensors (A and B of every adapted projection).
+    pub fn lora_vars(&self) -> Vec<Var> {
+        self.linears()
+            .into_iter()
+            .filter_map(|lin| lin.lora.as_ref())
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+
     pub fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
@@ -233,124 +245,6 @@ impl DecoderLayer {
             &mut m.up_proj,
             &mut m.down_proj,
         ]
-    }
-}
-
-/// Token ids with their positions and the additive attention bias (causal + padding).
-#[derive(Clone)]
-pub struct ModelInput {
-    /// [B, T] u32
-    pub ids: Tensor,
-    /// [B, T] u32 rotary positions
-    pub positions: Tensor,
-    /// [B, 1, T, T_keys] f32: 0 where a query may attend, the most negative f32 elsewhere
-    /// (finite, so a fully masked padding row gives a uniform softmax instead of NaN).
-    pub bias: Tensor,
-}
-
-impl ModelInput {
-    /// Builds the input for queries `ids` appended after `past` cached keys.
-    /// `key_valid[b]` covers past + current keys; query i sits at key index past + i.
-    pub fn new(
-        ids: &[Vec<u32>],
-        positions: &[Vec<u32>],
-        key_valid: &[Vec<bool>],
-        device: &Device,
-    ) -> Result<Self> {
-        let b = ids.len();
-        let t = ids.first().map_or(0, Vec::len);
-        let tk = key_valid.first().map_or(0, Vec::len);
-        let past = tk - t;
-        let mut bias = vec![f32::MIN; b * t * tk];
-        for (bi, valid) in key_valid.iter().enumerate() {
-            for i in 0..t {
-                let row = &mut bias[(bi * t + i) * tk..(bi * t + i + 1) * tk];
-                for (j, v) in row.iter_mut().enumerate().take(past + i + 1) {
-                    if valid[j] {
-                        *v = 0.0;
-                    }
-                }
-            }
-        }
-        let flat_ids: Vec<u32> = ids.iter().flatten().copied().collect();
-        let flat_pos: Vec<u32> = positions.iter().flatten().copied().collect();
-        Ok(Self {
-            ids: Tensor::from_vec(flat_ids, (b, t), device)?,
-            positions: Tensor::from_vec(flat_pos, (b, t), device)?,
-            bias: Tensor::from_vec(bias, (b, 1, t, tk), device)?,
-        })
-    }
-
-    /// One sequence with an arbitrary visibility rule: query i may attend to key j when
-    /// `visible(i, j)`.
-    pub fn single(
-        ids: Vec<u32>,
-        positions: Vec<u32>,
-        visible: impl Fn(usize, usize) -> bool,
-        device: &Device,
-    ) -> Result<Self> {
-        let t = ids.len();
-        let mut bias = vec![f32::MIN; t * t];
-        for i in 0..t {
-            for j in 0..t {
-                if visible(i, j) {
-                    bias[i * t + j] = 0.0;
-                }
-            }
-        }
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (1, t), device)?,
-            positions: Tensor::from_vec(positions, (1, t), device)?,
-            bias: Tensor::from_vec(bias, (1, 1, t, t), device)?,
-        })
-    }
-
-    /// A preference pair packed as `[prompt | chosen | rejected]`: the prompt runs once, each
-    /// response attends to the prompt and to its own earlier tokens, and both responses continue
-    /// the prompt's positions, so each response sees exactly what it would see alone.
-    pub fn packed_pair(
-        prompt: &[u32],
-        chosen: &[u32],
-        rejected: &[u32],
-        device: &Device,
-    ) -> Result<Self> {
-        let (p, c, r) = (
-            prompt.len() as u32,
-            chosen.len() as u32,
-            rejected.len() as u32,
-        );
-        let ids: Vec<u32> = prompt
-            .iter()
-            .chain(chosen)
-            .chain(rejected)
-            .copied()
-            .collect();
-        let positions: Vec<u32> = (0..p + c).chain(p..p + r).collect();
-        let (p, c) = (p as usize, c as usize);
-        let segment = |i: usize| usize::from(i >= p) + usize::from(i >= p + c);
-        let visible = |i: usize, j: usize| j <= i && (j < p || segment(j) == segment(i));
-        Self::single(ids, positions, visible, device)
-    }
-
-    /// Right-padded batch of whole sequences (training, scoring): positions 0..len.
-    pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let ids: Vec<Vec<u32>> = seqs
-            .iter()
-            .map(|s| {
-                s.iter()
-                    .copied()
-                    .chain(std::iter::repeat(pad_id))
-                    .take(t)
-                    .collect()
-            })
-            .collect();
-        let valid: Vec<Vec<bool>> = seqs
-            .iter()
-            .map(|s| (0..t).map(|i| i < s.len()).collect())
-            .collect();
-        let positions: Vec<Vec<u32>> = seqs.iter().map(|_| (0..t as u32).collect()).collect();
-        Self::new(&ids, &positions, &valid, device)
     }
 }
 
@@ -486,7 +380,7 @@ impl Qwen2 {
     pub fn forward(
         &self,
         input: &ModelInput,
-        ctx: LoraCtx,
+        ctx: ForwardCtx,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input.ids.dims2()?;
@@ -498,9 +392,13 @@ impl Qwen2 {
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
             x = match ctx.recompute {
-                Some(sink) if ctx.grad => super::checkpointing::checkpointed_layer(
-                    layer, &x, input, &self.rope, ctx, sink,
-                )?,
+                Some(sink) if ctx.grad => {
+                    let (layer, input, rope) = (layer.clone(), input.clone(), self.rope.clone());
+                    let params = layer.lora_vars();
+                    checkpointed(&x, ctx, sink, params, move |x, ctx| {
+                        layer.forward(x, &input, &rope, ctx, None)
+                    })?
+                }
                 _ => layer.forward(&x, input, &self.rope, ctx, layer_cache)?,
             };
         }
@@ -572,16 +470,6 @@ impl Qwen2 {
                 })
             })
             .collect()
-    }
-
-    /// Adapters on or off for this model as a whole (convenience for callers holding a flag).
-    pub fn ctx(adapters: Adapters) -> LoraCtx<'static> {
-        LoraCtx {
-            adapters,
-            dropout: None,
-            grad: false,
-            recompute: None,
-        }
     }
 }
 

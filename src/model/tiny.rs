@@ -4,7 +4,7 @@
 //! real model.
 
 use super::config::Qwen2Config;
-use super::lora::safetensors_bytes;
+use crate::io::safetensors_bytes;
 use crate::io::write_atomic;
 use crate::rng::{normal_vec, stream_rng};
 use anyhow::{Context, Result};

@@ -9,7 +9,7 @@
 
 use super::pair::pair_logprobs;
 use crate::data::preference::PreferencePair;
-use crate::model::lora::LoraCtx;
+use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen2;
 use crate::train::{LossOutput, Objective};
 use candle_core::{Result, Tensor};
@@ -131,7 +131,7 @@ impl Objective for Dpo<'_> {
         1.0
     }
 
-    fn loss(&self, batch: &[&DpoExample], ctx: LoraCtx) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&DpoExample], ctx: ForwardCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
         let ids: Vec<_> = batch.iter().map(|e| e.pair.ids()).collect();
         let lp = pair_logprobs(self.model, &ids, ctx)?;

@@ -7,9 +7,9 @@ pub mod reward_head;
 pub mod reward_weighted;
 pub mod scalarize;
 
+use crate::model::ctx::ForwardCtx;
+use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
-use crate::model::lora::LoraCtx;
-use crate::model::qwen2::ModelInput;
 use crate::model::Qwen2;
 use candle_core::{DType, Result, Tensor};
 
@@ -44,7 +44,7 @@ impl LabelledLogprobs {
 pub fn labelled_logprobs(
     model: &Qwen2,
     seqs: &[(&[u32], &[bool])],
-    ctx: LoraCtx,
+    ctx: ForwardCtx,
 ) -> Result<LabelledLogprobs> {
     let ids: Vec<Vec<u32>> = seqs.iter().map(|(i, _)| i.to_vec()).collect();
     let input = ModelInput::right_padded(&ids, 0, &model.device)?;

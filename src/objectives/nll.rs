@@ -2,7 +2,7 @@
 //! over all labelled tokens of an optimizer step.
 
 use super::labelled_logprobs;
-use crate::model::lora::LoraCtx;
+use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen2;
 use crate::tokenizer::LabelledIds;
 use crate::train::{LossOutput, Objective};
@@ -28,7 +28,7 @@ impl Objective for Nll<'_> {
         predicted_tokens(ex) as f64
     }
 
-    fn loss(&self, batch: &[&LabelledIds], ctx: LoraCtx) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&LabelledIds], ctx: ForwardCtx) -> Result<LossOutput> {
         let seqs: Vec<(&[u32], &[bool])> = batch
             .iter()
             .map(|e| (e.ids.as_slice(), e.labelled.as_slice()))

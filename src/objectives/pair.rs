@@ -3,9 +3,9 @@
 //! (gradients flow through the shared prefix). Each pair is computed the same way whatever
 //! batch it is in, so precomputed reference log-probs equal an inline reference bit for bit.
 
+use crate::model::ctx::ForwardCtx;
+use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
-use crate::model::lora::LoraCtx;
-use crate::model::qwen2::ModelInput;
 use crate::model::Qwen2;
 use candle_core::{DType, Result, Tensor};
 
@@ -20,7 +20,7 @@ pub struct PairLogps {
 /// (prompt, chosen, rejected) token ids.
 pub type PairIds<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
-pub fn pair_logprobs(model: &Qwen2, pairs: &[PairIds], ctx: LoraCtx) -> Result<PairLogps> {
+pub fn pair_logprobs(model: &Qwen2, pairs: &[PairIds], ctx: ForwardCtx) -> Result<PairLogps> {
     let (mut chosen, mut rejected) = (vec![], vec![]);
     for &(prompt, c, r) in pairs {
         if prompt.is_empty() || c.is_empty() || r.is_empty() {
@@ -56,7 +56,7 @@ pub fn reference_logprobs(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (mut c, mut r) = (vec![], vec![]);
     for (i, pair) in pairs.iter().enumerate() {
-        let lp = pair_logprobs(model, std::slice::from_ref(pair), LoraCtx::REFERENCE)?;
+        let lp = pair_logprobs(model, std::slice::from_ref(pair), ForwardCtx::REFERENCE)?;
         c.push(lp.chosen.to_vec1::<f32>()?[0]);
         r.push(lp.rejected.to_vec1::<f32>()?[0]);
         progress(i + 1);

@@ -1,6 +1,6 @@
 //! Reward-head regression on cached backbone features: masked MSE against normalised ratings.
 
-use crate::model::lora::LoraCtx;
+use crate::model::ctx::ForwardCtx;
 use crate::reward::{masked_sq_error, RewardHead};
 use crate::train::{LossOutput, Objective};
 use candle_core::{Result, Tensor};
@@ -33,7 +33,7 @@ impl Objective for RewardRegression<'_> {
         ex.mask.iter().map(|&m| m as f64).sum()
     }
 
-    fn loss(&self, batch: &[&RatedFeatures], _ctx: LoraCtx) -> Result<LossOutput> {
+    fn loss(&self, batch: &[&RatedFeatures], _ctx: ForwardCtx) -> Result<LossOutput> {
         let dev = self.features.device();
         let rows: Vec<u32> = batch.iter().map(|e| e.row as u32).collect();
         let x = self

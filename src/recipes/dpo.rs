@@ -10,8 +10,9 @@ use super::{load_base, load_policy, prepare_output, train_adapter, AdapterRun, M
 use crate::cache::{cache_dir, load_or_compute, model_digest, Digest};
 use crate::data::preference::{preference_pair, PreferencePair};
 use crate::data::{load_splits, DataConfig};
+use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
-use crate::model::lora::{LoraConfig, LoraCtx};
+use crate::model::lora::LoraConfig;
 use crate::model::Qwen2;
 use crate::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use crate::objectives::pair::{reference_logprobs, PairIds};
@@ -256,10 +257,10 @@ pub fn cached_rm_scores(
     };
     let other;
     let (backbone, ctx) = if same_backbone {
-        (policy, LoraCtx::REFERENCE)
+        (policy, ForwardCtx::REFERENCE)
     } else {
         other = load_base(&backbone_cfg, train_cfg)?;
-        (&other, LoraCtx::EVAL)
+        (&other, ForwardCtx::EVAL)
     };
     if backbone.model.config.hidden_size != head.info.hidden_size {
         bail!(

@@ -8,8 +8,8 @@ use crate::data::source::read_records;
 use crate::data::{load_splits, str_field, DataConfig, FieldError};
 use crate::generate::{generate, SamplingConfig};
 use crate::judge::{win_rate, Judge, Verdict, WinRate};
+use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{apply_adapter, load_pretrained, Loaded};
-use crate::model::lora::LoraCtx;
 use crate::objectives::nll::Nll;
 use crate::objectives::pair::pair_logprobs;
 use crate::recipes::train_rm::score_sequences;
@@ -139,7 +139,7 @@ pub fn answer_prompts(
             sampling,
             &tok.stop_ids(),
             tok.pad_id,
-            LoraCtx::EVAL,
+            ForwardCtx::EVAL,
         )?;
         for g in gen {
             let end = g
@@ -277,8 +277,8 @@ pub fn preference_eval(
     let (mut acc, mut margin, mut rc, mut rr) = (0.0, 0.0, 0.0, 0.0);
     for p in &pairs {
         let ids = [p.ids()];
-        let pol = pair_logprobs(&loaded.model, &ids, LoraCtx::EVAL)?;
-        let refp = pair_logprobs(&loaded.model, &ids, LoraCtx::REFERENCE)?;
+        let pol = pair_logprobs(&loaded.model, &ids, ForwardCtx::EVAL)?;
+        let refp = pair_logprobs(&loaded.model, &ids, ForwardCtx::REFERENCE)?;
         let c = beta * (pol.chosen.to_vec1::<f32>()?[0] - refp.chosen.to_vec1::<f32>()?[0]) as f64;
         let r =
             beta * (pol.rejected.to_vec1::<f32>()?[0] - refp.rejected.to_vec1::<f32>()?[0]) as f64;
@@ -301,7 +301,7 @@ pub fn preference_eval(
             .flat_map(|p| [full(p, &p.chosen), full(p, &p.rejected)])
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let scores = score_sequences(&loaded.model, &head, &refs, 8, LoraCtx::REFERENCE)?;
+        let scores = score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::REFERENCE)?;
         let mut per = serde_json::Map::new();
         for (k, name) in head.info.objectives.iter().enumerate() {
             let c: Vec<f64> = scores.iter().step_by(2).map(|s| s[k] as f64).collect();
@@ -355,7 +355,7 @@ pub fn score_file(
     let scores = if refs.is_empty() {
         vec![]
     } else {
-        score_sequences(&loaded.model, &head, &refs, 8, LoraCtx::EVAL)?
+        score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::EVAL)?
     };
     let mut out = String::new();
     for (mut v, s) in records.into_iter().zip(&scores) {

@@ -1,9 +1,9 @@
 //! `mo-align merge`: base + adapter folded into one Hugging Face checkpoint (safetensors,
 //! config, tokenizer files) that transformers, vLLM and mo-align load as a plain model.
 
+use crate::io::safetensors_bytes;
 use crate::io::{write_atomic, AtomicDir};
 use crate::model::loader::{load_pretrained, Loaded};
-use crate::model::lora::safetensors_bytes;
 use crate::model::{dtype_name, parse_dtype};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};

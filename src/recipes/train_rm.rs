@@ -7,7 +7,7 @@ use crate::cache::{cache_dir, load_or_compute, model_digest, Digest};
 use crate::data::preference::preference_pair;
 use crate::data::ratings::{rated_responses, RatedResponse, DEFAULT_OBJECTIVES};
 use crate::data::{load_splits, DataConfig, Splits};
-use crate::model::lora::LoraCtx;
+use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen2;
 use crate::objectives::reward_head::{RatedFeatures, RewardRegression};
 use crate::objectives::scalarize::{build as build_scalarizer, ScalarizerKind};
@@ -96,7 +96,7 @@ pub fn cached_features(
     }
     let (t, hit) = load_or_compute(dir, "features", &key, &model.device, || {
         let bar = Progress::new(seqs.len() as u64, 0, quiet, label);
-        let f = last_token_features(model, seqs, batch, LoraCtx::EVAL, &|n| {
+        let f = last_token_features(model, seqs, batch, ForwardCtx::EVAL, &|n| {
             bar.set(n as u64, String::new())
         })?;
         bar.finish();
@@ -326,7 +326,7 @@ pub fn score_sequences(
     head: &RewardHead,
     seqs: &[&[u32]],
     batch: usize,
-    ctx: LoraCtx,
+    ctx: ForwardCtx,
 ) -> Result<Vec<Vec<f32>>> {
     let f = last_token_features(model, seqs, batch, ctx, &|_| {})?;
     Ok(head.predict(&f)?.to_vec2::<f32>()?)

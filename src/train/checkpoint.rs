@@ -4,8 +4,8 @@
 
 use super::optim::AdamW;
 use super::trainable::Trainable;
+use crate::io::safetensors_bytes;
 use crate::io::{write_json_atomic, AtomicDir};
-use crate::model::lora::safetensors_bytes;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};

@@ -7,7 +7,7 @@ pub mod schedule;
 pub mod trainable;
 pub mod trainer;
 
-use crate::model::lora::LoraCtx;
+use crate::model::ctx::ForwardCtx;
 use candle_core::{Result, Tensor};
 use schedule::SchedulerKind;
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ pub trait Objective {
     /// Summed loss over the batch and summed metrics (the trainer divides both by the summed
     /// weights). `ctx` carries the adapter switch, dropout, and whether a gradient will be
     /// taken. The objective holds what it computes with (model, scores, features).
-    fn loss(&self, batch: &[&Self::Example], ctx: LoraCtx) -> Result<LossOutput>;
+    fn loss(&self, batch: &[&Self::Example], ctx: ForwardCtx) -> Result<LossOutput>;
 }
 
 pub struct LossOutput {

@@ -1,7 +1,8 @@
 //! What the trainer updates and saves: a LoRA adapter (PEFT files) or a reward head. The loop
 //! does not care which; checkpoints hold the artifact, the optimizer state and the trainer state.
 
-use crate::model::lora::{read_peft_tensors, write_peft_adapter, LoraConfig};
+use crate::model::lora::LoraConfig;
+use crate::model::peft::{read_peft_tensors, write_peft_adapter};
 use crate::model::Qwen2;
 use anyhow::{Context, Result};
 use candle_core::Var;

@@ -10,8 +10,8 @@ use super::trainable::Trainable;
 use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
 use crate::io::JsonlWriter;
-use crate::model::checkpointing::GradSink;
-use crate::model::lora::LoraCtx;
+use crate::model::ctx::ForwardCtx;
+use crate::model::ctx::GradSink;
 use crate::rng::{mix_seed, DropoutRng};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -80,7 +80,7 @@ fn train_step<O: Objective>(
         let batch: Vec<&O::Example> = idxs.iter().map(|&i| &run.train[i]).collect();
         let dropout = DropoutRng::new(mix_seed(run.cfg.seed, state.step, k as u64));
         let sink = GradSink::new();
-        let ctx = LoraCtx::train(&dropout);
+        let ctx = ForwardCtx::train(&dropout);
         let ctx = if run.cfg.recompute_layers {
             ctx.with_recompute(&sink)
         } else {
@@ -161,7 +161,7 @@ pub fn evaluate<O: Objective>(
     let (mut loss, mut weight, mut sums) = (0.0, 0.0, BTreeMap::<String, f64>::new());
     for idxs in order.chunks(batch_size.max(1)) {
         let batch: Vec<&O::Example> = idxs.iter().map(|&i| &examples[i]).collect();
-        let out = objective.loss(&batch, LoraCtx::EVAL)?;
+        let out = objective.loss(&batch, ForwardCtx::EVAL)?;
         loss += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         weight += batch.iter().map(|e| objective.weight(e)).sum::<f64>();
         for (k, v) in out.metrics {

@@ -5,6 +5,7 @@ pub mod readiness;
 
 use candle_core::{DType, Device};
 use mo_align::model::loader::{load_pretrained, Loaded};
+use mo_align::model::ForwardCtx;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -87,4 +88,12 @@ pub fn json_u32s(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// Adapters on, gradients recorded, no dropout.
+pub fn train_ctx() -> ForwardCtx<'static> {
+    ForwardCtx {
+        grad: true,
+        ..ForwardCtx::EVAL
+    }
 }

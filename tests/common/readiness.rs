@@ -4,10 +4,11 @@
 //! and one training step that returns every adapter gradient.
 
 use candle_core::{DType, Device, Tensor};
-use mo_align::model::checkpointing::GradSink;
+use mo_align::model::ctx::ForwardCtx;
+use mo_align::model::ctx::GradSink;
+use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
-use mo_align::model::lora::{LoraConfig, LoraCtx};
-use mo_align::model::qwen2::ModelInput;
+use mo_align::model::lora::LoraConfig;
 use mo_align::model::tiny::random_model;
 use mo_align::model::{Qwen2, Qwen2Config};
 use mo_align::rng::{normal_vec, stream_rng, DropoutRng};
@@ -91,7 +92,7 @@ pub fn training_step(
 ) -> candle_core::Result<StepGrads> {
     let rng = DropoutRng::new(dropout_seed);
     let sink = GradSink::new();
-    let ctx = LoraCtx::train(&rng);
+    let ctx = ForwardCtx::train(&rng);
     let ctx = if recompute {
         ctx.with_recompute(&sink)
     } else {
