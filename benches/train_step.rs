@@ -443,10 +443,6 @@ fn run_case(
                     chosen: random_ids(&mut rng, t - half, vocab),
                     rejected: random_ids(&mut rng, t - half, vocab),
                     prompt_messages: vec![],
-                    chosen_text: String::new(),
-                    rejected_text: String::new(),
-                    score_chosen: None,
-                    score_rejected: None,
                 })
                 .collect();
             let ids: Vec<PairIds> = pairs.iter().map(|p| p.ids()).collect();

@@ -40,8 +40,10 @@ else
   CAPS="89 90"
   echo "== no GPU visible: building for compute capabilities $CAPS (RTX 4090, H100/H200)"
 fi
-TK=$PWD/target/cuda-toolkit
-DIST=$PWD/target/cuda-dist
+mkdir -p target
+# Physical paths: RUSTFLAGS carries them, and an identical string lets builds share target/.
+TK=$(cd target && pwd -P)/cuda-toolkit
+DIST=$(cd target && pwd -P)/cuda-dist
 PY=${PYTHON:-python3}
 CUDA_VERSION_PIN=${CUDA_VERSION_PIN:-13.0}
 ROOT=$TK/py/nvidia/cu13   # the CUDA 13 wheels share one tree: bin/, include/, lib/, nvvm/

@@ -1,11 +1,15 @@
-//! On-disk caches for work that depends only on frozen things: reference log-probs, reward
-//! features, reward-model scores. Entries are safetensors files named by a digest of everything
-//! the values depend on (the model's files, the merged adapter, the exact token ids, the
-//! settings), so a rerun or a later epoch skips the computation and any change misses the cache.
+//! On-disk caches for work that depends only on frozen things: reference log-probs (here),
+//! reward features and reward-model scores (`reward::features`). Entries are safetensors files
+//! named by a digest of everything the values depend on (the model's files, the merged adapter,
+//! the exact token ids, the settings), so a rerun or a later epoch skips the computation and any
+//! change misses the cache.
 
-use crate::io::safetensors_bytes;
-use crate::io::write_atomic;
+use crate::data::preference::PreferencePair;
+use crate::io::{safetensors_bytes, write_atomic};
 use crate::model::loader::ModelFiles;
+use crate::model::Qwen2;
+use crate::objectives::pair::{reference_logprobs, PairIds};
+use crate::train::progress::Progress;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -132,4 +136,41 @@ pub fn load_or_compute(
         .collect::<Result<_>>()?;
     write_atomic(&path, &safetensors_bytes(&cpu, Some(meta))?)?;
     Ok((tensors, false))
+}
+
+/// Reference (adapters off) summed log-probs of every pair's chosen and rejected response, from
+/// the cache or one no-grad pass (`model_key` identifies the frozen weights).
+pub fn cached_reference(
+    model: &Qwen2,
+    model_key: &Digest,
+    pairs: &[PreferencePair],
+    dir: &Path,
+    quiet: bool,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut key = model_key.clone();
+    key.str("dpo-reference-packed-v1");
+    for p in pairs {
+        key.ids(&p.prompt).ids(&p.chosen).ids(&p.rejected);
+    }
+    let (t, hit) = load_or_compute(dir, "reference", &key, &model.device, || {
+        let bar = Progress::new(pairs.len() as u64, 0, quiet, "reference log-probs");
+        let ids: Vec<PairIds<'_>> = pairs.iter().map(PreferencePair::ids).collect();
+        let (c, r) = reference_logprobs(model, &ids, &|n| bar.set(n as u64, String::new()))?;
+        bar.finish();
+        let n = pairs.len();
+        Ok(HashMap::from([
+            ("chosen".to_string(), Tensor::from_vec(c, n, &model.device)?),
+            (
+                "rejected".to_string(),
+                Tensor::from_vec(r, n, &model.device)?,
+            ),
+        ]))
+    })?;
+    if hit {
+        eprintln!(
+            "reference log-probs of {} pairs from the cache",
+            pairs.len()
+        );
+    }
+    Ok((t["chosen"].to_vec1()?, t["rejected"].to_vec1()?))
 }

@@ -8,7 +8,16 @@ use serde::Serialize;
 use std::path::Path;
 
 /// Loads `path` (or an empty config), applies `overrides`, and deserialises into `T`.
-pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+///
+/// Three steps: the document is deserialised as written, so a wrong value is reported with
+/// its line; every key it names must be one `T` knows (checked here rather than by serde, so
+/// sections shared through `#[serde(flatten)]` are checked too); then the document is laid
+/// over `T::default()` and deserialised again, so a flattened section takes the defaults of
+/// the config it is part of (DPO's `[train]` defaults are not SFT's).
+pub fn load<T: DeserializeOwned + Serialize + Default>(
+    path: Option<&Path>,
+    overrides: &[String],
+) -> Result<T> {
     let (source, text) = match path {
         Some(p) => (
             p.display().to_string(),
@@ -32,7 +41,64 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> R
             format!("{source} (with --set overrides)"),
         )
     };
-    toml::from_str::<T>(&doc).map_err(|e| anyhow::anyhow!("{where_}: {}", one_line(&e, &doc)))
+    let as_written = toml::from_str::<T>(&doc)
+        .map_err(|e| anyhow::anyhow!("{where_}: {}", one_line(&e, &doc)))?;
+    let known = toml::Table::try_from(&as_written)?;
+    let mut merged = toml::Table::try_from(T::default())?;
+    check_keys(&table, &known, &merged, "").map_err(|e| anyhow::anyhow!("{where_}: {e}"))?;
+    merge(&mut merged, table);
+    Ok(merged.try_into()?)
+}
+
+/// Every key of `given` must survive deserialisation (appear in `known`); the suggestion comes
+/// from the keys of the same table in `known` and the defaults.
+fn check_keys(
+    given: &toml::Table,
+    known: &toml::Table,
+    defaults: &toml::Table,
+    at: &str,
+) -> Result<()> {
+    for (key, value) in given {
+        let Some(k) = known.get(key) else {
+            let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
+            names.extend(defaults.keys().map(String::as_str));
+            let hint = nearest(key, &names)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            let place = if at.is_empty() {
+                "at the top level".to_string()
+            } else {
+                format!("in [{at}]")
+            };
+            bail!("unknown key `{key}` {place}{hint}");
+        };
+        if let (toml::Value::Table(g), toml::Value::Table(kt)) = (value, k) {
+            let empty = toml::Table::new();
+            let d = defaults
+                .get(key)
+                .and_then(|v| v.as_table())
+                .unwrap_or(&empty);
+            let path = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            check_keys(g, kt, d, &path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Lays `over` onto `base`: tables merge key by key, every other value replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
 }
 
 /// `section.key=value`: the value is parsed as TOML (numbers, booleans, arrays, quoted
@@ -99,9 +165,14 @@ fn did_you_mean(msg: &str) -> Option<String> {
         .or_else(|| msg.strip_prefix("unknown variant `"))?;
     let (unknown, expected) = rest.split_once('`')?;
     let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    nearest(unknown, &candidates)
+}
+
+/// The candidate closest to `unknown` by edit distance, when it is close enough to be a typo.
+fn nearest(unknown: &str, candidates: &[&str]) -> Option<String> {
     candidates
-        .into_iter()
-        .map(|c| (levenshtein(unknown, c), c))
+        .iter()
+        .map(|c| (levenshtein(unknown, c), *c))
         .filter(|(d, c)| *d <= (c.len().max(unknown.len()) / 2).max(2))
         .min()
         .map(|(_, c)| c.to_string())
@@ -147,6 +218,52 @@ mod tests {
         train: Train,
     }
 
+    impl Default for Cfg {
+        fn default() -> Self {
+            Cfg {
+                train: default_train(),
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq, Default)]
+    #[serde(default)]
+    struct Sampling {
+        temperature: f64,
+        top_k: usize,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq, Default)]
+    #[serde(default)]
+    struct Eval {
+        prompts: String,
+        #[serde(flatten)]
+        sampling: Sampling,
+    }
+
+    /// A config whose `[eval]` embeds a flattened struct, and whose default differs from the
+    /// sections' own defaults.
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    #[serde(default)]
+    struct Outer {
+        eval: Eval,
+    }
+
+    impl Default for Outer {
+        fn default() -> Self {
+            Outer {
+                eval: Eval {
+                    prompts: "p.jsonl".into(),
+                    sampling: Sampling {
+                        temperature: 0.7,
+                        top_k: 20,
+                    },
+                },
+            }
+        }
+    }
+
+
     fn default_train() -> Train {
         Train {
             lr: 0.0,
@@ -155,6 +272,13 @@ mod tests {
     }
 
     fn parse(text: &str, overrides: &[&str]) -> Result<Cfg> {
+        parse_as(text, overrides)
+    }
+
+    fn parse_as<T: DeserializeOwned + Serialize + Default>(
+        text: &str,
+        overrides: &[&str],
+    ) -> Result<T> {
         let dir = std::env::temp_dir().join(format!("mo-align-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(format!("c{}.toml", text.len() + overrides.len()));
@@ -198,5 +322,25 @@ mod tests {
             .to_string();
         assert!(e.contains("line 2") && e.contains("lr = \"fast\""), "{e}");
         assert!(parse("", &["lr=3"]).is_err());
+    }
+
+    #[test]
+    fn flattened_sections_keep_the_outer_defaults_and_refuse_unknown_keys() {
+        let o: Outer = parse_as("[eval]\ntemperature = 0.2\n", &[]).unwrap();
+        assert_eq!(o.eval.sampling.temperature, 0.2);
+        // Not given: the outer config's defaults, not the sections' own.
+        assert_eq!(
+            (o.eval.prompts.as_str(), o.eval.sampling.top_k),
+            ("p.jsonl", 20)
+        );
+        let e = parse_as::<Outer>("[eval]\ntemperatur = 0.2\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `temperatur` in [eval]") && e.contains("`temperature`"),
+            "{e}"
+        );
+        let e = parse_as::<Outer>("[evl]\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `eval`"), "{e}");
     }
 }

@@ -13,16 +13,25 @@ use candle_core::{Result, Tensor, D};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Decoding settings: one declaration for the command line (`--temperature`, ...) and for
+/// configs (embedded with `#[serde(flatten)]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
 pub struct SamplingConfig {
+    #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
     /// 0 means no top-k cut.
+    #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// 1.0 means none.
+    #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 

@@ -4,8 +4,9 @@
 
 use crate::model::config::Qwen2Config;
 use crate::model::ctx::ForwardCtx;
-use crate::model::loader::{load_pretrained, load_with_config, resolve, Loaded};
+use crate::model::loader::{load_merged, load_with_config, resolve, Loaded};
 use crate::model::Qwen2;
+use crate::objectives::scalarize::equal_weights_or;
 use crate::reward::{last_token_features, RewardHead};
 use crate::tokenizer::{ChatTokenizer, Message};
 use anyhow::{bail, Context, Result};
@@ -44,25 +45,19 @@ impl Judge {
         let dir = Path::new(spec);
         if dir.join(crate::reward::INFO_FILE).is_file() {
             let head = RewardHead::load(dir, device)?;
-            let adapter = head.info.backbone_adapter.clone();
-            let mut backbone = load_pretrained(&head.info.backbone_model, None, dtype, device)?;
-            if let Some(a) = adapter.as_deref().filter(|a| !a.is_empty()) {
-                crate::model::loader::apply_adapter(&mut backbone.model, Path::new(a))?;
-                backbone.model.merge_lora()?;
-            }
-            let k = head.info.objectives.len();
-            let weights = if weights.is_empty() {
-                vec![1.0 / k as f64; k]
-            } else {
-                weights.to_vec()
-            };
-            if weights.len() != k {
-                bail!(
-                    "--judge-weights has {} values for the judge's {k} objectives {:?}",
-                    weights.len(),
-                    head.info.objectives
-                );
-            }
+            let adapter = head
+                .info
+                .backbone_adapter
+                .as_deref()
+                .filter(|a| !a.is_empty());
+            let backbone = load_merged(
+                &head.info.backbone_model,
+                adapter.map(Path::new),
+                dtype,
+                device,
+            )?;
+            let weights = equal_weights_or(weights, head.info.objectives.len(), "--judge-weights")
+                .with_context(|| format!("judge objectives {:?}", head.info.objectives))?;
             return Ok(Judge::Ours {
                 backbone: Box::new(backbone),
                 head,

@@ -344,7 +344,7 @@ fn demo_stages_train(dtype: &str) {
         &root.join("dpo"),
         &[
             format!("model.adapter={}", root.join("sft").display()),
-            format!("dpo.cache_dir={}", root.join("cache").display()),
+            format!("train.cache_dir={}", root.join("cache").display()),
             "train.max_steps=20".into(),
             format!("train.dtype={dtype}"),
         ],

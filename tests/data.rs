@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use mo_align::data::{DataConfig, OnBadRecord, Truncation};
-use mo_align::recipes::sft::load_sft_data;
 use mo_align::tokenizer::ChatTokenizer;
 use std::path::{Path, PathBuf};
 

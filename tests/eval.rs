@@ -4,10 +4,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use mo_align::eval::prompts::read_prompts;
+use mo_align::eval::win_rate::{answer_prompts, win_rate_eval};
 use mo_align::generate::SamplingConfig;
 use mo_align::judge::Judge;
 use mo_align::model::ctx::ForwardCtx;
-use mo_align::recipes::evaluate::{answer_prompts, load_for_eval, read_prompts, win_rate_eval};
+use mo_align::recipes::evaluate::load_for_eval;
 use mo_align::tokenizer::Message;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,7 +43,8 @@ fn demo_pipeline_runs_end_to_end_with_a_row_per_stage_and_valid_plots() {
         "eval.max_prompts=8".to_string(),
         "eval.max_new_tokens=12".to_string(),
     ];
-    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, false, true).unwrap();
+    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, flags(false, true))
+        .unwrap();
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/summary.json")).unwrap())
             .unwrap();
@@ -89,7 +92,8 @@ fn demo_pipeline_runs_end_to_end_with_a_row_per_stage_and_valid_plots() {
     }
     // A second run trains nothing again: every stage is up to date.
     let before = std::fs::read(root.join("dpo/adapter_model.safetensors")).unwrap();
-    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, false, true).unwrap();
+    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, flags(false, true))
+        .unwrap();
     assert_eq!(
         before,
         std::fs::read(root.join("dpo/adapter_model.safetensors")).unwrap()
@@ -112,8 +116,7 @@ fn scratch_with_trained_rm(name: &str) -> std::path::PathBuf {
     mo_align::recipes::train_rm::run(
         Some(&cfg.join("train-rm.toml")),
         &[model, "model.adapter=\"\"".into(), "train.epochs=2".into()],
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     root

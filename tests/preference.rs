@@ -5,14 +5,15 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
+use mo_align::cache::cached_reference;
 use mo_align::data::preference::{preference_pair, PreferencePair};
 use mo_align::data::{load_splits, DataConfig, DataReport, Parsed};
 use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::input::ModelInput;
 use mo_align::model::lora::LoraConfig;
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
+use mo_align::objectives::hybrid::{explicit_terms, Formulation, HybridConfig};
 use mo_align::objectives::pair::pair_logprobs;
-use mo_align::recipes::dpo::{cached_reference, explicit_terms, Formulation, HybridConfig};
 use mo_align::rng::DropoutRng;
 use mo_align::train::Objective;
 use std::path::Path;
@@ -263,13 +264,12 @@ fn run_stage(
     f: fn(
         Option<&Path>,
         &[String],
-        bool,
-        bool,
+        mo_align::recipes::RunFlags,
     ) -> anyhow::Result<mo_align::train::trainer::TrainOutcome>,
     config: &str,
     sets: &[String],
 ) -> mo_align::train::trainer::TrainOutcome {
-    f(Some(Path::new(config)), sets, false, true).unwrap()
+    f(Some(Path::new(config)), sets, flags(false, true)).unwrap()
 }
 
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
@@ -295,8 +295,7 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             format!("train.output_dir={:?}", p("sft")),
             "train.max_steps=30".into(),
         ],
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     let adapter = format!("model.adapter={:?}", p("sft"));
@@ -306,10 +305,9 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             model.clone(),
             adapter.clone(),
             format!("train.output_dir={:?}", p("rm")),
-            format!("rm.cache_dir={cache}"),
+            format!("train.cache_dir={cache}"),
         ],
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     let report: serde_json::Value =
@@ -353,7 +351,7 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             model.clone(),
             adapter.clone(),
             format!("train.output_dir={:?}", p(out)),
-            format!("dpo.cache_dir={cache}"),
+            format!("train.cache_dir={cache}"),
             "train.max_steps=10".into(),
         ]
     };
@@ -384,14 +382,14 @@ fn demo_chain_runs_and_the_reward_model_learns() {
         &hybrid_sets("modpo", &["hybrid.formulation=\"modpo\""]),
     );
     run_stage(
-        mo_align::recipes::dpo::run_reward_weighted,
+        mo_align::recipes::reward_weighted::run,
         "configs/demo/reward-weighted.toml",
         &[
             model.clone(),
             adapter.clone(),
             format!("train.output_dir={:?}", p("rw")),
             format!("reward.reward_model={:?}", p("rm")),
-            format!("reward.cache_dir={cache}"),
+            format!("train.cache_dir={cache}"),
             "train.max_steps=10".into(),
         ],
     );
@@ -413,26 +411,10 @@ fn cached_reward_features_equal_recomputed_ones() {
         .collect();
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let dir = scratch("feature-cache");
-    let a = mo_align::recipes::train_rm::cached_features(
-        &l.model,
-        &model_key(),
-        &refs,
-        3,
-        &dir,
-        true,
-        "t",
-    )
-    .unwrap();
-    let b = mo_align::recipes::train_rm::cached_features(
-        &l.model,
-        &model_key(),
-        &refs,
-        3,
-        &dir,
-        true,
-        "t",
-    )
-    .unwrap();
+    let a = mo_align::reward::cached_features(&l.model, &model_key(), &refs, 3, &dir, true, "t")
+        .unwrap();
+    let b = mo_align::reward::cached_features(&l.model, &model_key(), &refs, 3, &dir, true, "t")
+        .unwrap();
     let c = mo_align::reward::last_token_features(&l.model, &refs, 1, ForwardCtx::EVAL, &|_| {})
         .unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
@@ -465,7 +447,7 @@ fn dpo_overfits_fifty_pairs() {
             model,
             "model.adapter=\"\"".into(),
             format!("train.output_dir={:?}", out.to_str().unwrap()),
-            format!("dpo.cache_dir={:?}", out.join("cache").to_str().unwrap()),
+            format!("train.cache_dir={:?}", out.join("cache").to_str().unwrap()),
             "data.max_samples=50".into(),
             "data.validation_files=[]".into(),
             "train.epochs=30".into(),
@@ -474,8 +456,7 @@ fn dpo_overfits_fifty_pairs() {
             "train.lr=5e-3".into(),
             "train.log_every=50".into(),
         ],
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     assert_eq!(o.steps, 300);

@@ -45,8 +45,7 @@ fn loss_decreases_and_outputs_are_written() {
     let o = sft::run(
         Some(demo_config()),
         &demo_overrides(&out, &["train.max_steps=60", "train.eval_every=30"]),
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     assert_eq!(o.steps, 60);
@@ -75,7 +74,7 @@ fn loss_decreases_and_outputs_are_written() {
     // The resolved config is a complete, loadable config.
     let again: sft::SftConfig =
         mo_align::config::load(Some(&out.join("config.resolved.toml")), &[]).unwrap();
-    assert_eq!(again.train.max_steps, Some(60));
+    assert_eq!(again.stage.train.max_steps, Some(60));
 }
 
 /// Same examples per optimizer step either way; the loss and the (pre-clipping) gradient norm
@@ -97,8 +96,18 @@ fn gradient_accumulation_equals_a_bigger_batch() {
     oa.extend(["train.batch_size=4", "train.grad_accum=1"]);
     let mut ob = common.to_vec();
     ob.extend(["train.batch_size=1", "train.grad_accum=4"]);
-    sft::run(Some(demo_config()), &demo_overrides(&a, &oa), false, true).unwrap();
-    sft::run(Some(demo_config()), &demo_overrides(&b, &ob), false, true).unwrap();
+    sft::run(
+        Some(demo_config()),
+        &demo_overrides(&a, &oa),
+        flags(false, true),
+    )
+    .unwrap();
+    sft::run(
+        Some(demo_config()),
+        &demo_overrides(&b, &ob),
+        flags(false, true),
+    )
+    .unwrap();
     let (ma, mb) = (metrics(&a), metrics(&b));
     for (x, y) in ma.iter().zip(&mb).filter(|(x, _)| x.get("loss").is_some()) {
         for key in ["loss", "grad_norm"] {
@@ -272,8 +281,7 @@ fn peft_files_have_peft_names_shapes_and_config_and_reload_to_the_same_logprobs(
                 "lora.target_modules=[\"q_proj\",\"v_proj\",\"down_proj\"]",
             ],
         ),
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     let cfg: serde_json::Value =
@@ -346,8 +354,7 @@ fn half_precisions_train_and_f16_uses_loss_scaling() {
                     "train.eval_every=1000",
                 ],
             ),
-            false,
-            true,
+            flags(false, true),
         )
         .unwrap();
         let m = metrics(&out);
@@ -385,8 +392,7 @@ fn diverging_run_stops_with_a_clear_message_and_never_checkpoints_nan() {
                 "train.warmup_ratio=0.0",
             ],
         ),
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap_err()
     .to_string();
@@ -415,15 +421,13 @@ fn existing_run_needs_resume_flag() {
     sft::run(
         Some(demo_config()),
         &demo_overrides(&out, &["train.max_steps=2"]),
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     let e = sft::run(
         Some(demo_config()),
         &demo_overrides(&out, &["train.max_steps=2"]),
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap_err()
     .to_string();
@@ -432,8 +436,7 @@ fn existing_run_needs_resume_flag() {
     let o = sft::run(
         Some(demo_config()),
         &demo_overrides(&out, &["train.max_steps=2"]),
-        true,
-        true,
+        flags(true, true),
     )
     .unwrap();
     assert_eq!(o.steps, 2);
@@ -452,13 +455,17 @@ fn recomputing_layers_trains_identically() {
     sft::run(
         Some(demo_config()),
         &demo_overrides(&a, &common),
-        false,
-        true,
+        flags(false, true),
     )
     .unwrap();
     let mut on = common.to_vec();
     on.push("train.recompute_layers=true");
-    sft::run(Some(demo_config()), &demo_overrides(&b, &on), false, true).unwrap();
+    sft::run(
+        Some(demo_config()),
+        &demo_overrides(&b, &on),
+        flags(false, true),
+    )
+    .unwrap();
     let (ma, mb) = (metrics(&a), metrics(&b));
     for (x, y) in ma.iter().zip(&mb).filter(|(x, _)| x.get("loss").is_some()) {
         for key in ["loss", "grad_norm"] {

@@ -14,10 +14,6 @@ pub struct PreferencePair {
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
     pub prompt_messages: Vec<Message>,
-    pub chosen_text: String,
-    pub rejected_text: String,
-    pub score_chosen: Option<f64>,
-    pub score_rejected: Option<f64>,
 }
 
 impl PreferencePair {
@@ -26,14 +22,24 @@ impl PreferencePair {
         self.prompt.len() + self.chosen.len() + self.rejected.len()
     }
 
+    /// The two whole sequences, prompt + chosen and prompt + rejected (what a reward model
+    /// scores).
+    pub fn full_sequences(&self) -> [Vec<u32>; 2] {
+        [
+            [self.prompt.as_slice(), &self.chosen].concat(),
+            [self.prompt.as_slice(), &self.rejected].concat(),
+        ]
+    }
+
     /// (prompt, chosen, rejected) token ids, as the pair log-prob pass takes them.
     pub fn ids(&self) -> (&[u32], &[u32], &[u32]) {
         (&self.prompt, &self.chosen, &self.rejected)
     }
 }
 
-/// Splits a conversation into (messages before the final reply, the final reply).
-fn split_reply(
+/// Splits a conversation into (messages before the final reply, the final reply): `v` is a
+/// message list ending with the assistant's reply, or a reply string that follows `prompt`.
+pub fn split_reply(
     v: Option<&serde_json::Value>,
     field: &str,
     prompt: Option<&str>,
@@ -93,7 +99,6 @@ pub fn preference_pair(
             "its conversation before the final reply differs from chosen's",
         ));
     }
-    let score = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
     let encoded = (|| -> anyhow::Result<_> {
         Ok((
             tok.encode_prompt(&chosen_prompt)?,
@@ -119,9 +124,5 @@ pub fn preference_pair(
         chosen,
         rejected,
         prompt_messages: chosen_prompt,
-        chosen_text,
-        rejected_text,
-        score_chosen: score("score_chosen"),
-        score_rejected: score("score_rejected"),
     })
 }

@@ -98,8 +98,7 @@ fn resolve_hub(spec: &str, rest: &str) -> Result<Vec<PathBuf>> {
         _ => bail!("{spec}: expected hf://datasets/<org>/<name>/<path in the repo>"),
     };
     let repo_id = format!("{org}/{name}");
-    let offline = std::env::var("HF_HUB_OFFLINE")
-        .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes" | "on"));
+    let offline = crate::model::loader::hub_offline();
     let cache = hf_hub::Cache::from_env();
     if offline {
         if file.contains('*') {

@@ -25,7 +25,9 @@ macro_rules! launch_kernel {
         let mut builder = func.builder();
         $( builder.arg($arg); )+
         // SAFETY: the caller passes the arguments in the order and types ops.cu declares.
-        unsafe { builder.launch($crate::kernels::launch_config($n)) }.w()
+        unsafe { builder.launch($crate::kernels::launch_config($n)) }
+            .w()
+            .map(|_| ())
     }};
 }
 

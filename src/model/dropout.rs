@@ -101,6 +101,7 @@ impl CustomOp1 for DropoutOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         use candle_core::CudaStorage;
         let (start, end) = l
             .contiguous_offsets()

@@ -32,10 +32,28 @@ impl ModelFiles {
     }
 }
 
-fn hub_offline() -> bool {
+/// Whether `HF_HUB_OFFLINE` asks for the Hub cache only (1/true/yes/on, any case), for models and
+/// datasets alike.
+pub fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
         .unwrap_or(false)
+}
+
+/// Loads `spec` and folds `merged_adapter` (if any) into its weights: the frozen base of a later
+/// stage, a reward model's backbone, an evaluation's reference.
+pub fn load_merged(
+    spec: &str,
+    merged_adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    let mut loaded = load_pretrained(spec, None, dtype, device)?;
+    if let Some(adapter) = merged_adapter {
+        apply_adapter(&mut loaded.model, adapter)?;
+        loaded.model.merge_lora()?;
+    }
+    Ok(loaded)
 }
 
 /// Resolves `spec` (a directory, or `org/name` on the Hub) to local files.

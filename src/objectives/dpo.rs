@@ -34,8 +34,6 @@ pub struct DpoConfig {
     pub label_smoothing: f64,
     /// Weight of an NLL term on the chosen response (mean over its tokens); 0 disables it.
     pub nll_weight: f64,
-    /// Where reference log-probs (and reward scores) are cached; see `mo_align::cache`.
-    pub cache_dir: Option<String>,
 }
 
 impl Default for DpoConfig {
@@ -45,7 +43,6 @@ impl Default for DpoConfig {
             loss_type: DpoLoss::Sigmoid,
             label_smoothing: 0.0,
             nll_weight: 0.0,
-            cache_dir: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Training objectives: each turns a batch into a summed loss for the shared trainer.
 
 pub mod dpo;
+pub mod hybrid;
 pub mod nll;
 pub mod pair;
 pub mod reward_head;
@@ -11,11 +12,11 @@ use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
 use crate::model::Qwen2;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// Log-probs of the labelled tokens of right-padded sequences, in one forward pass.
 pub struct LabelledLogprobs {
-    /// [N] log-probs of every labelled token (f32), in sequence order.
+    /// [N] log-probs of every labelled token (f32; f64 for an f64 model), in sequence order.
     pub logprobs: Tensor,
     /// Number of labelled tokens of each sequence (they are consecutive in `logprobs`).
     pub counts: Vec<usize>,
@@ -62,8 +63,7 @@ pub fn labelled_logprobs(
         counts.push(rows.len() - before);
     }
     let h = gather_rows(&hidden, &rows)?;
-    let logprobs = model
-        .token_logprobs(&h, &targets, ctx.grad)?
-        .to_dtype(DType::F32)?;
+    // f32 (f64 for an f64 model, so golden tests keep their precision).
+    let logprobs = model.token_logprobs(&h, &targets, ctx.grad)?;
     Ok(LabelledLogprobs { logprobs, counts })
 }

@@ -62,6 +62,18 @@ impl Scalarizer for SmoothChebyshevScalarizer {
     }
 }
 
+/// The objective weights a config gives (`weights`, named `what` in errors), or equal weights
+/// 1/k when it gives none; a list of the wrong length is refused.
+pub fn equal_weights_or(weights: &[f64], k: usize, what: &str) -> Result<Vec<f64>> {
+    if weights.is_empty() {
+        return Ok(vec![1.0 / k.max(1) as f64; k]);
+    }
+    if weights.len() != k {
+        bail!("{what} has {} values for {k} objectives", weights.len());
+    }
+    Ok(weights.to_vec())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScalarizerKind {

@@ -3,8 +3,11 @@
 //! base model judged by the trained reward model, written as a summary (markdown + JSON) with
 //! plots. Re-running is cheap: a stage whose output matches its config is not trained again.
 
-use super::evaluate::{load_for_eval, read_prompts, win_rate_eval, write_generations};
-use super::{dpo, sft, train_rm};
+use super::evaluate::load_for_eval;
+use super::summary::{markdown, StageRow};
+use super::{dpo, sft, train_rm, RunFlags};
+use crate::eval::prompts::read_prompts;
+use crate::eval::win_rate::{win_rate_eval, write_generations};
 use crate::generate::SamplingConfig;
 use crate::judge::Judge;
 use crate::model::loader::select_device;
@@ -29,7 +32,7 @@ pub struct StagesConfig {
 
 /// The `[eval]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct PipelineEvalConfig {
     /// Held-out prompts (`prompt`, `messages` or `chosen` records).
     pub prompts: String,
@@ -37,12 +40,8 @@ pub struct PipelineEvalConfig {
     /// Judge: a train-rm directory or an HF sequence classifier; empty = this pipeline's RM.
     pub judge: String,
     pub judge_weights: Vec<f64>,
-    pub max_new_tokens: usize,
-    pub temperature: f64,
-    pub top_p: f64,
-    pub top_k: usize,
-    pub repetition_penalty: f64,
-    pub seed: u64,
+    #[serde(flatten)]
+    pub sampling: SamplingConfig,
     pub gen_batch_size: usize,
     pub tie_margin: f64,
     pub dtype: String,
@@ -56,12 +55,11 @@ impl Default for PipelineEvalConfig {
             max_prompts: Some(200),
             judge: String::new(),
             judge_weights: vec![],
-            max_new_tokens: 256,
-            temperature: 0.7,
-            top_p: 0.9,
-            top_k: 0,
-            repetition_penalty: 1.0,
-            seed: 0,
+            sampling: SamplingConfig {
+                temperature: 0.7,
+                top_p: 0.9,
+                ..SamplingConfig::default()
+            },
             gen_batch_size: 8,
             tie_margin: 0.0,
             dtype: "f32".into(),
@@ -79,7 +77,7 @@ pub struct PipelineConfig {
 
 /// The resolved config a stage would write, and whether its output already holds a finished
 /// run of exactly that config.
-fn stage_state<T: Serialize + serde::de::DeserializeOwned>(
+fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
     config: &Path,
     overrides: &[String],
     output_dir: impl Fn(&T) -> String,
@@ -102,23 +100,12 @@ fn stage_state<T: Serialize + serde::de::DeserializeOwned>(
     Ok((cfg, out, done))
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct StageRow {
-    stage: String,
-    output_dir: String,
-    train_seconds: f64,
-    skipped: bool,
-    win_rate: f64,
-    ci95: (f64, f64),
-    wins: usize,
-    ties: usize,
-    losses: usize,
-    mean_reward_diff: f64,
-    model_objectives: Vec<f64>,
-    baseline_objectives: Vec<f64>,
-}
-
-pub fn run(config: Option<&Path>, overrides: &[String], _resume: bool, quiet: bool) -> Result<()> {
+pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
+    // Every stage resumes: an interrupted stage continues, a finished one is skipped.
+    let flags = RunFlags {
+        resume: true,
+        ..flags
+    };
     let started = Instant::now();
     let cfg: PipelineConfig = crate::config::load(config, overrides)?;
     let p = &cfg.pipeline;
@@ -139,7 +126,6 @@ pub fn run(config: Option<&Path>, overrides: &[String], _resume: bool, quiet: bo
     let out = super::prepare_output(&p.output_dir, &cfg)?;
     let ov = &p.overrides;
     let mut timings: Vec<(String, PathBuf, f64, bool)> = vec![];
-    // Every stage resumes: an interrupted stage continues, a finished one is skipped.
     let mut stage = |name: &str,
                      done: bool,
                      out_dir: PathBuf,
@@ -159,11 +145,11 @@ pub fn run(config: Option<&Path>, overrides: &[String], _resume: bool, quiet: bo
     let (sft_cfg, sft_out, done) = stage_state(
         Path::new(&p.sft),
         ov,
-        |c: &sft::SftConfig| c.train.output_dir.clone(),
+        |c: &sft::SftConfig| c.stage.train.output_dir.clone(),
         "adapter_model.safetensors",
     )?;
     stage("sft", done, sft_out.clone(), &mut || {
-        sft::run(Some(Path::new(&p.sft)), ov, true, quiet).map(drop)
+        sft::run(Some(Path::new(&p.sft)), ov, flags).map(drop)
     })?;
     let (_, rm_out, done) = stage_state(
         Path::new(&p.train_rm),
@@ -172,25 +158,25 @@ pub fn run(config: Option<&Path>, overrides: &[String], _resume: bool, quiet: bo
         crate::reward::HEAD_FILE,
     )?;
     stage("train-rm", done, rm_out.clone(), &mut || {
-        train_rm::run(Some(Path::new(&p.train_rm)), ov, true, quiet)
+        train_rm::run(Some(Path::new(&p.train_rm)), ov, flags)
     })?;
     let (dpo_cfg, dpo_out, done) = stage_state(
         Path::new(&p.dpo),
         ov,
-        |c: &dpo::DpoRunConfig| c.train.output_dir.clone(),
+        |c: &dpo::DpoRunConfig| c.stage.train.output_dir.clone(),
         "adapter_model.safetensors",
     )?;
     stage("dpo", done, dpo_out.clone(), &mut || {
-        dpo::run_dpo(Some(Path::new(&p.dpo)), ov, true, quiet).map(drop)
+        dpo::run_dpo(Some(Path::new(&p.dpo)), ov, flags).map(drop)
     })?;
     let (hyb_cfg, hyb_out, done) = stage_state(
         Path::new(&p.hybrid_dpo),
         ov,
-        |c: &dpo::HybridRunConfig| c.train.output_dir.clone(),
+        |c: &dpo::HybridRunConfig| c.stage.train.output_dir.clone(),
         "adapter_model.safetensors",
     )?;
     stage("hybrid-dpo", done, hyb_out.clone(), &mut || {
-        dpo::run_hybrid(Some(Path::new(&p.hybrid_dpo)), ov, true, quiet).map(drop)
+        dpo::run_hybrid(Some(Path::new(&p.hybrid_dpo)), ov, flags).map(drop)
     })?;
 
     // Evaluation: every stage against the base model, judged by the reward model.
@@ -204,28 +190,21 @@ pub fn run(config: Option<&Path>, overrides: &[String], _resume: bool, quiet: bo
         e.judge.clone()
     };
     let judge = Judge::load(&judge_spec, &e.judge_weights, dtype, &device)?;
-    let base_path = sft_cfg.model.path.clone();
+    let base_path = sft_cfg.stage.model.path.clone();
     let baseline = load_for_eval(&base_path, None, None, dtype, &device)?;
     let prompts = read_prompts(&e.prompts, e.max_prompts)?;
-    let sampling = SamplingConfig {
-        max_new_tokens: e.max_new_tokens,
-        temperature: e.temperature,
-        top_p: e.top_p,
-        top_k: e.top_k,
-        repetition_penalty: e.repetition_penalty,
-        seed: e.seed,
-    };
+    let sampling = e.sampling.clone();
     let sft_adapter = sft_out.clone();
     let evals: [(&str, Option<PathBuf>, PathBuf); 3] = [
         ("sft", None, sft_adapter.clone()),
         (
             "dpo",
-            dpo_cfg.model.adapter_path().map(Path::to_path_buf),
+            dpo_cfg.stage.model.adapter_path().map(Path::to_path_buf),
             dpo_out.clone(),
         ),
         (
             "hybrid-dpo",
-            hyb_cfg.model.adapter_path().map(Path::to_path_buf),
+            hyb_cfg.stage.model.adapter_path().map(Path::to_path_buf),
             hyb_out.clone(),
         ),
     ];
@@ -302,63 +281,4 @@ pub fn run(config: Option<&Path>, overrides: &[String], _resume: bool, quiet: bo
     crate::plot::plot_run(&out, false).context("drawing the summary plots")?;
     println!("{md}");
     Ok(())
-}
-
-fn markdown(summary: &serde_json::Value, rows: &[StageRow], objectives: &[String]) -> String {
-    let mut s = String::from("# mo-align pipeline summary\n\n");
-    s.push_str(&format!(
-        "Win rate of each stage against the base model `{}` on {} held-out prompts, judged by {}. Ties count half.\n\n",
-        summary["baseline"].as_str().unwrap_or("?"),
-        summary["prompts"],
-        summary["judge"].as_str().unwrap_or("?")
-    ));
-    s.push_str("| stage | win rate | 95% CI | W/T/L | mean reward diff |");
-    for o in objectives {
-        s.push_str(&format!(" {o} |"));
-    }
-    s.push_str(" train time (s) |\n|---|---|---|---|---|");
-    s.push_str(&"---|".repeat(objectives.len()));
-    s.push_str("---|\n");
-    if let Some(first) = rows.first() {
-        s.push_str("| base | | | | |");
-        for v in &first.baseline_objectives {
-            s.push_str(&format!(" {v:.3} |"));
-        }
-        s.push_str(" |\n");
-    }
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {:.1}% | {:.1}-{:.1}% | {}/{}/{} | {:+.4} |",
-            r.stage,
-            100.0 * r.win_rate,
-            100.0 * r.ci95.0,
-            100.0 * r.ci95.1,
-            r.wins,
-            r.ties,
-            r.losses,
-            r.mean_reward_diff
-        ));
-        for v in &r.model_objectives {
-            s.push_str(&format!(" {v:.3} |"));
-        }
-        s.push_str(&format!(
-            " {:.1}{} |\n",
-            r.train_seconds,
-            if r.skipped { " (cached)" } else { "" }
-        ));
-    }
-    s.push_str(&format!(
-        "\nReward model trained in {:.1}s; whole pipeline {:.1}s.\n",
-        summary["reward_model"]["train_seconds"]
-            .as_f64()
-            .unwrap_or(0.0),
-        summary["wall_seconds"].as_f64().unwrap_or(0.0)
-    ));
-    if let Some(acc) = summary["reward_model"]["report"]["ranking"]["composite_accuracy"].as_f64() {
-        s.push_str(&format!(
-            "Reward model ranks {:.1}% of held-out binarized pairs correctly.\n",
-            100.0 * acc
-        ));
-    }
-    s
 }

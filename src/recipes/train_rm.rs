@@ -2,23 +2,19 @@
 //! adapter) is frozen, so its features are computed once and cached; the linear head is trained
 //! on the cache by the shared trainer (epochs take milliseconds).
 
-use super::{load_base, prepare_output, ModelConfig};
-use crate::cache::{cache_dir, load_or_compute, model_digest, Digest};
+use super::{load_base, prepare_output, ModelConfig, RunFlags};
+use crate::cache::{cache_dir, model_digest};
 use crate::data::preference::preference_pair;
 use crate::data::ratings::{rated_responses, RatedResponse, DEFAULT_OBJECTIVES};
 use crate::data::{load_splits, DataConfig, Splits};
-use crate::model::ctx::ForwardCtx;
-use crate::model::Qwen2;
 use crate::objectives::reward_head::{RatedFeatures, RewardRegression};
-use crate::objectives::scalarize::{build as build_scalarizer, ScalarizerKind};
-use crate::reward::{feature_stats, last_token_features, pearson, RewardHead, RewardModelInfo};
-use crate::train::progress::Progress;
+use crate::objectives::scalarize::{build as build_scalarizer, equal_weights_or, ScalarizerKind};
+use crate::reward::{cached_features, feature_stats, pearson, RewardHead, RewardModelInfo};
 use crate::train::trainer::{train, TrainRun};
 use crate::train::TrainConfig;
 use anyhow::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// The `[rm]` section.
@@ -33,7 +29,6 @@ pub struct RmConfig {
     pub ranking_weights: Vec<f64>,
     /// Sequences per backbone forward when extracting features.
     pub feature_batch_size: usize,
-    pub cache_dir: Option<String>,
 }
 
 impl Default for RmConfig {
@@ -43,7 +38,6 @@ impl Default for RmConfig {
             ranking_files: vec![],
             ranking_weights: vec![],
             feature_batch_size: 8,
-            cache_dir: None,
         }
     }
 }
@@ -79,35 +73,6 @@ impl Default for TrainRmConfig {
     }
 }
 
-/// Features of `seqs` from the frozen backbone, cached under a digest of model + ids.
-pub fn cached_features(
-    model: &Qwen2,
-    model_key: &Digest,
-    seqs: &[&[u32]],
-    batch: usize,
-    dir: &Path,
-    quiet: bool,
-    label: &str,
-) -> Result<Tensor> {
-    let mut key = model_key.clone();
-    key.str("last-token-final-hidden-v1");
-    for s in seqs {
-        key.ids(s);
-    }
-    let (t, hit) = load_or_compute(dir, "features", &key, &model.device, || {
-        let bar = Progress::new(seqs.len() as u64, 0, quiet, label);
-        let f = last_token_features(model, seqs, batch, ForwardCtx::EVAL, &|n| {
-            bar.set(n as u64, String::new())
-        })?;
-        bar.finish();
-        Ok(HashMap::from([("features".to_string(), f)]))
-    })?;
-    if hit {
-        eprintln!("{label}: {} feature rows from the cache", seqs.len());
-    }
-    Ok(t["features"].clone())
-}
-
 /// Per-objective validation MSE and Pearson r of the head.
 pub fn head_report(
     head: &RewardHead,
@@ -139,7 +104,8 @@ pub fn head_report(
     Ok(out.into())
 }
 
-pub fn run(config: Option<&Path>, overrides: &[String], resume: bool, quiet: bool) -> Result<()> {
+pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
+    let RunFlags { resume, quiet } = flags;
     let cfg: TrainRmConfig = crate::config::load(config, overrides)?;
     cfg.train.validate()?;
     anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
@@ -162,7 +128,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], resume: bool, quiet: boo
 
     let adapter = cfg.model.adapter_path();
     let model_key = model_digest(&loaded.files, adapter, &cfg.train.dtype)?;
-    let dir = cache_dir(cfg.rm.cache_dir.as_deref());
+    let dir = cache_dir(cfg.train.cache_dir.as_deref());
     let seqs: Vec<&[u32]> = train_rows
         .iter()
         .chain(&val_rows)
@@ -248,13 +214,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], resume: bool, quiet: boo
             ..cfg.data.clone()
         };
         let pairs = load_splits(&rank_cfg, |v, r| preference_pair(v, tok, &rank_cfg, r))?.train;
-        let full = |p: &crate::data::preference::PreferencePair, resp: &[u32]| {
-            [p.prompt.as_slice(), resp].concat()
-        };
-        let seqs: Vec<Vec<u32>> = pairs
-            .iter()
-            .flat_map(|p| [full(p, &p.chosen), full(p, &p.rejected)])
-            .collect();
+        let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let f = cached_features(
             model,
@@ -266,11 +226,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], resume: bool, quiet: boo
             "ranking features",
         )?;
         let scores = head.predict(&f)?.to_vec2::<f32>()?;
-        let w = if cfg.rm.ranking_weights.is_empty() {
-            vec![1.0 / k as f64; k]
-        } else {
-            cfg.rm.ranking_weights.clone()
-        };
+        let w = equal_weights_or(&cfg.rm.ranking_weights, k, "rm.ranking_weights")?;
         let s = build_scalarizer(ScalarizerKind::Linear, &w, None, 1.0, k)?;
         let correct = (0..pairs.len())
             .filter(|&i| s.scalarize(&scores[2 * i]) > s.scalarize(&scores[2 * i + 1]))
@@ -317,17 +273,4 @@ fn print_report(report: &serde_json::Value, objectives: &[String]) {
             report["ranking"]["pairs"]
         );
     }
-}
-
-/// Scores [N, K] of token sequences under a reward head, with `model` (run with `ctx`) as the
-/// backbone.
-pub fn score_sequences(
-    model: &Qwen2,
-    head: &RewardHead,
-    seqs: &[&[u32]],
-    batch: usize,
-    ctx: ForwardCtx,
-) -> Result<Vec<Vec<f32>>> {
-    let f = last_token_features(model, seqs, batch, ctx, &|_| {})?;
-    Ok(head.predict(&f)?.to_vec2::<f32>()?)
 }

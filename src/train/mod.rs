@@ -84,6 +84,9 @@ pub struct TrainConfig {
     pub recompute_layers: bool,
     /// CPU threads for matmuls (default: all cores).
     pub threads: Option<usize>,
+    /// Where work that depends only on frozen weights is cached (reference log-probs, reward
+    /// features and scores); default `$MO_ALIGN_CACHE`, else `~/.cache/mo-align`.
+    pub cache_dir: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -120,6 +123,7 @@ impl Default for TrainConfig {
             logits_chunk: 128,
             recompute_layers: false,
             threads: None,
+            cache_dir: None,
         }
     }
 }

@@ -97,3 +97,27 @@ pub fn train_ctx() -> ForwardCtx<'static> {
         ..ForwardCtx::EVAL
     }
 }
+
+/// How a recipe is run from a test.
+pub fn flags(resume: bool, quiet: bool) -> mo_align::recipes::RunFlags {
+    mo_align::recipes::RunFlags { resume, quiet }
+}
+
+/// Train and validation examples, with what happened to the records of each.
+pub type SftData = (
+    Vec<mo_align::tokenizer::LabelledIds>,
+    Vec<mo_align::tokenizer::LabelledIds>,
+    mo_align::data::DataReport,
+    Option<mo_align::data::DataReport>,
+);
+
+/// Loads, validates, tokenises and splits SFT data as `mo-align sft` does.
+pub fn load_sft_data(
+    data: &mo_align::data::DataConfig,
+    tok: &mo_align::tokenizer::ChatTokenizer,
+) -> anyhow::Result<SftData> {
+    let s = mo_align::data::load_splits(data, |v, r| {
+        mo_align::data::chat::sft_example(v, tok, data, r)
+    })?;
+    Ok((s.train, s.val, s.train_report, s.val_report))
+}

@@ -6,12 +6,11 @@
 //! standardisation `feature_mean` / `feature_std` [H]) and `reward_model.json` (objective names,
 //! rating normalisation, the backbone the head expects).
 
-use crate::io::safetensors_bytes;
-use crate::io::{write_atomic, write_json_atomic};
-use crate::model::ctx::ForwardCtx;
-use crate::model::input::ModelInput;
-use crate::model::lm_head::gather_rows;
-use crate::model::Qwen2;
+pub mod features;
+
+pub use features::{cached_features, cached_pair_scores, last_token_features, score_sequences};
+
+use crate::io::{safetensors_bytes, write_atomic, write_json_atomic};
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -145,53 +144,6 @@ impl Trainable for RewardHead {
         self.bias.set(saved.bias.as_tensor())?;
         Ok(())
     }
-}
-
-/// Final hidden states (f32, [N, H]) at the last token of each sequence, computed in
-/// length-sorted batches of `batch_size` (no gradient).
-pub fn last_token_features(
-    model: &Qwen2,
-    seqs: &[&[u32]],
-    batch_size: usize,
-    ctx: ForwardCtx,
-    progress: &dyn Fn(usize),
-) -> Result<Tensor> {
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
-    let mut rows: Vec<Option<Tensor>> = vec![None; seqs.len()];
-    let mut done = 0;
-    for chunk in order.chunks(batch_size.max(1)) {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].to_vec()).collect();
-        if batch.iter().any(Vec::is_empty) {
-            bail!("cannot take features of an empty sequence");
-        }
-        let input = ModelInput::right_padded(&batch, 0, &model.device)?;
-        let t = input.ids.dim(1)?;
-        let hidden = model.forward(&input, ctx, None)?;
-        let last: Vec<u32> = batch
-            .iter()
-            .enumerate()
-            .map(|(b, s)| (b * t + s.len() - 1) as u32)
-            .collect();
-        let feats = gather_rows(&hidden, &last)?.to_dtype(DType::F32)?;
-        for (j, &i) in chunk.iter().enumerate() {
-            rows[i] = Some(feats.get(j)?);
-        }
-        done += chunk.len();
-        progress(done);
-    }
-    let rows: Vec<Tensor> = rows
-        .into_iter()
-        .map(|r| r.expect("every row computed"))
-        .collect();
-    if rows.is_empty() {
-        return Ok(Tensor::zeros(
-            (0, model.config.hidden_size),
-            DType::F32,
-            &model.device,
-        )?);
-    }
-    Ok(Tensor::stack(&rows, 0)?)
 }
 
 /// Per-feature mean and standard deviation (std floored at 1e-6) of [N, H] features.

@@ -1,9 +1,13 @@
-//! Held-out likelihoods.
+//! Evaluation: held-out likelihoods (here), evaluations over data files, win rates, and the
+//! inputs they read.
+
+pub mod preferences;
+pub mod prompts;
+pub mod win_rate;
 
 use crate::model::ctx::ForwardCtx;
-use crate::model::input::ModelInput;
-use crate::model::lm_head::gather_rows;
 use crate::model::Qwen2;
+use crate::objectives::labelled_logprobs;
 use candle_core::{DType, Result};
 
 /// Sum of -log p and the number of predicted tokens.
@@ -43,31 +47,25 @@ pub fn perplexity(model: &Qwen2, ids: &[u32], context: usize, ctx: ForwardCtx) -
     Ok(total)
 }
 
-/// NLL of the labelled tokens of right-padded sequences (no gradient).
+/// NLL of the labelled tokens of right-padded sequences (no gradient): the same log-probs the
+/// NLL training objective sums (`objectives::labelled_logprobs`).
 pub fn sequence_nll(
     model: &Qwen2,
     seqs: &[(Vec<u32>, Vec<bool>)],
     ctx: ForwardCtx,
 ) -> Result<NllSum> {
-    let ids: Vec<Vec<u32>> = seqs.iter().map(|(i, _)| i.clone()).collect();
-    let input = ModelInput::right_padded(&ids, 0, &model.device)?;
-    let t = input.ids.dim(1)?;
-    let hidden = model.forward(&input, ctx, None)?;
-    let mut rows = vec![];
-    let mut targets = vec![];
-    for (b, (ids, labelled)) in seqs.iter().enumerate() {
-        for i in 1..ids.len() {
-            if labelled[i] {
-                rows.push((b * t + i - 1) as u32);
-                targets.push(ids[i]);
-            }
-        }
-    }
-    let h = gather_rows(&hidden, &rows)?;
-    let lp = model.token_logprobs(&h, &targets, false)?;
-    let nll = -lp.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let refs: Vec<(&[u32], &[bool])> = seqs
+        .iter()
+        .map(|(i, l)| (i.as_slice(), l.as_slice()))
+        .collect();
+    let lp = labelled_logprobs(model, &refs, ctx)?;
+    let nll = -lp
+        .logprobs
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
     Ok(NllSum {
         nll,
-        tokens: targets.len(),
+        tokens: lp.counts.iter().sum(),
     })
 }

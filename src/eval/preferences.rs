@@ -1,0 +1,155 @@
+//! Evaluations over data files: held-out chat NLL, preference accuracy against the reference,
+//! and reward-model scores of (prompt, response) records.
+
+use super::prompts::prompt_and_response;
+use crate::data::chat::sft_example;
+use crate::data::preference::{preference_pair, PreferencePair};
+use crate::data::source::read_records;
+use crate::data::{load_splits, DataConfig};
+use crate::model::ctx::ForwardCtx;
+use crate::model::loader::Loaded;
+use crate::objectives::nll::Nll;
+use crate::objectives::pair::pair_logprobs;
+use crate::reward::{score_sequences, RewardHead};
+use crate::train::trainer::evaluate;
+use anyhow::{bail, Result};
+use std::path::Path;
+
+/// Held-out NLL on chat data (assistant tokens only), with the adapter on.
+pub fn sft_nll(loaded: &Loaded, file: &Path, max_length: usize) -> Result<serde_json::Value> {
+    let cfg = DataConfig {
+        train_files: vec![file.display().to_string()],
+        max_length,
+        ..DataConfig::default()
+    };
+    let data = load_splits(&cfg, |v, r| sft_example(v, &loaded.tokenizer, &cfg, r))?;
+    let m = evaluate(
+        &Nll {
+            model: &loaded.model,
+        },
+        &data.train,
+        4,
+    )?;
+    Ok(
+        serde_json::json!({"nll_per_token": m["eval_loss"], "examples": data.train.len(), "data": data.train_report}),
+    )
+}
+
+/// Implicit-reward accuracy and margins of the adapter against the reference (adapter off),
+/// and, with a reward model, its per-objective scores of chosen vs rejected.
+pub fn preference_eval(
+    loaded: &Loaded,
+    file: &Path,
+    beta: f64,
+    max_length: usize,
+    rm: Option<&Path>,
+) -> Result<serde_json::Value> {
+    let cfg = DataConfig {
+        train_files: vec![file.display().to_string()],
+        max_length,
+        ..DataConfig::default()
+    };
+    let pairs: Vec<PreferencePair> =
+        load_splits(&cfg, |v, r| preference_pair(v, &loaded.tokenizer, &cfg, r))?.train;
+    let (mut acc, mut margin, mut rc, mut rr) = (0.0, 0.0, 0.0, 0.0);
+    for p in &pairs {
+        let ids = [p.ids()];
+        let pol = pair_logprobs(&loaded.model, &ids, ForwardCtx::EVAL)?;
+        let refp = pair_logprobs(&loaded.model, &ids, ForwardCtx::REFERENCE)?;
+        let c = beta * (pol.chosen.to_vec1::<f32>()?[0] - refp.chosen.to_vec1::<f32>()?[0]) as f64;
+        let r =
+            beta * (pol.rejected.to_vec1::<f32>()?[0] - refp.rejected.to_vec1::<f32>()?[0]) as f64;
+        acc += f64::from(u8::from(c > r));
+        margin += c - r;
+        rc += c;
+        rr += r;
+    }
+    let n = pairs.len().max(1) as f64;
+    let mut out = serde_json::json!({
+        "pairs": pairs.len(), "beta": beta,
+        "rewards/accuracies": acc / n, "rewards/margins": margin / n,
+        "rewards/chosen": rc / n, "rewards/rejected": rr / n,
+    });
+    if let Some(rm) = rm {
+        let head = RewardHead::load(rm, &loaded.model.device)?;
+        let full = |p: &PreferencePair, r: &[u32]| [p.prompt.as_slice(), r].concat();
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .flat_map(|p| [full(p, &p.chosen), full(p, &p.rejected)])
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let scores = score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::REFERENCE)?;
+        let mut per = serde_json::Map::new();
+        for (k, name) in head.info.objectives.iter().enumerate() {
+            let c: Vec<f64> = scores.iter().step_by(2).map(|s| s[k] as f64).collect();
+            let r: Vec<f64> = scores
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .map(|s| s[k] as f64)
+                .collect();
+            let right = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64;
+            per.insert(name.clone(), serde_json::json!({
+                "chosen": c.iter().sum::<f64>() / n, "rejected": r.iter().sum::<f64>() / n, "accuracy": right / n,
+            }));
+        }
+        out["reward_model"] = per.into();
+    }
+    Ok(out)
+}
+
+/// Scores every record of `input` with the reward model; writes JSONL (records with a `scores`
+/// object per objective) to `output` atomically, or to stdout. Returns the number scored.
+pub fn score_file(
+    loaded: &Loaded,
+    rm_dir: &Path,
+    input: &Path,
+    output: Option<&Path>,
+) -> Result<usize> {
+    let head = RewardHead::load(rm_dir, &loaded.model.device)?;
+    if head.info.hidden_size != loaded.model.config.hidden_size {
+        bail!(
+            "{}: the head expects hidden size {}, --model has {}",
+            rm_dir.display(),
+            head.info.hidden_size,
+            loaded.model.config.hidden_size
+        );
+    }
+    let mut records = vec![];
+    let mut seqs = vec![];
+    for rec in read_records(input)? {
+        let v = rec
+            .value
+            .map_err(|why| anyhow::anyhow!("{}: {why}", rec.loc))?;
+        let (prompt, response) = prompt_and_response(&v)
+            .map_err(|e| anyhow::anyhow!("{}: field `{}`: {}", rec.loc, e.field, e.problem))?;
+        let mut ids = loaded.tokenizer.encode_prompt(&prompt)?;
+        ids.extend(loaded.tokenizer.encode_response(&response)?);
+        records.push(v);
+        seqs.push(ids);
+    }
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let scores = if refs.is_empty() {
+        vec![]
+    } else {
+        score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::EVAL)?
+    };
+    let mut out = String::new();
+    for (mut v, s) in records.into_iter().zip(&scores) {
+        let obj: serde_json::Map<String, serde_json::Value> = head
+            .info
+            .objectives
+            .iter()
+            .zip(s)
+            .map(|(k, x)| (k.clone(), (*x as f64).into()))
+            .collect();
+        v["scores"] = obj.into();
+        out.push_str(&serde_json::to_string(&v)?);
+        out.push('\n');
+    }
+    match output {
+        Some(p) => crate::io::write_atomic(p, out.as_bytes())?,
+        None => print!("{out}"),
+    }
+    Ok(scores.len())
+}

@@ -1,0 +1,81 @@
+//! The explicit multi-objective term of hybrid DPO and MODPO: per pair, a constant computed
+//! from the frozen reward model's scores of both responses, entering the DPO logit as
+//! `logit = (h + offset) * scale` (see `dpo.rs`).
+
+use super::scalarize::{build as build_scalarizer, equal_weights_or, ScalarizerKind};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Formulation {
+    /// Report 1: logit = beta * h_margin + lambda * (s(r_c) - s(r_r)).
+    Hybrid,
+    /// MODPO: logit = (beta * h_margin - w . (r_c - r_r)) / w_k.
+    Modpo,
+}
+
+/// The `[hybrid]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HybridConfig {
+    /// Directory written by `train-rm`.
+    pub reward_model: String,
+    pub formulation: Formulation,
+    pub scalarizer: ScalarizerKind,
+    /// Objective weights w (equal when empty).
+    pub weights: Vec<f64>,
+    /// Strength of the explicit term (hybrid).
+    pub lambda: f64,
+    /// Chebyshev utopia point z* (1.0 per objective when empty: scores are in [0, 1]).
+    pub utopia: Vec<f64>,
+    /// Temperature of the smooth Chebyshev scalariser.
+    pub mu: f64,
+    /// MODPO: w_k, the weight of the objective the preference data itself expresses.
+    pub preference_weight: f64,
+    pub score_batch_size: usize,
+}
+
+impl Default for HybridConfig {
+    fn default() -> Self {
+        Self {
+            reward_model: String::new(),
+            formulation: Formulation::Hybrid,
+            scalarizer: ScalarizerKind::Linear,
+            weights: vec![],
+            lambda: 1.0,
+            utopia: vec![],
+            mu: 0.05,
+            preference_weight: 1.0,
+            score_batch_size: 8,
+        }
+    }
+}
+
+/// The constant part of a pair's logit, `(offset, scale)` of `logit = (h + offset) * scale`,
+/// from the reward vectors of its chosen and rejected responses.
+pub fn explicit_terms(h: &HybridConfig, chosen: &[f32], rejected: &[f32]) -> Result<(f32, f32)> {
+    let k = chosen.len();
+    let w = equal_weights_or(&h.weights, k, "hybrid.weights")?;
+    match h.formulation {
+        Formulation::Hybrid => {
+            let utopia = (!h.utopia.is_empty()).then_some(h.utopia.as_slice());
+            let s = build_scalarizer(h.scalarizer, &w, utopia, h.mu, k)?;
+            Ok((
+                (h.lambda * (s.scalarize(chosen) - s.scalarize(rejected))) as f32,
+                1.0,
+            ))
+        }
+        Formulation::Modpo => {
+            if h.preference_weight <= 0.0 {
+                bail!("hybrid.preference_weight (w_k) must be positive for MODPO");
+            }
+            let margin: f64 = w
+                .iter()
+                .zip(chosen.iter().zip(rejected))
+                .map(|(w, (c, r))| w * (*c as f64 - *r as f64))
+                .sum();
+            Ok((-margin as f32, (1.0 / h.preference_weight) as f32))
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `mo-align generate`: KV-cache decoding of one prompt, plain or in the chat template.
+
+use super::ModelOptions;
+use crate::generate::{generate, SamplingConfig};
+use crate::model::ctx::ForwardCtx;
+use crate::tokenizer::Message;
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct GenerateOptions {
+    #[command(flatten)]
+    pub model: ModelOptions,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the chat template (with the generation prompt) and stop at <|im_end|>.
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt for --chat (Qwen's default when omitted).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingConfig,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: GenerateOptions) -> Result<()> {
+    let loaded = args.model.load()?;
+    let tok = &loaded.tokenizer;
+    let (prompt_ids, stop) = if args.chat {
+        let mut msgs = vec![];
+        if let Some(s) = &args.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", &args.prompt));
+        (tok.encode_prompt(&msgs)?, tok.stop_ids())
+    } else {
+        (tok.encode(&args.prompt)?, vec![tok.endoftext])
+    };
+    if prompt_ids.is_empty() {
+        bail!("--prompt is empty");
+    }
+    let out = generate(
+        &loaded.model,
+        &[prompt_ids],
+        &[0],
+        &args.sampling,
+        &stop,
+        tok.pad_id,
+        ForwardCtx::EVAL,
+    )?;
+    let ids = &out[0];
+    let text = tok.decode(ids, true)?;
+    if args.json {
+        println!("{}", serde_json::json!({"text": text, "token_ids": ids}));
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `mo-align reward-weighted`: report 2's reward-weighted likelihood. Each response of a pair is
+//! weighted by its advantage under the frozen reward model (scores computed once and cached).
+
+use super::dpo::preference_stage_defaults;
+use super::{AdapterStage, RunFlags};
+use crate::data::preference::{preference_pair, PreferencePair};
+use crate::objectives::reward_weighted::{
+    advantages, target_gap_reward, Advantage, RewardWeighted, WeightedPair,
+};
+use crate::objectives::scalarize::equal_weights_or;
+use crate::reward::cached_pair_scores;
+use crate::train::trainer::TrainOutcome;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The `[reward]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    pub reward_model: String,
+    /// w_i (equal when empty).
+    pub weights: Vec<f64>,
+    /// target_i (1.0 when empty: the best normalised rating).
+    pub targets: Vec<f64>,
+    pub advantage: Advantage,
+    pub score_batch_size: usize,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            reward_model: String::new(),
+            weights: vec![],
+            targets: vec![],
+            advantage: Advantage::MeanBaseline,
+            score_batch_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RewardWeightedRunConfig {
+    #[serde(flatten)]
+    pub stage: AdapterStage,
+    pub reward: RewardConfig,
+}
+
+impl Default for RewardWeightedRunConfig {
+    fn default() -> Self {
+        Self {
+            stage: preference_stage_defaults(),
+            reward: RewardConfig::default(),
+        }
+    }
+}
+
+pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
+    let cfg: RewardWeightedRunConfig = crate::config::load(config, overrides)?;
+    let rw = &cfg.reward;
+    if rw.reward_model.is_empty() {
+        bail!("reward.reward_model is empty: give the directory written by train-rm");
+    }
+    let run = cfg.stage.start(&cfg, flags)?;
+    let (tok, data) = (&run.loaded.tokenizer, &run.stage.data);
+    let splits = run.load_data(|v, r| preference_pair(v, tok, data, r))?;
+    let rm_dir = Path::new(&rw.reward_model);
+    let (head, backbone) = run.reward_model(rm_dir)?;
+    let k = head.info.objectives.len();
+    let w = equal_weights_or(&rw.weights, k, "reward.weights")?;
+    let t = if rw.targets.is_empty() {
+        vec![1.0; k]
+    } else {
+        rw.targets.clone()
+    };
+    if t.len() != k {
+        bail!(
+            "reward.targets has {} values for {k} objectives {:?}",
+            t.len(),
+            head.info.objectives
+        );
+    }
+    let examples = |pairs: &[PreferencePair]| -> Result<Vec<WeightedPair>> {
+        let s = cached_pair_scores(
+            &head,
+            rm_dir,
+            backbone.parts(),
+            pairs,
+            rw.score_batch_size,
+            &run.cache_dir,
+        )?;
+        Ok(pairs
+            .iter()
+            .zip(s.chosen.iter().zip(&s.rejected))
+            .map(|(pair, (sc, sr))| {
+                let (rc, rr) = (target_gap_reward(sc, &w, &t), target_gap_reward(sr, &w, &t));
+                let (ac, ar) = advantages(rc, rr, rw.advantage);
+                WeightedPair {
+                    pair: pair.clone(),
+                    reward_chosen: rc,
+                    reward_rejected: rr,
+                    adv_chosen: ac,
+                    adv_rejected: ar,
+                }
+            })
+            .collect())
+    };
+    let (train, val) = (examples(&splits.train)?, examples(&splits.val)?);
+    let objective = RewardWeighted {
+        model: &run.loaded.model,
+    };
+    run.train(&objective, &train, &val, "reward-weighted")
+}

@@ -1,0 +1,173 @@
+//! What the reward model computes from a frozen backbone: last-token features, per-objective
+//! scores of token sequences, and the on-disk caches of both (they depend on frozen weights
+//! only, so a rerun or a later stage reads them back instead of recomputing).
+
+use super::RewardHead;
+use crate::cache::{load_or_compute, Digest};
+use crate::data::preference::PreferencePair;
+use crate::model::ctx::ForwardCtx;
+use crate::model::input::ModelInput;
+use crate::model::lm_head::gather_rows;
+use crate::model::Qwen2;
+use crate::train::progress::Progress;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Final hidden states (f32, [N, H]) at the last token of each sequence, computed in
+/// length-sorted batches of `batch_size` (no gradient).
+pub fn last_token_features(
+    model: &Qwen2,
+    seqs: &[&[u32]],
+    batch_size: usize,
+    ctx: ForwardCtx,
+    progress: &dyn Fn(usize),
+) -> Result<Tensor> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+    let mut rows: Vec<Option<Tensor>> = vec![None; seqs.len()];
+    let mut done = 0;
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].to_vec()).collect();
+        if batch.iter().any(Vec::is_empty) {
+            bail!("cannot take features of an empty sequence");
+        }
+        let input = ModelInput::right_padded(&batch, 0, &model.device)?;
+        let t = input.ids.dim(1)?;
+        let hidden = model.forward(&input, ctx, None)?;
+        let last: Vec<u32> = batch
+            .iter()
+            .enumerate()
+            .map(|(b, s)| (b * t + s.len() - 1) as u32)
+            .collect();
+        let feats = gather_rows(&hidden, &last)?.to_dtype(DType::F32)?;
+        for (j, &i) in chunk.iter().enumerate() {
+            rows[i] = Some(feats.get(j)?);
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    let rows: Vec<Tensor> = rows
+        .into_iter()
+        .map(|r| r.expect("every row computed"))
+        .collect();
+    if rows.is_empty() {
+        return Ok(Tensor::zeros(
+            (0, model.config.hidden_size),
+            DType::F32,
+            &model.device,
+        )?);
+    }
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Scores [N, K] of token sequences under a reward head, with `model` (run with `ctx`) as the
+/// backbone.
+pub fn score_sequences(
+    model: &Qwen2,
+    head: &RewardHead,
+    seqs: &[&[u32]],
+    batch: usize,
+    ctx: ForwardCtx,
+) -> Result<Vec<Vec<f32>>> {
+    let f = last_token_features(model, seqs, batch, ctx, &|_| {})?;
+    Ok(head.predict(&f)?.to_vec2::<f32>()?)
+}
+
+/// Features of `seqs` from the frozen backbone, cached under a digest of model + ids.
+pub fn cached_features(
+    model: &Qwen2,
+    model_key: &Digest,
+    seqs: &[&[u32]],
+    batch: usize,
+    dir: &Path,
+    quiet: bool,
+    label: &str,
+) -> Result<Tensor> {
+    let mut key = model_key.clone();
+    key.str("last-token-final-hidden-v1");
+    for s in seqs {
+        key.ids(s);
+    }
+    let (t, hit) = load_or_compute(dir, "features", &key, &model.device, || {
+        let bar = Progress::new(seqs.len() as u64, 0, quiet, label);
+        let f = last_token_features(model, seqs, batch, ForwardCtx::EVAL, &|n| {
+            bar.set(n as u64, String::new())
+        })?;
+        bar.finish();
+        Ok(HashMap::from([("features".to_string(), f)]))
+    })?;
+    if hit {
+        eprintln!("{label}: {} feature rows from the cache", seqs.len());
+    }
+    Ok(t["features"].clone())
+}
+
+/// Reward-model scores of the chosen and rejected responses of N pairs.
+pub struct PairScores {
+    /// [N][K]
+    pub chosen: Vec<Vec<f32>>,
+    pub rejected: Vec<Vec<f32>>,
+    pub objectives: Vec<String>,
+}
+
+/// The head's scores of every pair's chosen and rejected sequences, from the cache or computed
+/// with `backbone` run with `ctx` (`backbone_key` identifies its frozen weights).
+pub fn cached_pair_scores(
+    head: &RewardHead,
+    head_dir: &Path,
+    (backbone, ctx, backbone_key): (&Qwen2, ForwardCtx, &Digest),
+    pairs: &[PreferencePair],
+    batch: usize,
+    dir: &Path,
+) -> Result<PairScores> {
+    if backbone.config.hidden_size != head.info.hidden_size {
+        bail!(
+            "{}: the head expects hidden size {}, its backbone has {}",
+            head_dir.display(),
+            head.info.hidden_size,
+            backbone.config.hidden_size
+        );
+    }
+    let mut key = RewardHead::digest(head_dir)?;
+    key.str(&backbone_key.hex()).str("rm-scores-v1");
+    for p in pairs {
+        key.ids(&p.prompt).ids(&p.chosen).ids(&p.rejected);
+    }
+    let k = head.info.objectives.len();
+    let (t, hit) = load_or_compute(dir, "rm-scores", &key, &backbone.device, || {
+        let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let scores = score_sequences(backbone, head, &refs, batch, ctx)?;
+        let flat: Vec<f32> = scores.into_iter().flatten().collect();
+        Ok(HashMap::from([(
+            "scores".to_string(),
+            Tensor::from_vec(flat, (2 * pairs.len(), k), &backbone.device)?,
+        )]))
+    })?;
+    if hit {
+        eprintln!(
+            "reward-model scores of {} pairs from the cache",
+            pairs.len()
+        );
+    }
+    let rows = if pairs.is_empty() {
+        vec![]
+    } else {
+        t["scores"].to_vec2::<f32>()?
+    };
+    let (mut chosen, mut rejected) = (vec![], vec![]);
+    for (i, row) in rows.into_iter().enumerate() {
+        if i % 2 == 0 {
+            chosen.push(row)
+        } else {
+            rejected.push(row)
+        }
+    }
+    Ok(PairScores {
+        chosen,
+        rejected,
+        objectives: head.info.objectives.clone(),
+    })
+}
