@@ -30,11 +30,10 @@
 //! Each case: 1 warm-up step, then the median of the timed steps. Peak RSS is the process's
 //! VmHWM, so every case runs in its own process.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use mo_align::data::preference::PreferencePair;
 use mo_align::generate::{generate, SamplingConfig};
 use mo_align::model::ctx::ForwardCtx;
-use mo_align::model::ctx::GradSink;
 use mo_align::model::lora::LoraConfig;
 use mo_align::model::tiny::{random_model, tiny_config};
 use mo_align::model::{Qwen2, Qwen2Config};
@@ -42,10 +41,12 @@ use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::nll::Nll;
 use mo_align::objectives::pair::{reference_logprobs, PairIds};
 use mo_align::reward::last_token_features;
-use mo_align::rng::{mix_seed, stream_rng, DropoutRng};
+use mo_align::rng::stream_rng;
 use mo_align::tokenizer::LabelledIds;
+use mo_align::train::checkpoint::TrainerState;
 use mo_align::train::optim::{AdamW, AdamWParams};
-use mo_align::train::{LossOutput, Objective};
+use mo_align::train::trainer::{train_step, StepInputs};
+use mo_align::train::{Objective, TrainConfig};
 use rand::Rng;
 use std::time::Instant;
 
@@ -294,70 +295,42 @@ fn peak_rss_mib() -> f64 {
     proc_status_mib("VmHWM")
 }
 
-fn rss_mib() -> f64 {
-    proc_status_mib("VmRSS")
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-/// One training step of `objective` on `batch`: (loss, forward s, backward s, optimizer s).
-fn train_step<O: Objective>(
+/// One optimizer step of `objective` over all `examples` as one micro-batch, through the
+/// trainer's own `train_step` (dropout, recomputation, clipping, AdamW as in a real run):
+/// (loss, [forward s, backward s, optimizer s]).
+fn bench_step<O: Objective>(
     objective: &O,
-    batch: &[&O::Example],
+    examples: &[O::Example],
     opt: &mut AdamW,
     step: u64,
     recompute: bool,
 ) -> anyhow::Result<(f64, [f64; 3])> {
-    let t0 = Instant::now();
-    let dropout = DropoutRng::new(mix_seed(0, step, 0));
-    let sink = GradSink::new();
-    let ctx = ForwardCtx::train(&dropout);
-    let ctx = if recompute {
-        ctx.with_recompute(&sink)
-    } else {
-        ctx
+    let cfg = TrainConfig {
+        recompute_layers: recompute,
+        seed: 0,
+        ..TrainConfig::default()
     };
-    let LossOutput { loss_sum, .. } = objective.loss(batch, ctx)?;
-    let weight: f64 = batch.iter().map(|e| objective.weight(e)).sum();
-    let loss = (loss_sum / weight)?;
-    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let inputs = StepInputs {
+        objective,
+        examples,
+        cfg: &cfg,
+    };
+    let state = TrainerState {
+        step,
+        loss_scale: 1.0,
+        ..TrainerState::default()
+    };
+    let group = vec![(0..examples.len()).collect::<Vec<_>>()];
+    let stats = train_step(&inputs, opt, &state, &group, 1e-5)?;
     if std::env::var("BENCH_RSS_TRACE").is_ok() {
-        eprintln!(
-            "after forward: rss {:.0} MiB, peak {:.0} MiB",
-            rss_mib(),
-            peak_rss_mib()
-        );
+        eprintln!("after step: peak {:.0} MiB", peak_rss_mib());
     }
-    let t1 = Instant::now();
-    let grads = loss.backward()?;
-    loss.device().synchronize()?;
-    let g: Vec<Tensor> = opt
-        .vars()
-        .iter()
-        .map(|(_, v)| {
-            grads
-                .get(v.as_tensor())
-                .cloned()
-                .or_else(|| sink.take(v.as_tensor().id()))
-                .unwrap_or_else(|| v.zeros_like().unwrap())
-        })
-        .collect();
-    drop(grads);
-    let t2 = Instant::now();
-    opt.step(&g, 1e-5, 1.0)?;
-    loss.device().synchronize()?;
-    let t3 = Instant::now();
-    Ok((
-        value,
-        [
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            (t3 - t2).as_secs_f64(),
-        ],
-    ))
+    Ok((stats.loss, stats.phase_s))
 }
 
 fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
@@ -426,7 +399,7 @@ fn run_case(
                         [t0.elapsed().as_secs_f64(), 0.0, 0.0],
                     )
                 } else {
-                    train_step(&nll, &refs, &mut opt, step as u64, recompute)?
+                    bench_step(&nll, &batch, &mut opt, step as u64, recompute)?
                 };
                 if step > 0 {
                     times.push(t0.elapsed().as_secs_f64());
@@ -465,7 +438,6 @@ fn run_case(
                     })
                     .collect();
             }
-            let refs: Vec<&DpoExample> = examples.iter().collect();
             let dpo = Dpo {
                 model: &model,
                 cfg: DpoConfig::default(),
@@ -473,7 +445,7 @@ fn run_case(
             };
             for step in 0..=case.steps {
                 let t0 = Instant::now();
-                let (loss, phase) = train_step(&dpo, &refs, &mut opt, step as u64, recompute)?;
+                let (loss, phase) = bench_step(&dpo, &examples, &mut opt, step as u64, recompute)?;
                 if step > 0 {
                     times.push(t0.elapsed().as_secs_f64());
                     phases.push(phase);

@@ -263,7 +263,6 @@ mod tests {
         }
     }
 
-
     fn default_train() -> Train {
         Train {
             lr: 0.0,

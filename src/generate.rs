@@ -310,24 +310,3 @@ pub fn argmax(xs: &[f32]) -> u32 {
     }
     best as u32
 }
-
-/// Greedy decoding that recomputes the whole prefix every step (no cache). Slow; the reference
-/// the KV-cache path is tested against.
-pub fn greedy_no_cache(
-    model: &Qwen2,
-    prompt: &[u32],
-    max_new_tokens: usize,
-    ctx: ForwardCtx,
-) -> Result<Vec<u32>> {
-    let mut seq = prompt.to_vec();
-    let mut out = vec![];
-    for _ in 0..max_new_tokens {
-        let input = ModelInput::right_padded(std::slice::from_ref(&seq), 0, &model.device)?;
-        let hidden = model.forward(&input, ctx, None)?;
-        let last = hidden.narrow(1, seq.len() - 1, 1)?.squeeze(1)?;
-        let tok = argmax(&model.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?);
-        seq.push(tok);
-        out.push(tok);
-    }
-    Ok(out)
-}

@@ -4,12 +4,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use mo_align::eval::load_for_eval;
 use mo_align::eval::prompts::read_prompts;
 use mo_align::eval::win_rate::{answer_prompts, win_rate_eval};
 use mo_align::generate::SamplingConfig;
 use mo_align::judge::Judge;
 use mo_align::model::ctx::ForwardCtx;
-use mo_align::recipes::evaluate::load_for_eval;
 use mo_align::tokenizer::Message;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -175,47 +175,35 @@ fn batched_greedy_generation_chooses_on_the_device_as_the_host_does() {
     }
 }
 
-/// The sampler before partial selection: a full sort of the vocabulary.
+/// The sampler before partial selection: a full sort of the vocabulary, then top-k, then the
+/// smallest prefix holding top_p of the mass, then one uniform draw over what is kept.
 fn full_sort_pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
     let inv_t = 1.0 / cfg.temperature as f32;
-    let mut cand: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l * inv_t))
-        .collect();
+    let mut cand: Vec<(u32, f32)> = (0u32..).zip(logits.iter().map(|l| l * inv_t)).collect();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if cfg.top_k > 0 && cfg.top_k < cand.len() {
-        cand.truncate(cfg.top_k);
-    }
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand
+    cand.truncate(if cfg.top_k > 0 { cfg.top_k } else { cand.len() });
+    let weights: Vec<f64> = cand
         .iter()
-        .map(|&(_, l)| ((l - max) as f64).exp())
+        .map(|c| ((c.1 - cand[0].1) as f64).exp())
         .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    if cfg.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= cfg.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
+    let z: f64 = weights.iter().sum();
+    let p: Vec<f64> = weights.iter().map(|w| w / z).collect();
+    let mut mass = 0.0;
+    let keep = match cfg.top_p < 1.0 {
+        true => p.iter().position(|q| {
+            mass += q;
+            mass >= cfg.top_p
+        }),
+        false => None,
     }
-    let total: f64 = probs.iter().sum();
-    let u: f64 = rng.random::<f64>() * total;
+    .map_or(p.len(), |i| i + 1);
+    let u = rng.random::<f64>() * p[..keep].iter().sum::<f64>();
     let mut acc = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        acc += p;
-        if u < acc {
-            return cand[i].0;
-        }
-    }
-    cand[probs.len() - 1].0
+    let hit = p[..keep].iter().position(|q| {
+        acc += q;
+        u < acc
+    });
+    cand[hit.unwrap_or(keep - 1)].0
 }
 
 #[test]

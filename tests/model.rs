@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::*;
-use mo_align::generate::{generate, greedy_no_cache, SamplingConfig};
+use mo_align::generate::{generate, SamplingConfig};
 use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
@@ -31,84 +31,16 @@ fn golden_checkpoint_is_the_one_the_references_were_made_from() {
         .unwrap()
         .read_to_end(&mut bytes)
         .unwrap();
-    let sha = sha256_hex(&bytes);
+    use sha2::Digest;
+    let sha: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(
         sha,
         golden()["model_sha256"].as_str().unwrap(),
         "init-tiny --seed 0 changed: regenerate tests/golden with benches/peer/golden_tiny.py"
     );
-}
-
-/// Minimal SHA-256 so the test needs no extra crate.
-fn sha256_hex(data: &[u8]) -> String {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-    let mut msg = data.to_vec();
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
-    for chunk in msg.chunks(64) {
-        let mut w = [0u32; 64];
-        for i in 0..16 {
-            w[i] = u32::from_be_bytes([
-                chunk[4 * i],
-                chunk[4 * i + 1],
-                chunk[4 * i + 2],
-                chunk[4 * i + 3],
-            ]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let mut v = h;
-        for i in 0..64 {
-            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
-            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
-            let t1 = v[7]
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
-            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
-            let t2 = s0.wrapping_add(maj);
-            v = [
-                t1.wrapping_add(t2),
-                v[0],
-                v[1],
-                v[2],
-                v[3].wrapping_add(t1),
-                v[4],
-                v[5],
-                v[6],
-            ];
-        }
-        for i in 0..8 {
-            h[i] = h[i].wrapping_add(v[i]);
-        }
-    }
-    h.iter().map(|x| format!("{x:08x}")).collect()
 }
 
 #[test]
@@ -205,14 +137,7 @@ fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
                     .get(var.as_tensor())
                     .unwrap_or_else(|| panic!("{name}: no gradient"));
                 let theirs = &want[&format!("base_model.model.{name}")];
-                let d = (ours - theirs)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let d = tensor_max_diff(ours, theirs);
                 let scale = theirs
                     .abs()
                     .unwrap()
@@ -436,24 +361,13 @@ fn chunked_logprobs_and_their_gradient_equal_a_full_log_softmax() {
     for chunk in [1, 3, 11, 64] {
         m.logits_chunk = chunk;
         let lp = m.token_logprobs(h.as_tensor(), &targets, true).unwrap();
-        let d = (&lp - &full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = tensor_max_diff(&lp, &full);
         assert!(d < 1e-12, "chunk {chunk}: log-probs differ by {d}");
         let g = lp.sum_all().unwrap().backward().unwrap();
-        let d = (g.get(h.as_tensor()).unwrap() - g_full.get(h.as_tensor()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = tensor_max_diff(
+            g.get(h.as_tensor()).unwrap(),
+            g_full.get(h.as_tensor()).unwrap(),
+        );
         assert!(d < 1e-12, "chunk {chunk}: gradient differs by {d}");
     }
 }
@@ -567,14 +481,7 @@ fn recomputed_layers_give_the_same_gradients_with_dropout() {
         let b = sink
             .take(var.as_tensor().id())
             .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let d = (a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = tensor_max_diff(a, &b);
         assert!(d < 1e-10, "{name}: recomputed gradient differs by {d}");
     }
 }

@@ -288,7 +288,7 @@ fn demo_chain_runs_and_the_reward_model_learns() {
     let p = |s: &str| root.join(s).to_str().unwrap().to_string();
     let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
     let cache = format!("{:?}", p("cache"));
-    mo_align::recipes::sft::run(
+    let sft = mo_align::recipes::sft::run(
         Some(Path::new("configs/demo/sft.toml")),
         &[
             model.clone(),
@@ -298,6 +298,12 @@ fn demo_chain_runs_and_the_reward_model_learns() {
         flags(false, true),
     )
     .unwrap();
+    assert_eq!((sft.steps, sft.skipped_steps), (30, 0));
+    let (first, last) = (sft.first_loss.unwrap(), sft.last_loss.unwrap());
+    assert!(
+        last < first - 0.2,
+        "SFT loss did not fall: {first} -> {last}"
+    );
     let adapter = format!("model.adapter={:?}", p("sft"));
     mo_align::recipes::train_rm::run(
         Some(Path::new("configs/demo/train-rm.toml")),
@@ -342,9 +348,10 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             .unwrap()
             .is_finite());
     }
-    assert!(rm_report["ranking"]["composite_accuracy"]
-        .as_f64()
-        .is_some());
+    // The ranking accuracy is recorded over the binarized pairs (its size is issue 13's).
+    let ranking = &rm_report["ranking"];
+    assert!(ranking["pairs"].as_u64().unwrap() >= 20, "{ranking}");
+    assert!((0.0..=1.0).contains(&ranking["composite_accuracy"].as_f64().unwrap()));
 
     let common = |out: &str| {
         vec![
@@ -393,12 +400,43 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             "train.max_steps=10".into(),
         ],
     );
+    // Every preference stage ran its 10 steps, moved its adapter off zero (B starts at zero),
+    // and logged finite losses.
     for stage in ["dpo", "hybrid", "modpo", "rw"] {
+        let dir = root.join(stage);
+        let tensors =
+            candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{stage}: no adapter: {e}"));
+        let b_norm: f64 = tensors
+            .iter()
+            .filter(|(k, _)| k.contains("lora_B"))
+            .map(|(_, t)| {
+                t.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            })
+            .sum();
+        assert!(b_norm > 0.0, "{stage}: the adapter did not move");
+        let m = metrics(&dir);
+        let last_step = m.iter().filter_map(|l| l["step"].as_u64()).max();
+        assert_eq!(last_step, Some(10), "{stage}");
+        let losses: Vec<f64> = m.iter().filter_map(|l| l["loss"].as_f64()).collect();
         assert!(
-            root.join(stage).join("adapter_model.safetensors").is_file(),
-            "{stage}: no adapter"
+            !losses.is_empty() && losses.iter().all(|l| l.is_finite()),
+            "{stage}: {losses:?}"
         );
     }
+    // DPO starts at ln 2 (policy = reference) and its loss falls within 10 steps.
+    let dpo: Vec<f64> = metrics(&root.join("dpo"))
+        .iter()
+        .filter_map(|l| l["loss"].as_f64())
+        .collect();
+    assert!(dpo.last().unwrap() < &0.69, "DPO loss {dpo:?}");
 }
 
 #[test]

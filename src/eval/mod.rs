@@ -6,9 +6,11 @@ pub mod prompts;
 pub mod win_rate;
 
 use crate::model::ctx::ForwardCtx;
+use crate::model::loader::{apply_adapter, load_merged, Loaded};
 use crate::model::Qwen2;
 use crate::objectives::labelled_logprobs;
-use candle_core::{DType, Result};
+use candle_core::{DType, Device, Result};
+use std::path::Path;
 
 /// Sum of -log p and the number of predicted tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -68,4 +70,20 @@ pub fn sequence_nll(
         nll,
         tokens: lp.counts.iter().sum(),
     })
+}
+
+/// Loads `path`, merges `base_adapter` into the weights (it is part of the reference), then
+/// attaches `adapter` (switchable).
+pub fn load_for_eval(
+    path: &str,
+    base_adapter: Option<&Path>,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Loaded> {
+    let mut loaded = load_merged(path, base_adapter, dtype, device)?;
+    if let Some(a) = adapter {
+        loaded.adapter = Some(apply_adapter(&mut loaded.model, a)?);
+    }
+    Ok(loaded)
 }

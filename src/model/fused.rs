@@ -343,42 +343,48 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64))
+            .and_then(|d| d.to_scalar::<f64>())
+            .expect("same shapes")
     }
 
-    /// Each fused block against autograd through the same formula written with plain ops.
+    fn var(shape: &[usize]) -> Var {
+        Var::randn(0f64, 1.0, shape, &Device::Cpu).expect("randn")
+    }
+
+    /// The fused block `y` and the plain-op formula `yr` of the same inputs `vars`: equal values,
+    /// and equal gradients of a random projection <y, P> for every input.
+    fn same_values_and_gradients(vars: &[&Var], y: &Tensor, yr: &Tensor) -> Result<()> {
+        assert!(max_diff(y, yr) < 1e-12, "forward differs");
+        let proj = Tensor::randn(0f64, 1.0, y.dims(), &Device::Cpu)?;
+        let g = (y * &proj)?.sum_all()?.backward()?;
+        let gr = (yr * &proj)?.sum_all()?.backward()?;
+        for (i, v) in vars.iter().enumerate() {
+            let d = max_diff(
+                g.get(v).expect("fused grad"),
+                gr.get(v).expect("autograd grad"),
+            );
+            assert!(d < 1e-10, "input {i}: gradient differs by {d}");
+        }
+        Ok(())
+    }
+
     #[test]
-    fn fused_gradients_match_autograd() -> Result<()> {
-        let dev = Device::Cpu;
-        let r = |s: &[usize]| Var::randn(0f64, 1.0, s, &dev);
-        // RMSNorm
-        let x = r(&[3, 8])?;
-        let w = Tensor::randn(0f64, 1.0, 8, &dev)?;
-        let y = rms_norm(x.as_tensor(), &w, 1e-6)?;
-        let yr = x
-            .as_tensor()
-            .broadcast_div(&(x.as_tensor().sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?
+    fn rms_norm_matches_autograd() -> Result<()> {
+        let x = var(&[3, 8]);
+        let w = Tensor::randn(0f64, 1.0, 8, &Device::Cpu)?;
+        let xt = x.as_tensor();
+        let yr = xt
+            .broadcast_div(&(xt.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?
             .broadcast_mul(&w)?;
-        assert!(max_diff(&y, &yr) < 1e-12);
-        let proj = Tensor::randn(0f64, 1.0, (3, 8), &dev)?;
-        let g = (&y * &proj)?.sum_all()?.backward()?;
-        let gr = (&yr * &proj)?.sum_all()?.backward()?;
-        assert!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-10);
-        // rope
-        let x = r(&[2, 3, 5, 8])?;
-        let ang = Tensor::randn(0f64, 1.0, (2, 1, 5, 4), &dev)?;
+        same_values_and_gradients(&[&x], &rms_norm(xt, &w, 1e-6)?, &yr)
+    }
+
+    #[test]
+    fn rope_matches_autograd() -> Result<()> {
+        let x = var(&[2, 3, 5, 8]);
+        let ang = Tensor::randn(0f64, 1.0, (2, 1, 5, 4), &Device::Cpu)?;
         let (cos, sin) = (ang.cos()?, ang.sin()?);
-        let y = rope(x.as_tensor(), &cos, &sin)?;
         let (x1, x2) = (
             x.as_tensor().narrow(3, 0, 4)?,
             x.as_tensor().narrow(3, 4, 4)?,
@@ -390,20 +396,24 @@ mod tests {
             ],
             3,
         )?;
-        assert!(max_diff(&y, &yr) < 1e-12);
-        let proj = Tensor::randn(0f64, 1.0, y.dims(), &dev)?;
-        let g = (&y * &proj)?.sum_all()?.backward()?;
-        let gr = (&yr * &proj)?.sum_all()?.backward()?;
-        assert!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-10);
-        // attention with 2 query heads per KV head and a causal mask
-        let (q, k, v) = (r(&[1, 2, 2 * 4, 8])?, r(&[1, 2, 4, 8])?, r(&[1, 2, 4, 8])?);
+        same_values_and_gradients(&[&x], &rope(x.as_tensor(), &cos, &sin)?, &yr)
+    }
+
+    /// Two query heads per KV head and a causal mask.
+    #[test]
+    fn grouped_attention_matches_autograd() -> Result<()> {
+        let (q, k, v) = (
+            var(&[1, 2, 2 * 4, 8]),
+            var(&[1, 2, 4, 8]),
+            var(&[1, 2, 4, 8]),
+        );
         let mut bias = vec![0f64; 16];
         for i in 0..4 {
             for j in i + 1..4 {
                 bias[i * 4 + j] = f64::MIN;
             }
         }
-        let bias = Tensor::from_vec(bias, (1, 1, 4, 4), &dev)?;
+        let bias = Tensor::from_vec(bias, (1, 1, 4, 4), &Device::Cpu)?;
         let y = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, 2)?;
         let s = q
             .as_tensor()
@@ -413,28 +423,22 @@ mod tests {
         let yr = candle_nn::ops::softmax(&s, D::Minus1)?
             .reshape((1, 2, 8, 4))?
             .matmul(v.as_tensor())?;
-        assert!(max_diff(&y, &yr) < 1e-12);
-        let proj = Tensor::randn(0f64, 1.0, y.dims(), &dev)?;
-        let g = (&y * &proj)?.sum_all()?.backward()?;
-        let gr = (&yr * &proj)?.sum_all()?.backward()?;
-        for t in [&q, &k, &v] {
-            assert!(max_diff(g.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10);
-        }
-        // SwiGLU
-        let (a, b) = (r(&[3, 6])?, r(&[3, 6])?);
-        let y = swiglu(a.as_tensor(), b.as_tensor())?;
+        same_values_and_gradients(&[&q, &k, &v], &y, &yr)
+    }
+
+    #[test]
+    fn swiglu_matches_autograd() -> Result<()> {
+        let (a, b) = (var(&[3, 6]), var(&[3, 6]));
         let yr = (a.as_tensor().silu()? * b.as_tensor())?;
-        let proj = Tensor::randn(0f64, 1.0, (3, 6), &dev)?;
-        let g = (&y * &proj)?.sum_all()?.backward()?;
-        let gr = (&yr * &proj)?.sum_all()?.backward()?;
-        for t in [&a, &b] {
-            assert!(max_diff(g.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10);
-        }
-        // LoRA linear with dropout
-        let x = r(&[2, 3, 6])?;
-        let w = Tensor::randn(0f64, 1.0, (5, 6), &dev)?;
-        let bias = Tensor::randn(0f64, 1.0, 5, &dev)?;
-        let (la, lb) = (r(&[2, 6])?, r(&[5, 2])?);
+        same_values_and_gradients(&[&a, &b], &swiglu(a.as_tensor(), b.as_tensor())?, &yr)
+    }
+
+    #[test]
+    fn lora_linear_with_dropout_matches_autograd() -> Result<()> {
+        let x = var(&[2, 3, 6]);
+        let w = Tensor::randn(0f64, 1.0, (5, 6), &Device::Cpu)?;
+        let bias = Tensor::randn(0f64, 1.0, 5, &Device::Cpu)?;
+        let (la, lb) = (var(&[2, 6]), var(&[5, 2]));
         let mask = crate::rng::DropoutRng::new(9).mask(0, 0.3);
         let parts = LoraParts {
             a: la.as_tensor(),
@@ -444,21 +448,14 @@ mod tests {
         };
         let y = lora_linear(x.as_tensor(), &w, Some(&bias), parts)?;
         let m = mask
-            .apply(&Tensor::ones((6, 6), DType::F64, &dev)?)?
+            .apply(&Tensor::ones((6, 6), DType::F64, &Device::Cpu)?)?
             .reshape((2, 3, 6))?;
-        let x2 = x.as_tensor();
-        let yr = (x2.broadcast_matmul(&w.t()?)?.broadcast_add(&bias)?
-            + ((x2 * &m)?
+        let xt = x.as_tensor();
+        let yr = (xt.broadcast_matmul(&w.t()?)?.broadcast_add(&bias)?
+            + ((xt * &m)?
                 .broadcast_matmul(&la.as_tensor().t()?)?
                 .broadcast_matmul(&lb.as_tensor().t()?)?
                 * 1.5)?)?;
-        assert!(max_diff(&y, &yr) < 1e-12);
-        let proj = Tensor::randn(0f64, 1.0, y.dims(), &dev)?;
-        let g = (&y * &proj)?.sum_all()?.backward()?;
-        let gr = (&yr * &proj)?.sum_all()?.backward()?;
-        for t in [&x, &la, &lb] {
-            assert!(max_diff(g.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10);
-        }
-        Ok(())
+        same_values_and_gradients(&[&x, &la, &lb], &y, &yr)
     }
 }

@@ -4,18 +4,17 @@
 //! themselves live in `crate::eval`; this recipe loads, dispatches and reports.
 
 use super::ModelOptions;
-use crate::eval::perplexity;
 use crate::eval::preferences::{preference_eval, score_file, sft_nll};
 use crate::eval::prompts::read_prompts;
 use crate::eval::win_rate::{win_rate_eval, write_generations};
+use crate::eval::{load_for_eval, perplexity};
 use crate::generate::SamplingConfig;
 use crate::model::ctx::ForwardCtx;
-use crate::model::loader::{apply_adapter, load_merged, select_device, Loaded};
+use crate::model::loader::select_device;
 use crate::model::parse_dtype;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct EvalOptions {
@@ -96,22 +95,6 @@ pub fn parse_model_spec(spec: &str) -> (String, Option<PathBuf>) {
         Some((m, a)) => (m.to_string(), Some(PathBuf::from(a))),
         None => (spec.to_string(), None),
     }
-}
-
-/// Loads `path`, merges `base_adapter` into the weights (it is part of the reference), then
-/// attaches `adapter` (switchable).
-pub fn load_for_eval(
-    path: &str,
-    base_adapter: Option<&Path>,
-    adapter: Option<&Path>,
-    dtype: DType,
-    device: &Device,
-) -> Result<Loaded> {
-    let mut loaded = load_merged(path, base_adapter, dtype, device)?;
-    if let Some(a) = adapter {
-        loaded.adapter = Some(apply_adapter(&mut loaded.model, a)?);
-    }
-    Ok(loaded)
 }
 
 pub fn run(args: EvalOptions) -> Result<()> {

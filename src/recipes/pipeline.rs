@@ -3,15 +3,9 @@
 //! base model judged by the trained reward model, written as a summary (markdown + JSON) with
 //! plots. Re-running is cheap: a stage whose output matches its config is not trained again.
 
-use super::evaluate::load_for_eval;
-use super::summary::{markdown, StageRow};
+use super::summary::{judge_stages, markdown, TrainedStage};
 use super::{dpo, sft, train_rm, RunFlags};
-use crate::eval::prompts::read_prompts;
-use crate::eval::win_rate::{win_rate_eval, write_generations};
 use crate::generate::SamplingConfig;
-use crate::judge::Judge;
-use crate::model::loader::select_device;
-use crate::model::parse_dtype;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -182,80 +176,32 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     // Evaluation: every stage against the base model, judged by the reward model.
     eprintln!("== eval");
     let e = &cfg.eval;
-    let device = select_device(&e.device)?;
-    let dtype = parse_dtype(&e.dtype)?;
     let judge_spec = if e.judge.is_empty() {
         rm_out.display().to_string()
     } else {
         e.judge.clone()
     };
-    let judge = Judge::load(&judge_spec, &e.judge_weights, dtype, &device)?;
-    let base_path = sft_cfg.stage.model.path.clone();
-    let baseline = load_for_eval(&base_path, None, None, dtype, &device)?;
-    let prompts = read_prompts(&e.prompts, e.max_prompts)?;
-    let sampling = e.sampling.clone();
-    let sft_adapter = sft_out.clone();
-    let evals: [(&str, Option<PathBuf>, PathBuf); 3] = [
-        ("sft", None, sft_adapter.clone()),
-        (
-            "dpo",
-            dpo_cfg.stage.model.adapter_path().map(Path::to_path_buf),
-            dpo_out.clone(),
-        ),
-        (
-            "hybrid-dpo",
-            hyb_cfg.stage.model.adapter_path().map(Path::to_path_buf),
-            hyb_out.clone(),
-        ),
-    ];
-    let mut rows = vec![];
-    let mut objectives = vec![];
-    for (name, base_adapter, adapter) in evals {
-        let t = Instant::now();
-        let model = load_for_eval(
-            &base_path,
-            base_adapter.as_deref(),
-            Some(&adapter),
-            dtype,
-            &device,
-        )?;
-        let (wr, gens) = win_rate_eval(
-            &model,
-            &baseline,
-            &judge,
-            &prompts,
-            &sampling,
-            e.gen_batch_size,
-            e.tie_margin,
-        )?;
-        write_generations(&out.join(format!("generations-{name}.jsonl")), &gens)?;
-        let (train_s, skipped) = timings
+    let trained = |name: &str, base_adapter: Option<&Path>, adapter: &Path| {
+        let (train_seconds, skipped) = timings
             .iter()
             .find(|t| t.0 == name)
             .map(|t| (t.2, t.3))
             .unwrap_or((0.0, false));
-        let o = &wr.overall;
-        eprintln!(
-            "{name}: win rate {:.1}% ({:.1}s to evaluate)",
-            100.0 * o.win_rate,
-            t.elapsed().as_secs_f64()
-        );
-        objectives = wr.objectives.clone();
-        rows.push(StageRow {
-            stage: name.to_string(),
-            output_dir: adapter.display().to_string(),
-            train_seconds: train_s,
+        TrainedStage {
+            name: name.to_string(),
+            base_adapter: base_adapter.map(Path::to_path_buf),
+            adapter: adapter.to_path_buf(),
+            train_seconds,
             skipped,
-            win_rate: o.win_rate,
-            ci95: o.ci95,
-            wins: o.wins,
-            ties: o.ties,
-            losses: o.losses,
-            mean_reward_diff: o.mean_reward_diff,
-            model_objectives: wr.mean_objectives_model.clone(),
-            baseline_objectives: wr.mean_objectives_baseline.clone(),
-        });
-    }
+        }
+    };
+    let stages = [
+        trained("sft", None, &sft_out),
+        trained("dpo", dpo_cfg.stage.model.adapter_path(), &dpo_out),
+        trained("hybrid-dpo", hyb_cfg.stage.model.adapter_path(), &hyb_out),
+    ];
+    let base_path = sft_cfg.stage.model.path.clone();
+    let judged = judge_stages(e, &base_path, &judge_spec, &stages, &out)?;
     let rm_seconds = timings
         .iter()
         .find(|t| t.0 == "train-rm")
@@ -265,18 +211,19 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(serde_json::Value::Null);
+    let (rows, objectives) = (&judged.rows, &judged.objectives);
     let summary = serde_json::json!({
-        "judge": judge.describe(),
+        "judge": judged.judge,
         "baseline": base_path,
-        "prompts": prompts.len(),
-        "sampling": sampling,
+        "prompts": judged.prompts,
+        "sampling": e.sampling,
         "objectives": objectives,
         "stages": rows,
         "reward_model": {"output_dir": rm_out, "train_seconds": rm_seconds, "report": rm_report},
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
-    let md = markdown(&summary, &rows, &objectives);
+    let md = markdown(&summary, rows, objectives);
     crate::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;
     crate::plot::plot_run(&out, false).context("drawing the summary plots")?;
     println!("{md}");

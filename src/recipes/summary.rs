@@ -1,6 +1,102 @@
-//! The pipeline's summary: one row per trained stage, written as JSON and as a markdown table.
+//! The pipeline's evaluation and summary: every trained stage answers the held-out prompts
+//! against the base model, the judge scores both, and one row per stage goes into the JSON and
+//! markdown summary.
 
+use super::pipeline::PipelineEvalConfig;
+use crate::eval::load_for_eval;
+use crate::eval::prompts::read_prompts;
+use crate::eval::win_rate::{win_rate_eval, write_generations};
+use crate::judge::Judge;
+use crate::model::loader::select_device;
+use crate::model::parse_dtype;
+use anyhow::Result;
 use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A trained stage to judge: its adapter, what is merged under it, and how long it trained.
+pub struct TrainedStage {
+    pub name: String,
+    pub base_adapter: Option<PathBuf>,
+    pub adapter: PathBuf,
+    pub train_seconds: f64,
+    pub skipped: bool,
+}
+
+/// Every stage judged against the base model.
+pub struct Judged {
+    pub rows: Vec<StageRow>,
+    pub objectives: Vec<String>,
+    pub judge: String,
+    pub prompts: usize,
+}
+
+/// Each stage's win rate against the base model `base_path` under `[eval]`'s judge and
+/// decoding settings; each stage's generations are written into `out`.
+pub fn judge_stages(
+    e: &PipelineEvalConfig,
+    base_path: &str,
+    judge_spec: &str,
+    stages: &[TrainedStage],
+    out: &Path,
+) -> Result<Judged> {
+    let device = select_device(&e.device)?;
+    let dtype = parse_dtype(&e.dtype)?;
+    let judge = Judge::load(judge_spec, &e.judge_weights, dtype, &device)?;
+    let baseline = load_for_eval(base_path, None, None, dtype, &device)?;
+    let prompts = read_prompts(&e.prompts, e.max_prompts)?;
+    let (mut rows, mut objectives) = (vec![], vec![]);
+    for st in stages {
+        let t = Instant::now();
+        let adapter = Some(st.adapter.as_path());
+        let model = load_for_eval(
+            base_path,
+            st.base_adapter.as_deref(),
+            adapter,
+            dtype,
+            &device,
+        )?;
+        let batch = e.gen_batch_size;
+        let (wr, gens) = win_rate_eval(
+            &model,
+            &baseline,
+            &judge,
+            &prompts,
+            &e.sampling,
+            batch,
+            e.tie_margin,
+        )?;
+        write_generations(&out.join(format!("generations-{}.jsonl", st.name)), &gens)?;
+        let o = &wr.overall;
+        eprintln!(
+            "{}: win rate {:.1}% ({:.1}s to evaluate)",
+            st.name,
+            100.0 * o.win_rate,
+            t.elapsed().as_secs_f64()
+        );
+        objectives = wr.objectives.clone();
+        rows.push(StageRow {
+            stage: st.name.clone(),
+            output_dir: st.adapter.display().to_string(),
+            train_seconds: st.train_seconds,
+            skipped: st.skipped,
+            win_rate: o.win_rate,
+            ci95: o.ci95,
+            wins: o.wins,
+            ties: o.ties,
+            losses: o.losses,
+            mean_reward_diff: o.mean_reward_diff,
+            model_objectives: wr.mean_objectives_model.clone(),
+            baseline_objectives: wr.mean_objectives_baseline.clone(),
+        });
+    }
+    Ok(Judged {
+        rows,
+        objectives,
+        judge: judge.describe(),
+        prompts: prompts.len(),
+    })
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StageRow {

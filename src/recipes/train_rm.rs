@@ -8,12 +8,12 @@ use crate::data::preference::preference_pair;
 use crate::data::ratings::{rated_responses, RatedResponse, DEFAULT_OBJECTIVES};
 use crate::data::{load_splits, DataConfig, Splits};
 use crate::objectives::reward_head::{RatedFeatures, RewardRegression};
-use crate::objectives::scalarize::{build as build_scalarizer, equal_weights_or, ScalarizerKind};
-use crate::reward::{cached_features, feature_stats, pearson, RewardHead, RewardModelInfo};
+use crate::objectives::scalarize::equal_weights_or;
+use crate::reward::report::{head_report, print_report, ranking_report};
+use crate::reward::{cached_features, feature_stats, RewardHead, RewardModelInfo};
 use crate::train::trainer::{train, TrainRun};
 use crate::train::TrainConfig;
 use anyhow::Result;
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -71,37 +71,6 @@ impl Default for TrainRmConfig {
             },
         }
     }
-}
-
-/// Per-objective validation MSE and Pearson r of the head.
-pub fn head_report(
-    head: &RewardHead,
-    features: &Tensor,
-    examples: &[RatedFeatures],
-) -> Result<serde_json::Value> {
-    let mut out = serde_json::Map::new();
-    if examples.is_empty() {
-        return Ok(out.into());
-    }
-    let rows: Vec<u32> = examples.iter().map(|e| e.row as u32).collect();
-    let x = features.index_select(&Tensor::new(rows.as_slice(), features.device())?, 0)?;
-    let pred = head.predict(&x)?.to_vec2::<f32>()?;
-    for (k, name) in head.info.objectives.iter().enumerate() {
-        let (mut p, mut t) = (vec![], vec![]);
-        for (i, e) in examples.iter().enumerate() {
-            if e.mask[k] > 0.0 {
-                p.push(pred[i][k] as f64);
-                t.push(e.targets[k] as f64);
-            }
-        }
-        let mse =
-            p.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / p.len().max(1) as f64;
-        out.insert(
-            name.clone(),
-            serde_json::json!({"mse": mse, "pearson": pearson(&p, &t), "n": p.len()}),
-        );
-    }
-    Ok(out.into())
 }
 
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
@@ -227,23 +196,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         )?;
         let scores = head.predict(&f)?.to_vec2::<f32>()?;
         let w = equal_weights_or(&cfg.rm.ranking_weights, k, "rm.ranking_weights")?;
-        let s = build_scalarizer(ScalarizerKind::Linear, &w, None, 1.0, k)?;
-        let correct = (0..pairs.len())
-            .filter(|&i| s.scalarize(&scores[2 * i]) > s.scalarize(&scores[2 * i + 1]))
-            .count();
-        let mut per_objective = serde_json::Map::new();
-        for (j, name) in cfg.rm.objectives.iter().enumerate() {
-            let c = (0..pairs.len())
-                .filter(|&i| scores[2 * i][j] > scores[2 * i + 1][j])
-                .count();
-            per_objective.insert(name.clone(), (c as f64 / pairs.len().max(1) as f64).into());
-        }
-        report["ranking"] = serde_json::json!({
-            "pairs": pairs.len(),
-            "composite_accuracy": correct as f64 / pairs.len().max(1) as f64,
-            "weights": w,
-            "per_objective_accuracy": per_objective,
-        });
+        report["ranking"] = ranking_report(&head.info.objectives, &scores, &w)?;
     }
     crate::io::write_json_atomic(&out.join("rm_report.json"), &report)?;
     // Redraw now that the report exists (adds the per-objective chart).
@@ -253,24 +206,4 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     print_report(&report, &cfg.rm.objectives);
     eprintln!("reward model in {}", out.display());
     Ok(())
-}
-
-fn print_report(report: &serde_json::Value, objectives: &[String]) {
-    eprintln!("{:<24} {:>10} {:>10}", "objective", "val MSE", "Pearson r");
-    for o in objectives {
-        let v = &report["validation"][o];
-        eprintln!(
-            "{:<24} {:>10.4} {:>10.4}",
-            o,
-            v["mse"].as_f64().unwrap_or(f64::NAN),
-            v["pearson"].as_f64().unwrap_or(f64::NAN)
-        );
-    }
-    if let Some(acc) = report["ranking"]["composite_accuracy"].as_f64() {
-        eprintln!(
-            "composite reward ranks {:.1}% of {} binarized pairs correctly",
-            100.0 * acc,
-            report["ranking"]["pairs"]
-        );
-    }
 }

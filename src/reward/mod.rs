@@ -7,6 +7,7 @@
 //! rating normalisation, the backbone the head expects).
 
 pub mod features;
+pub mod report;
 
 pub use features::{cached_features, cached_pair_scores, last_token_features, score_sequences};
 

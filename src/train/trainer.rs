@@ -52,18 +52,34 @@ pub struct TrainOutcome {
 }
 
 /// Result of one optimizer step.
-struct StepStats {
-    loss: f64,
-    grad_norm: f64,
-    weight: f64,
-    tokens: usize,
-    metrics: Vec<(String, f64)>,
-    applied: bool,
+#[derive(Debug, Clone)]
+pub struct StepStats {
+    /// Mean loss over the step (summed loss / summed example weight).
+    pub loss: f64,
+    /// Global gradient norm before clipping (loss scale removed).
+    pub grad_norm: f64,
+    pub weight: f64,
+    pub tokens: usize,
+    pub metrics: Vec<(String, f64)>,
+    /// False when the loss or gradient was not finite and the update was skipped.
+    pub applied: bool,
+    /// Wall seconds of the forward passes, the backward passes, and the rest (gradient norm,
+    /// clipping, AdamW), summed over the step's micro-batches.
+    pub phase_s: [f64; 3],
 }
 
-/// One optimizer step over `group` (grad_accum micro-batches of example indices).
-fn train_step<O: Objective>(
-    run: &TrainRun<O>,
+/// What one optimizer step reads: the objective, its examples, and the `[train]` settings.
+pub struct StepInputs<'a, O: Objective> {
+    pub objective: &'a O,
+    pub examples: &'a [O::Example],
+    pub cfg: &'a TrainConfig,
+}
+
+/// One optimizer step over `group` (grad_accum micro-batches of example indices): forward,
+/// backward, gradient accumulation, global-norm clipping and AdamW. The benchmarks time this
+/// same function.
+pub fn train_step<O: Objective>(
+    run: &StepInputs<O>,
     opt: &mut AdamW,
     state: &TrainerState,
     group: &[Vec<usize>],
@@ -72,12 +88,14 @@ fn train_step<O: Objective>(
     let weight: f64 = group
         .iter()
         .flatten()
-        .map(|&i| run.objective.weight(&run.train[i]))
+        .map(|&i| run.objective.weight(&run.examples[i]))
         .sum();
     let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
     let (mut loss_sum, mut tokens, mut metrics) = (0.0, 0, BTreeMap::<String, f64>::new());
+    let mut phase_s = [0.0; 3];
     for (k, idxs) in group.iter().enumerate() {
-        let batch: Vec<&O::Example> = idxs.iter().map(|&i| &run.train[i]).collect();
+        let t0 = Instant::now();
+        let batch: Vec<&O::Example> = idxs.iter().map(|&i| &run.examples[i]).collect();
         let dropout = DropoutRng::new(mix_seed(run.cfg.seed, state.step, k as u64));
         let sink = GradSink::new();
         let ctx = ForwardCtx::train(&dropout);
@@ -87,6 +105,9 @@ fn train_step<O: Objective>(
             ctx
         };
         let out = run.objective.loss(&batch, ctx)?;
+        // Reading the loss waits for the forward, so the phases time what they say.
+        loss_sum += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let t1 = Instant::now();
         // Dividing by the whole step's weight makes k micro-batches sum to one big batch.
         let scaled = (&out.loss_sum * (state.loss_scale / weight.max(f64::MIN_POSITIVE)))?;
         let step_grads = scaled.backward()?;
@@ -103,12 +124,15 @@ fn train_step<O: Objective>(
                 });
             }
         }
-        loss_sum += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        drop(step_grads);
         tokens += batch.iter().map(|e| run.objective.tokens(e)).sum::<usize>();
         for (name, v) in out.metrics {
             *metrics.entry(name).or_default() += v;
         }
+        phase_s[0] += (t1 - t0).as_secs_f64();
+        phase_s[1] += t1.elapsed().as_secs_f64();
     }
+    let t2 = Instant::now();
     let grads: Vec<Tensor> = grads
         .into_iter()
         .zip(opt.vars())
@@ -118,6 +142,7 @@ fn train_step<O: Objective>(
         })
         .collect::<Result<_>>()?;
     // One device-to-host read for the norm: per-tensor sums stay on the device until stacked.
+    // (It also waits for the last backward.)
     let sums = grads
         .iter()
         .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
@@ -126,6 +151,8 @@ fn train_step<O: Objective>(
         .to_dtype(DType::F64)?
         .sum_all()?
         .to_scalar::<f64>()?;
+    let t3 = Instant::now();
+    phase_s[1] += (t3 - t2).as_secs_f64();
     let grad_norm = sq.sqrt() / state.loss_scale;
     let loss = loss_sum / weight;
     let applied = loss.is_finite() && grad_norm.is_finite();
@@ -137,7 +164,11 @@ fn train_step<O: Objective>(
             1.0
         };
         opt.step(&grads, lr, clip / state.loss_scale)?;
+        if let Some((_, var)) = opt.vars().first() {
+            var.device().synchronize()?;
+        }
     }
+    phase_s[2] = t3.elapsed().as_secs_f64();
     let metrics = metrics.into_iter().map(|(k, v)| (k, v / weight)).collect();
     Ok(StepStats {
         loss,
@@ -146,6 +177,7 @@ fn train_step<O: Objective>(
         tokens,
         metrics,
         applied,
+        phase_s,
     })
 }
 
@@ -322,7 +354,12 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         let group = cursor.take(&run, cfg.grad_accum);
         let lr = schedule.lr(state.step);
         let t0 = Instant::now();
-        let stats = train_step(&run, &mut opt, &state, &group, lr)?;
+        let inputs = StepInputs {
+            objective: run.objective,
+            examples: run.train,
+            cfg,
+        };
+        let stats = train_step(&inputs, &mut opt, &state, &group, lr)?;
         (state.epoch, state.batch_in_epoch) = (cursor.epoch, cursor.batch);
         state.step += 1;
         state.tokens_seen += stats.tokens as u64;

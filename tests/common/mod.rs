@@ -121,3 +121,42 @@ pub fn load_sft_data(
     })?;
     Ok((s.train, s.val, s.train_report, s.val_report))
 }
+
+/// Greedy decoding that recomputes the whole prefix every step (no cache). Slow; the reference
+/// the KV-cache path is tested against.
+pub fn greedy_no_cache(
+    model: &mo_align::Qwen2,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    ctx: ForwardCtx,
+) -> candle_core::Result<Vec<u32>> {
+    let mut seq = prompt.to_vec();
+    let mut out = vec![];
+    for _ in 0..max_new_tokens {
+        let input = mo_align::model::input::ModelInput::right_padded(
+            std::slice::from_ref(&seq),
+            0,
+            &model.device,
+        )?;
+        let hidden = model.forward(&input, ctx, None)?;
+        let last = hidden.narrow(1, seq.len() - 1, 1)?.squeeze(1)?;
+        let tok = mo_align::generate::argmax(&model.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?);
+        seq.push(tok);
+        out.push(tok);
+    }
+    Ok(out)
+}
+
+/// Largest |a - b| over two tensors of the same shape (any float dtype).
+pub fn tensor_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
