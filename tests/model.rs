@@ -201,14 +201,7 @@ fn matches_candle_transformers_qwen2_with_adapters_off_or_zero() {
     let input = ModelInput::right_padded(&[ids], 0, &Device::Cpu).unwrap();
     for ctx in [ForwardCtx::EVAL, ForwardCtx::REFERENCE] {
         let got = model.forward(&input, ctx, None).unwrap();
-        let d = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = tensor_max_diff(&got, &want);
         assert!(
             d < 1e-5,
             "hidden states differ from candle-transformers by {d}"

@@ -272,14 +272,6 @@ fn run_stage(
     f(Some(Path::new(config)), sets, flags(false, true)).unwrap()
 }
 
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// The demo chain on the tiny model: SFT -> reward model -> DPO -> hybrid DPO (Chebyshev) ->
 /// MODPO -> reward-weighted, each stage reading the previous stage's files.
 #[test]
@@ -456,14 +448,7 @@ fn cached_reward_features_equal_recomputed_ones() {
     let c = mo_align::reward::last_token_features(&l.model, &refs, 1, ForwardCtx::EVAL, &|_| {})
         .unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
-    let d = (a - &c)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = tensor_max_diff(&a, &c);
     assert!(d < 1e-5, "batched features differ from one-by-one by {d}");
     // The last-token feature is the final hidden state at that position.
     let input = ModelInput::right_padded(&seqs[..1], 0, &Device::Cpu).unwrap();

@@ -31,14 +31,6 @@ fn adapter_tensors(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
 }
 
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn loss_decreases_and_outputs_are_written() {
     let out = scratch("sft-learns");
@@ -124,16 +116,9 @@ fn gradient_accumulation_equals_a_bigger_batch() {
     assert_eq!(ta.len(), tb.len());
     let lr = 3e-3f32;
     for (k, x) in &ta {
-        let d = (x - &tb[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = tensor_max_diff(x, &tb[k]);
         assert!(
-            d <= 1e-2 * lr,
+            d <= 1e-2 * lr as f64,
             "{k}: accumulated and big-batch adapters differ by {d}"
         );
     }

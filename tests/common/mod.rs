@@ -160,3 +160,12 @@ pub fn tensor_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// The lines of a run's `metrics.jsonl`.
+pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
