@@ -49,6 +49,9 @@ pub enum Command {
         /// Dtype of the written weights: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Replace an existing, non-empty --out (never the model's or the adapter's directory).
+        #[arg(long)]
+        force: bool,
     },
     /// Redraw a run directory's plots from its metrics.
     Plot {
@@ -82,6 +85,10 @@ pub struct StageArgs {
     /// Log lines only, no progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// With --resume: continue although schedule or cadence settings changed (lr, max_steps,
+    /// eval/save/log cadence, ...); the change is recorded in config.changes.jsonl.
+    #[arg(long)]
+    pub allow_config_change: bool,
 }
 
 impl StageArgs {
@@ -93,6 +100,7 @@ impl StageArgs {
         RunFlags {
             resume: self.resume,
             quiet: self.quiet,
+            allow_config_change: self.allow_config_change,
         }
     }
 }
@@ -115,7 +123,8 @@ pub fn run(cli: Cli) -> Result<()> {
             adapter,
             out,
             dtype,
-        } => merge::run(&model, &adapter, &out, &dtype),
+            force,
+        } => merge::run(&model, &adapter, &out, &dtype, force),
         Command::Plot { run_dir, png } => utility::plot(&run_dir, png),
         Command::InitTiny { out, seed } => utility::init_tiny(&out, seed),
         Command::ConvertData { input, output } => utility::convert_data(&input, &output),

@@ -192,6 +192,44 @@ fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// The keys whose values differ between two resolved configs, as (`section.key`, old, new)
+/// with TOML-written values; keys present on one side only count as changed.
+pub fn changed_keys(old: &str, new: &str) -> Result<Vec<(String, String, String)>> {
+    fn flatten(
+        prefix: &str,
+        t: &toml::Table,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => flatten(&key, inner, out),
+                other => {
+                    out.insert(key, other.to_string());
+                }
+            }
+        }
+    }
+    let (mut a, mut b) = (Default::default(), Default::default());
+    flatten("", &toml::from_str(old)?, &mut a);
+    flatten("", &toml::from_str(new)?, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let none = "(unset)".to_string();
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let old = a.get(k).unwrap_or(&none).clone();
+            let new = b.get(k).unwrap_or(&none).clone();
+            (k.clone(), old, new)
+        })
+        .collect())
+}
+
 /// The config as TOML, for `config.resolved.toml`.
 pub fn to_toml(cfg: &impl Serialize) -> Result<String> {
     Ok(toml::to_string_pretty(cfg)?)

@@ -69,14 +69,35 @@ impl AtomicDir {
         &self.tmp
     }
 
+    /// Moves the finished directory into place. An existing destination (which the caller
+    /// has decided may be replaced) is first renamed aside, so a crash at any point leaves
+    /// either the old or the new directory under `dest`, never neither, and is removed last.
     pub fn commit(mut self) -> Result<()> {
-        if self.dest.exists() {
-            std::fs::remove_dir_all(&self.dest)
+        let aside = self.dest.with_file_name(format!(
+            ".{}.old-{}",
+            self.dest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let had_old = self.dest.exists();
+        if had_old {
+            std::fs::rename(&self.dest, &aside)
                 .with_context(|| format!("{}: cannot replace", self.dest.display()))?;
         }
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("{}: cannot move into place", self.dest.display()))?;
+        if let Err(e) = std::fs::rename(&self.tmp, &self.dest) {
+            if had_old {
+                let _ = std::fs::rename(&aside, &self.dest);
+            }
+            return Err(e)
+                .with_context(|| format!("{}: cannot move into place", self.dest.display()));
+        }
         self.committed = true;
+        if had_old {
+            std::fs::remove_dir_all(&aside)
+                .with_context(|| format!("{}: cannot remove", aside.display()))?;
+        }
         Ok(())
     }
 }
@@ -87,6 +108,115 @@ impl Drop for AtomicDir {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// An exclusive advisory lock on a run's output directory (`.mo-align.lock`), held for the
+/// life of the run and released by the OS if the process dies. The holder's PID is written
+/// into the lock file so a second run can name it.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create output directory", dir.display()))?;
+        let path = dir.join(".mo-align.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    format!("process {holder}")
+                };
+                bail!(
+                    "{}: {who} is running in this output directory; wait for it, or choose another train.output_dir",
+                    dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("{}: cannot lock", path.display()))
+            }
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// `path` made absolute with symlinks resolved, also when it does not exist yet (its nearest
+/// existing ancestor is resolved and the rest appended).
+pub fn resolved_path(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut rest = vec![];
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(real) = cur.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Refuses an output directory that is, contains or lies inside one of `inputs` (named for
+/// the message): writing it would overwrite or delete what the command reads.
+pub fn refuse_overlap(out: &Path, flag: &str, inputs: &[(&str, &Path)]) -> Result<()> {
+    let o = resolved_path(out);
+    for (name, input) in inputs {
+        let i = resolved_path(input);
+        let how = if o == i {
+            "is"
+        } else if i.starts_with(&o) {
+            "contains"
+        } else if o.starts_with(&i) {
+            "lies inside"
+        } else {
+            continue;
+        };
+        bail!(
+            "{flag} {}: {how} the {name} {}; choose a directory of its own",
+            out.display(),
+            input.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses an existing, non-empty output directory unless `force` (nothing is replaced that a
+/// user did not ask to replace).
+pub fn refuse_nonempty(out: &Path, flag: &str, force: bool) -> Result<()> {
+    let nonempty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if out.exists() && !out.is_dir() {
+        bail!("{flag} {}: exists and is not a directory", out.display());
+    }
+    if nonempty && !force {
+        bail!(
+            "{flag} {}: exists and is not empty; pass --force to replace it, or choose another directory",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// Appends JSON lines to a file (metrics). Each line is flushed as written, so a killed run

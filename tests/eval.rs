@@ -231,11 +231,92 @@ fn batched_chat_generation_equals_one_by_one() {
     }
 }
 
+/// A directory's files and their bytes, to show a command left it untouched.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `merge --out` never deletes or overwrites what it reads, nor a foreign directory unless
+/// --force; with --force a foreign directory is replaced by a complete export.
+#[test]
+fn merge_refuses_outputs_that_would_destroy_data() {
+    let root = scratch("merge-guard");
+    let model = root.join("model");
+    let adapter = root.join("sft-run");
+    for (from, to) in [
+        (tiny_dir().to_path_buf(), &model),
+        (golden_dir().join("adapter"), &adapter),
+    ] {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    std::fs::write(adapter.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+    let before = (snapshot(&model), snapshot(&adapter));
+    let merge = |out: &Path, force: bool| {
+        mo_align::recipes::merge::run(model.to_str().unwrap(), &adapter, out, "f32", force)
+    };
+    for (out, why) in [
+        (adapter.clone(), "is the adapter"),
+        (model.clone(), "is the model"),
+        (model.join("merged"), "lies inside the model"),
+        (root.clone(), "contains the adapter"),
+    ] {
+        for force in [false, true] {
+            let e = merge(&out, force).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("--out"), "{e}");
+        }
+    }
+    assert!(
+        before == (snapshot(&model), snapshot(&adapter)),
+        "an input was modified"
+    );
+    let foreign = root.join("notes");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("keep.txt"), "mine").unwrap();
+    let e = merge(&foreign, false).unwrap_err().to_string();
+    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    merge(&foreign, true).unwrap();
+    assert!(foreign.join("model.safetensors").is_file() && !foreign.join("keep.txt").exists());
+    // An empty directory is fine without --force; no temporary directory is left behind.
+    let empty = root.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    merge(&empty, false).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 #[test]
 fn merged_export_reloads_and_matches_base_plus_adapter() {
     let out = scratch("merged").join("model");
     let adapter = golden_dir().join("adapter");
-    mo_align::recipes::merge::run(tiny_dir().to_str().unwrap(), &adapter, &out, "f32").unwrap();
+    mo_align::recipes::merge::run(tiny_dir().to_str().unwrap(), &adapter, &out, "f32", false)
+        .unwrap();
     for f in [
         "config.json",
         "model.safetensors",

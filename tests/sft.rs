@@ -171,8 +171,9 @@ fn killed_and_resumed_run_ends_bit_identical() {
         "train.eval_every=20",
     ];
     let whole = scratch("resume-whole");
-    let status = run_cli(&whole, &extra, false).wait().unwrap();
-    assert!(status.success());
+    let whole_run = run_cli(&whole, &extra, false).wait_with_output().unwrap();
+    assert!(whole_run.status.success());
+    let whole_err = whole_run.stderr;
 
     let killed = scratch("resume-killed");
     let mut child = run_cli(&killed, &extra, false);
@@ -192,6 +193,44 @@ fn killed_and_resumed_run_ends_bit_identical() {
     let a = std::fs::read(whole.join("adapter_model.safetensors")).unwrap();
     let b = std::fs::read(killed.join("adapter_model.safetensors")).unwrap();
     assert!(a == b, "resumed adapter differs from the uninterrupted one");
+    // The log windows survive the kill: every logged loss and gradient norm (each a mean over
+    // the steps since the previous line) equals the uninterrupted run's, and so does the final
+    // "loss X -> Y" summary.
+    let logged = |dir: &Path| -> Vec<(u64, String, String)> {
+        metrics(dir)
+            .iter()
+            .filter(|l| l.get("loss").is_some())
+            .map(|l| {
+                let v = |k: &str| l[k].to_string();
+                (l["step"].as_u64().unwrap(), v("loss"), v("grad_norm"))
+            })
+            .collect()
+    };
+    assert_eq!(
+        logged(&whole),
+        logged(&killed),
+        "log windows differ after resume"
+    );
+    let summary = |stderr: &[u8]| -> String {
+        let text = String::from_utf8_lossy(stderr).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sft done"))
+            .unwrap_or("")
+            .to_string();
+        line.split(", loss ")
+            .nth(1)
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(
+        summary(&whole_err),
+        summary(&out.stderr),
+        "final loss summary differs"
+    );
     // Metrics were not duplicated by the replayed steps.
     let steps: Vec<u64> = metrics(&killed)
         .iter()

@@ -2,7 +2,7 @@
 //! config, tokenizer files) that transformers, vLLM and mo-align load as a plain model.
 
 use crate::io::safetensors_bytes;
-use crate::io::{write_atomic, AtomicDir};
+use crate::io::{refuse_nonempty, refuse_overlap, write_atomic, AtomicDir};
 use crate::model::loader::{load_pretrained, Loaded};
 use crate::model::{dtype_name, parse_dtype};
 use anyhow::{Context, Result};
@@ -10,11 +10,23 @@ use candle_core::{DType, Device};
 use std::collections::HashMap;
 use std::path::Path;
 
-pub fn run(model: &str, adapter: &Path, out: &Path, dtype: &str) -> Result<()> {
+/// `mo-align merge`: refuses an `--out` that overlaps the model or the adapter, and an existing
+/// non-empty `--out` without `force`; writes into a temporary sibling and renames at the end.
+pub fn run(model: &str, adapter: &Path, out: &Path, dtype: &str, force: bool) -> Result<()> {
+    let dtype = parse_dtype(dtype)?;
+    let mut inputs = vec![("adapter", adapter)];
+    let model_dir = Path::new(model);
+    if model_dir.exists() {
+        inputs.push(("model", model_dir));
+    }
+    refuse_overlap(out, "--out", &inputs)?;
+    refuse_nonempty(out, "--out", force)?;
     // Merge in f32 whatever the output dtype: W + s * B A is then rounded once.
     let mut loaded = load_pretrained(model, Some(adapter), DType::F32, &Device::Cpu)?;
+    // A Hub id resolves to the cache: check that too.
+    refuse_overlap(out, "--out", &[("model", loaded.files.dir())])?;
     loaded.model.merge_lora()?;
-    write_checkpoint(&loaded, out, parse_dtype(dtype)?)?;
+    write_checkpoint(&loaded, out, dtype)?;
     eprintln!(
         "merged {} into {} -> {}",
         adapter.display(),

@@ -15,11 +15,12 @@ pub mod utility;
 
 pub use stage::{AdapterStage, RewardBackbone, RunFlags, StageRun};
 
+use crate::io::RunLock;
 use crate::model::loader::{apply_adapter, load_merged, select_device, Loaded};
 use crate::model::lora::LoraConfig;
 use crate::model::parse_dtype;
 use crate::train::TrainConfig;
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -134,14 +135,96 @@ pub fn load_policy(model: &ModelConfig, lora: &LoraConfig, train: &TrainConfig) 
     Ok(loaded)
 }
 
-/// Creates the output directory and writes the resolved config into it.
-pub fn prepare_output(output_dir: &str, resolved: &impl Serialize) -> Result<PathBuf> {
-    let dir = PathBuf::from(output_dir);
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("{}: cannot create output directory", dir.display()))?;
+/// A run's output directory, locked against a second run for as long as this value lives.
+pub struct RunDir {
+    pub path: PathBuf,
+    _lock: RunLock,
+}
+
+/// Settings a resumed run may change with `--allow-config-change`: the schedule and the
+/// cadence of logs, evaluations and checkpoints, and where and how fast it runs. Everything
+/// else (data, model, LoRA, batch, seed, dropout, precision) would make the record describe a
+/// run that did not happen.
+const CHANGEABLE_ON_RESUME: [&str; 19] = [
+    "train.lr",
+    "train.scheduler",
+    "train.warmup_ratio",
+    "train.warmup_steps",
+    "train.min_lr_ratio",
+    "train.max_steps",
+    "train.epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.early_stopping_patience",
+    "train.early_stopping_min_delta",
+    "train.eval_batch_size",
+    "train.threads",
+    "train.device",
+    "train.cache_dir",
+    "train.logits_chunk",
+    "train.recompute_layers",
+];
+
+/// Locks the output directory (before anything is written), and writes the resolved config
+/// into it. A training run (`training` given) that resumes a checkpoint must resume the same
+/// config: changed keys are refused with their old and new values, unless every one is in
+/// `CHANGEABLE_ON_RESUME` and `--allow-config-change` was given, which records the change in
+/// `config.changes.jsonl`.
+pub fn prepare_output(
+    output_dir: &str,
+    resolved: &impl Serialize,
+    training: Option<RunFlags>,
+) -> Result<RunDir> {
+    let path = PathBuf::from(output_dir);
+    let lock = RunLock::acquire(&path)?;
+    let config_path = path.join("config.resolved.toml");
     let text = crate::config::to_toml(resolved)?;
-    crate::io::write_atomic(&dir.join("config.resolved.toml"), text.as_bytes())?;
-    Ok(dir)
+    let resuming = training.filter(|f| f.resume).is_some()
+        && crate::train::checkpoint::latest(&path)?.is_some();
+    if let (true, Ok(old)) = (resuming, std::fs::read_to_string(&config_path)) {
+        let changes = crate::config::changed_keys(&old, &text)?;
+        if !changes.is_empty() {
+            let list = changes
+                .iter()
+                .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let allowed = training.is_some_and(|f| f.allow_config_change);
+            let unsafe_keys: Vec<&str> = changes
+                .iter()
+                .map(|(k, _, _)| k.as_str())
+                .filter(|k| !CHANGEABLE_ON_RESUME.contains(k))
+                .collect();
+            if !unsafe_keys.is_empty() {
+                bail!(
+                    "{}: --resume with a changed config ({list}); {} cannot change within a run: restore them, or start a new train.output_dir",
+                    config_path.display(),
+                    unsafe_keys.join(", ")
+                );
+            }
+            if !allowed {
+                bail!(
+                    "{}: --resume with a changed config ({list}); pass --allow-config-change to continue with the new values (the change is recorded)",
+                    config_path.display()
+                );
+            }
+            let mut log = crate::io::JsonlWriter::append(&path.join("config.changes.jsonl"))?;
+            let entry: serde_json::Map<String, serde_json::Value> = changes
+                .iter()
+                .map(|(k, a, b)| (k.clone(), serde_json::json!({"old": a, "new": b})))
+                .collect();
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            log.write(&serde_json::json!({"unix_time": since, "changes": entry}))?;
+            eprintln!("resuming with changed settings: {list} (recorded in config.changes.jsonl)");
+        }
+    }
+    crate::io::write_atomic(&config_path, text.as_bytes())?;
+    Ok(RunDir { path, _lock: lock })
 }
 
 /// What `base_model_name_or_path` says in adapter files.

@@ -117,7 +117,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     if cfg.eval.prompts.is_empty() {
         bail!("eval.prompts is empty: name a file of held-out prompts");
     }
-    let out = super::prepare_output(&p.output_dir, &cfg)?;
+    let run_dir = super::prepare_output(&p.output_dir, &cfg, None)?;
+    let out = run_dir.path.clone();
     let ov = &p.overrides;
     let mut timings: Vec<(String, PathBuf, f64, bool)> = vec![];
     let mut stage = |name: &str,

@@ -1,7 +1,7 @@
 //! What every adapter-training stage shares: its config sections, and the run that loads the
 //! policy, the data and the reward model and hands them to the trainer.
 
-use super::{base_name, load_base, load_policy, prepare_output, ModelConfig};
+use super::{base_name, load_base, load_policy, prepare_output, ModelConfig, RunDir};
 use crate::cache::{cache_dir, model_digest, Digest};
 use crate::data::{load_splits, DataConfig, DataReport, Parsed, Splits};
 use crate::model::ctx::ForwardCtx;
@@ -22,6 +22,8 @@ pub struct RunFlags {
     pub resume: bool,
     /// Log lines only, no progress bar.
     pub quiet: bool,
+    /// On resume, accept changed schedule and cadence settings (recorded in the run directory).
+    pub allow_config_change: bool,
 }
 
 /// The sections every adapter-training stage has, flattened into its config:
@@ -45,19 +47,22 @@ pub struct StageRun<'a> {
     pub model_key: Digest,
     pub cache_dir: PathBuf,
     pub flags: RunFlags,
+    /// Holds the output directory's lock until the run ends.
+    _dir: RunDir,
 }
 
 impl AdapterStage {
     /// Validates, writes `resolved` into the output directory, and loads the policy.
     pub fn start(&self, resolved: &impl Serialize, flags: RunFlags) -> Result<StageRun<'_>> {
         self.train.validate()?;
-        let out = prepare_output(&self.train.output_dir, resolved)?;
+        let run_dir = prepare_output(&self.train.output_dir, resolved, Some(flags))?;
         let loaded = load_policy(&self.model, &self.lora, &self.train)?;
         let model_key = model_digest(&loaded.files, self.model.adapter_path(), &self.train.dtype)?;
         Ok(StageRun {
             stage: self,
             loaded,
-            out,
+            out: run_dir.path.clone(),
+            _dir: run_dir,
             model_key,
             cache_dir: cache_dir(self.train.cache_dir.as_deref()),
             flags,

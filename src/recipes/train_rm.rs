@@ -74,11 +74,12 @@ impl Default for TrainRmConfig {
 }
 
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
-    let RunFlags { resume, quiet } = flags;
+    let RunFlags { resume, quiet, .. } = flags;
     let cfg: TrainRmConfig = crate::config::load(config, overrides)?;
     cfg.train.validate()?;
     anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
-    let out = prepare_output(&cfg.train.output_dir, &cfg)?;
+    let run_dir = prepare_output(&cfg.train.output_dir, &cfg, Some(flags))?;
+    let out = run_dir.path.clone();
     let loaded = load_base(&cfg.model, &cfg.train)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     // Split by record (instruction), so completions of one prompt never straddle the split.

@@ -4,6 +4,7 @@
 
 use super::optim::AdamW;
 use super::trainable::Trainable;
+use super::window::Window;
 use crate::io::safetensors_bytes;
 use crate::io::{write_json_atomic, AtomicDir};
 use anyhow::{bail, Context, Result};
@@ -29,6 +30,12 @@ pub struct TrainerState {
     pub evals_without_improvement: u32,
     pub tokens_seen: u64,
     pub early_stopped: bool,
+    /// The log window in progress and the first logged loss, so a resumed run's log lines and
+    /// its final "loss X -> Y" cover the same steps as an uninterrupted run's.
+    #[serde(default)]
+    pub window: Window,
+    #[serde(default)]
+    pub first_loss: Option<f64>,
 }
 
 pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
@@ -42,14 +49,7 @@ pub fn save(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     for (name, var) in opt.vars() {
-        let finite = var
-            .as_tensor()
-            .to_dtype(DType::F32)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?
-            .is_finite();
-        if !finite {
+        if ensure_finite(var.as_tensor()).is_err() {
             bail!(
                 "refusing to checkpoint step {}: parameter `{name}` is not finite",
                 state.step
@@ -66,11 +66,11 @@ pub fn save(
     Ok(dest)
 }
 
-/// The newest complete checkpoint, if any.
-pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
+/// The complete checkpoints (those with a trainer state), oldest first.
+pub fn complete(output_dir: &Path) -> Result<Vec<PathBuf>> {
     let dir = checkpoints_dir(output_dir);
     if !dir.is_dir() {
-        return Ok(None);
+        return Ok(vec![]);
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("{}: cannot list", dir.display()))?
@@ -82,7 +82,44 @@ pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
         })
         .collect();
     found.sort();
-    Ok(found.pop())
+    Ok(found)
+}
+
+/// The newest complete checkpoint, if any.
+pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(complete(output_dir)?.pop())
+}
+
+/// Cleans up after a run killed while saving: temporary checkpoint directories
+/// (`.checkpoint-*.tmp-PID`, written by `save`) are removed; a checkpoint set aside for
+/// replacement (`.checkpoint-*.old-PID`) is moved back if its replacement never arrived, else
+/// removed. Nothing else in the directory is touched.
+pub fn clear_partial(output_dir: &Path) -> Result<()> {
+    let dir = checkpoints_dir(output_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".checkpoint-") else {
+            continue;
+        };
+        let path = e.path();
+        if let Some((step, _pid)) = rest.split_once(".old-") {
+            let original = dir.join(format!("checkpoint-{step}"));
+            if !original.exists() {
+                std::fs::rename(&path, &original)
+                    .with_context(|| format!("{}: cannot restore", path.display()))?;
+                continue;
+            }
+        } else if !rest.contains(".tmp-") {
+            continue;
+        }
+        eprintln!("removing {} (left by an interrupted save)", path.display());
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("{}: cannot remove", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Restores the artifact, optimizer moments and trainer state from `dir`.
@@ -104,7 +141,27 @@ pub fn load(
         .with_context(|| format!("{}: cannot read optimizer state", opt_path.display()))?;
     opt.load_state(&opt_tensors, state.step)
         .with_context(|| opt_path.display().to_string())?;
+    // A checkpoint is written only when every parameter is finite, so a non-finite value here
+    // is damage, not training: refuse it rather than skip every following step.
+    for (name, t) in opt.state_tensors()? {
+        ensure_finite(&t).with_context(|| format!("{}: `{name}`", opt_path.display()))?;
+    }
+    for (name, var) in opt.vars() {
+        ensure_finite(var.as_tensor()).with_context(|| format!("{}: `{name}`", dir.display()))?;
+    }
     Ok(state)
+}
+
+/// Errors when `t` holds a NaN or an infinity (a sum of absolute values in f64 is NaN or inf
+/// exactly then; a max would skip NaNs).
+fn ensure_finite(t: &candle_core::Tensor) -> Result<()> {
+    let total = t
+        .to_dtype(DType::F64)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    anyhow::ensure!(total.is_finite(), "holds a non-finite value");
+    Ok(())
 }
 
 /// Deletes all but the newest `keep` checkpoints.

@@ -6,6 +6,7 @@ pub mod progress;
 pub mod schedule;
 pub mod trainable;
 pub mod trainer;
+pub mod window;
 
 use crate::model::ctx::ForwardCtx;
 use candle_core::{Result, Tensor};

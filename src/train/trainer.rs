@@ -7,6 +7,7 @@ use super::optim::{AdamW, AdamWParams};
 use super::progress::Progress;
 use super::schedule::LrSchedule;
 use super::trainable::Trainable;
+use super::window::fmt_num;
 use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
 use crate::io::JsonlWriter;
@@ -264,6 +265,40 @@ fn stop_flag() -> Arc<AtomicBool> {
 #[error("interrupted: checkpoint saved at step {0}; continue with --resume")]
 pub struct Interrupted(pub u64);
 
+/// Loads the newest checkpoint that loads cleanly, newest first: a truncated or non-finite
+/// checkpoint (a kill mid-write on a filesystem without atomic rename, a disk error) is named
+/// in a warning and the previous one is used.
+fn resume_from_newest_usable<O: Objective>(
+    run: &TrainRun<O>,
+    opt: &mut AdamW,
+    progress: &Progress,
+) -> Result<TrainerState> {
+    let mut problems = vec![];
+    for dir in checkpoint::complete(run.output_dir)?.iter().rev() {
+        match checkpoint::load(dir, run.trainable, opt, run.device) {
+            Ok(state) => {
+                progress.log(&format!(
+                    "resumed from {} (step {})",
+                    dir.display(),
+                    state.step
+                ));
+                return Ok(state);
+            }
+            Err(e) => {
+                progress.log(&format!(
+                    "warning: checkpoint {} is unusable ({e:#}); trying the previous one",
+                    dir.display()
+                ));
+                problems.push(format!("{}: {e:#}", dir.display()));
+            }
+        }
+    }
+    bail!(
+        "no usable checkpoint to resume from: {}",
+        problems.join("; ")
+    )
+}
+
 /// Keeps only metrics lines up to `step` (a resumed run rewrites what came after).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
@@ -321,11 +356,11 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     };
     let metrics_path = run.output_dir.join("metrics.jsonl");
     let progress = Progress::new(total_steps, 0, run.quiet, run.label);
+    checkpoint::clear_partial(run.output_dir)?;
     match checkpoint::latest(run.output_dir)? {
-        Some(dir) if run.resume => {
-            state = checkpoint::load(&dir, run.trainable, &mut opt, run.device)?;
+        Some(_) if run.resume => {
+            state = resume_from_newest_usable(&run, &mut opt, &progress)?;
             truncate_metrics(&metrics_path, state.step)?;
-            progress.log(&format!("resumed from {} (step {})", dir.display(), state.step));
         }
         Some(dir) => bail!(
             "{}: an earlier run's checkpoint is here; pass --resume to continue it, or choose another train.output_dir",
@@ -342,11 +377,15 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     let stop = stop_flag();
     let eval_bs = cfg.eval_batch_size.unwrap_or(cfg.batch_size * 2);
     let mut outcome = TrainOutcome::default();
-    let mut window = Window::default();
+    // A resumed run continues the log window the checkpoint saved, so its log lines cover the
+    // same steps as an uninterrupted run's.
+    let mut window = state.window.clone();
+    outcome.first_loss = state.first_loss;
     progress.set(state.step, String::new());
 
     while state.step < total_steps && !state.early_stopped {
         if stop.load(Ordering::SeqCst) {
+            (state.window, state.first_loss) = (window.clone(), outcome.first_loss);
             checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
             progress.finish();
             return Err(Interrupted(state.step).into());
@@ -432,6 +471,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         }
         let save_due = cfg.save_every.is_some_and(|n| state.step.is_multiple_of(n));
         if save_due || state.step == total_steps || state.early_stopped {
+            (state.window, state.first_loss) = (window.clone(), outcome.first_loss);
             checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
             checkpoint::prune(run.output_dir, cfg.keep_checkpoints)?;
         }
@@ -460,72 +500,4 @@ fn log_line(v: &serde_json::Value) -> String {
             .join(" ")
     });
     obj.unwrap_or_default()
-}
-
-fn fmt_num(x: f64) -> String {
-    if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) {
-        format!("{x:.3e}")
-    } else {
-        format!("{x:.4}")
-    }
-}
-
-/// Accumulates steps between log lines (loss and metrics weighted like the loss).
-#[derive(Default)]
-struct Window {
-    loss: f64,
-    weight: f64,
-    grad_norm: f64,
-    steps: u64,
-    tokens: usize,
-    seconds: f64,
-    lr: f64,
-    metrics: BTreeMap<String, f64>,
-    last_loss: f64,
-    last_tps: f64,
-}
-
-impl Window {
-    fn add(&mut self, s: &StepStats, lr: f64, seconds: f64) {
-        if s.applied {
-            self.loss += s.loss * s.weight;
-            self.weight += s.weight;
-            self.grad_norm += s.grad_norm;
-            self.steps += 1;
-            for (k, v) in &s.metrics {
-                *self.metrics.entry(k.clone()).or_default() += v * s.weight;
-            }
-        }
-        self.tokens += s.tokens;
-        self.seconds += seconds;
-        self.lr = lr;
-        self.last_loss = s.loss;
-        self.last_tps = s.tokens as f64 / seconds.max(1e-9);
-    }
-
-    fn bar_message(&self) -> String {
-        format!(
-            "loss {} lr {} {:.0} tok/s",
-            fmt_num(self.last_loss),
-            fmt_num(self.lr),
-            self.last_tps
-        )
-    }
-
-    fn flush(&mut self, step: u64, epoch: f64) -> serde_json::Value {
-        let w = self.weight.max(f64::MIN_POSITIVE);
-        let mut line = serde_json::json!({
-            "step": step,
-            "epoch": epoch,
-            "loss": if self.steps > 0 { serde_json::json!(self.loss / w) } else { serde_json::Value::Null },
-            "lr": self.lr,
-            "grad_norm": if self.steps > 0 { serde_json::json!(self.grad_norm / self.steps as f64) } else { serde_json::Value::Null },
-            "tokens_per_s": self.tokens as f64 / self.seconds.max(1e-9),
-        });
-        for (k, v) in &self.metrics {
-            line[k] = (v / w).into();
-        }
-        *self = Window::default();
-        line
-    }
 }

@@ -100,7 +100,11 @@ pub fn train_ctx() -> ForwardCtx<'static> {
 
 /// How a recipe is run from a test.
 pub fn flags(resume: bool, quiet: bool) -> mo_align::recipes::RunFlags {
-    mo_align::recipes::RunFlags { resume, quiet }
+    mo_align::recipes::RunFlags {
+        resume,
+        quiet,
+        allow_config_change: false,
+    }
 }
 
 /// Train and validation examples, with what happened to the records of each.
