@@ -13,26 +13,103 @@ use candle_core::{Result, Tensor, D};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-/// Decoding settings: one declaration for the command line (`--temperature`, ...) and for
-/// configs (embedded with `#[serde(flatten)]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+/// Decoding settings as resolved for a run (what every generation record states).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SamplingConfig {
-    #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
     /// 0 means no top-k cut.
-    #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// 1.0 means none.
-    #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f64,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// Decoding settings as a user gives them (command-line flags, `[eval]` keys): each one unset
+/// falls back to the model's `generation_config.json`, then to mo-align's defaults (greedy,
+/// 256 new tokens), the order transformers' `generate()` and vLLM use. A second struct beside
+/// `SamplingConfig` because "not given" must be told apart from "given the default value".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct SamplingArgs {
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    /// 0 means greedy.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// 0 means no top-k cut.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// 1.0 means none.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The settings used: these arguments over the model's generation defaults (`None` when
+    /// the checkpoint has no generation_config.json) over mo-align's.
+    pub fn resolve(&self, model_defaults: Option<&serde_json::Value>) -> SamplingConfig {
+        let mut s = SamplingConfig::default();
+        if let Some(gc) = model_defaults {
+            let f = |k: &str| gc.get(k).and_then(serde_json::Value::as_f64);
+            let u = |k: &str| gc.get(k).and_then(serde_json::Value::as_u64);
+            // transformers samples only with do_sample; its unset top_k is 50, temperature 1.
+            if gc.get("do_sample").and_then(serde_json::Value::as_bool) == Some(true) {
+                s.temperature = f("temperature").unwrap_or(1.0);
+                s.top_p = f("top_p").unwrap_or(1.0);
+                s.top_k = u("top_k").unwrap_or(50) as usize;
+            }
+            if let Some(r) = f("repetition_penalty") {
+                s.repetition_penalty = r;
+            }
+            if let Some(n) = u("max_new_tokens") {
+                s.max_new_tokens = n as usize;
+            }
+        }
+        SamplingConfig {
+            max_new_tokens: self.max_new_tokens.unwrap_or(s.max_new_tokens),
+            temperature: self.temperature.unwrap_or(s.temperature),
+            top_p: self.top_p.unwrap_or(s.top_p),
+            top_k: self.top_k.unwrap_or(s.top_k),
+            repetition_penalty: self.repetition_penalty.unwrap_or(s.repetition_penalty),
+            seed: self.seed.unwrap_or(s.seed),
+        }
+    }
+}
+
+impl SamplingConfig {
+    /// Refuses settings no decoder can honour, naming the flag and its valid range.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let t = self.temperature;
+        anyhow::ensure!(
+            t.is_finite() && t >= 0.0,
+            "--temperature must be a finite number >= 0 (0 = greedy), got {t}"
+        );
+        let p = self.top_p;
+        anyhow::ensure!(
+            p.is_finite() && p > 0.0 && p <= 1.0,
+            "--top-p must be in (0, 1], got {p}"
+        );
+        let r = self.repetition_penalty;
+        anyhow::ensure!(
+            r.is_finite() && r > 0.0,
+            "--repetition-penalty must be a finite number > 0 (1 = none), got {r}"
+        );
+        Ok(())
+    }
 }
 
 impl Default for SamplingConfig {
@@ -64,6 +141,8 @@ pub fn generate(
     if b == 0 {
         return Ok(vec![]);
     }
+    cfg.validate()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if prompts.iter().any(Vec::is_empty) {
         candle_core::bail!("generate: empty prompt");

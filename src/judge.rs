@@ -4,7 +4,7 @@
 
 use crate::model::config::Qwen2Config;
 use crate::model::ctx::ForwardCtx;
-use crate::model::loader::{load_merged, load_with_config, resolve, Loaded};
+use crate::model::loader::{load_with_config, resolve, Loaded};
 use crate::model::Qwen2;
 use crate::objectives::scalarize::equal_weights_or;
 use crate::reward::{last_token_features, RewardHead};
@@ -18,7 +18,7 @@ pub enum Judge {
     /// Our reward model: backbone (base + adapter merged) and head; total = w . scores.
     Ours {
         backbone: Box<Loaded>,
-        head: RewardHead,
+        head: Box<RewardHead>,
         weights: Vec<f64>,
     },
     /// An HF `Qwen2ForSequenceClassification` directory: total = the first label's score.
@@ -45,22 +45,12 @@ impl Judge {
         let dir = Path::new(spec);
         if dir.join(crate::reward::INFO_FILE).is_file() {
             let head = RewardHead::load(dir, device)?;
-            let adapter = head
-                .info
-                .backbone_adapter
-                .as_deref()
-                .filter(|a| !a.is_empty());
-            let backbone = load_merged(
-                &head.info.backbone_model,
-                adapter.map(Path::new),
-                dtype,
-                device,
-            )?;
+            let backbone = head.load_backbone(dir, dtype, device)?;
             let weights = equal_weights_or(weights, head.info.objectives.len(), "--judge-weights")
                 .with_context(|| format!("judge objectives {:?}", head.info.objectives))?;
             return Ok(Judge::Ours {
                 backbone: Box::new(backbone),
-                head,
+                head: Box::new(head),
                 weights,
             });
         }
@@ -128,8 +118,16 @@ impl Judge {
         let mut seqs: Vec<Vec<u32>> = vec![];
         let mut index = vec![];
         for (prompt, response) in items {
-            let mut ids = tok.encode_prompt(prompt)?;
-            ids.extend(tok.encode_response(response)?);
+            let ids = match self {
+                // Our head was trained on prompt and response segments ending at <|im_end|>.
+                Judge::Ours { .. } => {
+                    let mut ids = tok.encode_prompt(prompt)?;
+                    ids.extend(tok.encode_response(response)?);
+                    ids
+                }
+                // An external reward model scores what its chat template renders.
+                Judge::SequenceClassifier { .. } => tok.encode_conversation(prompt, response)?,
+            };
             let next = seqs.len();
             let i = *unique.entry(ids.clone()).or_insert_with(|| {
                 seqs.push(ids);

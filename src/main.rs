@@ -11,8 +11,21 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            // One line: the whole context chain, outermost first.
-            let msg = format!("{e:#}").replace('\n', " ");
+            // One line: the context chain, outermost first, each cause by its first line
+            // (candle appends a multi-line backtrace to some of its errors).
+            let msg = e
+                .chain()
+                .map(|c| {
+                    c.to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_string()
+                })
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(": ");
             eprintln!("error: {msg}");
             ExitCode::from(2)
         }

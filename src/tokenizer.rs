@@ -150,6 +150,15 @@ impl ChatTokenizer {
         Ok(ids)
     }
 
+    /// A conversation ending with the assistant's `response`, rendered and tokenised as one
+    /// text, exactly as `tokenizer.apply_chat_template(conversation, tokenize=True)` does
+    /// (ending `<|im_end|>\n`): what external reward models are trained and scored on.
+    pub fn encode_conversation(&self, prompt: &[Message], response: &str) -> Result<Vec<u32>> {
+        let mut messages = prompt.to_vec();
+        messages.push(Message::new("assistant", response));
+        self.encode(&Self::render(&messages, false))
+    }
+
     /// A whole conversation with assistant tokens labelled (content and closing `<|im_end|>`).
     pub fn encode_chat(&self, messages: &[Message], turns: AssistantTurns) -> Result<LabelledIds> {
         let mut out = LabelledIds::default();

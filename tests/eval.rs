@@ -392,8 +392,17 @@ fn hf_sequence_classifier_judge_scores_the_last_token() {
         &Device::Cpu,
     )
     .unwrap();
-    let mut ids = base.tokenizer.encode_prompt(&items[0].0).unwrap();
-    ids.extend(base.tokenizer.encode_response(&items[0].1).unwrap());
+    // What apply_chat_template(tokenize=True) gives: the whole conversation, ending with
+    // <|im_end|> and the template's newline.
+    let text = format!(
+        "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there!<|im_end|>\n",
+        mo_align::tokenizer::DEFAULT_SYSTEM_PROMPT
+    );
+    let ids = base.tokenizer.encode(&text).unwrap();
+    assert_eq!(
+        *ids.last().unwrap(),
+        base.tokenizer.encode("\n").unwrap()[0]
+    );
     let f =
         mo_align::reward::last_token_features(&base.model, &[&ids], 1, ForwardCtx::EVAL, &|_| {})
             .unwrap();

@@ -192,6 +192,7 @@ pub fn load_splits<T>(
         bail!("data.train_files is empty: name at least one JSONL or Parquet file");
     }
     let (records, train_report) = load_records(&data.train_files, data.on_bad_record, &parse)?;
+    usable(&data.train_files, &train_report)?;
     let examples: Vec<T> = records.into_iter().map(|(_, e)| e).collect();
     if data.validation_files.is_empty() {
         let (train, val) = shuffle_cap_split(
@@ -209,12 +210,28 @@ pub fn load_splits<T>(
     }
     let (train, _) = shuffle_cap_split(examples, data.shuffle_seed, data.max_samples, 0.0)?;
     let (val, val_report) = load_records(&data.validation_files, data.on_bad_record, &parse)?;
+    usable(&data.validation_files, &val_report)?;
     Ok(Splits {
         train,
         val: val.into_iter().map(|(_, e)| e).collect(),
         train_report,
         val_report: Some(val_report),
     })
+}
+
+/// Refuses data files that gave no usable example, naming them and saying why.
+fn usable(files: &[String], report: &DataReport) -> Result<()> {
+    if report.used > 0 {
+        return Ok(());
+    }
+    let files = files.join(", ");
+    if report.records == 0 {
+        bail!("{files}: no records (the file holds no data)");
+    }
+    bail!(
+        "{files}: no usable records ({}); see data.max_length and data.on_bad_record",
+        report.summary()
+    );
 }
 
 /// Shuffles with `seed`, caps at `max_samples`, and splits off `validation_fraction`.

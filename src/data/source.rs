@@ -162,6 +162,13 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
     let first = reader
         .fill_buf()
         .with_context(|| format!("{file}: cannot read"))?;
+    // A UTF-8 byte-order mark (Windows editors, spreadsheet exports) is not part of the JSON.
+    if first.starts_with(b"\xEF\xBB\xBF") {
+        reader.consume(3);
+    }
+    let first = reader
+        .fill_buf()
+        .with_context(|| format!("{file}: cannot read"))?;
     let is_array = first.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
     if is_array {
         let mut text = String::new();

@@ -12,7 +12,7 @@ use crate::objectives::nll::Nll;
 use crate::objectives::pair::pair_logprobs;
 use crate::reward::{score_sequences, RewardHead};
 use crate::train::trainer::evaluate;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::Path;
 
 /// Held-out NLL on chat data (assistant tokens only), with the adapter on.
@@ -52,13 +52,20 @@ pub fn preference_eval(
     let pairs: Vec<PreferencePair> =
         load_splits(&cfg, |v, r| preference_pair(v, &loaded.tokenizer, &cfg, r))?.train;
     let (mut acc, mut margin, mut rc, mut rr) = (0.0, 0.0, 0.0, 0.0);
+    // The policy's summed response log-probs (TRL's logps/chosen and logps/rejected).
+    let (mut lc, mut lr) = (0.0, 0.0);
     for p in &pairs {
         let ids = [p.ids()];
         let pol = pair_logprobs(&loaded.model, &ids, ForwardCtx::EVAL)?;
         let refp = pair_logprobs(&loaded.model, &ids, ForwardCtx::REFERENCE)?;
-        let c = beta * (pol.chosen.to_vec1::<f32>()?[0] - refp.chosen.to_vec1::<f32>()?[0]) as f64;
-        let r =
-            beta * (pol.rejected.to_vec1::<f32>()?[0] - refp.rejected.to_vec1::<f32>()?[0]) as f64;
+        let (pc, pr) = (
+            pol.chosen.to_vec1::<f32>()?[0] as f64,
+            pol.rejected.to_vec1::<f32>()?[0] as f64,
+        );
+        let c = beta * (pc - refp.chosen.to_vec1::<f32>()?[0] as f64);
+        let r = beta * (pr - refp.rejected.to_vec1::<f32>()?[0] as f64);
+        lc += pc;
+        lr += pr;
         acc += f64::from(u8::from(c > r));
         margin += c - r;
         rc += c;
@@ -69,14 +76,13 @@ pub fn preference_eval(
         "pairs": pairs.len(), "beta": beta,
         "rewards/accuracies": acc / n, "rewards/margins": margin / n,
         "rewards/chosen": rc / n, "rewards/rejected": rr / n,
+        "logps/chosen": lc / n, "logps/rejected": lr / n,
     });
     if let Some(rm) = rm {
         let head = RewardHead::load(rm, &loaded.model.device)?;
-        let full = |p: &PreferencePair, r: &[u32]| [p.prompt.as_slice(), r].concat();
-        let seqs: Vec<Vec<u32>> = pairs
-            .iter()
-            .flat_map(|p| [full(p, &p.chosen), full(p, &p.rejected)])
-            .collect();
+        // The reference (adapter off) must be the head's backbone.
+        head.check_backbone(rm, &loaded.model, "--model (with --base-adapter merged)")?;
+        let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let scores = score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::REFERENCE)?;
         let mut per = serde_json::Map::new();
@@ -100,21 +106,14 @@ pub fn preference_eval(
 
 /// Scores every record of `input` with the reward model; writes JSONL (records with a `scores`
 /// object per objective) to `output` atomically, or to stdout. Returns the number scored.
+/// `backbone` (run with `ctx`) must be the head's own backbone; the caller checks.
 pub fn score_file(
-    loaded: &Loaded,
-    rm_dir: &Path,
+    head: &RewardHead,
+    (backbone, ctx): (&Loaded, ForwardCtx),
     input: &Path,
     output: Option<&Path>,
 ) -> Result<usize> {
-    let head = RewardHead::load(rm_dir, &loaded.model.device)?;
-    if head.info.hidden_size != loaded.model.config.hidden_size {
-        bail!(
-            "{}: the head expects hidden size {}, --model has {}",
-            rm_dir.display(),
-            head.info.hidden_size,
-            loaded.model.config.hidden_size
-        );
-    }
+    let loaded = backbone;
     let mut records = vec![];
     let mut seqs = vec![];
     for rec in read_records(input)? {
@@ -132,7 +131,7 @@ pub fn score_file(
     let scores = if refs.is_empty() {
         vec![]
     } else {
-        score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::EVAL)?
+        score_sequences(&loaded.model, head, &refs, 8, ctx)?
     };
     let mut out = String::new();
     for (mut v, s) in records.into_iter().zip(&scores) {

@@ -203,8 +203,26 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) -> Result<Tensor> {
     let dtype = q.dtype();
     let acc = compute_dtype(dtype);
-    let (b, nkv, rt, _d) = q.dims4()?;
+    let (b, nkv, rt, d) = q.dims4()?;
     let (t, tk) = (rt / rep, k.dim(2)?);
+    // Without a gradient, long sequences run in blocks of query positions, so the scores held
+    // at once are [B, heads, QUERY_BLOCK, Tk] rather than [B, heads, T, Tk] (a whole-context
+    // perplexity window fits in memory). Rows are independent, so the result is the same.
+    const QUERY_BLOCK: usize = 1024;
+    if t > QUERY_BLOCK && !(q.track_op() || k.track_op() || v.track_op()) {
+        let q5 = q.reshape((b, nkv, rep, t, d))?;
+        let mut blocks = vec![];
+        for start in (0..t).step_by(QUERY_BLOCK) {
+            let len = QUERY_BLOCK.min(t - start);
+            let qb = q5
+                .narrow(3, start, len)?
+                .contiguous()?
+                .reshape((b, nkv, rep * len, d))?;
+            let yb = attention(&qb, k, v, &bias.narrow(2, start, len)?, rep)?;
+            blocks.push(yb.reshape((b, nkv, rep, len, d))?);
+        }
+        return Tensor::cat(&blocks, 3)?.reshape((b, nkv, rt, d));
+    }
     let probs = move |q: &Tensor, k: &Tensor, bias: &Tensor| -> Result<Tensor> {
         let s = matmul_t(q, k)?
             .to_dtype(acc)?

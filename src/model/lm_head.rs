@@ -78,22 +78,23 @@ impl Qwen2 {
 
 /// softmax(shifted - lse) [C, V] @ w [V, H] in f32, over vocabulary blocks: a single product
 /// with a 151936-long inner dimension makes the CPU gemm keep per-thread packing buffers the
-/// size of the whole embedding (about 0.5 GB each). Each block's probabilities are computed
-/// straight into a contiguous [C, block] tensor (an element-wise op on the column slice), and
-/// `w`'s rows are contiguous, so every product has a layout cuBLAS takes; a column slice of a
-/// full probability matrix would not be (its row stride stays V).
+/// size of the whole embedding (about 0.5 GB each). The probabilities are computed once over
+/// the whole row (element-wise ops are fastest on contiguous data), then each block is copied
+/// out row by row into a contiguous [C, block] tensor: a column slice keeps the row stride V,
+/// a layout cuBLAS refuses, and `w`'s row blocks are contiguous already.
 fn expected_embedding(shifted: &Tensor, lse: &Tensor, w: &Tensor) -> Result<Tensor> {
     const BLOCK: usize = 16384;
     let v = w.dim(0)?;
     let acc = shifted.dtype();
+    let probs_all = shifted.broadcast_sub(lse)?.exp()?.to_dtype(w.dtype())?;
     let mut sum: Option<Tensor> = None;
     for start in (0..v).step_by(BLOCK) {
         let len = BLOCK.min(v - start);
-        let probs = shifted
-            .narrow(1, start, len)?
-            .broadcast_sub(lse)?
-            .exp()?
-            .to_dtype(w.dtype())?;
+        let probs = if len == v {
+            probs_all.clone()
+        } else {
+            probs_all.narrow(1, start, len)?.contiguous()?
+        };
         // Half-precision products, f32 accumulation across blocks.
         let part = matmul(&probs, &w.narrow(0, start, len)?)?.to_dtype(acc)?;
         sum = Some(match sum {

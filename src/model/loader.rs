@@ -351,6 +351,21 @@ pub struct Loaded {
     pub adapter: Option<super::LoraConfig>,
 }
 
+impl Loaded {
+    /// The checkpoint's `generation_config.json` (decoding defaults), if it has a readable one.
+    pub fn generation_config(&self) -> Option<serde_json::Value> {
+        let path = self.files.dir().join("generation_config.json");
+        let text = std::fs::read_to_string(&path).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("warning: {}: not valid JSON ({e}); ignored", path.display());
+                None
+            }
+        }
+    }
+}
+
 pub fn load_pretrained(
     spec: &str,
     adapter: Option<&Path>,

@@ -485,6 +485,38 @@ impl RmsNorm {
 }
 
 impl Qwen2 {
+    /// A fingerprint of the base weights (adapters not included, merged ones are): every
+    /// tensor's name and shape and 16 evenly spaced values, hashed. It tells two models apart
+    /// whatever their paths, and survives copying a checkpoint. With `bf16` the values are
+    /// rounded to bf16 first, so an f32 and a bf16 copy of one checkpoint agree (f32 -> bf16
+    /// rounding is the one the loader does).
+    pub fn fingerprint(&self, bf16: bool) -> Result<String> {
+        let mut d = crate::cache::Digest::default();
+        for (name, t) in self.named_weights() {
+            d.str(&name);
+            for dim in t.dims() {
+                d.bytes(&(*dim as u64).to_le_bytes());
+            }
+            let flat = t.flatten_all()?;
+            let n = flat.elem_count();
+            let picks: Vec<u32> = (0..16.min(n))
+                .map(|i| (i * n / 16.min(n).max(1)) as u32)
+                .collect();
+            let idx = Tensor::from_vec(picks.clone(), picks.len(), t.device())?;
+            let picked = flat.index_select(&idx, 0)?;
+            let picked = if bf16 {
+                picked.to_dtype(DType::BF16)?
+            } else {
+                picked
+            };
+            let values = picked.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for v in values {
+                d.bytes(&v.to_le_bytes());
+            }
+        }
+        Ok(d.hex())
+    }
+
     /// Every base weight under its Hugging Face name (adapters not included; merge first).
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![(

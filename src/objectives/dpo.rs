@@ -47,6 +47,28 @@ impl Default for DpoConfig {
     }
 }
 
+impl DpoConfig {
+    /// Refuses values that would train toward the rejected answers or not train at all.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.beta.is_finite() && self.beta > 0.0,
+            "dpo.beta must be a finite number > 0 (a negative beta trains toward the rejected answers, 0 learns nothing), got {}",
+            self.beta
+        );
+        anyhow::ensure!(
+            (0.0..0.5).contains(&self.label_smoothing),
+            "dpo.label_smoothing must be in [0, 0.5) (0.5 and above reverse or erase the preference), got {}",
+            self.label_smoothing
+        );
+        anyhow::ensure!(
+            self.nll_weight.is_finite() && self.nll_weight >= 0.0,
+            "dpo.nll_weight must be >= 0, got {}",
+            self.nll_weight
+        );
+        Ok(())
+    }
+}
+
 /// A pair with everything frozen about it precomputed.
 #[derive(Debug, Clone)]
 pub struct DpoExample {

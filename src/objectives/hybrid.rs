@@ -2,7 +2,9 @@
 //! from the frozen reward model's scores of both responses, entering the DPO logit as
 //! `logit = (h + offset) * scale` (see `dpo.rs`).
 
-use super::scalarize::{build as build_scalarizer, equal_weights_or, ScalarizerKind};
+use super::scalarize::{
+    build as build_scalarizer, check_weights, equal_weights_or, ScalarizerKind,
+};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,36 @@ impl Default for HybridConfig {
     }
 }
 
+impl HybridConfig {
+    /// Refuses values that would silently drop or reverse the explicit term, checked at
+    /// config load (before any score is computed).
+    pub fn validate(&self) -> Result<()> {
+        check_weights(&self.weights, "hybrid.weights")?;
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            bail!(
+                "hybrid.lambda must be a finite number >= 0, got {}",
+                self.lambda
+            );
+        }
+        if let Some(z) = self.utopia.iter().find(|z| !z.is_finite()) {
+            bail!("hybrid.utopia must be finite, got {z}");
+        }
+        if !(self.mu.is_finite() && self.mu > 0.0) {
+            bail!("hybrid.mu must be a finite number > 0, got {}", self.mu);
+        }
+        if !(self.preference_weight.is_finite() && self.preference_weight > 0.0) {
+            bail!(
+                "hybrid.preference_weight (MODPO's w_k) must be a finite number > 0, got {}",
+                self.preference_weight
+            );
+        }
+        if self.score_batch_size == 0 {
+            bail!("hybrid.score_batch_size must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// The constant part of a pair's logit, `(offset, scale)` of `logit = (h + offset) * scale`,
 /// from the reward vectors of its chosen and rejected responses.
 pub fn explicit_terms(h: &HybridConfig, chosen: &[f32], rejected: &[f32]) -> Result<(f32, f32)> {
@@ -67,9 +99,6 @@ pub fn explicit_terms(h: &HybridConfig, chosen: &[f32], rejected: &[f32]) -> Res
             ))
         }
         Formulation::Modpo => {
-            if h.preference_weight <= 0.0 {
-                bail!("hybrid.preference_weight (w_k) must be positive for MODPO");
-            }
             let margin: f64 = w
                 .iter()
                 .zip(chosen.iter().zip(rejected))

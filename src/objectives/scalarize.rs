@@ -62,9 +62,19 @@ impl Scalarizer for SmoothChebyshevScalarizer {
     }
 }
 
+/// Refuses objective weights that are not finite or negative (named `what`); an empty list
+/// means equal weights. All zeros are allowed: MODPO and hybrid DPO then reduce to plain DPO.
+pub fn check_weights(weights: &[f64], what: &str) -> Result<()> {
+    if let Some(w) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
+        bail!("{what} must be finite and >= 0, got {w} in {weights:?}");
+    }
+    Ok(())
+}
+
 /// The objective weights a config gives (`weights`, named `what` in errors), or equal weights
 /// 1/k when it gives none; a list of the wrong length is refused.
 pub fn equal_weights_or(weights: &[f64], k: usize, what: &str) -> Result<Vec<f64>> {
+    check_weights(weights, what)?;
     if weights.is_empty() {
         return Ok(vec![1.0 / k.max(1) as f64; k]);
     }

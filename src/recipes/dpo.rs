@@ -103,6 +103,7 @@ pub fn run_dpo(
     flags: RunFlags,
 ) -> Result<TrainOutcome> {
     let cfg: DpoRunConfig = crate::config::load(config, overrides)?;
+    cfg.dpo.validate()?;
     let run = cfg.stage.start(&cfg, flags)?;
     let (train, val) = load_pairs(&run)?;
     let (train, val) = (with_reference(&run, &train)?, with_reference(&run, &val)?);
@@ -123,6 +124,8 @@ pub fn run_hybrid(
     if cfg.hybrid.reward_model.is_empty() {
         bail!("hybrid.reward_model is empty: give the directory written by train-rm");
     }
+    cfg.dpo.validate()?;
+    cfg.hybrid.validate()?;
     let run = cfg.stage.start(&cfg, flags)?;
     let (train, val) = load_pairs(&run)?;
     let rm_dir = Path::new(&cfg.hybrid.reward_model);

@@ -8,10 +8,11 @@ use crate::eval::preferences::{preference_eval, score_file, sft_nll};
 use crate::eval::prompts::read_prompts;
 use crate::eval::win_rate::{win_rate_eval, write_generations};
 use crate::eval::{load_for_eval, perplexity};
-use crate::generate::SamplingConfig;
+use crate::generate::SamplingArgs;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
+use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -27,9 +28,10 @@ pub struct EvalOptions {
     /// Plain-text file: mean negative log-likelihood per predicted token (no template, no BOS).
     #[arg(long)]
     pub perplexity: Option<PathBuf>,
-    /// Tokens per window for --perplexity (non-overlapping windows).
-    #[arg(long, default_value_t = 2048)]
-    pub context: usize,
+    /// Tokens per window for --perplexity (non-overlapping windows); default: the model's
+    /// context length, so a text that fits is one window, as transformers' labels=input_ids.
+    #[arg(long)]
+    pub context: Option<usize>,
     /// Chat data (`messages`): held-out NLL of the assistant tokens.
     #[arg(long)]
     pub sft_data: Option<PathBuf>,
@@ -73,8 +75,10 @@ pub struct EvalOptions {
     /// Score differences within this margin count as ties.
     #[arg(long, default_value_t = 0.0)]
     pub tie_margin: f64,
+    /// Decoding for --win-rate (both models alike); unset flags come from --model's
+    /// generation_config.json.
     #[command(flatten)]
-    pub sampling: SamplingConfig,
+    pub sampling: SamplingArgs,
     /// Prompts decoded together.
     #[arg(long, default_value_t = 8)]
     pub gen_batch_size: usize,
@@ -108,19 +112,32 @@ pub fn run(args: EvalOptions) -> Result<()> {
     }
     let device = select_device(&args.model.device)?;
     let dtype = parse_dtype(&args.model.dtype)?;
-    let loaded = load_for_eval(
-        &args.model.model,
-        args.base_adapter.as_deref(),
-        args.model.adapter.as_deref(),
-        dtype,
-        &device,
-    )?;
+    // `--score` alone with no model named scores with the reward model's own backbone.
+    let score_only = !(args.perplexity.is_some()
+        || args.sft_data.is_some()
+        || args.preferences.is_some()
+        || args.win_rate);
+    let model_named =
+        args.model.model.is_some() || args.base_adapter.is_some() || args.model.adapter.is_some();
+    let loaded = if score_only && !model_named {
+        None
+    } else {
+        Some(load_for_eval(
+            args.model.spec(),
+            args.base_adapter.as_deref(),
+            args.model.adapter.as_deref(),
+            dtype,
+            &device,
+        )?)
+    };
     let mut report = serde_json::Map::new();
-    report.insert("model".into(), args.model.model.clone().into());
+    report.insert("model".into(), args.model.spec().into());
     report.insert("base_adapter".into(), serde_json::json!(args.base_adapter));
     report.insert("adapter".into(), serde_json::json!(args.model.adapter));
     let mut table: Vec<(String, String)> = vec![];
+    let main = || loaded.as_ref().context("no model loaded");
     if let Some(path) = &args.perplexity {
+        let loaded = main()?;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
         let ids = loaded.tokenizer.encode(&text)?;
@@ -131,7 +148,10 @@ pub fn run(args: EvalOptions) -> Result<()> {
                 ids.len()
             );
         }
-        let nll = perplexity(&loaded.model, &ids, args.context, ForwardCtx::EVAL)?;
+        let context = args
+            .context
+            .unwrap_or(loaded.model.config.max_position_embeddings);
+        let nll = perplexity(&loaded.model, &ids, context, ForwardCtx::EVAL)?;
         let mean = nll.mean();
         report.insert("nll_per_token".into(), mean.into());
         report.insert("tokens".into(), nll.tokens.into());
@@ -146,7 +166,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
         ));
     }
     if let Some(path) = &args.sft_data {
-        let r = sft_nll(&loaded, path, args.max_length)?;
+        let r = sft_nll(main()?, path, args.max_length)?;
         table.push((
             "chat NLL".into(),
             format!(
@@ -159,7 +179,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
     }
     if let Some(path) = &args.preferences {
         let r = preference_eval(
-            &loaded,
+            main()?,
             path,
             args.beta,
             args.max_length,
@@ -181,7 +201,19 @@ pub fn run(args: EvalOptions) -> Result<()> {
             .reward_model
             .as_deref()
             .context("--score needs --reward-model DIR")?;
-        let n = score_file(&loaded, rm, path, args.output.as_deref())?;
+        let head = RewardHead::load(rm, &device)?;
+        let own;
+        let backbone = match &loaded {
+            Some(l) => {
+                head.check_backbone(rm, &l.model, "--model (with --base-adapter merged)")?;
+                (l, ForwardCtx::REFERENCE)
+            }
+            None => {
+                own = head.load_backbone(rm, dtype, &device)?;
+                (&own, ForwardCtx::EVAL)
+            }
+        };
+        let n = score_file(&head, backbone, path, args.output.as_deref())?;
         report.insert("scored".into(), n.into());
     }
     if args.win_rate {
@@ -204,12 +236,15 @@ pub fn run(args: EvalOptions) -> Result<()> {
         )?;
         let baseline = load_for_eval(&bpath, badapter.as_deref(), None, dtype, &device)?;
         let prompts = read_prompts(&prompts_file, args.max_prompts)?;
+        // One setting for both models: the flags over the evaluated model's defaults.
+        let sampling = args.sampling.resolve(main()?.generation_config().as_ref());
+        sampling.validate()?;
         let (wr, gens) = win_rate_eval(
-            &loaded,
+            main()?,
             &baseline,
             &judge,
             &prompts,
-            &args.sampling,
+            &sampling,
             args.gen_batch_size,
             args.tie_margin,
         )?;

@@ -1,7 +1,7 @@
 //! `mo-align generate`: KV-cache decoding of one prompt, plain or in the chat template.
 
 use super::ModelOptions;
-use crate::generate::{generate, SamplingConfig};
+use crate::generate::{generate, SamplingArgs};
 use crate::model::ctx::ForwardCtx;
 use crate::tokenizer::Message;
 use anyhow::{bail, Result};
@@ -19,14 +19,17 @@ pub struct GenerateOptions {
     /// System prompt for --chat (Qwen's default when omitted).
     #[arg(long)]
     pub system: Option<String>,
+    /// Decoding; unset flags come from the model's generation_config.json.
     #[command(flatten)]
-    pub sampling: SamplingConfig,
+    pub sampling: SamplingArgs,
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: GenerateOptions) -> Result<()> {
     let loaded = args.model.load()?;
+    let sampling = args.sampling.resolve(loaded.generation_config().as_ref());
+    sampling.validate()?;
     let tok = &loaded.tokenizer;
     let (prompt_ids, stop) = if args.chat {
         let mut msgs = vec![];
@@ -45,7 +48,7 @@ pub fn run(args: GenerateOptions) -> Result<()> {
         &loaded.model,
         &[prompt_ids],
         &[0],
-        &args.sampling,
+        &sampling,
         &stop,
         tok.pad_id,
         ForwardCtx::EVAL,
@@ -53,7 +56,8 @@ pub fn run(args: GenerateOptions) -> Result<()> {
     let ids = &out[0];
     let text = tok.decode(ids, true)?;
     if args.json {
-        println!("{}", serde_json::json!({"text": text, "token_ids": ids}));
+        let json = serde_json::json!({"text": text, "token_ids": ids, "sampling": sampling});
+        println!("{json}");
     } else {
         println!("{text}");
     }

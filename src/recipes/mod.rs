@@ -64,9 +64,9 @@ impl Default for ModelConfig {
 /// `--device`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelOptions {
-    /// Local model directory or Hub repo id.
-    #[arg(long, default_value = crate::model::loader::DEFAULT_MODEL)]
-    pub model: String,
+    /// Local model directory or Hub repo id [default: Qwen/Qwen2.5-0.5B].
+    #[arg(long)]
+    pub model: Option<String>,
     /// PEFT adapter directory to apply on top of the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -79,10 +79,17 @@ pub struct ModelOptions {
 }
 
 impl ModelOptions {
+    /// `--model`, or the default model.
+    pub fn spec(&self) -> &str {
+        self.model
+            .as_deref()
+            .unwrap_or(crate::model::loader::DEFAULT_MODEL)
+    }
+
     pub fn load(&self) -> Result<Loaded> {
         let device = select_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype)?;
-        crate::model::loader::load_pretrained(&self.model, self.adapter.as_deref(), dtype, &device)
+        crate::model::loader::load_pretrained(self.spec(), self.adapter.as_deref(), dtype, &device)
     }
 }
 

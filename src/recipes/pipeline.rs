@@ -5,7 +5,7 @@
 
 use super::summary::{judge_stages, markdown, TrainedStage};
 use super::{dpo, sft, train_rm, RunFlags};
-use crate::generate::SamplingConfig;
+use crate::generate::SamplingArgs;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -34,8 +34,9 @@ pub struct PipelineEvalConfig {
     /// Judge: a train-rm directory or an HF sequence classifier; empty = this pipeline's RM.
     pub judge: String,
     pub judge_weights: Vec<f64>,
+    /// Decoding; unset keys come from the base model's generation_config.json.
     #[serde(flatten)]
-    pub sampling: SamplingConfig,
+    pub sampling: SamplingArgs,
     pub gen_batch_size: usize,
     pub tie_margin: f64,
     pub dtype: String,
@@ -49,11 +50,7 @@ impl Default for PipelineEvalConfig {
             max_prompts: Some(200),
             judge: String::new(),
             judge_weights: vec![],
-            sampling: SamplingConfig {
-                temperature: 0.7,
-                top_p: 0.9,
-                ..SamplingConfig::default()
-            },
+            sampling: SamplingArgs::default(),
             gen_batch_size: 8,
             tie_margin: 0.0,
             dtype: "f32".into(),
@@ -217,7 +214,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         "judge": judged.judge,
         "baseline": base_path,
         "prompts": judged.prompts,
-        "sampling": e.sampling,
+        "sampling": judged.sampling,
         "objectives": objectives,
         "stages": rows,
         "reward_model": {"output_dir": rm_out, "train_seconds": rm_seconds, "report": rm_report},

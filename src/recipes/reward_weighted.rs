@@ -7,7 +7,7 @@ use crate::data::preference::{preference_pair, PreferencePair};
 use crate::objectives::reward_weighted::{
     advantages, target_gap_reward, Advantage, RewardWeighted, WeightedPair,
 };
-use crate::objectives::scalarize::equal_weights_or;
+use crate::objectives::scalarize::{check_weights, equal_weights_or};
 use crate::reward::cached_pair_scores;
 use crate::train::trainer::TrainOutcome;
 use anyhow::{bail, Result};
@@ -61,6 +61,13 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let rw = &cfg.reward;
     if rw.reward_model.is_empty() {
         bail!("reward.reward_model is empty: give the directory written by train-rm");
+    }
+    check_weights(&rw.weights, "reward.weights")?;
+    if !rw.weights.is_empty() && rw.weights.iter().all(|w| *w == 0.0) {
+        bail!("reward.weights are all zero: every reward would be 0 and nothing would be learned");
+    }
+    if let Some(t) = rw.targets.iter().find(|t| !t.is_finite()) {
+        bail!("reward.targets must be finite, got {t}");
     }
     let run = cfg.stage.start(&cfg, flags)?;
     let (tok, data) = (&run.loaded.tokenizer, &run.stage.data);

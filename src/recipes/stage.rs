@@ -86,8 +86,13 @@ impl StageRun<'_> {
     pub fn reward_model(&self, rm_dir: &Path) -> Result<(RewardHead, RewardBackbone<'_>)> {
         let head = RewardHead::load(rm_dir, &self.loaded.model.device)?;
         let model = &self.stage.model;
-        let same = head.info.backbone_model == model.path
-            && head.info.backbone_adapter.as_deref().map(Path::new) == model.adapter_path();
+        let same = match head.is_backbone(&self.loaded.model)? {
+            Some(same) => same,
+            None => {
+                head.info.backbone_model == model.path
+                    && head.info.backbone_adapter.as_deref().map(Path::new) == model.adapter_path()
+            }
+        };
         let backbone = if same {
             RewardBackbone::Policy(self)
         } else {
@@ -97,6 +102,7 @@ impl StageRun<'_> {
                 ..model.clone()
             };
             let loaded = load_base(&cfg, &self.stage.train)?;
+            head.check_backbone(rm_dir, &loaded.model, "its recorded backbone as found now")?;
             let key = model_digest(&loaded.files, cfg.adapter_path(), &self.stage.train.dtype)?;
             RewardBackbone::Own(Box::new(loaded), key)
         };

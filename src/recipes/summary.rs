@@ -26,6 +26,8 @@ pub struct TrainedStage {
 /// Every stage judged against the base model.
 pub struct Judged {
     pub rows: Vec<StageRow>,
+    /// The decoding settings every stage and the base used.
+    pub sampling: crate::generate::SamplingConfig,
     pub objectives: Vec<String>,
     pub judge: String,
     pub prompts: usize,
@@ -45,6 +47,8 @@ pub fn judge_stages(
     let judge = Judge::load(judge_spec, &e.judge_weights, dtype, &device)?;
     let baseline = load_for_eval(base_path, None, None, dtype, &device)?;
     let prompts = read_prompts(&e.prompts, e.max_prompts)?;
+    let sampling = e.sampling.resolve(baseline.generation_config().as_ref());
+    sampling.validate()?;
     let (mut rows, mut objectives) = (vec![], vec![]);
     for st in stages {
         let t = Instant::now();
@@ -62,7 +66,7 @@ pub fn judge_stages(
             &baseline,
             &judge,
             &prompts,
-            &e.sampling,
+            &sampling,
             batch,
             e.tie_margin,
         )?;
@@ -92,6 +96,7 @@ pub fn judge_stages(
     }
     Ok(Judged {
         rows,
+        sampling,
         objectives,
         judge: judge.describe(),
         prompts: prompts.len(),

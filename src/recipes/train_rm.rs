@@ -148,6 +148,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         rating_normalisation: "(rating - 1) / 4".to_string(),
         backbone_model: cfg.model.path.clone(),
         backbone_adapter: cfg.model.adapter_path().map(|p| p.display().to_string()),
+        backbone_fingerprint: Some(model.fingerprint(false)?),
+        backbone_fingerprint_bf16: Some(model.fingerprint(true)?),
+        backbone_dtype: Some(crate::model::dtype_name(model.dtype).to_string()),
         hidden_size: model.config.hidden_size,
         feature: "final hidden state (after the last RMSNorm) at the last token of ChatML prompt + response".to_string(),
     };

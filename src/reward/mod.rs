@@ -12,6 +12,7 @@ pub mod report;
 pub use features::{cached_features, cached_pair_scores, last_token_features, score_sequences};
 
 use crate::io::{safetensors_bytes, write_atomic, write_json_atomic};
+use crate::model::Qwen2;
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -30,6 +31,14 @@ pub struct RewardModelInfo {
     /// The backbone the head was trained on: model path or Hub id, and adapter merged into it.
     pub backbone_model: String,
     pub backbone_adapter: Option<String>,
+    /// `Qwen2::fingerprint` of the backbone (base + adapter merged) the head was trained on,
+    /// exact in `backbone_dtype`, and rounded to bf16 (for a backbone run in another dtype).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_fingerprint_bf16: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_dtype: Option<String>,
     pub hidden_size: usize,
     pub feature: String,
 }
@@ -144,6 +153,88 @@ impl Trainable for RewardHead {
         self.weight.set(saved.weight.as_tensor())?;
         self.bias.set(saved.bias.as_tensor())?;
         Ok(())
+    }
+}
+
+impl RewardHead {
+    /// Refuses a backbone other than the one the head was trained on: its features would be
+    /// meaningless to the head. `what` names the model for the message. Heads written before
+    /// fingerprints were recorded are checked by hidden size only.
+    pub fn check_backbone(&self, dir: &Path, model: &Qwen2, what: &str) -> Result<()> {
+        if model.config.hidden_size != self.info.hidden_size {
+            bail!(
+                "{}: the head expects hidden size {}, {what} has {}",
+                dir.display(),
+                self.info.hidden_size,
+                model.config.hidden_size
+            );
+        }
+        let (want, got) = match self.backbone_fingerprints_comparable(model)? {
+            Some(pair) => pair,
+            None => return Ok(()),
+        };
+        if got != want {
+            let adapter = self
+                .info
+                .backbone_adapter
+                .as_deref()
+                .map(|a| format!(" + adapter {a}"))
+                .unwrap_or_default();
+            bail!(
+                "{}: the reward model was trained on {}{adapter}; {what} is a different model (weights fingerprint {got}, expected {want}), so its scores would be meaningless; score with that backbone (omit --model, or pass it and its adapter as --model/--base-adapter)",
+                dir.display(),
+                self.info.backbone_model
+            );
+        }
+        Ok(())
+    }
+
+    /// (recorded, computed) fingerprints at a precision both models share: exact in the same
+    /// dtype, bf16-rounded across f32/bf16. `None` where nothing comparable was recorded (older
+    /// heads) or f16 is involved (f16 rounding differs from bf16's).
+    fn backbone_fingerprints_comparable(&self, model: &Qwen2) -> Result<Option<(String, String)>> {
+        let dtype = crate::model::dtype_name(model.dtype);
+        let info = &self.info;
+        if info.backbone_dtype.as_deref() == Some(dtype) {
+            if let Some(exact) = &info.backbone_fingerprint {
+                return Ok(Some((exact.clone(), model.fingerprint(false)?)));
+            }
+        }
+        let f16 = dtype == "f16" || info.backbone_dtype.as_deref() == Some("f16");
+        match (&info.backbone_fingerprint_bf16, f16) {
+            (Some(rounded), false) => Ok(Some((rounded.clone(), model.fingerprint(true)?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether `model` is the head's backbone, when that can be told (see `check_backbone`).
+    pub fn is_backbone(&self, model: &Qwen2) -> Result<Option<bool>> {
+        Ok(self
+            .backbone_fingerprints_comparable(model)?
+            .map(|(want, got)| want == got))
+    }
+
+    /// The backbone the head was trained on, loaded from its recorded path and adapter and
+    /// checked against the recorded fingerprint (files changed since training are refused).
+    pub fn load_backbone(
+        &self,
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<crate::model::loader::Loaded> {
+        let adapter = self
+            .info
+            .backbone_adapter
+            .as_deref()
+            .filter(|a| !a.is_empty());
+        let loaded = crate::model::loader::load_merged(
+            &self.info.backbone_model,
+            adapter.map(Path::new),
+            dtype,
+            device,
+        )?;
+        self.check_backbone(dir, &loaded.model, "its recorded backbone as found now")?;
+        Ok(loaded)
     }
 }
 

@@ -135,7 +135,8 @@ impl TrainConfig {
         anyhow::ensure!(self.grad_accum > 0, "train.grad_accum must be at least 1");
         anyhow::ensure!(
             self.lr > 0.0 && self.lr.is_finite(),
-            "train.lr must be positive"
+            "train.lr must be a finite number > 0, got {}",
+            self.lr
         );
         anyhow::ensure!(self.log_every > 0, "train.log_every must be at least 1");
         anyhow::ensure!(
@@ -145,6 +146,41 @@ impl TrainConfig {
         anyhow::ensure!(
             self.max_steps.is_some() || self.epochs > 0,
             "train.epochs must be at least 1"
+        );
+        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        anyhow::ensure!(
+            finite_nonneg(self.max_grad_norm),
+            "train.max_grad_norm must be >= 0 (0 turns clipping off), got {}",
+            self.max_grad_norm
+        );
+        anyhow::ensure!(
+            finite_nonneg(self.weight_decay),
+            "train.weight_decay must be >= 0, got {}",
+            self.weight_decay
+        );
+        for (name, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            anyhow::ensure!(
+                (0.0..1.0).contains(&b),
+                "train.{name} must be in [0, 1), got {b}"
+            );
+        }
+        anyhow::ensure!(
+            self.adam_eps.is_finite() && self.adam_eps > 0.0,
+            "train.adam_eps must be > 0, got {}",
+            self.adam_eps
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.min_lr_ratio),
+            "train.min_lr_ratio must be in [0, 1], got {}",
+            self.min_lr_ratio
+        );
+        anyhow::ensure!(
+            self.loss_scale_init.is_finite() && self.loss_scale_init >= 1.0,
+            "train.loss_scale_init must be >= 1, got {}",
+            self.loss_scale_init
         );
         crate::model::parse_dtype(&self.dtype)?;
         Ok(())

@@ -477,6 +477,12 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         }
     }
     progress.finish();
+    if state.step > 0 && state.skipped_steps >= state.step {
+        bail!(
+            "all {} steps were skipped for a non-finite loss or gradient: nothing was learned and no adapter was written; check the data and train.lr, or use f32",
+            state.step
+        );
+    }
     run.trainable.save(run.output_dir)?;
     // Plots are a convenience: a drawing failure must not fail a finished run.
     if let Err(e) = crate::plot::plot_run(run.output_dir, false) {
