@@ -21,12 +21,22 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Exit code 2 and exactly one line on stderr containing every `needle`.
+/// Exit code 2 and the error as exactly one line (after any warnings) containing every
+/// `needle`.
 fn refused(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
-    assert!(!err.contains("candle_core::error"), "a backtrace in the message: {err}");
+    let all = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{all}");
+    let err: String = all
+        .lines()
+        .skip_while(|l| l.starts_with("warning:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {all}");
+    assert!(err.starts_with("error: "), "{all}");
+    assert!(
+        !err.contains("candle_core::error"),
+        "a backtrace in the message: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "`{n}` not in: {err}");
     }
@@ -418,4 +428,39 @@ fn a_wrong_shape_adapter_is_one_line() {
         text.to_str().unwrap(),
     ]);
     refused(&o, &["do not fit r=8"]);
+}
+
+#[test]
+fn an_adapter_trained_on_another_base_is_named_in_a_warning() {
+    let dir = scratch("other-base");
+    let src = golden_dir().join("adapter");
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let text = dir.join("t.txt");
+    std::fs::write(&text, "Hello there, how are you today?").unwrap();
+    let mut warned = |base: &str| {
+        cfg["base_model_name_or_path"] = base.into();
+        std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let o = run(&[
+            "eval",
+            "--device",
+            "cpu",
+            "--model",
+            tiny(),
+            "--adapter",
+            dir.to_str().unwrap(),
+            "--perplexity",
+            text.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o).contains("the adapter was trained on")
+    };
+    assert!(warned("Qwen/Qwen2.5-7B"));
+    assert!(!warned(tiny()));
 }

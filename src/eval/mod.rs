@@ -6,7 +6,7 @@ pub mod prompts;
 pub mod win_rate;
 
 use crate::model::ctx::ForwardCtx;
-use crate::model::loader::{apply_adapter, load_merged, Loaded};
+use crate::model::loader::{apply_adapter, load_merged, warn_if_other_base, Loaded};
 use crate::model::Qwen2;
 use crate::objectives::labelled_logprobs;
 use candle_core::{DType, Device, Result};
@@ -83,6 +83,7 @@ pub fn load_for_eval(
 ) -> anyhow::Result<Loaded> {
     let mut loaded = load_merged(path, base_adapter, dtype, device)?;
     if let Some(a) = adapter {
+        warn_if_other_base(path, a);
         loaded.adapter = Some(apply_adapter(&mut loaded.model, a)?);
     }
     Ok(loaded)

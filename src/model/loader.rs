@@ -50,6 +50,7 @@ pub fn load_merged(
 ) -> Result<Loaded> {
     let mut loaded = load_pretrained(spec, None, dtype, device)?;
     if let Some(adapter) = merged_adapter {
+        warn_if_other_base(spec, adapter);
         apply_adapter(&mut loaded.model, adapter)?;
         loaded.model.merge_lora()?;
     }
@@ -282,6 +283,40 @@ pub fn load_with_config(
 }
 
 /// Attaches the PEFT adapter in `dir` (ours or PEFT's own files) to `model`.
+/// Warns when an adapter says it was trained on another base than `spec`: PEFT writes the base
+/// into `base_model_name_or_path`. Names are compared by their last path component (a Hub id
+/// and its local snapshot agree), so only a real mismatch is reported.
+pub fn warn_if_other_base(spec: &str, adapter_dir: &Path) {
+    let path = adapter_dir.join("adapter_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let recorded = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let last = |s: &str| {
+        s.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let same_path = match (
+        Path::new(&recorded).canonicalize(),
+        Path::new(spec).canonicalize(),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !recorded.is_empty() && !same_path && last(&recorded) != last(spec) {
+        eprintln!(
+            "warning: {}: the adapter was trained on `{recorded}`, and is applied to `{spec}`",
+            path.display()
+        );
+    }
+}
+
 pub fn apply_adapter(model: &mut Qwen2, dir: &Path) -> Result<super::LoraConfig> {
     let cfg = super::peft::read_peft_config(dir)?;
     let mut tensors = super::peft::read_peft_tensors(dir, &model.device)?;
@@ -384,7 +419,10 @@ pub fn load_pretrained(
         );
     }
     let adapter = match adapter {
-        Some(dir) => Some(apply_adapter(&mut model, dir)?),
+        Some(dir) => {
+            warn_if_other_base(spec, dir);
+            Some(apply_adapter(&mut model, dir)?)
+        }
         None => None,
     };
     Ok(Loaded {
