@@ -78,7 +78,8 @@ const fn case(
     }
 }
 
-const CASES: [Case; 28] = [
+const CASES: [Case; 29] = [
+    case("micro-dropout-t256", true, "dropout", 1, 256, 5),
     case("tiny-sft-b4-t128", false, "sft", 4, 128, 10),
     case("tiny-sftprompt-b4-t128", false, "sftprompt", 4, 128, 10),
     case("tiny-dpo-b4-t128", false, "dpo", 4, 128, 10),
@@ -337,11 +338,70 @@ fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab)).collect()
 }
 
+/// The dropout work of one LoRA forward at Qwen2.5-0.5B size and T tokens (six [T, 896] inputs
+/// and one [T, 4864] per layer, 24 layers): masks drawn by the counter-based op, against a
+/// host ChaCha mask plus a multiply (what mo-align did before masks moved to the device).
+fn dropout_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> {
+    use mo_align::model::dropout::DropoutMask;
+    let cfg = real_config();
+    let t = case.seq;
+    let shapes: Vec<(usize, usize)> = (0..cfg.num_hidden_layers)
+        .flat_map(|_| {
+            std::iter::repeat_n((t, cfg.hidden_size), 6).chain([(t, cfg.intermediate_size)])
+        })
+        .collect();
+    let inputs: Vec<candle_core::Tensor> = [cfg.hidden_size, cfg.intermediate_size]
+        .iter()
+        .map(|&w| candle_core::Tensor::ones((t, w), target.dtype, &target.device))
+        .collect::<candle_core::Result<_>>()?;
+    let input = |w: usize| &inputs[usize::from(w != cfg.hidden_size)];
+    let (mut ours, mut chacha) = (vec![], vec![]);
+    for step in 0..=case.steps {
+        let t0 = Instant::now();
+        for (i, &(_, w)) in shapes.iter().enumerate() {
+            DropoutMask { key: i as u64, p: 0.05 }.apply(input(w))?;
+        }
+        target.device.synchronize()?;
+        let t1 = Instant::now();
+        for (i, &(rows, w)) in shapes.iter().enumerate() {
+            let mut rng = stream_rng(0, i as u64);
+            let threshold = (0.05 * u32::MAX as f64) as u32;
+            let m: Vec<f32> = (0..rows * w)
+                .map(|_| if rand::RngCore::next_u32(&mut rng) < threshold { 0.0 } else { 1.0 / 0.95 })
+                .collect();
+            let m = candle_core::Tensor::from_vec(m, (rows, w), &target.device)?;
+            (input(w) * m.to_dtype(target.dtype)?)?;
+        }
+        target.device.synchronize()?;
+        if step > 0 {
+            ours.push((t1 - t0).as_secs_f64());
+            chacha.push(t1.elapsed().as_secs_f64());
+        }
+    }
+    let elements: usize = shapes.iter().map(|(r, w)| r * w).sum();
+    let (a, b) = (median(ours), median(chacha));
+    Ok(serde_json::json!({
+        "bench": "train_step",
+        "case": case.name,
+        "mode": "dropout",
+        "T": t,
+        "elements": elements,
+        "device_masks_s_median": a,
+        "host_chacha_masks_s_median": b,
+        "elements_per_s": elements as f64 / a,
+        "host_chacha_elements_per_s": elements as f64 / b,
+        "threads": candle_core::utils::get_num_threads(),
+    }))
+}
+
 fn run_case(
     case: &Case,
     target: &Target,
     peak_tflops: Option<f64>,
 ) -> anyhow::Result<serde_json::Value> {
+    if case.mode == "dropout" {
+        return dropout_case(case, target);
+    }
     let cfg = if case.real {
         real_config()
     } else {

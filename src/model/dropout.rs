@@ -57,17 +57,29 @@ struct DropoutOp {
 }
 
 impl DropoutOp {
-    fn run<T: Copy>(&self, xs: &[T], zero: T, scale: impl Fn(T) -> T) -> Vec<T> {
-        xs.iter()
+    /// The CPU twin of `ops.cu`'s kernels, on every core (the pool candle's matmuls use):
+    /// elements are independent, so blocks of them go to different threads.
+    fn run<T: Copy + Send + Sync>(
+        &self,
+        xs: &[T],
+        zero: T,
+        scale: impl Fn(T) -> T + Sync,
+    ) -> Vec<T> {
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 14;
+        let mut out = vec![zero; xs.len()];
+        out.par_chunks_mut(BLOCK)
+            .zip(xs.par_chunks(BLOCK))
             .enumerate()
-            .map(|(i, &x)| {
-                if counter_bits(self.key, i as u64) >= self.threshold {
-                    scale(x)
-                } else {
-                    zero
+            .for_each(|(b, (out, xs))| {
+                let first = (b * BLOCK) as u64;
+                for (i, (o, &x)) in out.iter_mut().zip(xs).enumerate() {
+                    if counter_bits(self.key, first + i as u64) >= self.threshold {
+                        *o = scale(x);
+                    }
                 }
-            })
-            .collect()
+            });
+        out
     }
 }
 
