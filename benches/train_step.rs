@@ -359,7 +359,11 @@ fn dropout_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Valu
     for step in 0..=case.steps {
         let t0 = Instant::now();
         for (i, &(_, w)) in shapes.iter().enumerate() {
-            DropoutMask { key: i as u64, p: 0.05 }.apply(input(w))?;
+            DropoutMask {
+                key: i as u64,
+                p: 0.05,
+            }
+            .apply(input(w))?;
         }
         target.device.synchronize()?;
         let t1 = Instant::now();
@@ -367,7 +371,13 @@ fn dropout_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Valu
             let mut rng = stream_rng(0, i as u64);
             let threshold = (0.05 * u32::MAX as f64) as u32;
             let m: Vec<f32> = (0..rows * w)
-                .map(|_| if rand::RngCore::next_u32(&mut rng) < threshold { 0.0 } else { 1.0 / 0.95 })
+                .map(|_| {
+                    if rand::RngCore::next_u32(&mut rng) < threshold {
+                        0.0
+                    } else {
+                        1.0 / 0.95
+                    }
+                })
                 .collect();
             let m = candle_core::Tensor::from_vec(m, (rows, w), &target.device)?;
             (input(w) * m.to_dtype(target.dtype)?)?;

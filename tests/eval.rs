@@ -358,16 +358,9 @@ fn merged_export_reloads_and_matches_base_plus_adapter() {
     assert!(!t.contains_key("lm_head.weight"));
 }
 
-/// An external reward model scores what transformers' `apply_chat_template(conversation,
-/// tokenize=True)` renders (ending `<|im_end|>\n`): the same token ids and the same scores as
-/// transformers' Qwen2ForSequenceClassification (golden file from benches/peer/golden_judge.py).
-#[test]
-fn sequence_classifier_judge_matches_transformers() {
-    let g: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/golden/judge_tiny.json")).unwrap(),
-    )
-    .unwrap();
-    let dir = scratch("seqcls-golden");
+/// The tiny checkpoint as an HF Qwen2ForSequenceClassification with score head `score` [1, H].
+fn classifier_checkpoint(name: &str, score: &Tensor) -> PathBuf {
+    let dir = scratch(name);
     for f in std::fs::read_dir(tiny_dir()).unwrap() {
         let f = f.unwrap();
         std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
@@ -379,17 +372,33 @@ fn sequence_classifier_judge_matches_transformers() {
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     let mut w =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let score: Vec<f32> = json_f64s(&g["score_weight"]).iter().map(|x| *x as f32).collect();
-    let n = score.len();
-    w.insert(
-        "score.weight".into(),
-        Tensor::from_vec(score, (1, n), &Device::Cpu).unwrap(),
-    );
+    w.insert("score.weight".into(), score.clone());
     std::fs::write(
         dir.join("model.safetensors"),
         mo_align::io::safetensors_bytes(&w, None).unwrap(),
     )
     .unwrap();
+    dir
+}
+
+/// An external reward model scores what transformers' `apply_chat_template(conversation,
+/// tokenize=True)` renders (ending `<|im_end|>\n`): the same token ids and the same scores as
+/// transformers' Qwen2ForSequenceClassification (golden file from benches/peer/golden_judge.py).
+#[test]
+fn sequence_classifier_judge_matches_transformers() {
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/golden/judge_tiny.json")).unwrap(),
+    )
+    .unwrap();
+    let score: Vec<f32> = json_f64s(&g["score_weight"])
+        .iter()
+        .map(|x| *x as f32)
+        .collect();
+    let n = score.len();
+    let dir = classifier_checkpoint(
+        "seqcls-golden",
+        &Tensor::from_vec(score, (1, n), &Device::Cpu).unwrap(),
+    );
     let judge = Judge::load(dir.to_str().unwrap(), &[], DType::F32, &Device::Cpu).unwrap();
     let items: Vec<(Vec<Message>, String)> = g["conversations"]
         .as_array()
@@ -402,8 +411,15 @@ fn sequence_classifier_judge_matches_transformers() {
         })
         .collect();
     for (i, (prompt, reply)) in items.iter().enumerate() {
-        let ids = judge.tokenizer().encode_conversation(prompt, reply).unwrap();
-        assert_eq!(ids, json_u32s(&g["ids"][i]), "conversation {i}: token ids differ");
+        let ids = judge
+            .tokenizer()
+            .encode_conversation(prompt, reply)
+            .unwrap();
+        assert_eq!(
+            ids,
+            json_u32s(&g["ids"][i]),
+            "conversation {i}: token ids differ"
+        );
     }
     let got = judge.score(&items, 2).unwrap();
     for (i, v) in got.iter().enumerate() {
@@ -418,25 +434,8 @@ fn sequence_classifier_judge_matches_transformers() {
 
 #[test]
 fn hf_sequence_classifier_judge_scores_the_last_token() {
-    let dir = scratch("seqcls");
-    for f in std::fs::read_dir(tiny_dir()).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-    }
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    cfg["architectures"] = serde_json::json!(["Qwen2ForSequenceClassification"]);
-    cfg["num_labels"] = 1.into();
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let mut w =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let score = Tensor::randn(0f32, 1.0, (1, 64), &Device::Cpu).unwrap();
-    w.insert("score.weight".into(), score.clone());
-    std::fs::write(
-        dir.join("model.safetensors"),
-        mo_align::io::safetensors_bytes(&w, None).unwrap(),
-    )
-    .unwrap();
+    let dir = classifier_checkpoint("seqcls", &score);
 
     let judge = Judge::load(dir.to_str().unwrap(), &[], DType::F32, &Device::Cpu).unwrap();
     let items = vec![(vec![Message::new("user", "Hi")], "Hello there!".to_string())];
