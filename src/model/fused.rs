@@ -11,6 +11,7 @@
 
 use super::compute_dtype;
 use super::dropout::DropoutMask;
+use super::input::AttentionMask;
 use super::matmul::{matmul, matmul_t};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
@@ -196,11 +197,18 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax attention with grouped heads: q [B, nkv, rep*T, d] (already scaled), k, v
-/// [B, nkv, Tk, d], bias [B, 1, T, Tk] (0 or the most negative float). Returns [B, nkv, rep*T, d].
+/// [B, nkv, Tk, d], and the mask (a [B, 1, T, Tk] bias of 0 or the most negative float, or
+/// causal). Returns [B, nkv, rep*T, d].
 /// The backward recomputes the probabilities instead of keeping them (O(T) memory per head).
 /// As under autocast, the four products run in the model dtype and the softmax and its
 /// gradient in f32.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    rep: usize,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let acc = compute_dtype(dtype);
     let (b, nkv, rt, d) = q.dims4()?;
@@ -218,7 +226,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) 
                 .narrow(3, start, len)?
                 .contiguous()?
                 .reshape((b, nkv, rep * len, d))?;
-            let yb = attention(&qb, k, v, &bias.narrow(2, start, len)?, rep)?;
+            let rows = AttentionMask::Bias(mask.rows(start, len, tk, q.device())?);
+            let yb = attention(&qb, k, v, &rows, rep)?;
             blocks.push(yb.reshape((b, nkv, rep, len, d))?);
         }
         return Tensor::cat(&blocks, 3)?.reshape((b, nkv, rt, d));
@@ -230,11 +239,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, rep: usize) 
         let s = s.broadcast_add(&bias.to_dtype(acc)?)?;
         candle_nn::ops::softmax_last_dim(&s)?.reshape((b, nkv, rt, tk))
     };
+    let bias = mask.rows(0, t, tk, q.device())?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let p = probs(&qd, &kd, bias)?;
+    let p = probs(&qd, &kd, &bias)?;
     let y = matmul(&p.to_dtype(dtype)?, &vd)?;
     drop(p);
-    let bias = bias.clone();
     attach3(
         q,
         k,
@@ -432,7 +441,8 @@ mod tests {
             }
         }
         let bias = Tensor::from_vec(bias, (1, 1, 4, 4), &Device::Cpu)?;
-        let y = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, 2)?;
+        let mask = AttentionMask::Bias(bias.clone());
+        let y = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 2)?;
         let s = q
             .as_tensor()
             .matmul(&k.as_tensor().t()?)?

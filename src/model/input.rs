@@ -1,18 +1,49 @@
-//! The model's input: token ids, rotary positions and the additive attention bias (causal +
-//! padding, or any visibility rule), for training batches, packed preference pairs and decoding.
+//! The model's input: token ids, rotary positions and which keys each query may attend to
+//! (causal + padding, or any visibility rule), for training batches, packed preference pairs
+//! and decoding.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
-/// Token ids with their positions and the additive attention bias (causal + padding).
+/// Which keys each query may attend to.
+#[derive(Clone)]
+pub enum AttentionMask {
+    /// [B, 1, T, T_keys] f32: 0 where a query may attend, the most negative f32 elsewhere
+    /// (finite, so a fully masked padding row gives a uniform softmax instead of NaN).
+    Bias(Tensor),
+    /// One unpadded sequence without a cache, causal: query i sees keys 0..=i. Rows of the bias
+    /// are made only when attention needs them, so a whole-context window (32,768 tokens: a
+    /// 4 GiB [T, T] bias) never holds the full mask.
+    Causal,
+}
+
+impl AttentionMask {
+    /// The bias of query rows `start..start + len` against `keys` keys: [B, 1, len, keys].
+    pub fn rows(&self, start: usize, len: usize, keys: usize, device: &Device) -> Result<Tensor> {
+        match self {
+            AttentionMask::Bias(b) => b.narrow(2, start, len),
+            AttentionMask::Causal => {
+                let k = Tensor::arange(0u32, keys as u32, device)?.reshape((1, keys))?;
+                let q = Tensor::arange(start as u32, (start + len) as u32, device)?
+                    .reshape((len, 1))?;
+                let visible = k.broadcast_le(&q)?;
+                let zeros = Tensor::zeros((len, keys), DType::F32, device)?;
+                let blocked = Tensor::full(f32::MIN, (len, keys), device)?;
+                visible
+                    .where_cond(&zeros, &blocked)?
+                    .reshape((1, 1, len, keys))
+            }
+        }
+    }
+}
+
+/// Token ids with their positions and the attention mask.
 #[derive(Clone)]
 pub struct ModelInput {
     /// [B, T] u32
     pub ids: Tensor,
     /// [B, T] u32 rotary positions
     pub positions: Tensor,
-    /// [B, 1, T, T_keys] f32: 0 where a query may attend, the most negative f32 elsewhere
-    /// (finite, so a fully masked padding row gives a uniform softmax instead of NaN).
-    pub bias: Tensor,
+    pub mask: AttentionMask,
 }
 
 impl ModelInput {
@@ -44,7 +75,7 @@ impl ModelInput {
         Ok(Self {
             ids: Tensor::from_vec(flat_ids, (b, t), device)?,
             positions: Tensor::from_vec(flat_pos, (b, t), device)?,
-            bias: Tensor::from_vec(bias, (b, 1, t, tk), device)?,
+            mask: AttentionMask::Bias(Tensor::from_vec(bias, (b, 1, t, tk), device)?),
         })
     }
 
@@ -68,7 +99,7 @@ impl ModelInput {
         Ok(Self {
             ids: Tensor::from_vec(ids, (1, t), device)?,
             positions: Tensor::from_vec(positions, (1, t), device)?,
-            bias: Tensor::from_vec(bias, (1, 1, t, t), device)?,
+            mask: AttentionMask::Bias(Tensor::from_vec(bias, (1, 1, t, t), device)?),
         })
     }
 
@@ -102,6 +133,14 @@ impl ModelInput {
     /// Right-padded batch of whole sequences (training, scoring): positions 0..len.
     pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if let [seq] = seqs {
+            // One sequence has no padding: plain causal, built row block by row block.
+            return Ok(Self {
+                ids: Tensor::from_vec(seq.clone(), (1, t), device)?,
+                positions: Tensor::arange(0u32, t as u32, device)?.reshape((1, t))?,
+                mask: AttentionMask::Causal,
+            });
+        }
         let ids: Vec<Vec<u32>> = seqs
             .iter()
             .map(|s| {
@@ -118,5 +157,32 @@ impl ModelInput {
             .collect();
         let positions: Vec<Vec<u32>> = seqs.iter().map(|_| (0..t as u32).collect()).collect();
         Self::new(&ids, &positions, &valid, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Causal rows made on demand equal the rows of the explicit causal bias.
+    #[test]
+    fn causal_rows_equal_the_explicit_bias() -> Result<()> {
+        let dev = Device::Cpu;
+        let t = 9;
+        let explicit = ModelInput::single(
+            (0..t as u32).collect(),
+            (0..t as u32).collect(),
+            |i, j| j <= i,
+            &dev,
+        )?;
+        for (start, len) in [(0, 9), (3, 4), (8, 1)] {
+            let a = AttentionMask::Causal.rows(start, len, t, &dev)?;
+            let b = explicit.mask.rows(start, len, t, &dev)?;
+            assert_eq!(
+                a.flatten_all()?.to_vec1::<f32>()?,
+                b.flatten_all()?.to_vec1::<f32>()?
+            );
+        }
+        Ok(())
     }
 }

@@ -158,7 +158,7 @@ impl Attention {
         // Grouped-query attention without copying K/V: query heads sharing a KV head are stacked
         // along the time axis ([B, nkv, rep*T, hd]) so one matmul serves the whole group.
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let out = fused::attention(&q, &k, &v, &input.bias, rep)?;
+        let out = fused::attention(&q, &k, &v, &input.mask, rep)?;
         let out = out
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
