@@ -478,3 +478,48 @@ fn recomputed_layers_give_the_same_gradients_with_dropout() {
         assert!(d < 1e-10, "{name}: recomputed gradient differs by {d}");
     }
 }
+
+/// Full fine-tuning: the gradient of every base weight (projections, biases, norm scales, and
+/// the tied embedding from both its uses) equals transformers' in f64
+/// (benches/peer/golden_full.py), for a mean next-token NLL over the first golden sequence.
+#[test]
+fn full_finetuning_gradients_of_every_weight_match_transformers() {
+    let mut m = load_tiny(DType::F64).model;
+    let vars = m.make_trainable().unwrap();
+    let path = golden_dir().join("full_grads.safetensors");
+    let want = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let meta: f64 = {
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, st) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        st.metadata().as_ref().unwrap()["loss"].parse().unwrap()
+    };
+    let seq = golden_seqs()[0].clone();
+    let labelled: Vec<bool> = (0..seq.len()).map(|i| i > 0).collect();
+    let lp =
+        mo_align::objectives::labelled_logprobs(&m, &[(&seq, &labelled)], train_ctx()).unwrap();
+    let n = lp.logprobs.dim(0).unwrap() as f64;
+    let loss = (lp.logprobs.sum_all().unwrap() * (-1.0 / n)).unwrap();
+    let value = loss.to_scalar::<f64>().unwrap();
+    assert!(
+        (value - meta).abs() < 1e-12 * meta.abs(),
+        "loss {value} vs {meta}"
+    );
+    let grads = loss.backward().unwrap();
+    assert_eq!(
+        vars.len(),
+        want.len(),
+        "one trainable tensor per transformers parameter"
+    );
+    for (name, var) in &vars {
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let reference = &want[name];
+        let scale = tensor_max_diff(reference, &reference.zeros_like().unwrap()).max(1e-12);
+        let d = tensor_max_diff(got, reference);
+        assert!(
+            d <= 1e-9 * scale,
+            "{name}: gradient differs by {d} (scale {scale})"
+        );
+    }
+}

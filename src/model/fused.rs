@@ -17,7 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 
 type Grad1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
-type Grad3 =
+pub(crate) type Grad3 =
     Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 
 /// A precomputed value whose forward "computes" by copying it, and whose backward is a closure.
@@ -131,7 +131,13 @@ pub(crate) fn attach1(x: &Tensor, value: Tensor, grad: Grad1) -> Result<Tensor> 
 }
 
 /// `value` as a function of (a, b, c) with gradient `grad(dy) = (da, db, dc)`.
-fn attach3(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, grad: Grad3) -> Result<Tensor> {
+pub(crate) fn attach3(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    value: Tensor,
+    grad: Grad3,
+) -> Result<Tensor> {
     if !(a.track_op() || b.track_op() || c.track_op()) {
         return Ok(value);
     }
@@ -141,6 +147,7 @@ fn attach3(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, grad: Grad3) -> Re
 /// RMSNorm as transformers computes it (statistics in f32): y = w * (x / rms(x)). The output
 /// takes the weight's dtype (the model dtype), the input may be wider (an f32 residual stream
 /// under f16); the input gradient comes back in the input's dtype.
+/// With a trainable `weight` (full fine-tuning) its gradient is returned too.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let acc = compute_dtype(dtype);
@@ -149,18 +156,74 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .sqrt()?
         .recip()?;
     let xhat = xf.broadcast_mul(&inv)?;
-    let y = xhat.to_dtype(weight.dtype())?.broadcast_mul(weight)?;
-    let w = weight.to_dtype(acc)?;
-    attach1(
-        x,
-        y,
-        Box::new(move |dy| {
-            // dx = inv * (g - xhat * mean(g * xhat)), g = dy * w
+    let wd = weight.detach();
+    let y = xhat.to_dtype(wd.dtype())?.broadcast_mul(&wd)?;
+    let w = wd.to_dtype(acc)?;
+    // dx = inv * (g - xhat * mean(g * xhat)), g = dy * w
+    let input_grad = {
+        let (xhat, inv) = (xhat.clone(), inv.clone());
+        move |dy: &Tensor| -> Result<Tensor> {
             let g = dy.to_dtype(acc)?.broadcast_mul(&w)?;
             let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
             g.broadcast_sub(&xhat.broadcast_mul(&proj)?)?
                 .broadcast_mul(&inv)?
                 .to_dtype(dtype)
+        }
+    };
+    if !weight.track_op() {
+        return attach1(x, y, Box::new(input_grad));
+    }
+    // The scale learns too: dw = sum over every row of dy * xhat.
+    let (need_dx, wdtype) = (x.track_op(), wd.dtype());
+    attach3(
+        x,
+        weight,
+        weight,
+        y,
+        Box::new(move |dy| {
+            let dx = if need_dx { Some(input_grad(dy)?) } else { None };
+            let h = xhat.dim(D::Minus1)?;
+            let dw = (dy.to_dtype(acc)? * &xhat)?
+                .reshape(((), h))?
+                .sum(0)?
+                .to_dtype(wdtype)?;
+            Ok((dx, Some(dw), None))
+        }),
+    )
+}
+
+/// y = x W^T + b over the last dimension with gradients for W, b and (when it is in a graph)
+/// x: the projections of full fine-tuning. dW = dy^T x, db = sum of dy's rows, dx = dy W.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (inp, out) = (dims[dims.len() - 1], weight.dim(0)?);
+    let n = x.elem_count() / inp;
+    let x2 = x.detach().reshape((n, inp))?.contiguous()?;
+    let wd = weight.detach();
+    let mut y = matmul_t(&x2, &wd)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.detach())?;
+    }
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank >= 1") = out;
+    let y = y.reshape(out_dims)?;
+    let need_dx = x.track_op();
+    let has_bias = bias.is_some();
+    attach3(
+        x,
+        weight,
+        bias.unwrap_or(weight),
+        y,
+        Box::new(move |dy| {
+            let dy2 = dy.reshape((n, out))?.contiguous()?;
+            let dw = matmul(&dy2.t()?, &x2)?;
+            let db = if has_bias { Some(dy2.sum(0)?) } else { None };
+            let dx = if need_dx {
+                Some(matmul(&dy2, &wd)?.reshape(dims.as_slice())?)
+            } else {
+                None
+            };
+            Ok((dx, Some(dw), db))
         }),
     )
 }
@@ -405,6 +468,30 @@ mod tests {
             .broadcast_div(&(xt.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?
             .broadcast_mul(&w)?;
         same_values_and_gradients(&[&x], &rms_norm(xt, &w, 1e-6)?, &yr)
+    }
+
+    /// Full fine-tuning: the norm's scale learns.
+    #[test]
+    fn rms_norm_with_a_trainable_scale_matches_autograd() -> Result<()> {
+        let (x, w) = (var(&[2, 3, 8]), var(&[8]));
+        let xt = x.as_tensor();
+        let yr = xt
+            .broadcast_div(&(xt.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?
+            .broadcast_mul(w.as_tensor())?;
+        same_values_and_gradients(&[&x, &w], &rms_norm(xt, w.as_tensor(), 1e-6)?, &yr)
+    }
+
+    #[test]
+    fn linear_with_trainable_weight_and_bias_matches_autograd() -> Result<()> {
+        let (x, w, b) = (var(&[2, 3, 6]), var(&[5, 6]), var(&[5]));
+        let xt = x.as_tensor();
+        let yr = xt
+            .broadcast_matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?;
+        let y = linear(xt, w.as_tensor(), Some(b.as_tensor()))?;
+        same_values_and_gradients(&[&x, &w, &b], &y, &yr)?;
+        let yr = xt.broadcast_matmul(&w.as_tensor().t()?)?;
+        same_values_and_gradients(&[&x, &w], &linear(xt, w.as_tensor(), None)?, &yr)
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use super::compute_dtype;
 use super::frozen::frozen_mul;
+use super::fused::attach3;
 use super::matmul::{matmul, matmul_t};
 use super::qwen2::Qwen2;
 use candle_core::{DType, Result, Tensor, D};
@@ -36,7 +37,8 @@ impl Qwen2 {
         if n == 0 {
             return Tensor::zeros(0, acc, &self.device);
         }
-        let w = self.output_weight();
+        let w_param = self.output_weight();
+        let w = &w_param.detach();
         let h_const = hidden.detach().contiguous()?;
         let targets_t = Tensor::from_slice(targets, n, &self.device)?;
         let mut logps = Vec::new();
@@ -62,17 +64,48 @@ impl Qwen2 {
             }
         }
         let logp = Tensor::cat(&logps, 0)?;
-        if !with_grad || !hidden.track_op() {
+        if !with_grad || !(hidden.track_op() || w_param.track_op()) {
             return Ok(logp);
         }
         let g = Tensor::cat(&grads, 0)?.to_dtype(hidden.dtype())?;
-        let dot = frozen_mul(hidden, &g)?.sum(D::Minus1)?.to_dtype(acc)?;
-        logp + (&dot - dot.detach())?
+        if !w_param.track_op() {
+            let dot = frozen_mul(hidden, &g)?.sum(D::Minus1)?.to_dtype(acc)?;
+            return logp + (&dot - dot.detach())?;
+        }
+        // Full fine-tuning: the output embedding learns too. For upstream gradients dy [N],
+        //   dW = sum_i dy_i (onehot(t_i) - softmax(h_i W^T))^T h_i,
+        // recomputed chunk by chunk in the backward (no [N, V] tensor is kept).
+        let (w, chunk, need_dh) = (w.clone(), chunk, hidden.track_op());
+        attach3(
+            hidden,
+            w_param,
+            w_param,
+            logp,
+            Box::new(move |dy| {
+                let dyh = dy.to_dtype(h_const.dtype())?.unsqueeze(1)?;
+                let dh = if need_dh {
+                    Some(g.broadcast_mul(&dyh)?)
+                } else {
+                    None
+                };
+                let weighted = h_const.broadcast_mul(&dyh)?; // [N, H]: dy_i h_i
+                let mut dw = w.zeros_like()?.index_add(&targets_t, &weighted, 0)?;
+                for start in (0..n).step_by(chunk) {
+                    let len = chunk.min(n - start);
+                    let h = h_const.narrow(0, start, len)?;
+                    let logits = matmul_t(&h, &w)?.to_dtype(acc)?;
+                    let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_dtype(w.dtype())?;
+                    let part = matmul(&probs.t()?, &weighted.narrow(0, start, len)?)?;
+                    dw = (dw - part)?;
+                }
+                Ok((dh, Some(dw), None))
+            }),
+        )
     }
 
     /// Full-vocabulary logits (f32) for a few rows, e.g. the last position when decoding.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        matmul_t(&hidden.contiguous()?, self.output_weight())?.to_dtype(DType::F32)
+        matmul_t(&hidden.contiguous()?, &self.output_weight().detach())?.to_dtype(DType::F32)
     }
 }
 

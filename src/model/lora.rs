@@ -116,6 +116,10 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
         let lora = match (&self.lora, ctx.adapters) {
             (Some(l), Adapters::Enabled) => l,
+            // Full fine-tuning: the projection itself learns.
+            _ if ctx.grad && self.weight.is_variable() => {
+                return fused::linear(x, &self.weight, self.bias.as_ref())
+            }
             _ => return frozen_linear(x, &self.weight, self.bias.as_ref()),
         };
         // Without a gradient the adapter enters as constants, so no graph is recorded.

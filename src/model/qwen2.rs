@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 /// RMSNorm in f32, as transformers computes it, then scaled by the (frozen) weight.
 #[derive(Clone)]
 pub struct RmsNorm {
-    weight: Tensor,
+    pub(crate) weight: Tensor,
     eps: f64,
 }
 
@@ -28,8 +28,13 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::rms_norm(x, &self.weight, self.eps)
+    /// `grad`: whether a trainable scale (full fine-tuning) records its gradient.
+    fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        if grad {
+            fused::rms_norm(x, &self.weight, self.eps)
+        } else {
+            fused::rms_norm(x, &self.weight.detach(), self.eps)
+        }
     }
 }
 
@@ -200,14 +205,18 @@ impl DecoderLayer {
         ctx: ForwardCtx,
         cache: Option<&mut (Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let h =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, input, rope, ctx, cache)?;
+        let h = self.self_attn.forward(
+            &self.input_layernorm.forward(x, ctx.grad)?,
+            input,
+            rope,
+            ctx,
+            cache,
+        )?;
         // Blocks compute in the model dtype; the residual stream may be wider (f16 models).
         let x = (x + h.to_dtype(x.dtype())?)?;
         let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?, ctx)?;
+            .forward(&self.post_attention_layernorm.forward(&x, ctx.grad)?, ctx)?;
         let h = h.to_dtype(x.dtype())?;
         x + h
     }
@@ -225,13 +234,30 @@ impl DecoderLayer {
         ]
     }
 
-    /// The layer's adapter tensors (A and B of every adapted projection).
-    pub fn lora_vars(&self) -> Vec<Var> {
-        self.linears()
+    /// The layer's trainable tensors: A and B of every adapted projection, and under full
+    /// fine-tuning every weight, bias and norm scale.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut out: Vec<Var> = self
+            .linears()
             .into_iter()
             .filter_map(|lin| lin.lora.as_ref())
             .flat_map(|l| [l.a.clone(), l.b.clone()])
-            .collect()
+            .collect();
+        let norms = [
+            &self.input_layernorm.weight,
+            &self.post_attention_layernorm.weight,
+        ];
+        let weights = self
+            .linears()
+            .into_iter()
+            .flat_map(|lin| std::iter::once(&lin.weight).chain(lin.bias.as_ref()))
+            .chain(norms);
+        out.extend(
+            weights
+                .filter(|t| t.is_variable())
+                .filter_map(|t| Var::from_tensor(t).ok()),
+        );
+        out
     }
 
     pub fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
@@ -384,8 +410,13 @@ impl Qwen2 {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input.ids.dims2()?;
-        let mut x = self
-            .embed_tokens
+        // A trainable embedding (full fine-tuning) records its gradient only when one is wanted.
+        let embed = if ctx.grad {
+            self.embed_tokens.clone()
+        } else {
+            self.embed_tokens.detach()
+        };
+        let mut x = embed
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?
             .to_dtype(super::residual_dtype(self.dtype))?;
@@ -394,7 +425,7 @@ impl Qwen2 {
             x = match ctx.recompute {
                 Some(sink) if ctx.grad => {
                     let (layer, input, rope) = (layer.clone(), input.clone(), self.rope.clone());
-                    let params = layer.lora_vars();
+                    let params = layer.trainable_vars();
                     checkpointed(&x, ctx, sink, params, move |x, ctx| {
                         layer.forward(x, &input, &rope, ctx, None)
                     })?
@@ -402,7 +433,7 @@ impl Qwen2 {
                 _ => layer.forward(&x, input, &self.rope, ctx, layer_cache)?,
             };
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x, ctx.grad)
     }
 
     /// The output projection [V, H] (the embedding when tied).
@@ -515,6 +546,45 @@ impl Qwen2 {
             }
         }
         Ok(d.hex())
+    }
+
+    /// Full fine-tuning: every base weight becomes a trainable tensor (in place, f32 or f64
+    /// masters), returned under its Hugging Face name in `named_weights` order. The tied
+    /// embedding is one tensor serving both the input and the LM head, as in transformers.
+    pub fn make_trainable(&mut self) -> anyhow::Result<Vec<(String, Var)>> {
+        anyhow::ensure!(
+            matches!(self.dtype, DType::F32 | DType::F64),
+            "full fine-tuning keeps f32 weights (got {:?}): set train.dtype = \"f32\"",
+            self.dtype
+        );
+        anyhow::ensure!(
+            !self.has_lora(),
+            "full fine-tuning and a LoRA adapter at once are not supported"
+        );
+        fn make(t: &mut Tensor) -> Result<Var> {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            Ok(v)
+        }
+        make(&mut self.embed_tokens)?;
+        for layer in &mut self.layers {
+            make(&mut layer.input_layernorm.weight)?;
+            make(&mut layer.post_attention_layernorm.weight)?;
+            for lin in layer.linears_mut() {
+                make(&mut lin.weight)?;
+                if let Some(b) = lin.bias.as_mut() {
+                    make(b)?;
+                }
+            }
+        }
+        make(&mut self.norm.weight)?;
+        if let Some(h) = self.lm_head.as_mut() {
+            make(h)?;
+        }
+        self.named_weights()
+            .into_iter()
+            .map(|(name, t)| Ok((name, Var::from_tensor(&t)?)))
+            .collect()
     }
 
     /// Every base weight under its Hugging Face name (adapters not included; merge first).
