@@ -5,6 +5,7 @@
 
 use super::config::Qwen2Config;
 use super::qwen2::Qwen2;
+use crate::io::{safetensors_bytes, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -431,4 +432,63 @@ pub fn load_pretrained(
         files,
         adapter,
     })
+}
+
+/// Writes `loaded`'s base weights (adapters must be merged) into `dir` as a Hugging Face
+/// checkpoint: model.safetensors in `dtype`, config.json with that dtype, and the tokenizer and
+/// generation files, each file atomically. The inverse of `load_pretrained`.
+pub fn save_pretrained(loaded: &Loaded, dir: &Path, dtype: DType) -> Result<()> {
+    anyhow::ensure!(
+        !loaded.model.has_lora(),
+        "merge the adapters before writing a checkpoint"
+    );
+    let tensors: HashMap<String, candle_core::Tensor> = loaded
+        .model
+        .named_weights()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_atomic(
+        &dir.join("model.safetensors"),
+        &safetensors_bytes(&tensors, Some(meta))?,
+    )?;
+    // The original config with the new dtype (both the 4.x and 5.x keys).
+    let text = std::fs::read_to_string(&loaded.files.config)
+        .with_context(|| format!("{}: cannot read", loaded.files.config.display()))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text)?;
+    let torch_dtype = match super::dtype_name(dtype) {
+        "bf16" => "bfloat16",
+        "f16" => "float16",
+        _ => "float32",
+    };
+    cfg["torch_dtype"] = torch_dtype.into();
+    if cfg.get("dtype").is_some() {
+        cfg["dtype"] = torch_dtype.into();
+    }
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    let src = loaded.files.dir();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        let p = if f == "tokenizer.json" {
+            loaded.files.tokenizer.clone()
+        } else {
+            src.join(f)
+        };
+        if p.is_file() {
+            let bytes =
+                std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+            write_atomic(&dir.join(f), &bytes)?;
+        }
+    }
+    Ok(())
 }

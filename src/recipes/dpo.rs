@@ -103,6 +103,7 @@ pub fn run_dpo(
     flags: RunFlags,
 ) -> Result<TrainOutcome> {
     let cfg: DpoRunConfig = crate::config::load(config, overrides)?;
+    cfg.stage.require_lora("dpo")?;
     cfg.dpo.validate()?;
     let run = cfg.stage.start(&cfg, flags)?;
     let (train, val) = load_pairs(&run)?;
@@ -124,6 +125,7 @@ pub fn run_hybrid(
     if cfg.hybrid.reward_model.is_empty() {
         bail!("hybrid.reward_model is empty: give the directory written by train-rm");
     }
+    cfg.stage.require_lora("hybrid-dpo")?;
     cfg.dpo.validate()?;
     cfg.hybrid.validate()?;
     let run = cfg.stage.start(&cfg, flags)?;

@@ -62,6 +62,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     if rw.reward_model.is_empty() {
         bail!("reward.reward_model is empty: give the directory written by train-rm");
     }
+    cfg.stage.require_lora("reward-weighted")?;
     check_weights(&rw.weights, "reward.weights")?;
     if !rw.weights.is_empty() && rw.weights.iter().all(|w| *w == 0.0) {
         bail!("reward.weights are all zero: every reward would be 0 and nothing would be learned");

@@ -8,10 +8,11 @@ use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::model::lora::LoraConfig;
 use crate::reward::RewardHead;
-use crate::train::trainable::PeftAdapter;
+use crate::train::trainable::{FullModel, PeftAdapter, Trainable};
 use crate::train::trainer::{self, TrainOutcome};
-use crate::train::{Objective, TrainConfig};
-use anyhow::Result;
+use crate::train::{Finetune, Objective, TrainConfig};
+use anyhow::{bail, Result};
+use candle_core::Var;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -47,16 +48,41 @@ pub struct StageRun<'a> {
     pub model_key: Digest,
     pub cache_dir: PathBuf,
     pub flags: RunFlags,
+    /// Full fine-tuning: the model's trainable weights (`None`: a LoRA adapter trains).
+    full: Option<Vec<(String, Var)>>,
     /// Holds the output directory's lock until the run ends.
     _dir: RunDir,
 }
 
 impl AdapterStage {
-    /// Validates, writes `resolved` into the output directory, and loads the policy.
+    /// Refuses full fine-tuning for a stage that needs the adapter (its reference model is
+    /// the policy with the adapter switched off).
+    pub fn require_lora(&self, stage: &str) -> Result<()> {
+        if self.train.finetune == Finetune::Full {
+            bail!(
+                "train.finetune = \"full\" is supported by sft only: {stage}'s reference is the policy with its LoRA adapter switched off"
+            );
+        }
+        Ok(())
+    }
+
+    /// Validates, writes `resolved` into the output directory, and loads the policy: the base
+    /// with a fresh (or continued) LoRA, or under full fine-tuning the base with every weight
+    /// trainable.
     pub fn start(&self, resolved: &impl Serialize, flags: RunFlags) -> Result<StageRun<'_>> {
         self.train.validate()?;
         let run_dir = prepare_output(&self.train.output_dir, resolved, Some(flags))?;
-        let loaded = load_policy(&self.model, &self.lora, &self.train)?;
+        let (loaded, full) = match self.train.finetune {
+            Finetune::Lora => (load_policy(&self.model, &self.lora, &self.train)?, None),
+            Finetune::Full => {
+                if self.lora.init_from.is_some() {
+                    bail!("lora.init_from is set but train.finetune = \"full\" trains no adapter");
+                }
+                let mut loaded = load_base(&self.model, &self.train)?;
+                let vars = loaded.model.make_trainable()?;
+                (loaded, Some(vars))
+            }
+        };
         let model_key = model_digest(&loaded.files, self.model.adapter_path(), &self.train.dtype)?;
         Ok(StageRun {
             stage: self,
@@ -66,6 +92,7 @@ impl AdapterStage {
             model_key,
             cache_dir: cache_dir(self.train.cache_dir.as_deref()),
             flags,
+            full,
         })
     }
 }
@@ -109,8 +136,8 @@ impl StageRun<'_> {
         Ok((head, backbone))
     }
 
-    /// Trains the policy's adapter with `objective` through the shared trainer, saving PEFT
-    /// files, and prints a one-line summary.
+    /// Trains the policy (its adapter, or every weight) with `objective` through the shared
+    /// trainer, saving PEFT files or a Hugging Face checkpoint, and prints a one-line summary.
     pub fn train<O: Objective>(
         &self,
         objective: &O,
@@ -123,9 +150,17 @@ impl StageRun<'_> {
             lora: &self.stage.lora,
             base_model: base_name(&self.stage.model),
         };
+        let full = self.full.as_ref().map(|vars| FullModel {
+            loaded: &self.loaded,
+            vars: vars.clone(),
+        });
+        let trainable: &dyn Trainable = match &full {
+            Some(f) => f,
+            None => &adapter,
+        };
         let outcome = trainer::train(trainer::TrainRun {
             objective,
-            trainable: &adapter,
+            trainable,
             train,
             val,
             cfg: &self.stage.train,
@@ -142,11 +177,16 @@ impl StageRun<'_> {
             .collect();
         let loss = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
         eprintln!(
-            "{label} done: {} steps in {:.1}s, loss {} -> {}{eval}; adapter in {}",
+            "{label} done: {} steps in {:.1}s, loss {} -> {}{eval}; {} in {}",
             outcome.steps,
             outcome.wall_s,
             loss(outcome.first_loss),
             loss(outcome.last_loss),
+            if self.full.is_some() {
+                "model"
+            } else {
+                "adapter"
+            },
             self.out.display()
         );
         Ok(outcome)

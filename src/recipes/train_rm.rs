@@ -76,6 +76,10 @@ impl Default for TrainRmConfig {
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
     let RunFlags { resume, quiet, .. } = flags;
     let cfg: TrainRmConfig = crate::config::load(config, overrides)?;
+    anyhow::ensure!(
+        cfg.train.finetune == crate::train::Finetune::Lora,
+        "train.finetune: train-rm trains a linear head on a frozen backbone; leave it unset"
+    );
     cfg.train.validate()?;
     anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
     let run_dir = prepare_output(&cfg.train.output_dir, &cfg, Some(flags))?;

@@ -40,11 +40,23 @@ pub struct LossOutput {
     pub metrics: Vec<(String, f64)>,
 }
 
+/// What a stage trains: a LoRA adapter on the frozen base, or every base weight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finetune {
+    #[default]
+    Lora,
+    /// Full fine-tuning: every weight learns (f32 masters and AdamW moments for all of them);
+    /// the output is a Hugging Face checkpoint directory. `sft` only.
+    Full,
+}
+
 /// The `[train]` section shared by every training stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub output_dir: String,
+    pub finetune: Finetune,
     pub epochs: u64,
     /// Overrides `epochs` when set.
     pub max_steps: Option<u64>,
@@ -94,6 +106,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             output_dir: "runs/out".to_string(),
+            finetune: Finetune::Lora,
             epochs: 1,
             max_steps: None,
             batch_size: 2,

@@ -1,5 +1,6 @@
-//! What the trainer updates and saves: a LoRA adapter (PEFT files) or a reward head. The loop
-//! does not care which; checkpoints hold the artifact, the optimizer state and the trainer state.
+//! What the trainer updates and saves: a LoRA adapter (PEFT files), every weight of the model (a
+//! Hugging Face checkpoint), or a reward head. The loop does not care which; checkpoints hold
+//! the artifact, the optimizer state and the trainer state.
 
 use crate::model::lora::LoraConfig;
 use crate::model::peft::{read_peft_tensors, write_peft_adapter};
@@ -54,6 +55,45 @@ impl Trainable for PeftAdapter<'_> {
                 l.a.set(&a.to_dtype(l.a.dtype())?)?;
                 l.b.set(&b.to_dtype(l.b.dtype())?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Every weight of the model (full fine-tuning), saved as a Hugging Face checkpoint directory
+/// (model.safetensors, config.json, tokenizer files) that transformers and mo-align load.
+pub struct FullModel<'a> {
+    pub loaded: &'a crate::model::loader::Loaded,
+    /// From `Qwen2::make_trainable`.
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Trainable for FullModel<'_> {
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.vars.clone()
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let dtype = self.loaded.model.dtype;
+        crate::model::loader::save_pretrained(self.loaded, dir, dtype)
+    }
+
+    fn load(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&path, &self.loaded.model.device)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        for (name, var) in &self.vars {
+            let t = tensors
+                .get(name)
+                .with_context(|| format!("{}: lacks `{name}`", path.display()))?;
+            anyhow::ensure!(
+                t.dims() == var.dims(),
+                "{}: `{name}` has shape {:?}, the model {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+            var.set(&t.to_dtype(var.dtype())?)?;
         }
         Ok(())
     }
