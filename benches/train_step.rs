@@ -78,8 +78,10 @@ const fn case(
     }
 }
 
-const CASES: [Case; 29] = [
+const CASES: [Case; 31] = [
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
+    case("real-fullsft-ckpt-b2-t1024", true, "fullsft", 2, 1024, 1),
+    case("real-fullsft-b1-t256", true, "fullsft", 1, 256, 2),
     case("tiny-sft-b4-t128", false, "sft", 4, 128, 10),
     case("tiny-sftprompt-b4-t128", false, "sftprompt", 4, 128, 10),
     case("tiny-dpo-b4-t128", false, "dpo", 4, 128, 10),
@@ -253,6 +255,8 @@ fn nominal_flops_per_token(cfg: &Qwen2Config, mode: &str, t: usize) -> f64 {
     let fwd = 2.0 * (body + head) + attn;
     match mode {
         "sft" | "sftprompt" => 2.0 * fwd + attn,
+        // Full fine-tuning adds the weight gradients: another forward's worth of products.
+        "fullsft" => 3.0 * fwd + attn,
         "dpo" => 3.0 * fwd + attn,
         "forward" => fwd,
         "features" => 2.0 * body + attn,
@@ -423,13 +427,20 @@ fn run_case(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.05);
-    model.attach_lora(
-        &LoraConfig {
-            dropout,
-            ..LoraConfig::default()
-        },
-        0,
-    )?;
+    // `fullsft`: every weight trains (full fine-tuning); the other modes train a LoRA.
+    let full = case.mode == "fullsft";
+    let full_vars = if full {
+        Some(model.make_trainable()?)
+    } else {
+        model.attach_lora(
+            &LoraConfig {
+                dropout,
+                ..LoraConfig::default()
+            },
+            0,
+        )?;
+        None
+    };
     if let Some(c) = std::env::var("BENCH_LOGITS_CHUNK")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -442,14 +453,15 @@ fn run_case(
     let vocab = cfg.vocab_size.min(151643) as u32;
     let (b, t) = (case.batch, case.seq);
     let recompute = case.name.contains("ckpt");
-    let mut opt = AdamW::new(model.lora_vars(), AdamWParams::default())?;
+    let vars = full_vars.unwrap_or_else(|| model.lora_vars());
+    let mut opt = AdamW::new(vars, AdamWParams::default())?;
     let mut times = vec![];
     let mut phases: Vec<[f64; 3]> = vec![];
     let mut extra = serde_json::Map::new();
     let mut losses = vec![];
     let tokens: usize;
     match case.mode {
-        "sft" | "sftprompt" | "forward" => {
+        "sft" | "sftprompt" | "forward" | "fullsft" => {
             let prompt = if case.mode == "sftprompt" { t / 2 } else { 0 };
             let batch: Vec<LabelledIds> = (0..b)
                 .map(|_| LabelledIds {
