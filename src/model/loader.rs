@@ -49,12 +49,10 @@ pub fn load_merged(
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded> {
-    let mut loaded = load_pretrained(spec, None, dtype, device)?;
-    if let Some(adapter) = merged_adapter {
-        warn_if_other_base(spec, adapter);
-        apply_adapter(&mut loaded.model, adapter)?;
-        loaded.model.merge_lora()?;
-    }
+    let mut loaded = load_pretrained(spec, merged_adapter, dtype, device)?;
+    loaded.model.merge_lora()?;
+    // Folded into the weights: nothing is left to switch off.
+    loaded.adapter = None;
     Ok(loaded)
 }
 

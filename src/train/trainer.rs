@@ -64,8 +64,9 @@ pub struct StepStats {
     pub metrics: Vec<(String, f64)>,
     /// False when the loss or gradient was not finite and the update was skipped.
     pub applied: bool,
-    /// Wall seconds of the forward passes, the backward passes, and the rest (gradient norm,
-    /// clipping, AdamW), summed over the step's micro-batches.
+    /// Wall seconds of the forward passes, the backward passes (through the gradient-norm read,
+    /// which is where the device finishes them), and the update (clipping, AdamW), summed over
+    /// the step's micro-batches.
     pub phase_s: [f64; 3],
 }
 
