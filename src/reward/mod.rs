@@ -8,6 +8,7 @@
 
 pub mod features;
 pub mod report;
+pub mod rules;
 
 pub use features::{cached_features, cached_pair_scores, last_token_features, score_sequences};
 
