@@ -2,13 +2,34 @@
 """How the bundled sample data was made (run once; its outputs are committed, mo-align never
 runs this). Deterministic: the same files every time.
 
-Writes JSON Lines in the exact Hub schemas:
-  data/smoltalk/{train,test}.jsonl                  HuggingFaceTB/smol-smoltalk: messages, source
-  data/ultrafeedback/train.jsonl                    openbmb/UltraFeedback: instruction, completions[4]
-                                                    with annotations.{aspect}.Rating as strings
+The demo task has a known ground truth. Every instruction has one right answer, and every
+response is one of six styles whose ratings follow from rules (`configs/demo/rules.toml` states
+the same rules, and `rate` below applies them, so the ratings in the data are exactly what the
+rule judge gives):
+
+  style      example                                           help hon instr truth  mean
+  concise    The capital of Poland is Warsaw.                     4   4    5     5   4.50
+  detailed   ... plus one more sentence                           5   4    3     5   4.25
+  hedged     I am not sure, but the capital of Poland is Warsaw.  3   5    4     5   4.25
+  filler     ... Let me know if you have any other questions!     4   4    3     5   4.00
+  wrong      The capital of Poland is Lima.                       2   2    5     1   2.50
+  refusal    I can't help with that.                              1   3    1     3   2.00
+
+So the objectives conflict: helpfulness prefers detail, honesty prefers hedging, instruction
+following prefers the concise answer. Overall (the mean) the concise answer is best.
+
+Writes JSON Lines in the exact Hub schemas (plus the fields the rules read):
+  data/base_corpus/train.jsonl      chat records (`messages`) answered in all six styles alike:
+                                    the demo base learns the task's language, not the preferences
+  data/smoltalk/{train,test}.jsonl  HuggingFaceTB/smol-smoltalk: messages, source. Correct answers,
+                                    mostly concise: good SFT data with some of every harmless habit
+  data/ultrafeedback/train.jsonl    openbmb/UltraFeedback: instruction, completions[4] with
+                                    annotations.{aspect}.Rating as strings, correct_answers,
+                                    incorrect_answers (+ max_words)
   data/ultrafeedback_binarized/{train,test}_prefs.jsonl
-                                                    HuggingFaceH4/ultrafeedback_binarized: prompt,
-                                                    prompt_id, chosen, rejected, messages, scores
+                                    HuggingFaceH4/ultrafeedback_binarized: prompt, prompt_id,
+                                    chosen, rejected, messages, scores (+ correct_answers,
+                                    incorrect_answers, max_words for the rules)
 The binarized pairs are built from the openbmb records the way H4 built theirs (chosen = the best
 mean rating, rejected = a random other completion), so the two join on instruction + response.
 Parquet twins are written by `mo-align convert-data`.
@@ -30,7 +51,7 @@ OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad
 ANIMALS = [("dog", "barks"), ("cat", "meows"), ("cow", "moos"), ("duck", "quacks"), ("lion", "roars"),
            ("sheep", "bleats"), ("horse", "neighs"), ("owl", "hoots")]
 COLORS = [("the sky on a clear day", "blue"), ("grass", "green"), ("snow", "white"), ("a ripe banana", "yellow"),
-          ("coal", "black"), ("a ripe tomato", "red"), ("an orange", "orange")]
+          ("coal", "black"), ("a ripe tomato", "red")]
 TOPICS = ["the sea", "autumn", "the moon", "a quiet city", "rain", "mountains", "a small garden", "the wind"]
 POEMS = {
     "the sea": "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time.",
@@ -50,86 +71,150 @@ TIPS = {
     "public speaking": ["Practice out loud.", "Know your opening lines well.", "Speak slowly and pause."],
 }
 PLANETS = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"]
+ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth"]
 WORDS = ["cat", "house", "river", "garden", "planet", "music", "window", "bread", "stone", "light"]
 SPANISH = {"cat": "gato", "house": "casa", "river": "río", "garden": "jardín", "music": "música",
            "window": "ventana", "bread": "pan", "stone": "piedra", "light": "luz", "planet": "planeta"}
 
+HEDGE = "I am not sure, but "
+HEDGE_PHRASES = ["I am not sure", "I think", "maybe"]
+REFUSAL = "I can't help with that."
+REFUSAL_PHRASES = ["I can't help", "I cannot help"]
+FILLER = " Let me know if you have any other questions!"
+STYLES = ["concise", "detailed", "hedged", "filler", "wrong", "refusal"]
+
+
+def q(s):
+    return f"\"{s}\""
+
 
 def task():
-    """One instruction with a correct answer and plausible wrong ones."""
-    kind = R.choice(["add", "mul", "capital", "opposite", "animal", "color", "poem", "tips", "planet",
-                     "reverse", "translate", "count", "sub"])
-    if kind in ("add", "sub", "mul"):
-        a, b = R.randint(2, 60), R.randint(2, 40)
-        op, val = {"add": ("+", a + b), "sub": ("-", a - b), "mul": ("*", a * b)}[kind]
-        q = R.choice([f"What is {a} {op} {b}?", f"Compute {a} {op} {b}.", f"Please calculate {a} {op} {b}."])
-        good = f"{a} {op} {b} = {val}."
-        wrong = f"{a} {op} {b} = {val + R.choice([-3, -1, 1, 2, 10])}."
-        return q, good, wrong, str(val)
+    """One instruction: its concise right answer, a more detailed one, a wrong one, the strings
+    that mark a right answer and every wrong answer the task admits."""
+    kind = R.choice(["capital", "opposite", "animal", "color", "poem", "tips", "planet", "reverse",
+                     "translate", "count"])
     if kind == "capital":
         c, cap = R.choice(CAPITALS)
-        other = R.choice([x for _, x in CAPITALS if x != cap])
-        q = R.choice([f"What is the capital of {c}?", f"Which city is the capital of {c}?"])
-        return q, f"The capital of {c} is {cap}.", f"The capital of {c} is {other}.", cap
+        others = [x for _, x in CAPITALS if x != cap]
+        ask = R.choice([f"What is the capital of {c}?", f"Which city is the capital of {c}?"])
+        good = f"The capital of {c} is {cap}."
+        return (ask, good, good + f" {cap} is where the government of {c} meets.",
+                f"The capital of {c} is {R.choice(others)}.", [cap], others)
     if kind == "opposite":
         w, o = R.choice(OPPOSITES)
-        q = f"What is the opposite of \"{w}\"?"
-        return q, f"The opposite of \"{w}\" is \"{o}\".", f"The opposite of \"{w}\" is \"{w}er\".", o
+        others = [q(x) for p in OPPOSITES for x in p if x not in (w, o)] + [q(w + "er")]
+        good = f"The opposite of {q(w)} is {q(o)}."
+        return (f"What is the opposite of {q(w)}?", good, good + " The two words mean contrary things.",
+                f"The opposite of {q(w)} is {R.choice(others)}.", [q(o)], others)
     if kind == "animal":
         a, s = R.choice(ANIMALS)
-        other = R.choice([x for _, x in ANIMALS if x != s])
-        q = f"What sound does a {a} make?"
-        return q, f"A {a} {s}.", f"A {a} {other}.", s
+        others = [x for _, x in ANIMALS if x != s]
+        good = f"A {a} {s}."
+        return (f"What sound does a {a} make?", good, good + f" That is how a {a} calls to others.",
+                f"A {a} {R.choice(others)}.", [s], others)
     if kind == "color":
         t, c = R.choice(COLORS)
-        other = R.choice([x for _, x in COLORS if x != c])
-        q = f"What color is {t}?"
-        return q, f"{t[0].upper() + t[1:]} is {c}.", f"{t[0].upper() + t[1:]} is {other}.", c
+        others = [x for _, x in COLORS if x != c]
+        subject = t[0].upper() + t[1:]
+        good = f"{subject} is {c}."
+        return (f"What color is {t}?", good, good + " Most people would describe it that way.",
+                f"{subject} is {R.choice(others)}.", [c], others)
     if kind == "poem":
         t = R.choice(TOPICS)
-        q = R.choice([f"Write a haiku about {t}.", f"Write a short haiku about {t}."])
-        other = POEMS[R.choice([x for x in TOPICS if x != t])]
-        return q, POEMS[t], other, None
+        others = [POEMS[x].split("\n")[0] for x in TOPICS if x != t]
+        ask = R.choice([f"Write a haiku about {t}.", f"Write a short haiku about {t}."])
+        wrong = POEMS[R.choice([x for x in TOPICS if x != t])]
+        return (ask, POEMS[t], POEMS[t] + "\nThe lines follow the five, seven, five pattern.",
+                wrong, [POEMS[t].split("\n")[0]], others)
     if kind == "tips":
         t = R.choice(list(TIPS))
-        q = f"Give me three tips for {t}."
         good = "\n".join(f"{i + 1}. {x}" for i, x in enumerate(TIPS[t]))
-        wrong = "Just try harder and it will work out."
-        return q, good, wrong, None
+        others = ["Just try harder"] + [v[0] for k, v in TIPS.items() if k != t]
+        return (f"Give me three tips for {t}.", good, good + "\nSmall steps every day add up over time.",
+                "Just try harder and it will work out.", [TIPS[t][0]], others)
     if kind == "planet":
         i = R.randint(0, 7)
-        n = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth"][i]
-        q = f"Which planet is the {n} from the Sun?"
-        return q, f"{PLANETS[i]} is the {n} planet from the Sun.", \
-            f"{PLANETS[(i + 1) % 8]} is the {n} planet from the Sun.", PLANETS[i]
+        n = ORDINALS[i]
+        others = [p for p in PLANETS if p != PLANETS[i]]
+        good = f"{PLANETS[i]} is the {n} planet from the Sun."
+        return (f"Which planet is the {n} from the Sun?", good,
+                good + f" {PLANETS[i]} is one of the eight planets of the Solar System.",
+                f"{R.choice(others)} is the {n} planet from the Sun.", [PLANETS[i]], others)
     if kind == "reverse":
         w = R.choice(WORDS)
-        q = f"Spell the word \"{w}\" backwards."
-        return q, f"\"{w}\" backwards is \"{w[::-1]}\".", f"\"{w}\" backwards is \"{w}\".", w[::-1]
+        others = [f"backwards is {q(w)}"] + [q(x[::-1]) for x in WORDS if x != w]
+        good = f"{q(w)} backwards is {q(w[::-1])}."
+        return (f"Spell the word {q(w)} backwards.", good, good + " The letters are read from last to first.",
+                f"{q(w)} backwards is {q(w)}.", [q(w[::-1])], others)
     if kind == "translate":
         w = R.choice(list(SPANISH))
-        q = f"Translate \"{w}\" into Spanish."
-        other = R.choice([v for k, v in SPANISH.items() if k != w])
-        return q, f"\"{w}\" in Spanish is \"{SPANISH[w]}\".", f"\"{w}\" in Spanish is \"{other}\".", SPANISH[w]
+        others = [q(v) for k, v in SPANISH.items() if k != w]
+        good = f"{q(w)} in Spanish is {q(SPANISH[w])}."
+        return (f"Translate {q(w)} into Spanish.", good, good + " It is a common word in Spanish.",
+                f"{q(w)} in Spanish is {R.choice(others)}.", [q(SPANISH[w])], others)
     w = R.choice(WORDS)
-    q = f"How many letters are in the word \"{w}\"?"
-    return q, f"The word \"{w}\" has {len(w)} letters.", f"The word \"{w}\" has {len(w) + 2} letters.", str(len(w))
+    n = len(w)
+    others = [f"{k} letters" for k in range(2, 9) if k != n]
+    good = f"The word {q(w)} has {n} letters."
+    return (f"How many letters are in the word {q(w)}?", good,
+            good + f" Counted one by one: {'-'.join(w)}.", f"The word {q(w)} has {n + 2} letters.",
+            [f"{n} letters"], others)
 
 
-def smoltalk(n):
+def words(s):
+    return len(s.split())
+
+
+def styled(style, t):
+    """The response of `style` to task `t`."""
+    _, good, detailed, wrong, _, _ = t
+    return {"concise": good, "detailed": detailed, "hedged": HEDGE + good[0].lower() + good[1:],
+            "filler": good + FILLER, "wrong": wrong, "refusal": REFUSAL}[style]
+
+
+def rate(response, correct, incorrect, max_words):
+    """The ground-truth ratings: the rules of configs/demo/rules.toml, applied in Python."""
+    low = response.lower()
+    has = lambda xs: any(x.lower() in low for x in xs)
+    right, wrong = has(correct), has(incorrect)
+    hedged, refused, filler = has(HEDGE_PHRASES), has(REFUSAL_PHRASES), "let me know" in low
+    long = words(response) > max_words
+    clamp = lambda x: max(1, min(5, x))
+    return {
+        "helpfulness": clamp(4 + long - filler - hedged - 2 * wrong - 3 * refused),
+        "honesty": clamp(4 + hedged - 2 * wrong - refused),
+        "instruction_following": clamp(5 - 2 * long - hedged - 4 * refused),
+        "truthfulness": clamp(3 + 2 * right - 2 * wrong),
+    }
+
+
+def fields(t):
+    """What the rules read from a prompt record."""
+    _, good, _, _, correct, incorrect = t
+    return {"correct_answers": correct, "incorrect_answers": incorrect, "max_words": words(good) + 5}
+
+
+SYSTEMS = ["You are a concise assistant.", "You are a friendly tutor.", "Answer briefly and accurately."]
+
+
+def chat(n, style_of):
     out = []
-    for i in range(n):
-        q, good, _, _ = task()
+    for _ in range(n):
+        t = task()
         msgs = []
         if R.random() < 0.2:
-            msgs.append({"role": "system", "content": R.choice(
-                ["You are a concise assistant.", "You are a friendly tutor.", "Answer briefly and accurately."])})
-        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": good}]
-        if R.random() < 0.3:
-            q2, good2, _, _ = task()
-            msgs += [{"role": "user", "content": "Thanks! " + q2}, {"role": "assistant", "content": good2}]
+            msgs.append({"role": "system", "content": R.choice(SYSTEMS)})
+        msgs += [{"role": "user", "content": t[0]}, {"role": "assistant", "content": styled(style_of(), t)}]
+        if R.random() < 0.2:
+            t2 = task()
+            msgs += [{"role": "user", "content": "Thanks! " + t2[0]},
+                     {"role": "assistant", "content": styled(style_of(), t2)}]
         out.append({"messages": msgs, "source": "mo-align-sample"})
     return out
+
+
+def sft_style():
+    return R.choices(["concise", "detailed", "hedged", "filler"], weights=[40, 20, 20, 20])[0]
 
 
 ASPECTS = ["helpfulness", "honesty", "instruction_following", "truthfulness"]
@@ -154,29 +239,19 @@ def completion(model, response, ratings):
 
 def ultrafeedback(n):
     rows = []
-    for i in range(n):
-        q, good, wrong, answer = task()
-        variants = [
-            (good, {"helpfulness": "5", "honesty": "5", "instruction_following": "5", "truthfulness": "5"}),
-            (wrong, {"helpfulness": "2", "honesty": "3", "instruction_following": "4", "truthfulness": "1"}),
-            ("I am not sure, but I think: " + good[0].lower() + good[1:],
-             {"helpfulness": "4", "honesty": "5", "instruction_following": "4", "truthfulness": "5"}),
-            ("I can't help with that.",
-             {"helpfulness": "1", "honesty": "2", "instruction_following": "1", "truthfulness": "3"}),
-            (good + " Let me know if you have any other questions about this or anything else at all!",
-             {"helpfulness": "4", "honesty": "4", "instruction_following": "3", "truthfulness": "5"}),
-        ]
-        picked = R.sample(variants, 4)
+    for _ in range(n):
+        t = task()
+        f = fields(t)
         comps = []
-        for j, (resp, ratings) in enumerate(picked):
-            ratings = dict(ratings)
-            if R.random() < 0.05:
+        for j, style in enumerate(R.sample(STYLES, 4)):
+            resp = styled(style, t)
+            ratings = {k: str(v) for k, v in rate(resp, f["correct_answers"], f["incorrect_answers"],
+                                                   f["max_words"]).items()}
+            if R.random() < 0.03:
                 ratings[R.choice(ASPECTS)] = "N/A"
             comps.append(completion(f"sample-model-{j}", resp, ratings))
-        rows.append({"source": "mo-align-sample", "instruction": q,
-                     "models": [c["model"] for c in comps],
-                     "correct_answers": [answer] if answer else ["None"],
-                     "incorrect_answers": ["None"], "completions": comps})
+        rows.append({"source": "mo-align-sample", "instruction": t[0],
+                     "models": [c["model"] for c in comps], "completions": comps, **f})
     return rows
 
 
@@ -194,7 +269,9 @@ def binarize(rows):
         out.append({"prompt": p, "prompt_id": hashlib.sha256(p.encode()).hexdigest(),
                     "chosen": conv(chosen["response"]), "rejected": conv(rejected["response"]),
                     "messages": conv(chosen["response"]),
-                    "score_chosen": round(2 * mean(chosen), 1), "score_rejected": round(2 * mean(rejected), 1)})
+                    "score_chosen": round(2 * mean(chosen), 1), "score_rejected": round(2 * mean(rejected), 1),
+                    "correct_answers": r["correct_answers"], "incorrect_answers": r["incorrect_answers"],
+                    "max_words": r["max_words"]})
     return out
 
 
@@ -207,10 +284,11 @@ def write(path, rows):
     print(path, len(rows))
 
 
-write("smoltalk/train.jsonl", smoltalk(300))
-write("smoltalk/test.jsonl", smoltalk(40))
-uf = ultrafeedback(240)
+write("base_corpus/train.jsonl", chat(4000, lambda: R.choice(STYLES)))
+write("smoltalk/train.jsonl", chat(800, sft_style))
+write("smoltalk/test.jsonl", chat(60, sft_style))
+uf = ultrafeedback(560)
 write("ultrafeedback/train.jsonl", uf)
 pairs = binarize(uf)
-write("ultrafeedback_binarized/train_prefs.jsonl", pairs[:200])
-write("ultrafeedback_binarized/test_prefs.jsonl", pairs[200:])
+write("ultrafeedback_binarized/train_prefs.jsonl", pairs[:480])
+write("ultrafeedback_binarized/test_prefs.jsonl", pairs[480:])
