@@ -64,8 +64,116 @@ pub fn tiny_config() -> Qwen2Config {
     }
 }
 
+/// The shape of a tiny model made by `init-tiny` or `[model.tiny]`. Defaults give the 64-wide,
+/// 2-layer model every test and golden file uses; the demo asks for a larger one whose
+/// tokenizer is trained on its own corpus, so a sentence of the task is a handful of tokens.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TinySpec {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Std of the random weights: 0.1 (the default) keeps a random model's logits apart for
+    /// tests; a model meant to be trained from scratch wants transformers' 0.02.
+    pub init_std: f32,
+    /// Data files (JSON Lines or Parquet) whose text trains the BPE tokenizer; empty = the
+    /// small embedded corpus.
+    pub tokenizer_corpus: Vec<String>,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        let c = tiny_config();
+        Self {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            init_std: 0.1,
+            tokenizer_corpus: vec![],
+        }
+    }
+}
+
+impl TinySpec {
+    pub fn config(&self) -> Result<Qwen2Config> {
+        anyhow::ensure!(
+            self.num_attention_heads > 0
+                && self.num_key_value_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads)
+                && self.num_attention_heads.is_multiple_of(self.num_key_value_heads),
+            "model.tiny: hidden_size {} must divide into num_attention_heads {}, which must divide into num_key_value_heads {}",
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_key_value_heads
+        );
+        anyhow::ensure!(
+            self.vocab_size > 256 + 2 * SPECIAL_TOKENS.len(),
+            "model.tiny.vocab_size must exceed {} (the byte alphabet and special tokens)",
+            256 + 2 * SPECIAL_TOKENS.len()
+        );
+        Ok(Qwen2Config {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.hidden_size / self.num_attention_heads,
+            ..tiny_config()
+        })
+    }
+
+    /// The tokenizer's training text: every string in every record of the corpus files, one
+    /// line per line of text.
+    fn corpus(&self) -> Result<Vec<String>> {
+        if self.tokenizer_corpus.is_empty() {
+            return Ok(CORPUS.lines().map(|l| format!("{l}\n")).collect());
+        }
+        fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::String(s) => out.extend(s.lines().map(|l| format!("{l}\n"))),
+                serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+                serde_json::Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+                _ => {}
+            }
+        }
+        // The embedded corpus holds the chat template's words (roles, Qwen's default system
+        // prompt), which every example carries.
+        let mut out: Vec<String> = CORPUS.lines().map(|l| format!("{l}\n")).collect();
+        for spec in &self.tokenizer_corpus {
+            for path in crate::data::source::resolve_files(spec)? {
+                for rec in crate::data::source::read_records(&path)? {
+                    let v = rec
+                        .value
+                        .map_err(|why| anyhow::anyhow!("{}: {why}", rec.loc))?;
+                    strings(&v, &mut out);
+                }
+            }
+        }
+        anyhow::ensure!(
+            !out.is_empty(),
+            "model.tiny.tokenizer_corpus: no text in {:?}",
+            self.tokenizer_corpus
+        );
+        Ok(out)
+    }
+}
+
 /// A byte-level BPE tokenizer trained on a small embedded corpus, in Qwen2.5's format.
 pub fn build_tokenizer(regular_vocab: usize) -> Result<Tokenizer> {
+    build_tokenizer_on(
+        regular_vocab,
+        CORPUS.lines().map(|l| format!("{l}\n")).collect(),
+    )
+}
+
+fn build_tokenizer_on(regular_vocab: usize, corpus: Vec<String>) -> Result<Tokenizer> {
     let byte_level = serde_json::json!({
         "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
     });
@@ -98,7 +206,7 @@ pub fn build_tokenizer(regular_vocab: usize) -> Result<Tokenizer> {
         )
         .build()
         .into();
-    tok.train(&mut trainer, CORPUS.lines().map(|l| format!("{l}\n")))
+    tok.train(&mut trainer, corpus.into_iter())
         .map_err(|e| anyhow::anyhow!("training the tiny tokenizer: {e}"))?;
     let specials: Vec<AddedToken> = SPECIAL_TOKENS
         .iter()
@@ -130,6 +238,10 @@ pub fn tokenizer_config_json(model_max_length: usize) -> serde_json::Value {
 /// logits are not all alike), norm weights near 1 (not exactly 1,
 /// so a forward that ignored them would fail the golden tests) and small random biases.
 pub fn random_weights(cfg: &Qwen2Config, seed: u64) -> Result<HashMap<String, Tensor>> {
+    random_weights_std(cfg, seed, 0.1)
+}
+
+fn random_weights_std(cfg: &Qwen2Config, seed: u64, std: f32) -> Result<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
     let mut stream = 0u64;
     let mut next = |shape: &[usize], std: f32, mean: f32| -> Result<Tensor> {
@@ -148,7 +260,7 @@ pub fn random_weights(cfg: &Qwen2Config, seed: u64) -> Result<HashMap<String, Te
     let mut w = HashMap::new();
     w.insert(
         "model.embed_tokens.weight".into(),
-        next(&[cfg.vocab_size, h], 0.1, 0.0)?,
+        next(&[cfg.vocab_size, h], std, 0.0)?,
     );
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
@@ -166,12 +278,12 @@ pub fn random_weights(cfg: &Qwen2Config, seed: u64) -> Result<HashMap<String, Te
             ("input_layernorm.weight", vec![h]),
         ];
         for (name, shape) in shapes {
-            let mean = if name.ends_with("layernorm.weight") {
-                1.0
+            let (std, mean) = if name.ends_with("layernorm.weight") {
+                (0.1, 1.0)
             } else {
-                0.0
+                (std, 0.0)
             };
-            w.insert(format!("{p}.{name}"), next(&shape, 0.1, mean)?);
+            w.insert(format!("{p}.{name}"), next(&shape, std, mean)?);
         }
         w.insert(
             format!("{p}.post_attention_layernorm.weight"),
@@ -208,10 +320,15 @@ pub fn random_model(
 /// Writes config.json, generation_config.json, model.safetensors, tokenizer.json and
 /// tokenizer_config.json into `out`.
 pub fn write_tiny_checkpoint(out: &Path, seed: u64) -> Result<()> {
+    write_tiny_checkpoint_of(out, seed, &TinySpec::default())
+}
+
+/// `write_tiny_checkpoint` of any `TinySpec`.
+pub fn write_tiny_checkpoint_of(out: &Path, seed: u64, spec: &TinySpec) -> Result<()> {
+    let mut cfg = spec.config()?;
+    let tok = build_tokenizer_on(cfg.vocab_size - 2 * SPECIAL_TOKENS.len(), spec.corpus()?)?;
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create directory", out.display()))?;
-    let mut cfg = tiny_config();
-    let tok = build_tokenizer(cfg.vocab_size - 2 * SPECIAL_TOKENS.len())?;
     let id = |s: &str| {
         tok.token_to_id(s)
             .with_context(|| format!("tiny tokenizer lacks {s}"))
@@ -224,7 +341,7 @@ pub fn write_tiny_checkpoint(out: &Path, seed: u64) -> Result<()> {
     cfg.bos_token_id = Some(eot);
     cfg.eos_token_id = vec![im_end];
 
-    let weights = random_weights(&cfg, seed)?;
+    let weights = random_weights_std(&cfg, seed, spec.init_std)?;
     let bytes = safetensors_bytes(
         &weights,
         Some(HashMap::from([("format".into(), "pt".into())])),

@@ -36,6 +36,9 @@ pub struct ModelConfig {
     /// Write a tiny random checkpoint at `path` when it does not exist (demos, tests).
     pub create_tiny_if_missing: bool,
     pub tiny_seed: u64,
+    /// The shape of that tiny model (the test model's when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiny: Option<crate::model::tiny::TinySpec>,
 }
 
 impl ModelConfig {
@@ -56,6 +59,7 @@ impl Default for ModelConfig {
             adapter: None,
             create_tiny_if_missing: false,
             tiny_seed: 0,
+            tiny: None,
         }
     }
 }
@@ -100,7 +104,12 @@ pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     if model.create_tiny_if_missing && !Path::new(&model.path).exists() {
-        crate::model::tiny::write_tiny_checkpoint(Path::new(&model.path), model.tiny_seed)?;
+        let spec = model.tiny.clone().unwrap_or_default();
+        crate::model::tiny::write_tiny_checkpoint_of(
+            Path::new(&model.path),
+            model.tiny_seed,
+            &spec,
+        )?;
     }
     let device = select_device(&train.device)?;
     let dtype = parse_dtype(&train.dtype)?;
