@@ -12,7 +12,7 @@ use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::input::ModelInput;
 use mo_align::model::lora::LoraConfig;
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
-use mo_align::objectives::hybrid::{explicit_terms, Formulation, HybridConfig};
+use mo_align::objectives::hybrid::{explicit_terms, Direction, Formulation, HybridConfig};
 use mo_align::objectives::pair::pair_logprobs;
 use mo_align::rng::DropoutRng;
 use mo_align::train::Objective;
@@ -196,16 +196,20 @@ fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
             h.formulation
         );
     }
-    // And the explicit terms themselves, by hand: equal weights, linear: 0.25 * (2.2 - 1.8).
-    let lin = HybridConfig {
-        lambda: 2.0,
-        ..HybridConfig::default()
-    };
-    let (off, scale) = explicit_terms(&lin, &scores[0], &scores[1]).unwrap();
-    assert!(
-        (off - 2.0 * 0.25 * (2.2 - 1.8)).abs() < 1e-6 && scale == 1.0,
-        "{off}"
-    );
+    // And the explicit terms themselves, by hand: equal weights, linear: 0.25 * (2.2 - 1.8),
+    // subtracted by default (steer), added in the report's literal form (offset).
+    for (direction, sign) in [(Direction::Steer, -1.0), (Direction::Offset, 1.0)] {
+        let lin = HybridConfig {
+            lambda: 2.0,
+            direction,
+            ..HybridConfig::default()
+        };
+        let (off, scale) = explicit_terms(&lin, &scores[0], &scores[1]).unwrap();
+        assert!(
+            (off - sign * 2.0 * 0.25 * (2.2 - 1.8)).abs() < 1e-6 && scale == 1.0,
+            "{direction:?}: {off}"
+        );
+    }
     let m = HybridConfig {
         formulation: Formulation::Modpo,
         weights: vec![0.5, 0.0, 0.0, 0.5],
@@ -281,7 +285,7 @@ fn demo_chain_runs_and_the_reward_model_learns() {
     let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
     let cache = format!("{:?}", p("cache"));
     let sft = mo_align::recipes::sft::run(
-        Some(Path::new("configs/demo/sft.toml")),
+        Some(Path::new("configs/demo/sft-lora.toml")),
         &[
             model.clone(),
             format!("train.output_dir={:?}", p("sft")),

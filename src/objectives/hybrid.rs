@@ -11,10 +11,24 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Formulation {
-    /// Report 1: logit = beta * h_margin + lambda * (s(r_c) - s(r_r)).
+    /// Report 1: logit = beta * h_margin -/+ lambda * (s(r_c) - s(r_r)) (see `Direction`).
     Hybrid,
     /// MODPO: logit = (beta * h_margin - w . (r_c - r_r)) / w_k.
     Modpo,
+}
+
+/// Which way the explicit term enters the hybrid logit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// logit = h - lambda * (s(r_c) - s(r_r)): the policy's implicit reward has to cover the
+    /// explicit reward as well as the preference, so training moves the policy toward what the
+    /// weights favour (the same direction as MODPO). What a user weighting an objective expects.
+    Steer,
+    /// logit = h + lambda * (s(r_c) - s(r_r)): report 1's formula read literally. The explicit
+    /// reward explains part of each preference, so the policy learns only the rest and moves
+    /// away from what the weights favour. Kept to reproduce the report.
+    Offset,
 }
 
 /// The `[hybrid]` section.
@@ -24,6 +38,8 @@ pub struct HybridConfig {
     /// Directory written by `train-rm`.
     pub reward_model: String,
     pub formulation: Formulation,
+    /// Hybrid only: `steer` (default) or `offset` (the report's literal sign).
+    pub direction: Direction,
     pub scalarizer: ScalarizerKind,
     /// Objective weights w (equal when empty).
     pub weights: Vec<f64>,
@@ -43,6 +59,7 @@ impl Default for HybridConfig {
         Self {
             reward_model: String::new(),
             formulation: Formulation::Hybrid,
+            direction: Direction::Steer,
             scalarizer: ScalarizerKind::Linear,
             weights: vec![],
             lambda: 1.0,
@@ -93,8 +110,12 @@ pub fn explicit_terms(h: &HybridConfig, chosen: &[f32], rejected: &[f32]) -> Res
         Formulation::Hybrid => {
             let utopia = (!h.utopia.is_empty()).then_some(h.utopia.as_slice());
             let s = build_scalarizer(h.scalarizer, &w, utopia, h.mu, k)?;
+            let sign = match h.direction {
+                Direction::Steer => -1.0,
+                Direction::Offset => 1.0,
+            };
             Ok((
-                (h.lambda * (s.scalarize(chosen) - s.scalarize(rejected))) as f32,
+                (sign * h.lambda * (s.scalarize(chosen) - s.scalarize(rejected))) as f32,
                 1.0,
             ))
         }
