@@ -1,12 +1,15 @@
-//! Judges for win rates: our multi-objective reward model (scalarised with weights w), or any
+//! Judges for win rates: our multi-objective reward model (scalarised with weights w), any
 //! Hugging Face Qwen2 sequence-classification reward model (a `score` head on the last token),
-//! so a stronger external judge can be plugged in.
+//! so a stronger external judge can be plugged in, or rule objectives (`rules:FILE`), the
+//! ground truth of a task whose right answers are known.
 
+use crate::eval::prompts::PromptRecord;
 use crate::model::config::Qwen2Config;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{load_with_config, resolve, Loaded};
 use crate::model::Qwen2;
 use crate::objectives::scalarize::equal_weights_or;
+use crate::reward::rules::RuleObjectives;
 use crate::reward::{last_token_features, RewardHead};
 use crate::tokenizer::{ChatTokenizer, Message};
 use anyhow::{bail, Context, Result};
@@ -28,6 +31,11 @@ pub enum Judge {
         score: Tensor,
         name: String,
     },
+    /// Rule objectives read from a file (`reward::rules`); total = w . raw scores.
+    Rules {
+        rules: RuleObjectives,
+        weights: Vec<f64>,
+    },
 }
 
 /// A judge's verdict on one (prompt, response).
@@ -41,7 +49,14 @@ pub struct Verdict {
 impl Judge {
     /// `spec` is a reward-model directory written by train-rm (it has reward_model.json), or an
     /// HF sequence-classification checkpoint (local directory or Hub id).
+    /// `rules:FILE` is a rule-objectives file.
     pub fn load(spec: &str, weights: &[f64], dtype: DType, device: &Device) -> Result<Self> {
+        if let Some(file) = spec.strip_prefix("rules:") {
+            let rules = RuleObjectives::load(Path::new(file))?;
+            let weights = equal_weights_or(weights, rules.names().len(), "--judge-weights")
+                .with_context(|| format!("rule objectives {:?}", rules.names()))?;
+            return Ok(Judge::Rules { rules, weights });
+        }
         let dir = Path::new(spec);
         if dir.join(crate::reward::INFO_FILE).is_file() {
             let head = RewardHead::load(dir, device)?;
@@ -86,10 +101,12 @@ impl Judge {
         })
     }
 
-    pub fn tokenizer(&self) -> &ChatTokenizer {
+    /// The tokenizer a model judge scores with (rule judges read text).
+    pub fn tokenizer(&self) -> Option<&ChatTokenizer> {
         match self {
-            Judge::Ours { backbone, .. } => &backbone.tokenizer,
-            Judge::SequenceClassifier { tokenizer, .. } => tokenizer,
+            Judge::Ours { backbone, .. } => Some(&backbone.tokenizer),
+            Judge::SequenceClassifier { tokenizer, .. } => Some(tokenizer),
+            Judge::Rules { .. } => None,
         }
     }
 
@@ -97,6 +114,7 @@ impl Judge {
         match self {
             Judge::Ours { head, .. } => head.info.objectives.clone(),
             Judge::SequenceClassifier { .. } => vec![],
+            Judge::Rules { rules, .. } => rules.names(),
         }
     }
 
@@ -107,13 +125,66 @@ impl Judge {
                 head.info.objectives, weights
             ),
             Judge::SequenceClassifier { name, .. } => format!("sequence classifier {name}"),
+            Judge::Rules { rules, weights } => format!(
+                "rule objectives {} {:?} weights {:?}",
+                rules.path(),
+                rules.names(),
+                weights
+            ),
         }
+    }
+
+    /// Whether verdicts need each prompt's record (`score_records`).
+    pub fn reads_records(&self) -> bool {
+        matches!(self, Judge::Rules { .. })
+    }
+
+    /// Verdicts for (prompt, response) items where `prompts[i]` is item i's prompt record.
+    pub fn score_records(
+        &self,
+        prompts: &[&PromptRecord],
+        responses: &[&str],
+        batch: usize,
+    ) -> Result<Vec<Verdict>> {
+        let Judge::Rules { rules, weights } = self else {
+            let items: Vec<(Vec<Message>, String)> = prompts
+                .iter()
+                .zip(responses)
+                .map(|(p, r)| (p.messages.clone(), r.to_string()))
+                .collect();
+            return self.score(&items, batch);
+        };
+        prompts
+            .iter()
+            .zip(responses)
+            .map(|(p, r)| {
+                let raw = rules.score(&p.record, r).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: field `{}`: {} ({})",
+                        p.loc,
+                        e.field,
+                        e.problem,
+                        rules.path()
+                    )
+                })?;
+                Ok(Verdict {
+                    total: weights.iter().zip(&raw).map(|(w, x)| w * x).sum(),
+                    objectives: raw.iter().map(|&x| x as f32).collect(),
+                })
+            })
+            .collect()
     }
 
     /// Verdicts for (prompt messages, response) items. Each distinct token sequence is scored
     /// once, so identical answers get identical verdicts whatever batch they fall in.
     pub fn score(&self, items: &[(Vec<Message>, String)], batch: usize) -> Result<Vec<Verdict>> {
-        let tok = self.tokenizer();
+        let tok = match self {
+            Judge::Rules { rules, .. } => bail!(
+                "the rule judge {} reads each prompt's record; it cannot score bare messages",
+                rules.path()
+            ),
+            _ => self.tokenizer().expect("model judges have a tokenizer"),
+        };
         let mut unique: HashMap<Vec<u32>, usize> = HashMap::new();
         let mut seqs: Vec<Vec<u32>> = vec![];
         let mut index = vec![];
@@ -126,7 +197,7 @@ impl Judge {
                     ids
                 }
                 // An external reward model scores what its chat template renders.
-                Judge::SequenceClassifier { .. } => tok.encode_conversation(prompt, response)?,
+                _ => tok.encode_conversation(prompt, response)?,
             };
             let next = seqs.len();
             let i = *unique.entry(ids.clone()).or_insert_with(|| {
@@ -165,6 +236,7 @@ impl Judge {
                     })
                     .collect()
             }
+            Judge::Rules { .. } => unreachable!("refused above"),
         };
         Ok(index.into_iter().map(|i| verdicts[i].clone()).collect())
     }

@@ -384,33 +384,57 @@ pub fn plot_objective_scores(report: &Path, dir: &Path, png: bool) -> Result<Vec
             out.extend(write_chart(dir, "eval_objectives", &chart, png)?);
         }
     }
-    if let Some(stages) = r.get("stages").and_then(|s| s.as_array()) {
-        let labels = strings(&r["objectives"]);
+    if let (Some(stages), Some(judges)) = (
+        r.get("stages").and_then(|s| s.as_array()),
+        r.get("judges").and_then(|s| s.as_array()),
+    ) {
         let names: Vec<String> = stages
             .iter()
             .map(|s| s["stage"].as_str().unwrap_or("?").to_string())
             .collect();
-        if !labels.is_empty() {
-            let mut series: Vec<(&str, Vec<f64>)> =
-                vec![("base", floats(&stages[0]["baseline_objectives"]))];
-            for (s, name) in stages.iter().zip(&names) {
-                series.push((name.as_str(), floats(&s["model_objectives"])));
+        let mut rates: Vec<(&str, Vec<f64>)> = vec![];
+        for j in judges {
+            let key = j["key"].as_str().unwrap_or("judge");
+            let labels = strings(&j["objectives"]);
+            if !labels.is_empty() {
+                let mut series: Vec<(&str, Vec<f64>)> =
+                    vec![("base", floats(&j["base_mean_objectives"]))];
+                for (s, name) in stages.iter().zip(&names) {
+                    series.push((name.as_str(), floats(&s["judged"][key]["mean_objectives"])));
+                }
+                let title = if key == "rules" {
+                    "ground-truth (rule) scores by stage"
+                } else {
+                    "reward-model scores by stage"
+                };
+                let chart = Chart::Bars {
+                    title,
+                    labels,
+                    series,
+                };
+                out.extend(write_chart(
+                    dir,
+                    &format!("stage_objectives_{key}"),
+                    &chart,
+                    png,
+                )?);
             }
-            let chart = Chart::Bars {
-                title: "reward-model scores by stage",
-                labels,
-                series,
-            };
-            out.extend(write_chart(dir, "stage_objectives", &chart, png)?);
+            rates.push((
+                key,
+                stages
+                    .iter()
+                    .map(|s| {
+                        s["judged"][key]["vs_base"]["win_rate"]
+                            .as_f64()
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect(),
+            ));
         }
-        let rates: Vec<f64> = stages
-            .iter()
-            .map(|s| s["win_rate"].as_f64().unwrap_or(f64::NAN))
-            .collect();
         let chart = Chart::Bars {
             title: "win rate against the base model",
             labels: names,
-            series: vec![("win rate", rates)],
+            series: rates,
         };
         out.extend(write_chart(dir, "win_rates", &chart, png)?);
     }

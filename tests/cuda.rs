@@ -328,7 +328,7 @@ fn demo_stages_train(dtype: &str) {
     let root = common::scratch(&format!("cuda-demo-{dtype}"));
     let sft = run_demo(
         "sft",
-        "configs/demo/sft.toml",
+        "configs/demo/sft-lora.toml",
         &root.join("sft"),
         &["train.max_steps=60".into(), format!("train.dtype={dtype}")],
     );

@@ -228,7 +228,7 @@ fn jsonl_and_parquet_samples_give_identical_examples() {
         &t,
     )
     .unwrap();
-    assert_eq!(j.0.len(), 300);
+    assert_eq!(j.0.len(), 800);
     assert_eq!(j.0, p.0);
 }
 
@@ -240,12 +240,12 @@ fn too_long_records_are_dropped_or_truncated_and_counted() {
     c.max_length = 60;
     let (train, _, report, _) = load_sft_data(&c, &t).unwrap();
     assert!(report.too_long_dropped > 0 && report.truncated == 0);
-    assert_eq!(train.len() + report.too_long_dropped, 300);
+    assert_eq!(train.len() + report.too_long_dropped, 800);
     assert!(train.iter().all(|e| e.len() <= 60));
     c.truncation = Truncation::Truncate;
     let (train, _, report, _) = load_sft_data(&c, &t).unwrap();
     assert!(report.truncated > 0);
-    assert_eq!(train.len() + report.too_long_dropped, 300);
+    assert_eq!(train.len() + report.too_long_dropped, 800);
     assert!(train
         .iter()
         .all(|e| e.len() <= 60 && e.labelled.iter().any(|&l| l)));

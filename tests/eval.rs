@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use mo_align::eval::load_for_eval;
-use mo_align::eval::prompts::read_prompts;
+use mo_align::eval::prompts::{read_prompt_records, read_prompts};
 use mo_align::eval::win_rate::{answer_prompts, win_rate_eval};
 use mo_align::generate::SamplingConfig;
 use mo_align::judge::Judge;
@@ -19,12 +19,15 @@ fn demo_configs(root: &Path) -> PathBuf {
     let cfg_dir = root.join("configs");
     std::fs::create_dir_all(&cfg_dir).unwrap();
     for f in [
+        "base",
         "sft",
         "train-rm",
         "dpo",
         "hybrid-dpo",
+        "hybrid-dpo-honesty",
         "pipeline",
         "reward-weighted",
+        "rules",
     ] {
         let text = std::fs::read_to_string(format!("configs/demo/{f}.toml")).unwrap();
         let text = text
@@ -35,49 +38,109 @@ fn demo_configs(root: &Path) -> PathBuf {
     cfg_dir
 }
 
+/// The demo pipeline as a user runs it (default seeds, every stage), judged by the task's
+/// ground truth: the rule objectives of configs/demo/rules.toml.
 #[test]
-fn demo_pipeline_runs_end_to_end_with_a_row_per_stage_and_valid_plots() {
+fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
     let root = scratch("pipeline");
     let cfg = demo_configs(&root);
-    let sets = [
-        "eval.max_prompts=8".to_string(),
-        "eval.max_new_tokens=12".to_string(),
-    ];
-    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, flags(false, true))
+    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &[], flags(false, true))
         .unwrap();
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/summary.json")).unwrap())
             .unwrap();
-    let stages: Vec<&str> = summary["stages"]
-        .as_array()
-        .unwrap()
+    let stages = summary["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["sft", "dpo", "hybrid-dpo"]);
-    for s in summary["stages"].as_array().unwrap() {
-        let (w, t, l) = (
-            s["wins"].as_u64().unwrap(),
-            s["ties"].as_u64().unwrap(),
-            s["losses"].as_u64().unwrap(),
-        );
-        assert_eq!(w + t + l, 8);
-        assert_eq!(s["model_objectives"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        names,
+        ["sft", "dpo", "hybrid-dpo-helpfulness", "hybrid-dpo-honesty"]
+    );
+    let judged = |stage: &str, judge: &str| -> serde_json::Value {
+        stages.iter().find(|s| s["stage"] == stage).unwrap()["judged"][judge].clone()
+    };
+    let objective = |stage: &str, name: &str| -> f64 {
+        let j = summary["judges"].as_array().unwrap();
+        let rules = j.iter().find(|j| j["key"] == "rules").unwrap();
+        let k = rules["objectives"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|o| o == name)
+            .unwrap();
+        judged(stage, "rules")["mean_objectives"][k]
+            .as_f64()
+            .unwrap()
+    };
+    let rate = |stage: &str, vs: &str| judged(stage, "rules")[vs]["win_rate"].as_f64().unwrap();
+    for s in stages {
+        for judge in ["rules", "reward_model"] {
+            let w = &s["judged"][judge]["vs_base"];
+            let n = w["wins"].as_u64().unwrap()
+                + w["ties"].as_u64().unwrap()
+                + w["losses"].as_u64().unwrap();
+            assert_eq!(n, 80, "{}", s["stage"]);
+        }
+        assert_eq!(s["samples"].as_array().unwrap().len(), 3);
     }
+
+    // The reward model learned the ratings: each objective's held-out predictions correlate
+    // with the ground truth, and it ranks held-out pairs above chance.
+    let report = &summary["reward_model"]["report"];
+    for (name, v) in report["validation"].as_object().unwrap() {
+        let r = v["pearson"].as_f64().unwrap();
+        assert!(r > 0.5, "reward model {name}: Pearson r {r}");
+    }
+    let acc = report["ranking"]["composite_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.55, "reward model ranking accuracy {acc}");
+
+    // SFT beats the base; DPO beats SFT, judged by the ground truth.
+    assert!(
+        rate("sft", "vs_base") > 0.7,
+        "sft vs base {}",
+        rate("sft", "vs_base")
+    );
+    assert!(
+        rate("dpo", "vs_previous") > 0.55,
+        "dpo vs sft {}",
+        rate("dpo", "vs_previous")
+    );
+    // The weighted objective moves with the weights: all weight on helpfulness gives more
+    // helpful answers than all weight on honesty, and than plain DPO.
+    let (helpful, honest) = (
+        objective("hybrid-dpo-helpfulness", "helpfulness"),
+        objective("hybrid-dpo-honesty", "helpfulness"),
+    );
+    assert!(helpful > honest + 0.15, "helpfulness {helpful} vs {honest}");
+    assert!(
+        helpful > objective("dpo", "helpfulness") + 0.15,
+        "helpfulness {helpful} vs dpo {}",
+        objective("dpo", "helpfulness")
+    );
+
     let md = std::fs::read_to_string(root.join("pipeline/summary.md")).unwrap();
-    for stage in ["| sft |", "| dpo |", "| hybrid-dpo |", "| base |"] {
-        assert!(md.contains(stage), "summary.md lacks {stage}");
+    for needle in [
+        "| sft |",
+        "| dpo |",
+        "| hybrid-dpo-honesty |",
+        "| base |",
+        "ground truth",
+        "Pearson r",
+    ] {
+        assert!(md.contains(needle), "summary.md lacks {needle}");
     }
     // Every stage drew its plots, and each is well-formed SVG with drawn content.
     let plots = [
+        "base/loss.svg",
         "sft/loss.svg",
-        "sft/lr.svg",
         "rm/rm_objectives.svg",
-        "rm/loss.svg",
         "dpo/dpo_rewards.svg",
         "dpo/dpo_accuracy.svg",
-        "hybrid-dpo/explicit_reward.svg",
-        "pipeline/stage_objectives.svg",
+        "hybrid-dpo-honesty/explicit_reward.svg",
+        "pipeline/stage_objectives_rules.svg",
+        "pipeline/stage_objectives_reward_model.svg",
         "pipeline/win_rates.svg",
     ];
     for p in plots {
@@ -92,7 +155,7 @@ fn demo_pipeline_runs_end_to_end_with_a_row_per_stage_and_valid_plots() {
     }
     // A second run trains nothing again: every stage is up to date.
     let before = std::fs::read(root.join("dpo/adapter_model.safetensors")).unwrap();
-    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &sets, flags(false, true))
+    mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &[], flags(false, true))
         .unwrap();
     assert_eq!(
         before,
@@ -159,7 +222,9 @@ fn identical_answers_tie_and_win_half() {
         seed: 5,
         ..SamplingConfig::default()
     };
-    let (report, gens) = win_rate_eval(&a, &b, &judge, &prompts(), &sampling, 4, 0.0).unwrap();
+    let records =
+        read_prompt_records("data/ultrafeedback_binarized/test_prefs.jsonl", Some(6)).unwrap();
+    let (report, gens) = win_rate_eval(&a, &b, &judge, &records, &sampling, 4, 0.0).unwrap();
     assert_eq!(
         (
             report.overall.wins,
@@ -413,6 +478,7 @@ fn sequence_classifier_judge_matches_transformers() {
     for (i, (prompt, reply)) in items.iter().enumerate() {
         let ids = judge
             .tokenizer()
+            .unwrap()
             .encode_conversation(prompt, reply)
             .unwrap();
         assert_eq!(
@@ -538,7 +604,7 @@ fn eval_cli_combines_modes_in_one_run() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert!(r["sft_data"]["nll_per_token"].as_f64().unwrap() > 0.0);
-    assert_eq!(r["preferences"]["pairs"], 40);
+    assert_eq!(r["preferences"]["pairs"], 80);
     assert!(r["preferences"]["reward_model"]["honesty"]["accuracy"]
         .as_f64()
         .is_some());
@@ -557,5 +623,53 @@ fn eval_cli_combines_modes_in_one_run() {
     assert!(
         root.join("eval_objectives.svg").is_file(),
         "the eval bar chart is drawn next to the report"
+    );
+}
+
+/// `--judge rules:FILE` scores from each prompt record's fields; a prompt file without the
+/// fields the rules read is named with its line.
+#[test]
+fn rule_judge_scores_from_the_prompt_records() {
+    let root = scratch("rules-judge");
+    let run = |prompts: &Path| {
+        Command::new(bin())
+            .args(["eval", "--device", "cpu", "--model"])
+            .arg(tiny_dir())
+            .args(["--win-rate", "--prompts"])
+            .arg(prompts)
+            .args(["--max-prompts", "4", "--max-new-tokens", "6", "--baseline"])
+            .arg(tiny_dir())
+            .args(["--judge", "rules:configs/demo/rules.toml", "--report"])
+            .arg(root.join("report.json"))
+            .output()
+            .unwrap()
+    };
+    let out = run(Path::new("data/ultrafeedback_binarized/test_prefs.jsonl"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        r["win_rate"]["objectives"],
+        serde_json::json!([
+            "helpfulness",
+            "honesty",
+            "instruction_following",
+            "truthfulness"
+        ])
+    );
+    // The same model answers both sides: every prompt ties.
+    assert_eq!(r["win_rate"]["overall"]["ties"], 4);
+    let bare = root.join("bare.jsonl");
+    std::fs::write(&bare, "{\"prompt\": \"What color is coal?\"}\n").unwrap();
+    let out = run(&bare);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bare.jsonl line 1") && err.contains("max_words") && err.lines().count() == 1,
+        "{err}"
     );
 }

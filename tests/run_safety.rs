@@ -21,13 +21,13 @@ fn overrides(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn sft_run(out: &Path, extra: &[&str], flags: RunFlags) -> anyhow::Result<()> {
-    let config = Path::new("configs/demo/sft.toml");
+    let config = Path::new("configs/demo/sft-lora.toml");
     sft::run(Some(config), &overrides(out, extra), flags).map(drop)
 }
 
 fn cli(out: &Path, extra: &[&str], more: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(bin());
-    cmd.args(["sft", "--quiet", "--config", "configs/demo/sft.toml"]);
+    cmd.args(["sft", "--quiet", "--config", "configs/demo/sft-lora.toml"]);
     for o in overrides(out, extra) {
         cmd.arg("--set").arg(o);
     }

@@ -24,7 +24,7 @@ fn demo_overrides(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn demo_config() -> &'static Path {
-    Path::new("configs/demo/sft.toml")
+    Path::new("configs/demo/sft-lora.toml")
 }
 
 fn adapter_tensors(dir: &Path) -> HashMap<String, Tensor> {

@@ -141,7 +141,7 @@ fn a_run_whose_every_step_was_skipped_does_not_end_as_done() {
         "sft",
         "--quiet",
         "--config",
-        "configs/demo/sft.toml",
+        "configs/demo/sft-lora.toml",
         "--set",
         &format!("model.path={:?}", tiny()),
         "--set",

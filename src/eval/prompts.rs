@@ -38,20 +38,40 @@ pub fn prompt_of(v: &serde_json::Value) -> Result<Vec<Message>, FieldError> {
     Ok(msgs)
 }
 
+/// A held-out prompt with the record it came from: rule judges read the record's fields
+/// (reference answers, length budgets), and their errors name its file and line.
+#[derive(Debug, Clone)]
+pub struct PromptRecord {
+    pub messages: Vec<Message>,
+    pub record: serde_json::Value,
+    /// `file:line` (or `file:row`) of the record.
+    pub loc: String,
+}
+
 /// Reads prompts (see `prompt_of`) from a file spec (local, glob, or `hf://datasets/...`), at
 /// most `max` of them.
 pub fn read_prompts(spec: &str, max: Option<usize>) -> Result<Vec<Vec<Message>>> {
+    Ok(read_prompt_records(spec, max)?
+        .into_iter()
+        .map(|p| p.messages)
+        .collect())
+}
+
+/// `read_prompts`, keeping each prompt's record.
+pub fn read_prompt_records(spec: &str, max: Option<usize>) -> Result<Vec<PromptRecord>> {
     let mut out = vec![];
     'files: for path in crate::data::source::resolve_files(spec)? {
         for rec in read_records(&path)? {
             let v = rec
                 .value
                 .map_err(|why| anyhow::anyhow!("{}: {why}", rec.loc))?;
-            out.push(
-                prompt_of(&v).map_err(|e| {
-                    anyhow::anyhow!("{}: field `{}`: {}", rec.loc, e.field, e.problem)
-                })?,
-            );
+            let messages = prompt_of(&v)
+                .map_err(|e| anyhow::anyhow!("{}: field `{}`: {}", rec.loc, e.field, e.problem))?;
+            out.push(PromptRecord {
+                messages,
+                record: v,
+                loc: rec.loc.to_string(),
+            });
             if max.is_some_and(|m| out.len() >= m) {
                 break 'files;
             }

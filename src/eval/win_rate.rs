@@ -2,6 +2,7 @@
 //! has its own seeded stream, so batching does not change answers), a judge scores both answers,
 //! and the verdicts are compared per prompt.
 
+use crate::eval::prompts::PromptRecord;
 use crate::generate::{generate, SamplingConfig};
 use crate::judge::{win_rate, Judge, Verdict, WinRate};
 use crate::model::ctx::ForwardCtx;
@@ -78,21 +79,48 @@ pub fn win_rate_eval(
     model: &Loaded,
     baseline: &Loaded,
     judge: &Judge,
-    prompts: &[Vec<Message>],
+    prompts: &[PromptRecord],
     sampling: &SamplingConfig,
     batch: usize,
     tie_margin: f64,
 ) -> Result<(WinRateReport, Vec<Generation>)> {
-    let ours = answer_prompts(model, prompts, sampling, batch)?;
-    let theirs = answer_prompts(baseline, prompts, sampling, batch)?;
-    let items: Vec<(Vec<Message>, String)> = prompts
-        .iter()
-        .zip(&ours)
-        .chain(prompts.iter().zip(&theirs))
-        .map(|(p, a)| (p.clone(), a.clone()))
-        .collect();
-    let verdicts = judge.score(&items, batch)?;
-    let (mine, base): (&[Verdict], &[Verdict]) = verdicts.split_at(prompts.len());
+    let messages: Vec<Vec<Message>> = prompts.iter().map(|p| p.messages.clone()).collect();
+    let ours = answer_prompts(model, &messages, sampling, batch)?;
+    let theirs = answer_prompts(baseline, &messages, sampling, batch)?;
+    let mine = judge_answers(judge, prompts, &ours, batch)?;
+    let base = judge_answers(judge, prompts, &theirs, batch)?;
+    Ok(compare(
+        judge,
+        prompts,
+        (&ours, &mine),
+        (&theirs, &base),
+        sampling,
+        tie_margin,
+    ))
+}
+
+/// A judge's verdicts on one answer per prompt.
+pub fn judge_answers(
+    judge: &Judge,
+    prompts: &[PromptRecord],
+    answers: &[String],
+    batch: usize,
+) -> Result<Vec<Verdict>> {
+    let p: Vec<&PromptRecord> = prompts.iter().collect();
+    let a: Vec<&str> = answers.iter().map(String::as_str).collect();
+    judge.score_records(&p, &a, batch)
+}
+
+/// Per-prompt comparison of two judged answer sets: the win rate overall and per objective,
+/// and the generations with both verdicts.
+pub fn compare(
+    judge: &Judge,
+    prompts: &[PromptRecord],
+    (ours, mine): (&[String], &[Verdict]),
+    (theirs, base): (&[String], &[Verdict]),
+    sampling: &SamplingConfig,
+    tie_margin: f64,
+) -> (WinRateReport, Vec<Generation>) {
     let totals = |v: &[Verdict]| v.iter().map(|x| x.total).collect::<Vec<_>>();
     let overall = win_rate(&totals(mine), &totals(base), tie_margin);
     let objectives = judge.objectives();
@@ -103,9 +131,10 @@ pub fn win_rate_eval(
     for (k, name) in objectives.iter().enumerate() {
         let a: Vec<f64> = mine.iter().map(|v| v.objectives[k] as f64).collect();
         let b: Vec<f64> = base.iter().map(|v| v.objectives[k] as f64).collect();
+        let w = win_rate(&a, &b, tie_margin);
         per_objective.insert(
             name.clone(),
-            serde_json::to_value(win_rate(&a, &b, tie_margin))?,
+            serde_json::to_value(w).expect("a win rate serialises"),
         );
     }
     let report = WinRateReport {
@@ -121,7 +150,7 @@ pub fn win_rate_eval(
         .iter()
         .enumerate()
         .map(|(i, p)| Generation {
-            prompt: p.clone(),
+            prompt: p.messages.clone(),
             model_answer: ours[i].clone(),
             baseline_answer: theirs[i].clone(),
             model_score: mine[i].total,
@@ -131,7 +160,7 @@ pub fn win_rate_eval(
             decoding: sampling.clone(),
         })
         .collect();
-    Ok((report, gens))
+    (report, gens)
 }
 
 /// Writes generations as JSONL (the leaderboard submission), atomically.

@@ -5,7 +5,7 @@
 
 use super::ModelOptions;
 use crate::eval::preferences::{preference_eval, score_file, sft_nll};
-use crate::eval::prompts::read_prompts;
+use crate::eval::prompts::read_prompt_records;
 use crate::eval::win_rate::{win_rate_eval, write_generations};
 use crate::eval::{load_for_eval, perplexity};
 use crate::generate::SamplingArgs;
@@ -66,10 +66,11 @@ pub struct EvalOptions {
     /// The baseline model: PATH or PATH+ADAPTER.
     #[arg(long)]
     pub baseline: Option<String>,
-    /// A train-rm directory, or an HF Qwen2ForSequenceClassification checkpoint.
+    /// A train-rm directory, an HF Qwen2ForSequenceClassification checkpoint, or
+    /// `rules:FILE` (rule objectives scored from each prompt record's fields).
     #[arg(long)]
     pub judge: Option<String>,
-    /// Objective weights w for our reward model as judge (equal when omitted).
+    /// Objective weights w for our reward model or rules as judge (equal when omitted).
     #[arg(long, value_delimiter = ',')]
     pub judge_weights: Vec<f64>,
     /// Score differences within this margin count as ties.
@@ -235,7 +236,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
             &device,
         )?;
         let baseline = load_for_eval(&bpath, badapter.as_deref(), None, dtype, &device)?;
-        let prompts = read_prompts(&prompts_file, args.max_prompts)?;
+        let prompts = read_prompt_records(&prompts_file, args.max_prompts)?;
         // One setting for both models: the flags over the evaluated model's defaults.
         let sampling = args.sampling.resolve(main()?.generation_config().as_ref());
         sampling.validate()?;

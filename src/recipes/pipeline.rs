@@ -1,11 +1,14 @@
-//! `mo-align pipeline`: sft -> train-rm -> dpo -> hybrid-dpo -> eval from one config, each
-//! stage a recipe run with its own config file, then the win rate of every stage against the
-//! base model judged by the trained reward model, written as a summary (markdown + JSON) with
-//! plots. Re-running is cheap: a stage whose output matches its config is not trained again.
+//! `mo-align pipeline`: [base ->] sft -> train-rm -> dpo -> hybrid-dpo (one or several
+//! weightings) -> eval from one config, each stage a recipe run with its own config file, then
+//! the win rate of every stage against the base model and against the stage it started from,
+//! judged by rule objectives (the ground truth, when the task has one) and by the trained reward
+//! model, written as a summary (markdown + JSON) with plots. Re-running is cheap: a stage whose
+//! output matches its config is not trained again.
 
 use super::summary::{judge_stages, markdown, TrainedStage};
 use super::{dpo, sft, train_rm, RunFlags};
 use crate::generate::SamplingArgs;
+use crate::train::Finetune;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -16,12 +19,30 @@ use std::time::Instant;
 #[serde(deny_unknown_fields, default)]
 pub struct StagesConfig {
     pub output_dir: String,
+    /// Optional first stage building the base model (an sft config, usually full fine-tuning
+    /// of a `[model.tiny]` model): the demo's base is made, not downloaded.
+    pub base: String,
     pub sft: String,
     pub train_rm: String,
     pub dpo: String,
-    pub hybrid_dpo: String,
+    /// One hybrid-DPO config, or a list (one stage per weighting).
+    #[serde(deserialize_with = "one_or_many")]
+    pub hybrid_dpo: Vec<String>,
     /// `--set` overrides applied to every stage (e.g. `train.device="cuda"`).
     pub overrides: Vec<String>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The `[eval]` section.
@@ -33,6 +54,10 @@ pub struct PipelineEvalConfig {
     pub max_prompts: Option<usize>,
     /// Judge: a train-rm directory or an HF sequence classifier; empty = this pipeline's RM.
     pub judge: String,
+    /// Rule objectives (`reward::rules`) judging beside it: the ground truth, when known.
+    pub rules: String,
+    /// Sample generations per stage shown in the summary.
+    pub samples: usize,
     pub judge_weights: Vec<f64>,
     /// Decoding; unset keys come from the base model's generation_config.json.
     #[serde(flatten)]
@@ -49,6 +74,8 @@ impl Default for PipelineEvalConfig {
             prompts: String::new(),
             max_prompts: Some(200),
             judge: String::new(),
+            rules: String::new(),
+            samples: 3,
             judge_weights: vec![],
             sampling: SamplingArgs::default(),
             gen_batch_size: 8,
@@ -72,7 +99,7 @@ fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
     config: &Path,
     overrides: &[String],
     output_dir: impl Fn(&T) -> String,
-    artifact: &str,
+    artifact: impl Fn(&T) -> &'static str,
 ) -> Result<(T, PathBuf, bool)> {
     let cfg: T = crate::config::load(Some(config), overrides)?;
     let out = PathBuf::from(output_dir(&cfg));
@@ -87,8 +114,24 @@ fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
             );
         }
     }
-    let done = existing.is_some() && out.join(artifact).is_file();
+    let done = existing.is_some() && out.join(artifact(&cfg)).is_file();
     Ok((cfg, out, done))
+}
+
+/// What a finished sft run leaves: a full checkpoint or an adapter.
+fn sft_artifact(c: &sft::SftConfig) -> &'static str {
+    match c.stage.train.finetune {
+        Finetune::Full => "model.safetensors",
+        Finetune::Lora => "adapter_model.safetensors",
+    }
+}
+
+/// A stage's name: its output directory's last component (`hybrid-dpo-honesty`).
+fn stage_name(out: &Path, fallback: &str) -> String {
+    out.file_name()
+        .and_then(|n| n.to_str())
+        .map(String::from)
+        .unwrap_or_else(|| fallback.to_string())
 }
 
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
@@ -104,12 +147,14 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         ("sft", &p.sft),
         ("train_rm", &p.train_rm),
         ("dpo", &p.dpo),
-        ("hybrid_dpo", &p.hybrid_dpo),
         ("output_dir", &p.output_dir),
     ] {
         if v.is_empty() {
             bail!("pipeline.{k} is empty");
         }
+    }
+    if p.hybrid_dpo.is_empty() || p.hybrid_dpo.iter().any(String::is_empty) {
+        bail!("pipeline.hybrid_dpo: name one config or a list of them");
     }
     if cfg.eval.prompts.is_empty() {
         bail!("eval.prompts is empty: name a file of held-out prompts");
@@ -117,12 +162,12 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let run_dir = super::prepare_output(&p.output_dir, &cfg, None)?;
     let out = run_dir.path.clone();
     let ov = &p.overrides;
-    let mut timings: Vec<(String, PathBuf, f64, bool)> = vec![];
+    let mut timings: Vec<(String, f64, bool)> = vec![];
     let mut stage = |name: &str,
                      done: bool,
-                     out_dir: PathBuf,
+                     out_dir: &Path,
                      f: &mut dyn FnMut() -> Result<()>|
-     -> Result<()> {
+     -> Result<(f64, bool)> {
         let t = Instant::now();
         if done {
             eprintln!("== {name}: up to date in {}", out_dir.display());
@@ -130,98 +175,143 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             eprintln!("== {name}");
             f()?;
         }
-        timings.push((name.to_string(), out_dir, t.elapsed().as_secs_f64(), done));
-        Ok(())
+        let took = (t.elapsed().as_secs_f64(), done);
+        timings.push((name.to_string(), took.0, took.1));
+        Ok(took)
     };
 
+    if !p.base.is_empty() {
+        let (_, base_out, done) = stage_state(
+            Path::new(&p.base),
+            ov,
+            |c: &sft::SftConfig| c.stage.train.output_dir.clone(),
+            sft_artifact,
+        )?;
+        stage("base", done, &base_out, &mut || {
+            sft::run(Some(Path::new(&p.base)), ov, flags).map(drop)
+        })?;
+    }
     let (sft_cfg, sft_out, done) = stage_state(
         Path::new(&p.sft),
         ov,
         |c: &sft::SftConfig| c.stage.train.output_dir.clone(),
-        "adapter_model.safetensors",
+        sft_artifact,
     )?;
-    stage("sft", done, sft_out.clone(), &mut || {
+    let sft_took = stage("sft", done, &sft_out, &mut || {
         sft::run(Some(Path::new(&p.sft)), ov, flags).map(drop)
     })?;
     let (_, rm_out, done) = stage_state(
         Path::new(&p.train_rm),
         ov,
         |c: &train_rm::TrainRmConfig| c.train.output_dir.clone(),
-        crate::reward::HEAD_FILE,
+        |_| crate::reward::HEAD_FILE,
     )?;
-    stage("train-rm", done, rm_out.clone(), &mut || {
+    stage("train-rm", done, &rm_out, &mut || {
         train_rm::run(Some(Path::new(&p.train_rm)), ov, flags)
     })?;
-    let (dpo_cfg, dpo_out, done) = stage_state(
-        Path::new(&p.dpo),
-        ov,
-        |c: &dpo::DpoRunConfig| c.stage.train.output_dir.clone(),
-        "adapter_model.safetensors",
-    )?;
-    stage("dpo", done, dpo_out.clone(), &mut || {
-        dpo::run_dpo(Some(Path::new(&p.dpo)), ov, flags).map(drop)
-    })?;
-    let (hyb_cfg, hyb_out, done) = stage_state(
-        Path::new(&p.hybrid_dpo),
-        ov,
-        |c: &dpo::HybridRunConfig| c.stage.train.output_dir.clone(),
-        "adapter_model.safetensors",
-    )?;
-    stage("hybrid-dpo", done, hyb_out.clone(), &mut || {
-        dpo::run_hybrid(Some(Path::new(&p.hybrid_dpo)), ov, flags).map(drop)
-    })?;
 
-    // Evaluation: every stage against the base model, judged by the reward model.
+    let mut stages = vec![];
+    let sm = &sft_cfg.stage.model;
+    stages.push(match sft_cfg.stage.train.finetune {
+        Finetune::Full => TrainedStage {
+            name: "sft".into(),
+            model: sft_out.display().to_string(),
+            base_adapter: None,
+            adapter: None,
+            previous: None,
+            output_dir: sft_out.clone(),
+            train_seconds: sft_took.0,
+            skipped: sft_took.1,
+        },
+        Finetune::Lora => TrainedStage {
+            name: "sft".into(),
+            model: sm.path.clone(),
+            base_adapter: sm.adapter_path().map(Path::to_path_buf),
+            adapter: Some(sft_out.clone()),
+            previous: None,
+            output_dir: sft_out.clone(),
+            train_seconds: sft_took.0,
+            skipped: sft_took.1,
+        },
+    });
+    let preference_stages = std::iter::once(("dpo", p.dpo.as_str()))
+        .chain(p.hybrid_dpo.iter().map(|c| ("hybrid-dpo", c.as_str())));
+    for (kind, config) in preference_stages {
+        let (model, out_dir, done) = if kind == "dpo" {
+            let (c, o, d) = stage_state(
+                Path::new(config),
+                ov,
+                |c: &dpo::DpoRunConfig| c.stage.train.output_dir.clone(),
+                |_| "adapter_model.safetensors",
+            )?;
+            (c.stage.model, o, d)
+        } else {
+            let (c, o, d) = stage_state(
+                Path::new(config),
+                ov,
+                |c: &dpo::HybridRunConfig| c.stage.train.output_dir.clone(),
+                |_| "adapter_model.safetensors",
+            )?;
+            (c.stage.model, o, d)
+        };
+        let name = stage_name(&out_dir, kind);
+        let took = stage(&name, done, &out_dir, &mut || {
+            if kind == "dpo" {
+                dpo::run_dpo(Some(Path::new(config)), ov, flags).map(drop)
+            } else {
+                dpo::run_hybrid(Some(Path::new(config)), ov, flags).map(drop)
+            }
+        })?;
+        stages.push(TrainedStage {
+            name,
+            model: model.path.clone(),
+            base_adapter: model.adapter_path().map(Path::to_path_buf),
+            adapter: Some(out_dir.clone()),
+            previous: Some("sft".into()),
+            output_dir: out_dir,
+            train_seconds: took.0,
+            skipped: took.1,
+        });
+    }
+
+    // Evaluation: every stage against the base model and the stage it started from, judged
+    // by the rule objectives (when given) and the reward model.
     eprintln!("== eval");
     let e = &cfg.eval;
-    let judge_spec = if e.judge.is_empty() {
+    let mut judges = vec![];
+    if !e.rules.is_empty() {
+        judges.push(("rules".to_string(), format!("rules:{}", e.rules)));
+    }
+    let rm_judge = if e.judge.is_empty() {
         rm_out.display().to_string()
     } else {
         e.judge.clone()
     };
-    let trained = |name: &str, base_adapter: Option<&Path>, adapter: &Path| {
-        let (train_seconds, skipped) = timings
-            .iter()
-            .find(|t| t.0 == name)
-            .map(|t| (t.2, t.3))
-            .unwrap_or((0.0, false));
-        TrainedStage {
-            name: name.to_string(),
-            base_adapter: base_adapter.map(Path::to_path_buf),
-            adapter: adapter.to_path_buf(),
-            train_seconds,
-            skipped,
-        }
-    };
-    let stages = [
-        trained("sft", None, &sft_out),
-        trained("dpo", dpo_cfg.stage.model.adapter_path(), &dpo_out),
-        trained("hybrid-dpo", hyb_cfg.stage.model.adapter_path(), &hyb_out),
-    ];
-    let base_path = sft_cfg.stage.model.path.clone();
-    let judged = judge_stages(e, &base_path, &judge_spec, &stages, &out)?;
+    judges.push(("reward_model".to_string(), rm_judge));
+    let judged = judge_stages(e, (&sm.path, sm.adapter_path()), &judges, &stages, &out)?;
     let rm_seconds = timings
         .iter()
         .find(|t| t.0 == "train-rm")
-        .map(|t| t.2)
+        .map(|t| t.1)
         .unwrap_or(0.0);
     let rm_report: serde_json::Value = std::fs::read_to_string(rm_out.join("rm_report.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(serde_json::Value::Null);
-    let (rows, objectives) = (&judged.rows, &judged.objectives);
     let summary = serde_json::json!({
-        "judge": judged.judge,
-        "baseline": base_path,
+        "baseline": sm.path,
+        "baseline_adapter": sm.adapter_path(),
         "prompts": judged.prompts,
         "sampling": judged.sampling,
-        "objectives": objectives,
-        "stages": rows,
+        "judges": judged.judges,
+        "base_samples": judged.base_samples,
+        "stages": judged.rows,
+        "stage_seconds": timings.iter().map(|t| serde_json::json!({"stage": t.0, "seconds": t.1, "cached": t.2})).collect::<Vec<_>>(),
         "reward_model": {"output_dir": rm_out, "train_seconds": rm_seconds, "report": rm_report},
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
-    let md = markdown(&summary, rows, objectives);
+    let md = markdown(&summary, &judged);
     crate::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;
     crate::plot::plot_run(&out, false).context("drawing the summary plots")?;
     println!("{md}");

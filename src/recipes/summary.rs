@@ -1,12 +1,13 @@
-//! The pipeline's evaluation and summary: every trained stage answers the held-out prompts
-//! against the base model, the judge scores both, and one row per stage goes into the JSON and
-//! markdown summary.
+//! The pipeline's evaluation and summary: the base model and every trained stage answer the
+//! same held-out prompts once; each judge (rule objectives = ground truth, and the trained
+//! reward model) scores every answer; each stage is compared with the base and with the stage it
+//! started from. One row per stage and judge goes into the JSON and markdown summary.
 
 use super::pipeline::PipelineEvalConfig;
 use crate::eval::load_for_eval;
-use crate::eval::prompts::read_prompts;
-use crate::eval::win_rate::{win_rate_eval, write_generations};
-use crate::judge::Judge;
+use crate::eval::prompts::{read_prompt_records, PromptRecord};
+use crate::eval::win_rate::{answer_prompts, compare, judge_answers, write_generations};
+use crate::judge::{Judge, Verdict, WinRate};
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
 use anyhow::Result;
@@ -14,166 +15,346 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// A trained stage to judge: its adapter, what is merged under it, and how long it trained.
+/// A trained stage to judge: the model it is (base path, adapters), what it started from, and
+/// how long it trained.
 pub struct TrainedStage {
     pub name: String,
+    pub model: String,
     pub base_adapter: Option<PathBuf>,
-    pub adapter: PathBuf,
+    pub adapter: Option<PathBuf>,
+    /// The stage this one started from (`None`: the base model).
+    pub previous: Option<String>,
+    pub output_dir: PathBuf,
     pub train_seconds: f64,
     pub skipped: bool,
 }
 
-/// Every stage judged against the base model.
-pub struct Judged {
-    pub rows: Vec<StageRow>,
-    /// The decoding settings every stage and the base used.
-    pub sampling: crate::generate::SamplingConfig,
-    pub objectives: Vec<String>,
-    pub judge: String,
-    pub prompts: usize,
+/// One judge's view of one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct JudgedStage {
+    pub vs_base: WinRate,
+    /// Against the stage it started from (absent when that is the base).
+    pub vs_previous: Option<WinRate>,
+    pub mean_objectives: Vec<f64>,
+    pub mean_total: f64,
 }
 
-/// Each stage's win rate against the base model `base_path` under `[eval]`'s judge and
-/// decoding settings; each stage's generations are written into `out`.
-pub fn judge_stages(
-    e: &PipelineEvalConfig,
-    base_path: &str,
-    judge_spec: &str,
-    stages: &[TrainedStage],
-    out: &Path,
-) -> Result<Judged> {
-    let device = select_device(&e.device)?;
-    let dtype = parse_dtype(&e.dtype)?;
-    let judge = Judge::load(judge_spec, &e.judge_weights, dtype, &device)?;
-    let baseline = load_for_eval(base_path, None, None, dtype, &device)?;
-    let prompts = read_prompts(&e.prompts, e.max_prompts)?;
-    let sampling = e.sampling.resolve(baseline.generation_config().as_ref());
-    sampling.validate()?;
-    let (mut rows, mut objectives) = (vec![], vec![]);
-    for st in stages {
-        let t = Instant::now();
-        let adapter = Some(st.adapter.as_path());
-        let model = load_for_eval(
-            base_path,
-            st.base_adapter.as_deref(),
-            adapter,
-            dtype,
-            &device,
-        )?;
-        let batch = e.gen_batch_size;
-        let (wr, gens) = win_rate_eval(
-            &model,
-            &baseline,
-            &judge,
-            &prompts,
-            &sampling,
-            batch,
-            e.tie_margin,
-        )?;
-        write_generations(&out.join(format!("generations-{}.jsonl", st.name)), &gens)?;
-        let o = &wr.overall;
-        eprintln!(
-            "{}: win rate {:.1}% ({:.1}s to evaluate)",
-            st.name,
-            100.0 * o.win_rate,
-            t.elapsed().as_secs_f64()
-        );
-        objectives = wr.objectives.clone();
-        rows.push(StageRow {
-            stage: st.name.clone(),
-            output_dir: st.adapter.display().to_string(),
-            train_seconds: st.train_seconds,
-            skipped: st.skipped,
-            win_rate: o.win_rate,
-            ci95: o.ci95,
-            wins: o.wins,
-            ties: o.ties,
-            losses: o.losses,
-            mean_reward_diff: o.mean_reward_diff,
-            model_objectives: wr.mean_objectives_model.clone(),
-            baseline_objectives: wr.mean_objectives_baseline.clone(),
-        });
-    }
-    Ok(Judged {
-        rows,
-        sampling,
-        objectives,
-        judge: judge.describe(),
-        prompts: prompts.len(),
-    })
+#[derive(Debug, Clone, Serialize)]
+pub struct JudgeInfo {
+    /// `rules` or `reward_model`.
+    pub key: String,
+    pub describe: String,
+    pub objectives: Vec<String>,
+    /// The base model's mean scores.
+    pub base_mean_objectives: Vec<f64>,
+    pub base_mean_total: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub answer: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StageRow {
     pub stage: String,
     pub output_dir: String,
+    pub previous: String,
     pub train_seconds: f64,
     pub skipped: bool,
-    pub win_rate: f64,
-    pub ci95: (f64, f64),
-    pub wins: usize,
-    pub ties: usize,
-    pub losses: usize,
-    pub mean_reward_diff: f64,
-    pub model_objectives: Vec<f64>,
-    pub baseline_objectives: Vec<f64>,
+    /// Keyed like `JudgeInfo::key`.
+    pub judged: serde_json::Map<String, serde_json::Value>,
+    pub samples: Vec<Sample>,
 }
 
-pub fn markdown(summary: &serde_json::Value, rows: &[StageRow], objectives: &[String]) -> String {
+/// Every stage judged against the base and its predecessor.
+pub struct Judged {
+    pub rows: Vec<StageRow>,
+    pub judges: Vec<JudgeInfo>,
+    pub base_samples: Vec<Sample>,
+    pub sampling: crate::generate::SamplingConfig,
+    pub prompts: usize,
+}
+
+fn mean(v: &[Verdict], f: impl Fn(&Verdict) -> f64) -> f64 {
+    v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
+}
+
+fn mean_objectives(v: &[Verdict]) -> Vec<f64> {
+    let k = v.first().map_or(0, |x| x.objectives.len());
+    (0..k)
+        .map(|i| mean(v, |x| x.objectives[i] as f64))
+        .collect()
+}
+
+/// Judges `(key, spec)` every stage's answers against the base model `base` (path, adapter);
+/// each stage's generations against the base are written into `out`.
+pub fn judge_stages(
+    e: &PipelineEvalConfig,
+    base: (&str, Option<&Path>),
+    judge_specs: &[(String, String)],
+    stages: &[TrainedStage],
+    out: &Path,
+) -> Result<Judged> {
+    let device = select_device(&e.device)?;
+    let dtype = parse_dtype(&e.dtype)?;
+    let judges: Vec<(String, Judge)> = judge_specs
+        .iter()
+        .map(|(key, spec)| {
+            Ok((
+                key.clone(),
+                Judge::load(spec, &e.judge_weights, dtype, &device)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let prompts: Vec<PromptRecord> = read_prompt_records(&e.prompts, e.max_prompts)?;
+    let messages: Vec<_> = prompts.iter().map(|p| p.messages.clone()).collect();
+    let baseline = load_for_eval(base.0, base.1, None, dtype, &device)?;
+    let sampling = e.sampling.resolve(baseline.generation_config().as_ref());
+    sampling.validate()?;
+    let batch = e.gen_batch_size;
+
+    // Every model answers once; every judge scores every answer set once.
+    let t = Instant::now();
+    let mut answers: Vec<(String, Vec<String>)> = vec![(
+        "base".into(),
+        answer_prompts(&baseline, &messages, &sampling, batch)?,
+    )];
+    drop(baseline);
+    for st in stages {
+        let model = load_for_eval(
+            &st.model,
+            st.base_adapter.as_deref(),
+            st.adapter.as_deref(),
+            dtype,
+            &device,
+        )?;
+        answers.push((
+            st.name.clone(),
+            answer_prompts(&model, &messages, &sampling, batch)?,
+        ));
+    }
+    eprintln!(
+        "generated {} answers per model in {:.1}s",
+        prompts.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let mut verdicts: Vec<Vec<Vec<Verdict>>> = vec![];
+    for (_, judge) in &judges {
+        verdicts.push(
+            answers
+                .iter()
+                .map(|(_, a)| judge_answers(judge, &prompts, a, batch))
+                .collect::<Result<_>>()?,
+        );
+    }
+
+    let index = |name: &str| answers.iter().position(|(n, _)| n == name);
+    let samples = |a: &[String]| -> Vec<Sample> {
+        prompts
+            .iter()
+            .zip(a)
+            .take(e.samples)
+            .map(|(p, a)| Sample {
+                prompt: p
+                    .messages
+                    .last()
+                    .map(|m| m.content.clone())
+                    .unwrap_or_default(),
+                answer: a.clone(),
+            })
+            .collect()
+    };
+    let mut rows = vec![];
+    for (si, st) in stages.iter().enumerate() {
+        let me = si + 1;
+        let prev = st.previous.as_deref().and_then(index);
+        let mut judged = serde_json::Map::new();
+        for (ji, (key, judge)) in judges.iter().enumerate() {
+            let v = &verdicts[ji];
+            let (report, gens) = compare(
+                judge,
+                &prompts,
+                (&answers[me].1, &v[me]),
+                (&answers[0].1, &v[0]),
+                &sampling,
+                e.tie_margin,
+            );
+            if ji == 0 {
+                write_generations(&out.join(format!("generations-{}.jsonl", st.name)), &gens)?;
+            }
+            let vs_previous = prev.map(|p| {
+                compare(
+                    judge,
+                    &prompts,
+                    (&answers[me].1, &v[me]),
+                    (&answers[p].1, &v[p]),
+                    &sampling,
+                    e.tie_margin,
+                )
+                .0
+                .overall
+            });
+            let row = JudgedStage {
+                vs_base: report.overall,
+                vs_previous,
+                mean_objectives: mean_objectives(&v[me]),
+                mean_total: mean(&v[me], |x| x.total),
+            };
+            judged.insert(key.clone(), serde_json::to_value(row)?);
+        }
+        let wr = |key: &str| {
+            judged[key]["vs_base"]["win_rate"]
+                .as_f64()
+                .map(|w| format!("{key} {:.1}%", 100.0 * w))
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "{}: win rate against the base: {}",
+            st.name,
+            judges
+                .iter()
+                .map(|(k, _)| wr(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        rows.push(StageRow {
+            stage: st.name.clone(),
+            output_dir: st.output_dir.display().to_string(),
+            previous: st.previous.clone().unwrap_or_else(|| "base".into()),
+            train_seconds: st.train_seconds,
+            skipped: st.skipped,
+            judged,
+            samples: samples(&answers[me].1),
+        });
+    }
+    let judges = judges
+        .iter()
+        .enumerate()
+        .map(|(ji, (key, judge))| JudgeInfo {
+            key: key.clone(),
+            describe: judge.describe(),
+            objectives: judge.objectives(),
+            base_mean_objectives: mean_objectives(&verdicts[ji][0]),
+            base_mean_total: mean(&verdicts[ji][0], |x| x.total),
+        })
+        .collect();
+    Ok(Judged {
+        rows,
+        judges,
+        base_samples: samples(&answers[0].1),
+        sampling,
+        prompts: prompts.len(),
+    })
+}
+
+fn pct(w: &serde_json::Value) -> String {
+    match w["win_rate"].as_f64() {
+        Some(p) => format!(
+            "{:.1}% ({}/{}/{})",
+            100.0 * p,
+            w["wins"],
+            w["ties"],
+            w["losses"]
+        ),
+        None => "".into(),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.replace('\n', " / ").replace('|', "\\|")
+}
+
+pub fn markdown(summary: &serde_json::Value, judged: &Judged) -> String {
     let mut s = String::from("# mo-align pipeline summary\n\n");
     s.push_str(&format!(
-        "Win rate of each stage against the base model `{}` on {} held-out prompts, judged by {}. Ties count half.\n\n",
+        "Each stage and the base model `{}` answer the same {} held-out prompts (one seeded sampling stream per prompt). \
+         Win rates: W/T/L per prompt, ties count half.\n\n",
         summary["baseline"].as_str().unwrap_or("?"),
-        summary["prompts"],
-        summary["judge"].as_str().unwrap_or("?")
+        judged.prompts,
     ));
-    s.push_str("| stage | win rate | 95% CI | W/T/L | mean reward diff |");
-    for o in objectives {
-        s.push_str(&format!(" {o} |"));
-    }
-    s.push_str(" train time (s) |\n|---|---|---|---|---|");
-    s.push_str(&"---|".repeat(objectives.len()));
-    s.push_str("---|\n");
-    if let Some(first) = rows.first() {
-        s.push_str("| base | | | | |");
-        for v in &first.baseline_objectives {
+    for j in &judged.judges {
+        let title = match j.key.as_str() {
+            "rules" => "Judged by the rule objectives (ground truth)",
+            _ => "Judged by the trained reward model",
+        };
+        s.push_str(&format!("## {title}\n\n`{}`\n\n", j.describe));
+        s.push_str("| stage | vs base | vs previous stage |");
+        for o in &j.objectives {
+            s.push_str(&format!(" {o} |"));
+        }
+        s.push_str(" train time (s) |\n|---|---|---|");
+        s.push_str(&"---|".repeat(j.objectives.len()));
+        s.push_str("---|\n| base | | |");
+        for v in &j.base_mean_objectives {
             s.push_str(&format!(" {v:.3} |"));
         }
         s.push_str(" |\n");
-    }
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {:.1}% | {:.1}-{:.1}% | {}/{}/{} | {:+.4} |",
-            r.stage,
-            100.0 * r.win_rate,
-            100.0 * r.ci95.0,
-            100.0 * r.ci95.1,
-            r.wins,
-            r.ties,
-            r.losses,
-            r.mean_reward_diff
-        ));
-        for v in &r.model_objectives {
-            s.push_str(&format!(" {v:.3} |"));
+        for r in &judged.rows {
+            let v = &r.judged[&j.key];
+            s.push_str(&format!(
+                "| {} | {} | {} |",
+                r.stage,
+                pct(&v["vs_base"]),
+                if v["vs_previous"].is_null() {
+                    String::new()
+                } else {
+                    format!("{} vs {}", pct(&v["vs_previous"]), r.previous)
+                }
+            ));
+            for x in v["mean_objectives"].as_array().into_iter().flatten() {
+                s.push_str(&format!(" {:.3} |", x.as_f64().unwrap_or(f64::NAN)));
+            }
+            s.push_str(&format!(
+                " {:.1}{} |\n",
+                r.train_seconds,
+                if r.skipped { " (cached)" } else { "" }
+            ));
         }
-        s.push_str(&format!(
-            " {:.1}{} |\n",
-            r.train_seconds,
-            if r.skipped { " (cached)" } else { "" }
-        ));
+        s.push('\n');
     }
-    s.push_str(&format!(
-        "\nReward model trained in {:.1}s; whole pipeline {:.1}s.\n",
-        summary["reward_model"]["train_seconds"]
-            .as_f64()
-            .unwrap_or(0.0),
-        summary["wall_seconds"].as_f64().unwrap_or(0.0)
-    ));
-    if let Some(acc) = summary["reward_model"]["report"]["ranking"]["composite_accuracy"].as_f64() {
+    let rm = &summary["reward_model"];
+    s.push_str("## Reward model\n\n");
+    if let Some(acc) = rm["report"]["ranking"]["composite_accuracy"].as_f64() {
         s.push_str(&format!(
-            "Reward model ranks {:.1}% of held-out binarized pairs correctly.\n",
+            "Ranks {:.1}% of held-out binarized pairs correctly.",
             100.0 * acc
         ));
     }
+    if let Some(per) = rm["report"]["validation"].as_object() {
+        let r: Vec<String> = per
+            .iter()
+            .filter_map(|(k, v)| v["pearson"].as_f64().map(|p| format!("{k} {p:.3}")))
+            .collect();
+        if !r.is_empty() {
+            s.push_str(&format!(
+                " Pearson r against the ground-truth ratings of held-out completions: {}.",
+                r.join(", ")
+            ));
+        }
+    }
+    s.push_str(&format!(
+        " Trained in {:.1}s.\n\n",
+        rm["train_seconds"].as_f64().unwrap_or(0.0)
+    ));
+    s.push_str("## Sample generations\n\n| model | prompt | answer |\n|---|---|---|\n");
+    let mut emit = |name: &str, samples: &[Sample]| {
+        for x in samples {
+            s.push_str(&format!(
+                "| {name} | {} | {} |\n",
+                one_line(&x.prompt),
+                one_line(&x.answer)
+            ));
+        }
+    };
+    emit("base", &judged.base_samples);
+    for r in &judged.rows {
+        emit(&r.stage, &r.samples);
+    }
+    s.push_str(&format!(
+        "\nWhole pipeline {:.1}s.\n",
+        summary["wall_seconds"].as_f64().unwrap_or(0.0)
+    ));
     s
 }
