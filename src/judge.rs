@@ -10,7 +10,7 @@ use crate::model::loader::{load_with_config, resolve, Loaded};
 use crate::model::Qwen2;
 use crate::objectives::scalarize::equal_weights_or;
 use crate::reward::rules::RuleObjectives;
-use crate::reward::{last_token_features, RewardHead};
+use crate::reward::{last_token_features, reward_features, RewardHead, ScoredSequence};
 use crate::tokenizer::{ChatTokenizer, Message};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -185,36 +185,47 @@ impl Judge {
             ),
             _ => self.tokenizer().expect("model judges have a tokenizer"),
         };
-        let mut unique: HashMap<Vec<u32>, usize> = HashMap::new();
-        let mut seqs: Vec<Vec<u32>> = vec![];
+        let mut unique: HashMap<(Vec<u32>, usize), usize> = HashMap::new();
+        let mut seqs: Vec<(Vec<u32>, usize)> = vec![];
         let mut index = vec![];
         for (prompt, response) in items {
-            let ids = match self {
+            let seq = match self {
                 // Our head was trained on prompt and response segments ending at <|im_end|>.
                 Judge::Ours { .. } => {
                     let mut ids = tok.encode_prompt(prompt)?;
+                    let start = ids.len();
                     ids.extend(tok.encode_response(response)?);
-                    ids
+                    (ids, start)
                 }
                 // An external reward model scores what its chat template renders.
-                _ => tok.encode_conversation(prompt, response)?,
+                _ => (tok.encode_conversation(prompt, response)?, 0),
             };
             let next = seqs.len();
-            let i = *unique.entry(ids.clone()).or_insert_with(|| {
-                seqs.push(ids);
+            let i = *unique.entry(seq.clone()).or_insert_with(|| {
+                seqs.push(seq);
                 next
             });
             index.push(i);
         }
-        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.0.as_slice()).collect();
+        let scored: Vec<ScoredSequence> = seqs
+            .iter()
+            .map(|(ids, start)| ScoredSequence::new(ids, *start))
+            .collect();
         let verdicts: Vec<Verdict> = match self {
             Judge::Ours {
                 backbone,
                 head,
                 weights,
             } => {
-                let f =
-                    last_token_features(&backbone.model, &refs, batch, ForwardCtx::EVAL, &|_| {})?;
+                let f = reward_features(
+                    &backbone.model,
+                    head.info.feature_set,
+                    &scored,
+                    batch,
+                    ForwardCtx::EVAL,
+                    &|_| {},
+                )?;
                 let scores = head.predict(&f)?.to_vec2::<f32>()?;
                 scores
                     .into_iter()

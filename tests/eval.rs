@@ -24,7 +24,8 @@ fn demo_configs(root: &Path) -> PathBuf {
         "train-rm",
         "dpo",
         "hybrid-dpo",
-        "hybrid-dpo-honesty",
+        "hybrid-dpo-helpfulness",
+        "modpo-honesty",
         "pipeline",
         "reward-weighted",
         "rules",
@@ -56,7 +57,13 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         .collect();
     assert_eq!(
         names,
-        ["sft", "dpo", "hybrid-dpo-helpfulness", "hybrid-dpo-honesty"]
+        [
+            "sft",
+            "dpo",
+            "hybrid-dpo",
+            "hybrid-dpo-helpfulness",
+            "modpo-honesty"
+        ]
     );
     let judged = |stage: &str, judge: &str| -> serde_json::Value {
         stages.iter().find(|s| s["stage"] == stage).unwrap()["judged"][judge].clone()
@@ -87,44 +94,45 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
     }
 
     // The reward model learned the ratings: each objective's held-out predictions correlate
-    // with the ground truth, and it ranks held-out pairs above chance.
+    // with the ground truth, and it ranks held-out pairs well above chance.
     let report = &summary["reward_model"]["report"];
     for (name, v) in report["validation"].as_object().unwrap() {
         let r = v["pearson"].as_f64().unwrap();
-        assert!(r > 0.5, "reward model {name}: Pearson r {r}");
+        assert!(r > 0.8, "reward model {name}: Pearson r {r}");
     }
     let acc = report["ranking"]["composite_accuracy"].as_f64().unwrap();
-    assert!(acc > 0.55, "reward model ranking accuracy {acc}");
+    assert!(acc > 0.8, "reward model ranking accuracy {acc}");
 
-    // SFT beats the base; DPO beats SFT, judged by the ground truth.
-    assert!(
-        rate("sft", "vs_base") > 0.7,
-        "sft vs base {}",
-        rate("sft", "vs_base")
+    // SFT beats the base; DPO and hybrid DPO (equal weights) beat SFT, by the ground truth.
+    let check = |stage: &str, vs: &str, floor: f64| {
+        let r = rate(stage, vs);
+        assert!(r > floor, "{stage} {vs}: rule-judged win rate {r}");
+    };
+    check("sft", "vs_base", 0.68);
+    check("dpo", "vs_previous", 0.58);
+    check("hybrid-dpo", "vs_previous", 0.56);
+    // The weighted objective moves with the weights: all weight on helpfulness (hybrid) gives
+    // more helpful answers than all weight on honesty (MODPO) and than plain DPO, and the other
+    // way round for honesty.
+    let more = |name: &str, favoured: &str, other: &str, margin: f64| {
+        let (a, b) = (objective(favoured, name), objective(other, name));
+        assert!(a > b + margin, "{name}: {favoured} {a} vs {other} {b}");
+    };
+    more(
+        "helpfulness",
+        "hybrid-dpo-helpfulness",
+        "modpo-honesty",
+        0.15,
     );
-    assert!(
-        rate("dpo", "vs_previous") > 0.55,
-        "dpo vs sft {}",
-        rate("dpo", "vs_previous")
-    );
-    // The weighted objective moves with the weights: all weight on helpfulness gives more
-    // helpful answers than all weight on honesty, and than plain DPO.
-    let (helpful, honest) = (
-        objective("hybrid-dpo-helpfulness", "helpfulness"),
-        objective("hybrid-dpo-honesty", "helpfulness"),
-    );
-    assert!(helpful > honest + 0.15, "helpfulness {helpful} vs {honest}");
-    assert!(
-        helpful > objective("dpo", "helpfulness") + 0.15,
-        "helpfulness {helpful} vs dpo {}",
-        objective("dpo", "helpfulness")
-    );
+    more("helpfulness", "hybrid-dpo-helpfulness", "dpo", 0.2);
+    more("honesty", "modpo-honesty", "hybrid-dpo-helpfulness", 0.05);
+    more("honesty", "modpo-honesty", "dpo", 0.1);
 
     let md = std::fs::read_to_string(root.join("pipeline/summary.md")).unwrap();
     for needle in [
         "| sft |",
         "| dpo |",
-        "| hybrid-dpo-honesty |",
+        "| modpo-honesty |",
         "| base |",
         "ground truth",
         "Pearson r",
@@ -138,7 +146,7 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         "rm/rm_objectives.svg",
         "dpo/dpo_rewards.svg",
         "dpo/dpo_accuracy.svg",
-        "hybrid-dpo-honesty/explicit_reward.svg",
+        "modpo-honesty/explicit_reward.svg",
         "pipeline/stage_objectives_rules.svg",
         "pipeline/stage_objectives_reward_model.svg",
         "pipeline/win_rates.svg",

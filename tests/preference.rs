@@ -14,6 +14,7 @@ use mo_align::model::lora::LoraConfig;
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::hybrid::{explicit_terms, Direction, Formulation, HybridConfig};
 use mo_align::objectives::pair::pair_logprobs;
+use mo_align::reward::{FeatureSet, ScoredSequence};
 use mo_align::rng::DropoutRng;
 use mo_align::train::Objective;
 use std::path::Path;
@@ -444,11 +445,16 @@ fn cached_reward_features_equal_recomputed_ones() {
         .map(|p| [p.prompt.as_slice(), &p.chosen].concat())
         .collect();
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let scored: Vec<ScoredSequence> = refs
+        .iter()
+        .zip(&ps)
+        .map(|(s, p)| ScoredSequence::new(s, p.prompt.len()))
+        .collect();
     let dir = scratch("feature-cache");
-    let a = mo_align::reward::cached_features(&l.model, &model_key(), &refs, 3, &dir, true, "t")
-        .unwrap();
-    let b = mo_align::reward::cached_features(&l.model, &model_key(), &refs, 3, &dir, true, "t")
-        .unwrap();
+    let key = model_key();
+    let backbone = (&l.model, FeatureSet::LastToken, &key);
+    let a = mo_align::reward::cached_features(backbone, &scored, 3, &dir, true, "t").unwrap();
+    let b = mo_align::reward::cached_features(backbone, &scored, 3, &dir, true, "t").unwrap();
     let c = mo_align::reward::last_token_features(&l.model, &refs, 1, ForwardCtx::EVAL, &|_| {})
         .unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
@@ -462,6 +468,74 @@ fn cached_reward_features_equal_recomputed_ones() {
         last.to_vec1::<f32>().unwrap(),
         c.get(0).unwrap().to_vec1::<f32>().unwrap()
     );
+}
+
+/// `last_mean_logprob` features: [last-token state, mean response state, mean / min / sum of
+/// the response token log-probs], batched equal to by hand.
+#[test]
+fn log_likelihood_reward_features_are_what_they_say() {
+    let l = load_tiny(DType::F32);
+    let ps = pairs(3);
+    let seqs: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| [p.prompt.as_slice(), &p.chosen].concat())
+        .collect();
+    let scored: Vec<ScoredSequence> = seqs
+        .iter()
+        .zip(&ps)
+        .map(|(s, p)| ScoredSequence::new(s, p.prompt.len()))
+        .collect();
+    let set = FeatureSet::LastMeanLogprob;
+    let f = mo_align::reward::reward_features(&l.model, set, &scored, 2, ForwardCtx::EVAL, &|_| {})
+        .unwrap();
+    let hdim = l.model.config.hidden_size;
+    assert_eq!(f.dims(), [3, set.dim(hdim)]);
+    for (i, s) in seqs.iter().enumerate() {
+        let start = ps[i].prompt.len();
+        let input = ModelInput::right_padded(&seqs[i..i + 1], 0, &Device::Cpu).unwrap();
+        let h = l
+            .model
+            .forward(&input, ForwardCtx::EVAL, None)
+            .unwrap()
+            .get(0)
+            .unwrap();
+        let want_mean = h
+            .narrow(0, start, s.len() - start)
+            .unwrap()
+            .mean(0)
+            .unwrap();
+        let logits = h.matmul(&l.model.output_weight().t().unwrap()).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, 1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let lp: Vec<f32> = (start..s.len())
+            .map(|p| logp[p - 1][s[p] as usize])
+            .collect();
+        let sum: f32 = lp.iter().sum();
+        let min = lp.iter().cloned().fold(f32::INFINITY, f32::min);
+        let row = f.get(i).unwrap().to_vec1::<f32>().unwrap();
+        let last = h.get(s.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-4, "row {i} {what} differs by {d}");
+        };
+        close(&row[..hdim], &last, "last-token state");
+        close(
+            &row[hdim..2 * hdim],
+            &want_mean.to_vec1::<f32>().unwrap(),
+            "mean state",
+        );
+        close(
+            &row[2 * hdim..],
+            &[sum / lp.len() as f32, min, sum],
+            "log-prob stats",
+        );
+    }
 }
 
 #[test]

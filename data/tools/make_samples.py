@@ -22,7 +22,7 @@ Writes JSON Lines in the exact Hub schemas (plus the fields the rules read):
   data/base_corpus/train.jsonl      chat records (`messages`) answered in all six styles alike:
                                     the demo base learns the task's language, not the preferences
   data/smoltalk/{train,test}.jsonl  HuggingFaceTB/smol-smoltalk: messages, source. Correct answers,
-                                    mostly concise: good SFT data with some of every harmless habit
+                                    a quarter each concise, detailed, hedged, padded: good SFT data with habits
   data/ultrafeedback/train.jsonl    openbmb/UltraFeedback: instruction, completions[4] with
                                     annotations.{aspect}.Rating as strings, correct_answers,
                                     incorrect_answers (+ max_words)
@@ -214,7 +214,7 @@ def chat(n, style_of):
 
 
 def sft_style():
-    return R.choices(["concise", "detailed", "hedged", "filler"], weights=[40, 20, 20, 20])[0]
+    return R.choices(["concise", "detailed", "hedged", "filler"], weights=[25, 25, 25, 25])[0]
 
 
 ASPECTS = ["helpfulness", "honesty", "instruction_following", "truthfulness"]

@@ -10,7 +10,7 @@ use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::objectives::nll::Nll;
 use crate::objectives::pair::pair_logprobs;
-use crate::reward::{score_sequences, RewardHead};
+use crate::reward::{score_sequences, RewardHead, ScoredSequence};
 use crate::train::trainer::evaluate;
 use anyhow::Result;
 use std::path::Path;
@@ -83,7 +83,11 @@ pub fn preference_eval(
         // The reference (adapter off) must be the head's backbone.
         head.check_backbone(rm, &loaded.model, "--model (with --base-adapter merged)")?;
         let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
-        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let refs: Vec<ScoredSequence> = seqs
+            .iter()
+            .zip(pairs.iter().flat_map(|p| [p.prompt.len(); 2]))
+            .map(|(s, start)| ScoredSequence::new(s, start))
+            .collect();
         let scores = score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::REFERENCE)?;
         let mut per = serde_json::Map::new();
         for (k, name) in head.info.objectives.iter().enumerate() {
@@ -123,11 +127,15 @@ pub fn score_file(
         let (prompt, response) = prompt_and_response(&v)
             .map_err(|e| anyhow::anyhow!("{}: field `{}`: {}", rec.loc, e.field, e.problem))?;
         let mut ids = loaded.tokenizer.encode_prompt(&prompt)?;
+        let start = ids.len();
         ids.extend(loaded.tokenizer.encode_response(&response)?);
         records.push(v);
-        seqs.push(ids);
+        seqs.push((ids, start));
     }
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let refs: Vec<ScoredSequence> = seqs
+        .iter()
+        .map(|(ids, start)| ScoredSequence::new(ids, *start))
+        .collect();
     let scores = if refs.is_empty() {
         vec![]
     } else {

@@ -10,7 +10,9 @@ use crate::data::{load_splits, DataConfig, Splits};
 use crate::objectives::reward_head::{RatedFeatures, RewardRegression};
 use crate::objectives::scalarize::equal_weights_or;
 use crate::reward::report::{head_report, print_report, ranking_report};
-use crate::reward::{cached_features, feature_stats, RewardHead, RewardModelInfo};
+use crate::reward::{
+    cached_features, feature_stats, FeatureSet, RewardHead, RewardModelInfo, ScoredSequence,
+};
 use crate::train::trainer::{train, TrainRun};
 use crate::train::TrainConfig;
 use anyhow::Result;
@@ -29,6 +31,8 @@ pub struct RmConfig {
     pub ranking_weights: Vec<f64>,
     /// Sequences per backbone forward when extracting features.
     pub feature_batch_size: usize,
+    /// What the head reads: `last_token` (report 1) or `last_mean_logprob`.
+    pub features: FeatureSet,
 }
 
 impl Default for RmConfig {
@@ -38,6 +42,7 @@ impl Default for RmConfig {
             ranking_files: vec![],
             ranking_weights: vec![],
             feature_batch_size: 8,
+            features: FeatureSet::LastToken,
         }
     }
 }
@@ -103,14 +108,13 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let adapter = cfg.model.adapter_path();
     let model_key = model_digest(&loaded.files, adapter, &cfg.train.dtype)?;
     let dir = cache_dir(cfg.train.cache_dir.as_deref());
-    let seqs: Vec<&[u32]> = train_rows
+    let seqs: Vec<ScoredSequence> = train_rows
         .iter()
         .chain(&val_rows)
-        .map(|r| r.ids.as_slice())
+        .map(|r| ScoredSequence::new(&r.ids, r.prompt_len))
         .collect();
     let features = cached_features(
-        model,
-        &model_key,
+        (model, cfg.rm.features, &model_key),
         &seqs,
         cfg.rm.feature_batch_size,
         &dir,
@@ -156,7 +160,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         backbone_fingerprint_bf16: Some(model.fingerprint(true)?),
         backbone_dtype: Some(crate::model::dtype_name(model.dtype).to_string()),
         hidden_size: model.config.hidden_size,
-        feature: "final hidden state (after the last RMSNorm) at the last token of ChatML prompt + response".to_string(),
+        feature: cfg.rm.features.describe().to_string(),
+        feature_set: cfg.rm.features,
     };
     let head = RewardHead::new(info, mean, std, &initial)?;
     let objective = RewardRegression {
@@ -192,10 +197,13 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         };
         let pairs = load_splits(&rank_cfg, |v, r| preference_pair(v, tok, &rank_cfg, r))?.train;
         let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
-        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let refs: Vec<ScoredSequence> = seqs
+            .iter()
+            .zip(pairs.iter().flat_map(|p| [p.prompt.len(); 2]))
+            .map(|(s, start)| ScoredSequence::new(s, start))
+            .collect();
         let f = cached_features(
-            model,
-            &model_key,
+            (model, cfg.rm.features, &model_key),
             &refs,
             cfg.rm.feature_batch_size,
             &dir,

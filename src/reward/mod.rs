@@ -10,7 +10,10 @@ pub mod features;
 pub mod report;
 pub mod rules;
 
-pub use features::{cached_features, cached_pair_scores, last_token_features, score_sequences};
+pub use features::{
+    cached_features, cached_pair_scores, last_token_features, reward_features, score_sequences,
+    FeatureSet, ScoredSequence,
+};
 
 use crate::io::{safetensors_bytes, write_atomic, write_json_atomic};
 use crate::model::Qwen2;
@@ -42,6 +45,9 @@ pub struct RewardModelInfo {
     pub backbone_dtype: Option<String>,
     pub hidden_size: usize,
     pub feature: String,
+    /// Which features the head reads (`last_token` for heads written before the choice).
+    #[serde(default)]
+    pub feature_set: FeatureSet,
 }
 
 pub struct RewardHead {
@@ -68,7 +74,11 @@ impl RewardHead {
             initial.len()
         );
         Ok(Self {
-            weight: Var::zeros((k, info.hidden_size), DType::F32, &dev)?,
+            weight: Var::zeros(
+                (k, info.feature_set.dim(info.hidden_size)),
+                DType::F32,
+                &dev,
+            )?,
             bias: Var::from_tensor(&Tensor::new(initial, &dev)?)?,
             info,
             feature_mean,
@@ -111,7 +121,10 @@ impl RewardHead {
             }
             Ok(x.to_dtype(DType::F32)?)
         };
-        let (k, h) = (info.objectives.len(), info.hidden_size);
+        let (k, h) = (
+            info.objectives.len(),
+            info.feature_set.dim(info.hidden_size),
+        );
         let head = Self {
             weight: Var::from_tensor(&get("score.weight", &[k, h])?)?,
             bias: Var::from_tensor(&get("score.bias", &[k])?)?,
