@@ -127,6 +127,25 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
     more("helpfulness", "hybrid-dpo-helpfulness", "dpo", 0.2);
     more("honesty", "modpo-honesty", "hybrid-dpo-helpfulness", 0.05);
     more("honesty", "modpo-honesty", "dpo", 0.1);
+    // Honesty's score also rises with fewer wrong answers, which any stage may get by chance;
+    // the part a weighting controls is the hedge the rule rewards. Weighting honesty keeps it.
+    let hedged = |stage: &str| -> usize {
+        std::fs::read_to_string(root.join(format!("pipeline/generations-{stage}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|g| {
+                let a = g["model_answer"].as_str().unwrap().to_lowercase();
+                ["i am not sure", "i think", "maybe"]
+                    .iter()
+                    .any(|p| a.contains(p))
+            })
+            .count()
+    };
+    for other in ["dpo", "hybrid-dpo-helpfulness"] {
+        let (a, b) = (hedged("modpo-honesty"), hedged(other));
+        assert!(a >= b + 5, "hedged answers: modpo-honesty {a}, {other} {b}");
+    }
 
     let md = std::fs::read_to_string(root.join("pipeline/summary.md")).unwrap();
     for needle in [

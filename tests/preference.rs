@@ -385,6 +385,33 @@ fn demo_chain_runs_and_the_reward_model_learns() {
         "configs/demo/hybrid-dpo.toml",
         &hybrid_sets("modpo", &["hybrid.formulation=\"modpo\""]),
     );
+    // Rule objectives beside the reward model's heads (a vector of 4 + 4), and instead of them.
+    run_stage(
+        mo_align::recipes::dpo::run_hybrid,
+        "configs/demo/hybrid-dpo.toml",
+        &hybrid_sets(
+            "hybrid-rules",
+            &["hybrid.rules=\"configs/demo/rules.toml\""],
+        ),
+    );
+    let wrong_count = match mo_align::recipes::dpo::run_hybrid(
+        Some(Path::new("configs/demo/hybrid-dpo.toml")),
+        &hybrid_sets(
+            "hybrid-rules-bad",
+            &[
+                "hybrid.rules=\"configs/demo/rules.toml\"",
+                "hybrid.weights=[1.0, 0.0, 0.0, 0.0]",
+            ],
+        ),
+        flags(false, true),
+    ) {
+        Ok(_) => panic!("4 weights for an 8-entry reward vector are refused"),
+        Err(e) => e,
+    };
+    assert!(
+        format!("{wrong_count:#}").contains("(rules)"),
+        "{wrong_count:#}"
+    );
     run_stage(
         mo_align::recipes::reward_weighted::run,
         "configs/demo/reward-weighted.toml",
@@ -397,9 +424,22 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             "train.max_steps=10".into(),
         ],
     );
+    run_stage(
+        mo_align::recipes::reward_weighted::run,
+        "configs/demo/reward-weighted.toml",
+        &[
+            model.clone(),
+            adapter.clone(),
+            format!("train.output_dir={:?}", p("rw-rules")),
+            "reward.reward_model=\"\"".into(),
+            "reward.rules=\"configs/demo/rules.toml\"".into(),
+            format!("train.cache_dir={cache}"),
+            "train.max_steps=10".into(),
+        ],
+    );
     // Every preference stage ran its 10 steps, moved its adapter off zero (B starts at zero),
     // and logged finite losses.
-    for stage in ["dpo", "hybrid", "modpo", "rw"] {
+    for stage in ["dpo", "hybrid", "modpo", "hybrid-rules", "rw", "rw-rules"] {
         let dir = root.join(stage);
         let tensors =
             candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)

@@ -68,6 +68,15 @@ pub fn split_reply(
     Ok((msgs, reply))
 }
 
+/// The chosen and rejected replies of a preference record, as text (what rule objectives
+/// read).
+pub fn pair_texts(v: &serde_json::Value) -> Result<(String, String), FieldError> {
+    let prompt = v.get("prompt").and_then(|p| p.as_str());
+    let (_, chosen) = split_reply(v.get("chosen"), "chosen", prompt)?;
+    let (_, rejected) = split_reply(v.get("rejected"), "rejected", prompt)?;
+    Ok((chosen, rejected))
+}
+
 pub fn preference_pair(
     v: &serde_json::Value,
     tok: &ChatTokenizer,

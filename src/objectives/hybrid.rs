@@ -35,8 +35,10 @@ pub enum Direction {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HybridConfig {
-    /// Directory written by `train-rm`.
+    /// Directory written by `train-rm` (may be empty when `rules` is given).
     pub reward_model: String,
+    /// Rule-objectives file whose objectives follow the reward model's in the reward vector.
+    pub rules: String,
     pub formulation: Formulation,
     /// Hybrid only: `steer` (default) or `offset` (the report's literal sign).
     pub direction: Direction,
@@ -58,6 +60,7 @@ impl Default for HybridConfig {
     fn default() -> Self {
         Self {
             reward_model: String::new(),
+            rules: String::new(),
             formulation: Formulation::Hybrid,
             direction: Direction::Steer,
             scalarizer: ScalarizerKind::Linear,

@@ -5,16 +5,16 @@
 //! reward-model scores depend only on frozen weights, so they are computed once, before
 //! training, and cached on disk.
 
+use super::rewards::{scored_pairs, ScoredPair};
 use super::{AdapterStage, RunFlags, StageRun};
 use crate::cache::cached_reference;
 use crate::data::preference::{preference_pair, PreferencePair};
 use crate::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use crate::objectives::hybrid::{explicit_terms, HybridConfig};
 use crate::objectives::scalarize::equal_weights_or;
-use crate::reward::cached_pair_scores;
 use crate::train::trainer::TrainOutcome;
 use crate::train::TrainConfig;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -122,40 +122,34 @@ pub fn run_hybrid(
     flags: RunFlags,
 ) -> Result<TrainOutcome> {
     let cfg: HybridRunConfig = crate::config::load(config, overrides)?;
-    if cfg.hybrid.reward_model.is_empty() {
-        bail!("hybrid.reward_model is empty: give the directory written by train-rm");
+    let h = &cfg.hybrid;
+    if h.reward_model.is_empty() && h.rules.is_empty() {
+        bail!("hybrid.reward_model and hybrid.rules are both empty: give the directory written by train-rm, a rule-objectives file, or both");
     }
     cfg.stage.require_lora("hybrid-dpo")?;
     cfg.dpo.validate()?;
-    cfg.hybrid.validate()?;
+    h.validate()?;
     let run = cfg.stage.start(&cfg, flags)?;
-    let (train, val) = load_pairs(&run)?;
-    let rm_dir = Path::new(&cfg.hybrid.reward_model);
-    let (head, backbone) = run.reward_model(rm_dir)?;
-    // Refuse a wrong weight count before any score is computed.
-    let k = head.info.objectives.len();
-    equal_weights_or(&cfg.hybrid.weights, k, "hybrid.weights")?;
+    let scored = scored_pairs(
+        &run,
+        &h.reward_model,
+        &h.rules,
+        h.score_batch_size,
+        "hybrid",
+    )?;
+    // Refuse a wrong weight count before any reference log-prob is computed.
+    equal_weights_or(&h.weights, scored.objectives.len(), "hybrid.weights")
+        .with_context(|| format!("reward vector {:?}", scored.objectives))?;
     // Each pair's logit gets the constant (offset, scale) of its reward vectors.
-    let examples = |pairs: &[PreferencePair]| -> Result<Vec<DpoExample>> {
-        let batch = cfg.hybrid.score_batch_size;
-        let scores = cached_pair_scores(
-            &head,
-            rm_dir,
-            backbone.parts(),
-            pairs,
-            batch,
-            &run.cache_dir,
-        )?;
-        let mut ex = with_reference(&run, pairs)?;
-        for (e, (c, r)) in ex
-            .iter_mut()
-            .zip(scores.chosen.iter().zip(&scores.rejected))
-        {
-            (e.offset, e.scale) = explicit_terms(&cfg.hybrid, c, r)?;
+    let examples = |pairs: &[ScoredPair]| -> Result<Vec<DpoExample>> {
+        let plain: Vec<PreferencePair> = pairs.iter().map(|p| p.pair.clone()).collect();
+        let mut ex = with_reference(&run, &plain)?;
+        for (e, p) in ex.iter_mut().zip(pairs) {
+            (e.offset, e.scale) = explicit_terms(h, &p.chosen, &p.rejected)?;
         }
         Ok(ex)
     };
-    let (train, val) = (examples(&train)?, examples(&val)?);
+    let (train, val) = (examples(&scored.train)?, examples(&scored.val)?);
     let objective = Dpo {
         model: &run.loaded.model,
         cfg: cfg.dpo.clone(),

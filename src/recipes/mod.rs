@@ -7,6 +7,7 @@ pub mod generate;
 pub mod merge;
 pub mod pipeline;
 pub mod reward_weighted;
+pub mod rewards;
 pub mod sft;
 pub mod stage;
 pub mod summary;

@@ -2,15 +2,14 @@
 //! weighted by its advantage under the frozen reward model (scores computed once and cached).
 
 use super::dpo::preference_stage_defaults;
+use super::rewards::{scored_pairs, ScoredPair};
 use super::{AdapterStage, RunFlags};
-use crate::data::preference::{preference_pair, PreferencePair};
 use crate::objectives::reward_weighted::{
     advantages, target_gap_reward, Advantage, RewardWeighted, WeightedPair,
 };
 use crate::objectives::scalarize::{check_weights, equal_weights_or};
-use crate::reward::cached_pair_scores;
 use crate::train::trainer::TrainOutcome;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -18,7 +17,10 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
+    /// Directory written by `train-rm` (may be empty when `rules` is given).
     pub reward_model: String,
+    /// Rule-objectives file whose objectives follow the reward model's in the reward vector.
+    pub rules: String,
     /// w_i (equal when empty).
     pub weights: Vec<f64>,
     /// target_i (1.0 when empty: the best normalised rating).
@@ -31,6 +33,7 @@ impl Default for RewardConfig {
     fn default() -> Self {
         Self {
             reward_model: String::new(),
+            rules: String::new(),
             weights: vec![],
             targets: vec![],
             advantage: Advantage::MeanBaseline,
@@ -59,8 +62,8 @@ impl Default for RewardWeightedRunConfig {
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
     let cfg: RewardWeightedRunConfig = crate::config::load(config, overrides)?;
     let rw = &cfg.reward;
-    if rw.reward_model.is_empty() {
-        bail!("reward.reward_model is empty: give the directory written by train-rm");
+    if rw.reward_model.is_empty() && rw.rules.is_empty() {
+        bail!("reward.reward_model and reward.rules are both empty: give the directory written by train-rm, a rule-objectives file, or both");
     }
     cfg.stage.require_lora("reward-weighted")?;
     check_weights(&rw.weights, "reward.weights")?;
@@ -71,12 +74,16 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         bail!("reward.targets must be finite, got {t}");
     }
     let run = cfg.stage.start(&cfg, flags)?;
-    let (tok, data) = (&run.loaded.tokenizer, &run.stage.data);
-    let splits = run.load_data(|v, r| preference_pair(v, tok, data, r))?;
-    let rm_dir = Path::new(&rw.reward_model);
-    let (head, backbone) = run.reward_model(rm_dir)?;
-    let k = head.info.objectives.len();
-    let w = equal_weights_or(&rw.weights, k, "reward.weights")?;
+    let scored = scored_pairs(
+        &run,
+        &rw.reward_model,
+        &rw.rules,
+        rw.score_batch_size,
+        "reward",
+    )?;
+    let k = scored.objectives.len();
+    let w = equal_weights_or(&rw.weights, k, "reward.weights")
+        .with_context(|| format!("reward vector {:?}", scored.objectives))?;
     let t = if rw.targets.is_empty() {
         vec![1.0; k]
     } else {
@@ -86,26 +93,18 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         bail!(
             "reward.targets has {} values for {k} objectives {:?}",
             t.len(),
-            head.info.objectives
+            scored.objectives
         );
     }
-    let examples = |pairs: &[PreferencePair]| -> Result<Vec<WeightedPair>> {
-        let s = cached_pair_scores(
-            &head,
-            rm_dir,
-            backbone.parts(),
-            pairs,
-            rw.score_batch_size,
-            &run.cache_dir,
-        )?;
+    let examples = |pairs: &[ScoredPair]| -> Result<Vec<WeightedPair>> {
         Ok(pairs
             .iter()
-            .zip(s.chosen.iter().zip(&s.rejected))
-            .map(|(pair, (sc, sr))| {
+            .map(|p| {
+                let (sc, sr) = (&p.chosen, &p.rejected);
                 let (rc, rr) = (target_gap_reward(sc, &w, &t), target_gap_reward(sr, &w, &t));
                 let (ac, ar) = advantages(rc, rr, rw.advantage);
                 WeightedPair {
-                    pair: pair.clone(),
+                    pair: p.pair.clone(),
                     reward_chosen: rc,
                     reward_rejected: rr,
                     adv_chosen: ac,
@@ -114,7 +113,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             })
             .collect())
     };
-    let (train, val) = (examples(&splits.train)?, examples(&splits.val)?);
+    let (train, val) = (examples(&scored.train)?, examples(&scored.val)?);
     let objective = RewardWeighted {
         model: &run.loaded.model,
     };
