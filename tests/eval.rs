@@ -124,7 +124,7 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         "modpo-honesty",
         0.15,
     );
-    more("helpfulness", "hybrid-dpo-helpfulness", "dpo", 0.2);
+    more("helpfulness", "hybrid-dpo-helpfulness", "dpo", 0.15);
     more("honesty", "modpo-honesty", "hybrid-dpo-helpfulness", 0.05);
     more("honesty", "modpo-honesty", "dpo", 0.1);
     // Honesty's score also rises with fewer wrong answers, which any stage may get by chance;
