@@ -196,6 +196,25 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         .unwrap()
         .iter()
         .all(|s| s["skipped"] == true));
+    // An input changed since (the SFT model the reward model read): that stage is refused, and
+    // nothing is trained again or removed.
+    let gc = root.join("sft/generation_config.json");
+    let text = std::fs::read_to_string(&gc).unwrap();
+    std::fs::write(&gc, text.replacen('{', "{\"temperature\": 0.5, ", 1)).unwrap();
+    let err = match mo_align::recipes::pipeline::run(
+        Some(&cfg.join("pipeline.toml")),
+        &[],
+        flags(false, true),
+    ) {
+        Ok(()) => panic!("a stage whose input changed was reused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("inputs that have changed")
+            && err.contains(&root.join("rm").display().to_string()),
+        "{err}"
+    );
+    assert!(root.join("rm/reward_head.safetensors").is_file());
 }
 
 /// A scratch directory with a reward model trained on the tiny model in `<root>/rm`.

@@ -3,10 +3,11 @@
 //! the win rate of every stage against the base model and against the stage it started from,
 //! judged by rule objectives (the ground truth, when the task has one) and by the trained reward
 //! model, written as a summary (markdown + JSON) with plots. Re-running is cheap: a stage whose
-//! output matches its config is not trained again.
+//! output matches its config and whose inputs are unchanged is not trained again.
 
 use super::summary::{judge_stages, markdown, TrainedStage};
 use super::{dpo, sft, train_rm, RunFlags};
+use crate::cache::Digest;
 use crate::generate::SamplingArgs;
 use crate::train::Finetune;
 use anyhow::{bail, Context, Result};
@@ -93,14 +94,65 @@ pub struct PipelineConfig {
     pub eval: PipelineEvalConfig,
 }
 
-/// The resolved config a stage would write, and whether its output already holds a finished
-/// run of exactly that config.
+/// Where the pipeline records the digest of a stage's inputs, in the stage's output directory.
+const INPUTS_FILE: &str = "pipeline_inputs.digest";
+
+/// A digest of what a stage reads: every file or directory its resolved config names (data
+/// files, the model, adapters, reward model, rules), except its own outputs and caches.
+/// Directories count by their top-level weights and JSON files, so a retrained upstream stage
+/// or an edited data file changes it.
+fn inputs_digest(resolved: &str) -> Result<String> {
+    fn walk(v: &toml::Value, key: &str, paths: &mut Vec<PathBuf>) {
+        match v {
+            toml::Value::String(s) if !matches!(key, "output_dir" | "cache_dir") => {
+                let p = Path::new(s);
+                if !s.is_empty() && p.exists() {
+                    paths.push(p.to_path_buf());
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|x| walk(x, key, paths)),
+            toml::Value::Table(t) => t.iter().for_each(|(k, x)| walk(x, k, paths)),
+            _ => {}
+        }
+    }
+    let value: toml::Value = toml::from_str(resolved).context("reading a resolved config")?;
+    let mut paths = vec![];
+    walk(&value, "", &mut paths);
+    let mut d = Digest::default();
+    for p in paths {
+        d.str(&p.display().to_string());
+        if p.is_file() {
+            d.file(&p)?;
+            continue;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
+            .with_context(|| format!("{}: cannot list", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| {
+                f.is_file()
+                    && matches!(
+                        f.extension().and_then(|x| x.to_str()),
+                        Some("safetensors" | "json")
+                    )
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            d.file(&f)?;
+        }
+    }
+    Ok(d.hex())
+}
+
+/// The resolved config a stage would write (returned), and whether its output already holds a
+/// finished run of exactly that config on the same inputs. A finished run on other inputs is
+/// refused, never reused or removed.
 fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
     config: &Path,
     overrides: &[String],
     output_dir: impl Fn(&T) -> String,
     artifact: impl Fn(&T) -> &'static str,
-) -> Result<(T, PathBuf, bool)> {
+) -> Result<(T, PathBuf, bool, String)> {
     let cfg: T = crate::config::load(Some(config), overrides)?;
     let out = PathBuf::from(output_dir(&cfg));
     let resolved = crate::config::to_toml(&cfg)?;
@@ -115,7 +167,18 @@ fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
         }
     }
     let done = existing.is_some() && out.join(artifact(&cfg)).is_file();
-    Ok((cfg, out, done))
+    if done {
+        if let Ok(old) = std::fs::read_to_string(out.join(INPUTS_FILE)) {
+            if old.trim() != inputs_digest(&resolved)? {
+                bail!(
+                    "{}: was trained on inputs that have changed since (a data file, model, adapter or reward model named in {}); remove it or change train.output_dir",
+                    out.display(),
+                    config.display()
+                );
+            }
+        }
+    }
+    Ok((cfg, out, done, resolved))
 }
 
 /// What a finished sft run leaves: a full checkpoint or an adapter.
@@ -164,7 +227,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let ov = &p.overrides;
     let mut timings: Vec<(String, f64, bool)> = vec![];
     let mut stage = |name: &str,
-                     done: bool,
+                     (done, resolved): (bool, &str),
                      out_dir: &Path,
                      f: &mut dyn FnMut() -> Result<()>|
      -> Result<(f64, bool)> {
@@ -174,6 +237,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         } else {
             eprintln!("== {name}");
             f()?;
+            // Taken after the run: a stage may create its own input (`create_tiny_if_missing`).
+            let digest = inputs_digest(resolved)?;
+            crate::io::write_atomic(&out_dir.join(INPUTS_FILE), digest.as_bytes())?;
         }
         let took = (t.elapsed().as_secs_f64(), done);
         timings.push((name.to_string(), took.0, took.1));
@@ -181,32 +247,32 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     };
 
     if !p.base.is_empty() {
-        let (_, base_out, done) = stage_state(
+        let (_, base_out, done, digest) = stage_state(
             Path::new(&p.base),
             ov,
             |c: &sft::SftConfig| c.stage.train.output_dir.clone(),
             sft_artifact,
         )?;
-        stage("base", done, &base_out, &mut || {
+        stage("base", (done, &digest), &base_out, &mut || {
             sft::run(Some(Path::new(&p.base)), ov, flags).map(drop)
         })?;
     }
-    let (sft_cfg, sft_out, done) = stage_state(
+    let (sft_cfg, sft_out, done, digest) = stage_state(
         Path::new(&p.sft),
         ov,
         |c: &sft::SftConfig| c.stage.train.output_dir.clone(),
         sft_artifact,
     )?;
-    let sft_took = stage("sft", done, &sft_out, &mut || {
+    let sft_took = stage("sft", (done, &digest), &sft_out, &mut || {
         sft::run(Some(Path::new(&p.sft)), ov, flags).map(drop)
     })?;
-    let (_, rm_out, done) = stage_state(
+    let (_, rm_out, done, digest) = stage_state(
         Path::new(&p.train_rm),
         ov,
         |c: &train_rm::TrainRmConfig| c.train.output_dir.clone(),
         |_| crate::reward::HEAD_FILE,
     )?;
-    stage("train-rm", done, &rm_out, &mut || {
+    stage("train-rm", (done, &digest), &rm_out, &mut || {
         train_rm::run(Some(Path::new(&p.train_rm)), ov, flags)
     })?;
 
@@ -237,25 +303,25 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let preference_stages = std::iter::once(("dpo", p.dpo.as_str()))
         .chain(p.hybrid_dpo.iter().map(|c| ("hybrid-dpo", c.as_str())));
     for (kind, config) in preference_stages {
-        let (model, out_dir, done) = if kind == "dpo" {
-            let (c, o, d) = stage_state(
+        let (model, out_dir, done, digest) = if kind == "dpo" {
+            let (c, o, d, g) = stage_state(
                 Path::new(config),
                 ov,
                 |c: &dpo::DpoRunConfig| c.stage.train.output_dir.clone(),
                 |_| "adapter_model.safetensors",
             )?;
-            (c.stage.model, o, d)
+            (c.stage.model, o, d, g)
         } else {
-            let (c, o, d) = stage_state(
+            let (c, o, d, g) = stage_state(
                 Path::new(config),
                 ov,
                 |c: &dpo::HybridRunConfig| c.stage.train.output_dir.clone(),
                 |_| "adapter_model.safetensors",
             )?;
-            (c.stage.model, o, d)
+            (c.stage.model, o, d, g)
         };
         let name = stage_name(&out_dir, kind);
-        let took = stage(&name, done, &out_dir, &mut || {
+        let took = stage(&name, (done, &digest), &out_dir, &mut || {
             if kind == "dpo" {
                 dpo::run_dpo(Some(Path::new(config)), ov, flags).map(drop)
             } else {
