@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod objectives;
+pub mod pareto;
 pub mod plot;
 pub mod recipes;
 pub mod reward;

@@ -1,5 +1,6 @@
 //! Training objectives: each turns a batch into a summed loss for the shared trainer.
 
+pub mod conditioning;
 pub mod dpo;
 pub mod hybrid;
 pub mod nll;

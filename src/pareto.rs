@@ -1,0 +1,153 @@
+//! Measures of a set of points in objective space (every objective maximised): which points are
+//! on the Pareto front, the hypervolume they dominate above a reference point, and how evenly
+//! they cover the front (sparsity, spacing). The Pareto report (issue 14) is built on these.
+
+/// Whether `a` Pareto-dominates `b`: at least as good on every objective, better on one.
+pub fn dominates(a: &[f64], b: &[f64]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x >= y) && a.iter().zip(b).any(|(x, y)| x > y)
+}
+
+/// Indices of the points no other point dominates (duplicates all kept), in input order.
+pub fn non_dominated(points: &[Vec<f64>]) -> Vec<usize> {
+    (0..points.len())
+        .filter(|&i| !points.iter().any(|q| dominates(q, &points[i])))
+        .collect()
+}
+
+/// The volume of the union of the boxes [reference, p] over `points`: exact, by slicing along
+/// the last objective and recursing on the rest (O(n^d), meant for fronts of tens of points).
+/// Points not strictly above the reference on every objective add nothing.
+pub fn hypervolume(points: &[Vec<f64>], reference: &[f64]) -> f64 {
+    let d = reference.len();
+    let pts: Vec<&[f64]> = points
+        .iter()
+        .filter(|p| p.len() == d && p.iter().zip(reference).all(|(x, r)| x > r))
+        .map(Vec::as_slice)
+        .collect();
+    slice_volume(&pts, reference)
+}
+
+fn slice_volume(points: &[&[f64]], reference: &[f64]) -> f64 {
+    let d = reference.len();
+    if points.is_empty() {
+        return 0.0;
+    }
+    if d == 1 {
+        return points.iter().map(|p| p[0]).fold(f64::MIN, f64::max) - reference[0];
+    }
+    // Walk down the last objective: between consecutive levels, the cross-section is the
+    // (d-1)-dimensional union of every point at or above the upper level.
+    let mut sorted: Vec<&[f64]> = points.to_vec();
+    sorted.sort_by(|a, b| b[d - 1].total_cmp(&a[d - 1]));
+    let mut volume = 0.0;
+    for i in 0..sorted.len() {
+        let top = sorted[i][d - 1];
+        let bottom = sorted.get(i + 1).map_or(reference[d - 1], |p| p[d - 1]);
+        if top > bottom {
+            let section: Vec<&[f64]> = sorted[..=i].iter().map(|p| &p[..d - 1]).collect();
+            volume += (top - bottom) * slice_volume(&section, &reference[..d - 1]);
+        }
+    }
+    volume
+}
+
+/// PGMORL's sparsity: along each objective, the mean squared gap between neighbouring points
+/// (sorted on that objective), summed over objectives. Lower is denser. 0 for fewer than two
+/// points.
+pub fn sparsity(points: &[Vec<f64>]) -> f64 {
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let d = points[0].len();
+    let mut total = 0.0;
+    for k in 0..d {
+        let mut v: Vec<f64> = points.iter().map(|p| p[k]).collect();
+        v.sort_by(f64::total_cmp);
+        total += v.windows(2).map(|w| (w[1] - w[0]).powi(2)).sum::<f64>();
+    }
+    total / (points.len() - 1) as f64
+}
+
+/// Schott's spacing: the standard deviation (n - 1 in the denominator) of each point's L1
+/// distance to its nearest neighbour. 0 means evenly spaced. 0 for fewer than two points.
+pub fn spacing(points: &[Vec<f64>]) -> f64 {
+    let n = points.len();
+    if n < 2 {
+        return 0.0;
+    }
+    let l1 = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>();
+    let nearest: Vec<f64> = (0..n)
+        .map(|i| {
+            (0..n)
+                .filter(|&j| j != i)
+                .map(|j| l1(&points[i], &points[j]))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let mean = nearest.iter().sum::<f64>() / n as f64;
+    (nearest.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) {
+        assert!((a - b).abs() < 1e-12, "{a} != {b}");
+    }
+
+    #[test]
+    fn hypervolume_of_a_2d_staircase_by_hand() {
+        // Points (1, 3), (2, 2), (3, 1) over reference (0, 0): a staircase of three steps,
+        // 3*1 + 2*1 + 1*1 = 6.
+        let front = vec![vec![1.0, 3.0], vec![2.0, 2.0], vec![3.0, 1.0]];
+        close(hypervolume(&front, &[0.0, 0.0]), 6.0);
+        // A dominated point and a point below the reference change nothing.
+        let mut more = front.clone();
+        more.push(vec![1.5, 1.5]);
+        more.push(vec![5.0, -1.0]);
+        close(hypervolume(&more, &[0.0, 0.0]), 6.0);
+        // Reference (0.5, 0.5), in strips along x: [0.5, 1] x 2.5 + [1, 2] x 1.5 + [2, 3] x 0.5.
+        close(hypervolume(&front, &[0.5, 0.5]), 1.25 + 1.5 + 0.5);
+        // Points level with the reference on an objective add nothing: only (2, 2) counts.
+        close(hypervolume(&front, &[1.0, 1.0]), 1.0);
+    }
+
+    #[test]
+    fn hypervolume_of_a_3d_front_by_hand() {
+        // Unit-offset boxes: a = (2,1,1), b = (1,2,1), c = (1,1,2) over the origin. Each box has
+        // volume 2; each pairwise intersection is the unit cube [0,1]^3, as is the triple one:
+        // 3*2 - 3*1 + 1 = 4.
+        let front = vec![
+            vec![2.0, 1.0, 1.0],
+            vec![1.0, 2.0, 1.0],
+            vec![1.0, 1.0, 2.0],
+        ];
+        close(hypervolume(&front, &[0.0, 0.0, 0.0]), 4.0);
+        // A single box is its volume; adding (2,2,2) covers them all: 8.
+        close(hypervolume(&front[..1], &[0.0, 0.0, 0.0]), 2.0);
+        let mut all = front.clone();
+        all.push(vec![2.0, 2.0, 2.0]);
+        close(hypervolume(&all, &[0.0, 0.0, 0.0]), 8.0);
+    }
+
+    #[test]
+    fn front_and_spread_measures() {
+        let pts = vec![
+            vec![1.0, 3.0],
+            vec![2.0, 2.0],
+            vec![1.5, 1.5],
+            vec![3.0, 1.0],
+            vec![2.0, 2.0],
+        ];
+        assert_eq!(non_dominated(&pts), vec![0, 1, 3, 4]);
+        let front = vec![vec![1.0, 3.0], vec![2.0, 2.0], vec![3.0, 1.0]];
+        // Gaps of 1 on both objectives: (1 + 1) + (1 + 1) over n - 1 = 2.
+        close(sparsity(&front), 2.0);
+        // Evenly spaced: every nearest L1 distance is 2.
+        close(spacing(&front), 0.0);
+        let uneven = vec![vec![1.0, 3.0], vec![1.5, 2.5], vec![3.0, 1.0]];
+        // Nearest distances 1, 1, 3: mean 5/3, deviations (-2/3, -2/3, 4/3): sqrt((8/3)/2).
+        close(spacing(&uneven), (4.0f64 / 3.0).sqrt());
+    }
+}
