@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use mo_align::eval::load_for_eval;
 use mo_align::eval::prompts::{read_prompt_records, read_prompts};
-use mo_align::eval::win_rate::{answer_prompts, win_rate_eval};
+use mo_align::eval::win_rate::{answer_prompts, judge_answers, win_rate_eval};
 use mo_align::generate::SamplingConfig;
 use mo_align::judge::Judge;
 use mo_align::model::ctx::ForwardCtx;
@@ -146,6 +146,48 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         let (a, b) = (hedged("modpo-honesty"), hedged(other));
         assert!(a >= b + 5, "hedged answers: modpo-honesty {a}, {other} {b}");
     }
+
+    // Reward-weighted training moves toward its target: all weight on instruction following
+    // (the reward model's third head, target 1) raises that objective's ground-truth score
+    // above SFT's, on the same prompts with the same decoding.
+    mo_align::recipes::reward_weighted::run(
+        Some(&cfg.join("reward-weighted.toml")),
+        &["reward.weights=[0.0, 0.0, 1.0, 0.0]".into()],
+        flags(false, true),
+    )
+    .unwrap();
+    let records =
+        read_prompt_records("data/ultrafeedback_binarized/test_prefs.jsonl", Some(80)).unwrap();
+    let messages: Vec<Vec<Message>> = records.iter().map(|r| r.messages.clone()).collect();
+    let sampling: SamplingConfig = serde_json::from_value(summary["sampling"].clone()).unwrap();
+    let rw = load_for_eval(
+        root.join("sft").to_str().unwrap(),
+        None,
+        Some(&root.join("reward-weighted")),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let answers = answer_prompts(&rw, &messages, &sampling, 16).unwrap();
+    let rules = Judge::load(
+        &format!("rules:{}", cfg.join("rules.toml").display()),
+        &[],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let verdicts = judge_answers(&rules, &records, &answers, 16).unwrap();
+    let k = rules
+        .objectives()
+        .iter()
+        .position(|o| o == "instruction_following")
+        .unwrap();
+    let rw_score = verdicts.iter().map(|v| v.objectives[k] as f64).sum::<f64>() / 80.0;
+    let sft_score = objective("sft", "instruction_following");
+    assert!(
+        rw_score > sft_score + 0.3,
+        "instruction following: reward-weighted {rw_score} vs sft {sft_score}"
+    );
 
     let md = std::fs::read_to_string(root.join("pipeline/summary.md")).unwrap();
     for needle in [
