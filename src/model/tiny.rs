@@ -133,7 +133,7 @@ impl TinySpec {
     /// line per line of text.
     fn corpus(&self) -> Result<Vec<String>> {
         if self.tokenizer_corpus.is_empty() {
-            return Ok(CORPUS.lines().map(|l| format!("{l}\n")).collect());
+            return Ok(embedded_corpus());
         }
         fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
             match v {
@@ -145,7 +145,7 @@ impl TinySpec {
         }
         // The embedded corpus holds the chat template's words (roles, Qwen's default system
         // prompt), which every example carries.
-        let mut out: Vec<String> = CORPUS.lines().map(|l| format!("{l}\n")).collect();
+        let mut out = embedded_corpus();
         for spec in &self.tokenizer_corpus {
             for path in crate::data::source::resolve_files(spec)? {
                 for rec in crate::data::source::read_records(&path)? {
@@ -167,10 +167,12 @@ impl TinySpec {
 
 /// A byte-level BPE tokenizer trained on a small embedded corpus, in Qwen2.5's format.
 pub fn build_tokenizer(regular_vocab: usize) -> Result<Tokenizer> {
-    build_tokenizer_on(
-        regular_vocab,
-        CORPUS.lines().map(|l| format!("{l}\n")).collect(),
-    )
+    build_tokenizer_on(regular_vocab, embedded_corpus())
+}
+
+/// The embedded corpus, one entry per line (as the BPE trainer reads lines).
+fn embedded_corpus() -> Vec<String> {
+    CORPUS.lines().map(|l| format!("{l}\n")).collect()
 }
 
 fn build_tokenizer_on(regular_vocab: usize, corpus: Vec<String>) -> Result<Tokenizer> {

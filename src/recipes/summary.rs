@@ -7,7 +7,7 @@ use super::pipeline::PipelineEvalConfig;
 use crate::eval::load_for_eval;
 use crate::eval::prompts::{read_prompt_records, PromptRecord};
 use crate::eval::win_rate::{answer_prompts, compare, judge_answers, write_generations};
-use crate::judge::{Judge, Verdict, WinRate};
+use crate::judge::{win_rate, Judge, Verdict, WinRate};
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
 use anyhow::Result;
@@ -184,18 +184,8 @@ pub fn judge_stages(
             if ji == 0 {
                 write_generations(&out.join(format!("generations-{}.jsonl", st.name)), &gens)?;
             }
-            let vs_previous = prev.map(|p| {
-                compare(
-                    judge,
-                    &prompts,
-                    (&answers[me].1, &v[me]),
-                    (&answers[p].1, &v[p]),
-                    &sampling,
-                    e.tie_margin,
-                )
-                .0
-                .overall
-            });
+            let totals = |i: usize| v[i].iter().map(|x| x.total).collect::<Vec<_>>();
+            let vs_previous = prev.map(|p| win_rate(&totals(me), &totals(p), e.tie_margin));
             let row = JudgedStage {
                 vs_base: report.overall,
                 vs_previous,
