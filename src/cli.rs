@@ -34,6 +34,9 @@ pub enum Command {
     HybridDpo(StageArgs),
     /// Reward-weighted likelihood training (report 2).
     RewardWeighted(StageArgs),
+    /// The Pareto front of policies across objective weightings (conditioned adapters,
+    /// one adapter per weighting, or Rewarded soups), with hypervolume and plots.
+    Pareto(StageArgs),
     /// Evaluate a model: perplexity, chat NLL, preferences, reward scores, win rate.
     Eval(Box<EvalOptions>),
     /// Generate text with KV-cache decoding.
@@ -116,6 +119,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Dpo(a) => dpo::run_dpo(a.config(), &a.set, a.flags()).map(drop),
         Command::HybridDpo(a) => dpo::run_hybrid(a.config(), &a.set, a.flags()).map(drop),
         Command::RewardWeighted(a) => reward_weighted::run(a.config(), &a.set, a.flags()).map(drop),
+        Command::Pareto(a) => crate::recipes::pareto::run(a.config(), &a.set, a.quiet),
         Command::Eval(args) => evaluate::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Merge {

@@ -88,6 +88,64 @@ pub fn spacing(points: &[Vec<f64>]) -> f64 {
     (nearest.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
 }
 
+/// Every weighting of `k` objectives in steps of 1/`n` (the simplex lattice: C(n+k-1, k-1)
+/// points, vertices and centre included when `n` allows), in lexicographic order.
+pub fn simplex_grid(k: usize, n: usize) -> Vec<Vec<f64>> {
+    fn fill(k: usize, left: usize, prefix: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if prefix.len() == k - 1 {
+            prefix.push(left);
+            out.push(prefix.clone());
+            prefix.pop();
+            return;
+        }
+        for x in (0..=left).rev() {
+            prefix.push(x);
+            fill(k, left - x, prefix, out);
+            prefix.pop();
+        }
+    }
+    if k == 0 || n == 0 {
+        return vec![];
+    }
+    let mut out = vec![];
+    fill(k, n, &mut vec![], &mut out);
+    out.into_iter()
+        .map(|c| c.into_iter().map(|x| x as f64 / n as f64).collect())
+        .collect()
+}
+
+/// Spearman's rank correlation of `x` and `y` (ties get their average rank; the Pearson
+/// correlation of the ranks). `None` when either side is constant or they differ in length.
+pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    if x.len() != y.len() || x.len() < 2 {
+        return None;
+    }
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            for &o in &order[i..=j] {
+                r[o] = (i + j) as f64 / 2.0 + 1.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = rx.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
+    (vx > 0.0 && vy > 0.0).then(|| cov / (vx * vy).sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +207,25 @@ mod tests {
         let uneven = vec![vec![1.0, 3.0], vec![1.5, 2.5], vec![3.0, 1.0]];
         // Nearest distances 1, 1, 3: mean 5/3, deviations (-2/3, -2/3, 4/3): sqrt((8/3)/2).
         close(spacing(&uneven), (4.0f64 / 3.0).sqrt());
+    }
+
+    #[test]
+    fn simplex_grid_and_spearman() {
+        let g = simplex_grid(4, 4);
+        assert_eq!(g.len(), 35);
+        assert!(g.contains(&vec![0.25; 4]));
+        assert!(g.contains(&vec![1.0, 0.0, 0.0, 0.0]));
+        assert!(g
+            .iter()
+            .all(|w| (w.iter().sum::<f64>() - 1.0).abs() < 1e-12));
+        assert_eq!(
+            simplex_grid(2, 2),
+            vec![vec![1.0, 0.0], vec![0.5, 0.5], vec![0.0, 1.0]]
+        );
+        // Ranks by hand: x = 1, 2.5, 2.5, 4 against y = 1, 2, 3, 4 gives 0.9487 (= 3 / sqrt(10)).
+        let r = spearman(&[0.0, 0.5, 0.5, 1.0], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert!((r - 3.0 / 10f64.sqrt()).abs() < 1e-12, "{r}");
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
     }
 }

@@ -312,7 +312,7 @@ fn identical_answers_tie_and_win_half() {
     };
     let records =
         read_prompt_records("data/ultrafeedback_binarized/test_prefs.jsonl", Some(6)).unwrap();
-    let (report, gens) = win_rate_eval(&a, &b, &judge, &records, &sampling, 4, 0.0).unwrap();
+    let (report, gens) = win_rate_eval(&a, None, &b, &judge, &records, &sampling, 4, 0.0).unwrap();
     assert_eq!(
         (
             report.overall.wins,

@@ -7,6 +7,7 @@ use crate::generate::{generate, SamplingConfig};
 use crate::judge::{win_rate, Judge, Verdict, WinRate};
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
+use crate::objectives::conditioning::ConditioningInfo;
 use crate::tokenizer::Message;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -74,9 +75,13 @@ pub struct WinRateReport {
     pub sampling: SamplingConfig,
 }
 
-/// Generates with both models, judges both answers per prompt, and compares.
+/// Generates with both models, judges both answers per prompt, and compares. A conditioned
+/// model reads `line` (its weights) where its conditioning places it; the baseline and the
+/// judge see the prompts as they are.
+#[allow(clippy::too_many_arguments)]
 pub fn win_rate_eval(
     model: &Loaded,
+    conditioning: Option<(&ConditioningInfo, &str)>,
     baseline: &Loaded,
     judge: &Judge,
     prompts: &[PromptRecord],
@@ -85,7 +90,11 @@ pub fn win_rate_eval(
     tie_margin: f64,
 ) -> Result<(WinRateReport, Vec<Generation>)> {
     let messages: Vec<Vec<Message>> = prompts.iter().map(|p| p.messages.clone()).collect();
-    let ours = answer_prompts(model, &messages, sampling, batch)?;
+    let conditioned: Vec<Vec<Message>> = match conditioning {
+        Some((info, l)) => messages.iter().map(|m| info.place(m, l)).collect(),
+        None => messages.clone(),
+    };
+    let ours = answer_prompts(model, &conditioned, sampling, batch)?;
     let theirs = answer_prompts(baseline, &messages, sampling, batch)?;
     let mine = judge_answers(judge, prompts, &ours, batch)?;
     let base = judge_answers(judge, prompts, &theirs, batch)?;

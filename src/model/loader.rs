@@ -316,6 +316,34 @@ pub fn warn_if_other_base(spec: &str, adapter_dir: &Path) {
     }
 }
 
+/// A Rewarded soup: `spec` (with `merged_adapter` folded in) plus sum_i w_i * delta_i, where
+/// delta_i = s_i B_i A_i is adapter i's LoRA update, folded into the weights in order. The
+/// deltas mix linearly, so a soup at (1, 0, ...) is exactly the first adapter merged.
+pub fn load_soup(
+    spec: &str,
+    merged_adapter: Option<&Path>,
+    adapters: &[&Path],
+    weights: &[f64],
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    if adapters.len() != weights.len() {
+        bail!(
+            "a soup of {} adapters needs {} weights, got {}",
+            adapters.len(),
+            adapters.len(),
+            weights.len()
+        );
+    }
+    let mut loaded = load_merged(spec, merged_adapter, dtype, device)?;
+    for (dir, w) in adapters.iter().zip(weights) {
+        apply_adapter(&mut loaded.model, dir)?;
+        loaded.model.scale_lora(*w);
+        loaded.model.merge_lora()?;
+    }
+    Ok(loaded)
+}
+
 pub fn apply_adapter(model: &mut Qwen2, dir: &Path) -> Result<super::LoraConfig> {
     let cfg = super::peft::read_peft_config(dir)?;
     let mut tensors = super::peft::read_peft_tensors(dir, &model.device)?;

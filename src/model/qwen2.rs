@@ -480,6 +480,15 @@ impl Qwen2 {
         self.linears().any(|l| l.lora.is_some())
     }
 
+    /// Multiplies every attached adapter's scale by `factor` (a Rewarded-soup coefficient).
+    pub fn scale_lora(&mut self, factor: f64) {
+        for lin in self.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                l.scale *= factor;
+            }
+        }
+    }
+
     /// Folds every adapter into its base weight and removes the adapters.
     pub fn merge_lora(&mut self) -> Result<()> {
         for lin in self.linears_mut() {

@@ -8,10 +8,227 @@
 //! number of workers do not change which weights an example gets.
 
 use crate::rng::{mix_seed, stream_rng};
+use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 pub const PREFIX: &str = "Objective weights: ";
+
+/// The file written beside a conditioned adapter: how to state the weights to it.
+pub const INFO_FILE: &str = "conditioning.json";
+
+/// The `[conditioning]` section of `hybrid-dpo` and `reward-weighted`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConditioningConfig {
+    /// Train one policy for every weighting: each example draws its own weights, sees them in
+    /// its system prompt, and its loss uses them.
+    pub enabled: bool,
+    /// Concentration of the Dirichlet the weights are drawn from: 1 is uniform on the simplex,
+    /// below 1 favours weightings near a single objective, above 1 favours balanced ones.
+    pub alpha: f64,
+    /// Draw uniformly from these weightings instead of the Dirichlet (each is normalised).
+    pub weights: Vec<Vec<f64>>,
+    /// How many times each training pair appears per epoch, each time with its own draw.
+    pub draws: usize,
+    /// Where the policy reads the line.
+    pub placement: Placement,
+}
+
+/// Where the conditioning line goes in a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// The system message (a prompt's own system message follows it after a newline).
+    #[default]
+    System,
+    /// The end of the last user message, after a blank line: next to where the answer starts,
+    /// for models that learned to pay little heed to system prompts.
+    User,
+}
+
+impl Default for ConditioningConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            alpha: 1.0,
+            weights: vec![],
+            draws: 1,
+            placement: Placement::System,
+        }
+    }
+}
+
+impl ConditioningConfig {
+    pub fn validate(&self, k: usize) -> Result<()> {
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!(
+                "conditioning.alpha must be a finite number > 0, got {}",
+                self.alpha
+            );
+        }
+        if self.draws == 0 {
+            bail!("conditioning.draws must be at least 1");
+        }
+        for (i, w) in self.weights.iter().enumerate() {
+            if w.len() != k {
+                bail!(
+                    "conditioning.weights[{i}] has {} values for {k} objectives",
+                    w.len()
+                );
+            }
+            if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+                bail!("conditioning.weights[{i}] must be finite, >= 0 and not all zero, got {w:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The weights of draw `draw` of example `index` (quantised, summing to 1.00).
+    pub fn draw(&self, seed: u64, draw: u64, index: u64, k: usize) -> Vec<f64> {
+        if self.weights.is_empty() {
+            return dirichlet_weights(seed, draw, index, k, self.alpha);
+        }
+        let mut rng = stream_rng(mix_seed(seed, draw, index), 0x6c69_7374);
+        quantise(&self.weights[rng.random_range(0..self.weights.len())])
+    }
+}
+
+/// What `conditioning.json` records: enough for `generate`, `eval`, `pareto` and a Python user
+/// to state a weighting the way the policy was trained to read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConditioningInfo {
+    pub format: String,
+    /// The objectives, in the order the line names them.
+    pub objectives: Vec<String>,
+    /// How the line is written.
+    pub template: String,
+    /// Where the line goes (`system` or `user`), and in words.
+    pub placement: Placement,
+    pub placement_note: String,
+    /// One line for equal weights, as the policy saw lines in training.
+    pub example: String,
+    /// How training drew weightings (`alpha`, `weights`, `draws`).
+    pub sampling: ConditioningConfig,
+}
+
+impl ConditioningInfo {
+    pub fn new(objectives: Vec<String>, sampling: &ConditioningConfig) -> Self {
+        let k = objectives.len();
+        let example = format_line(&objectives, &quantise(&vec![1.0; k]));
+        Self {
+            format: "mo-align-conditioning/1".to_string(),
+            template: format!("{PREFIX}<objective>=<weight>, ... (every objective in order, weights with two decimals summing to 1.00)"),
+            placement: sampling.placement,
+            placement_note: match sampling.placement {
+                Placement::System => "the line is the system message; a prompt's own system message follows it after a newline",
+                Placement::User => "the line ends the last user message, after a blank line",
+            }
+            .to_string(),
+            example,
+            objectives,
+            sampling: sampling.clone(),
+        }
+    }
+
+    /// The conditioning written beside the adapter (or model) in `dir`, if there is one.
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(INFO_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let info: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a conditioning file", path.display()))?;
+        Ok(Some(info))
+    }
+
+    /// The conditioning of a policy: beside its adapter when it has one, else in its model
+    /// directory (a merged conditioned model).
+    pub fn find(adapter: Option<&Path>, model: &str) -> Result<Self> {
+        let dir = adapter.unwrap_or(Path::new(model));
+        Self::load(dir)?.with_context(|| {
+            format!(
+                "{}: no {INFO_FILE}; --weights needs a policy trained with [conditioning] enabled = true",
+                dir.display()
+            )
+        })
+    }
+
+    /// The line stating `weights` (normalised and quantised), refusing a wrong count.
+    pub fn line(&self, weights: &[f64]) -> Result<String> {
+        let k = self.objectives.len();
+        if weights.len() != k {
+            bail!(
+                "{} weights given for {k} objectives {:?}",
+                weights.len(),
+                self.objectives
+            );
+        }
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f64>() <= 0.0
+        {
+            bail!("weights must be finite, >= 0 and not all zero, got {weights:?}");
+        }
+        Ok(format_line(&self.objectives, &quantise(weights)))
+    }
+
+    /// `messages` stating `line` where this policy reads it.
+    pub fn place(&self, messages: &[Message], line: &str) -> Vec<Message> {
+        with_line(messages, line, self.placement)
+    }
+}
+
+/// `messages` with the conditioning line placed where `placement` says.
+pub fn with_line(messages: &[Message], line: &str, placement: Placement) -> Vec<Message> {
+    let mut out = messages.to_vec();
+    match placement {
+        Placement::System => match out.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{line}\n{}", m.content),
+            _ => out.insert(0, Message::new("system", line)),
+        },
+        Placement::User => match out.iter_mut().rev().find(|m| m.role == "user") {
+            Some(m) => m.content = format!("{}\n\n{line}", m.content),
+            None => out.push(Message::new("user", line)),
+        },
+    }
+    out
+}
+
+/// The names a conditioning line uses for a reward vector's objectives: `helpfulness (rules)`
+/// becomes `helpfulness`, unless the reward model has an objective of that name too.
+pub fn line_names(objectives: &[String]) -> Vec<String> {
+    let plain: Vec<String> = objectives
+        .iter()
+        .map(|o| o.strip_suffix(" (rules)").unwrap_or(o).to_string())
+        .collect();
+    plain
+        .iter()
+        .zip(objectives)
+        .map(|(p, o)| {
+            if plain.iter().filter(|q| *q == p).count() > 1 {
+                o.replace(" (rules)", "_rules")
+            } else {
+                p.clone()
+            }
+        })
+        .collect()
+}
+
+/// Parses `0.7,0.1,0.1,0.1` (as `--weights` takes it).
+pub fn parse_weights(s: &str) -> Result<Vec<f64>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|w| w.is_finite() && *w >= 0.0)
+                .with_context(|| format!("`{x}` in `{s}` is not a weight >= 0"))
+        })
+        .collect()
+}
 
 /// A Dirichlet(alpha, ..., alpha) draw over `k` objectives for example `index` of `epoch`,
 /// quantised (see `quantise`).

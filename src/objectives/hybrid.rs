@@ -31,6 +31,18 @@ pub enum Direction {
     Offset,
 }
 
+/// Which response of a pair the DPO term prefers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreferenceLabel {
+    /// The data's `chosen`.
+    Data,
+    /// The response the weighted reward s_w scores higher (the data's order on a tie), as
+    /// MO-ODPO labels pairs: what is preferred follows the weights, so a weighting that favours
+    /// detail prefers the detailed answer even where the data chose the concise one.
+    Weighted,
+}
+
 /// The `[hybrid]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -53,6 +65,8 @@ pub struct HybridConfig {
     pub mu: f64,
     /// MODPO: w_k, the weight of the objective the preference data itself expresses.
     pub preference_weight: f64,
+    /// Hybrid only: `data` (default) or `weighted` (pairs relabelled by s_w).
+    pub preference: PreferenceLabel,
     pub score_batch_size: usize,
 }
 
@@ -69,6 +83,7 @@ impl Default for HybridConfig {
             utopia: vec![],
             mu: 0.05,
             preference_weight: 1.0,
+            preference: PreferenceLabel::Data,
             score_batch_size: 8,
         }
     }
@@ -97,6 +112,9 @@ impl HybridConfig {
                 self.preference_weight
             );
         }
+        if self.preference == PreferenceLabel::Weighted && self.formulation == Formulation::Modpo {
+            bail!("hybrid.preference = \"weighted\" is for formulation = \"hybrid\": MODPO's preference data stands for one objective of its own");
+        }
         if self.score_batch_size == 0 {
             bail!("hybrid.score_batch_size must be at least 1");
         }
@@ -107,20 +125,37 @@ impl HybridConfig {
 /// The constant part of a pair's logit, `(offset, scale)` of `logit = (h + offset) * scale`,
 /// from the reward vectors of its chosen and rejected responses.
 pub fn explicit_terms(h: &HybridConfig, chosen: &[f32], rejected: &[f32]) -> Result<(f32, f32)> {
-    let k = chosen.len();
-    let w = equal_weights_or(&h.weights, k, "hybrid.weights")?;
+    let w = equal_weights_or(&h.weights, chosen.len(), "hybrid.weights")?;
+    explicit_terms_with(h, &w, chosen, rejected)
+}
+
+/// s_w of both reward vectors under `h`'s scalariser with weights `w`.
+pub fn scalarized_pair(
+    h: &HybridConfig,
+    w: &[f64],
+    chosen: &[f32],
+    rejected: &[f32],
+) -> Result<(f64, f64)> {
+    let utopia = (!h.utopia.is_empty()).then_some(h.utopia.as_slice());
+    let s = build_scalarizer(h.scalarizer, w, utopia, h.mu, chosen.len())?;
+    Ok((s.scalarize(chosen), s.scalarize(rejected)))
+}
+
+/// `explicit_terms` with the weights given (a conditioned example's own `w`).
+pub fn explicit_terms_with(
+    h: &HybridConfig,
+    w: &[f64],
+    chosen: &[f32],
+    rejected: &[f32],
+) -> Result<(f32, f32)> {
     match h.formulation {
         Formulation::Hybrid => {
-            let utopia = (!h.utopia.is_empty()).then_some(h.utopia.as_slice());
-            let s = build_scalarizer(h.scalarizer, &w, utopia, h.mu, k)?;
+            let (sc, sr) = scalarized_pair(h, w, chosen, rejected)?;
             let sign = match h.direction {
                 Direction::Steer => -1.0,
                 Direction::Offset => 1.0,
             };
-            Ok((
-                (sign * h.lambda * (s.scalarize(chosen) - s.scalarize(rejected))) as f32,
-                1.0,
-            ))
+            Ok(((sign * h.lambda * (sc - sr)) as f32, 1.0))
         }
         Formulation::Modpo => {
             let margin: f64 = w

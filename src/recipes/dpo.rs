@@ -5,12 +5,16 @@
 //! reward-model scores depend only on frozen weights, so they are computed once, before
 //! training, and cached on disk.
 
-use super::rewards::{scored_pairs, ScoredPair};
+use super::conditioned::{self, Split, WeightedScoredPair};
+use super::rewards::scored_pairs;
 use super::{AdapterStage, RunFlags, StageRun};
 use crate::cache::cached_reference;
 use crate::data::preference::{preference_pair, PreferencePair};
+use crate::objectives::conditioning::ConditioningConfig;
 use crate::objectives::dpo::{Dpo, DpoConfig, DpoExample};
-use crate::objectives::hybrid::{explicit_terms, HybridConfig};
+use crate::objectives::hybrid::{
+    explicit_terms_with, scalarized_pair, HybridConfig, PreferenceLabel,
+};
 use crate::objectives::scalarize::equal_weights_or;
 use crate::train::trainer::TrainOutcome;
 use crate::train::TrainConfig;
@@ -56,6 +60,7 @@ pub struct HybridRunConfig {
     pub stage: AdapterStage,
     pub dpo: DpoConfig,
     pub hybrid: HybridConfig,
+    pub conditioning: ConditioningConfig,
 }
 
 impl Default for HybridRunConfig {
@@ -64,6 +69,7 @@ impl Default for HybridRunConfig {
             stage: preference_stage_defaults(),
             dpo: DpoConfig::default(),
             hybrid: HybridConfig::default(),
+            conditioning: ConditioningConfig::default(),
         }
     }
 }
@@ -138,18 +144,36 @@ pub fn run_hybrid(
         "hybrid",
     )?;
     // Refuse a wrong weight count before any reference log-prob is computed.
-    equal_weights_or(&h.weights, scored.objectives.len(), "hybrid.weights")
+    let fixed = equal_weights_or(&h.weights, scored.objectives.len(), "hybrid.weights")
         .with_context(|| format!("reward vector {:?}", scored.objectives))?;
-    // Each pair's logit gets the constant (offset, scale) of its reward vectors.
-    let examples = |pairs: &[ScoredPair]| -> Result<Vec<DpoExample>> {
-        let plain: Vec<PreferencePair> = pairs.iter().map(|p| p.pair.clone()).collect();
+    let info = conditioned::prepare(&run, &cfg.conditioning, &scored.objectives)?;
+    // Each pair's logit gets the constant (offset, scale) of its reward vectors under its own
+    // weights; with `preference = "weighted"` the pair is first oriented by those weights.
+    let examples = |pairs: &[WeightedScoredPair]| -> Result<Vec<DpoExample>> {
+        let mut pairs = pairs.to_vec();
+        if h.preference == PreferenceLabel::Weighted {
+            for p in &mut pairs {
+                let s = &mut p.scored;
+                let (sc, sr) = scalarized_pair(h, &p.weights, &s.chosen, &s.rejected)?;
+                if sr > sc {
+                    std::mem::swap(&mut s.chosen, &mut s.rejected);
+                    std::mem::swap(&mut s.pair.chosen, &mut s.pair.rejected);
+                }
+            }
+        }
+        let plain: Vec<PreferencePair> = pairs.iter().map(|p| p.scored.pair.clone()).collect();
         let mut ex = with_reference(&run, &plain)?;
-        for (e, p) in ex.iter_mut().zip(pairs) {
-            (e.offset, e.scale) = explicit_terms(h, &p.chosen, &p.rejected)?;
+        for (e, p) in ex.iter_mut().zip(&pairs) {
+            let s = &p.scored;
+            (e.offset, e.scale) = explicit_terms_with(h, &p.weights, &s.chosen, &s.rejected)?;
         }
         Ok(ex)
     };
-    let (train, val) = (examples(&scored.train)?, examples(&scored.val)?);
+    let weighted = |pairs, split| {
+        conditioned::weighted_pairs(&run, &cfg.conditioning, info.as_ref(), &fixed, pairs, split)
+    };
+    let train = examples(&weighted(&scored.train, Split::Train)?)?;
+    let val = examples(&weighted(&scored.val, Split::Validation)?)?;
     let objective = Dpo {
         model: &run.loaded.model,
         cfg: cfg.dpo.clone(),

@@ -12,6 +12,7 @@ use crate::generate::SamplingArgs;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
+use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -86,6 +87,10 @@ pub struct EvalOptions {
     /// Every prompt with both answers, judge scores and decoding settings (JSONL).
     #[arg(long)]
     pub generations_out: Option<PathBuf>,
+    /// Objective weights for a conditioned --model/--adapter in --win-rate, e.g. 0.7,0.1,0.1,0.1
+    /// (the order of its conditioning.json): the model answers with them as its system prompt.
+    #[arg(long)]
+    pub weights: Option<String>,
     /// Write the JSON report here (atomically).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -108,6 +113,9 @@ pub fn run(args: EvalOptions) -> Result<()> {
         || args.preferences.is_some()
         || args.score.is_some()
         || args.win_rate;
+    if args.weights.is_some() && !args.win_rate {
+        bail!("eval: --weights steers the answers of --win-rate; give --win-rate too");
+    }
     if !any {
         bail!("eval: nothing to evaluate (give --perplexity, --sft-data, --preferences, --score or --win-rate)");
     }
@@ -240,8 +248,21 @@ pub fn run(args: EvalOptions) -> Result<()> {
         // One setting for both models: the flags over the evaluated model's defaults.
         let sampling = args.sampling.resolve(main()?.generation_config().as_ref());
         sampling.validate()?;
+        let line = match &args.weights {
+            Some(w) => {
+                let info =
+                    ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
+                let line = info.line(&parse_weights(w).context("--weights")?)?;
+                Some((info, line))
+            }
+            None => None,
+        };
+        if let Some((_, l)) = &line {
+            report.insert("conditioning".into(), l.as_str().into());
+        }
         let (wr, gens) = win_rate_eval(
             main()?,
+            line.as_ref().map(|(i, l)| (i, l.as_str())),
             &baseline,
             &judge,
             &prompts,

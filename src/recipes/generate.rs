@@ -3,8 +3,9 @@
 use super::ModelOptions;
 use crate::generate::{generate, SamplingArgs};
 use crate::model::ctx::ForwardCtx;
+use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
 use crate::tokenizer::Message;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -19,6 +20,10 @@ pub struct GenerateOptions {
     /// System prompt for --chat (Qwen's default when omitted).
     #[arg(long)]
     pub system: Option<String>,
+    /// Objective weights for a conditioned policy, e.g. 0.7,0.1,0.1,0.1 (in the order of its
+    /// conditioning.json); implies --chat.
+    #[arg(long)]
+    pub weights: Option<String>,
     /// Decoding; unset flags come from the model's generation_config.json.
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -31,12 +36,23 @@ pub fn run(args: GenerateOptions) -> Result<()> {
     let sampling = args.sampling.resolve(loaded.generation_config().as_ref());
     sampling.validate()?;
     let tok = &loaded.tokenizer;
-    let (prompt_ids, stop) = if args.chat {
+    let line = match &args.weights {
+        Some(w) => {
+            let info = ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
+            let line = info.line(&parse_weights(w).context("--weights")?)?;
+            Some((info, line))
+        }
+        None => None,
+    };
+    let (prompt_ids, stop) = if args.chat || line.is_some() {
         let mut msgs = vec![];
         if let Some(s) = &args.system {
             msgs.push(Message::new("system", s));
         }
         msgs.push(Message::new("user", &args.prompt));
+        if let Some((info, line)) = &line {
+            msgs = info.place(&msgs, line);
+        }
         (tok.encode_prompt(&msgs)?, tok.stop_ids())
     } else {
         (tok.encode(&args.prompt)?, vec![tok.endoftext])
@@ -56,7 +72,7 @@ pub fn run(args: GenerateOptions) -> Result<()> {
     let ids = &out[0];
     let text = tok.decode(ids, true)?;
     if args.json {
-        let json = serde_json::json!({"text": text, "token_ids": ids, "sampling": sampling});
+        let json = serde_json::json!({"text": text, "token_ids": ids, "sampling": sampling, "conditioning": line.map(|l| l.1)});
         println!("{json}");
     } else {
         println!("{text}");

@@ -1,10 +1,12 @@
 //! Each subcommand is a short recipe over the shared components: load a config, a model and
 //! data, pick an objective, hand them to the trainer.
 
+pub mod conditioned;
 pub mod dpo;
 pub mod evaluate;
 pub mod generate;
 pub mod merge;
+pub mod pareto;
 pub mod pipeline;
 pub mod reward_weighted;
 pub mod rewards;

@@ -1,9 +1,11 @@
 //! `mo-align reward-weighted`: report 2's reward-weighted likelihood. Each response of a pair is
 //! weighted by its advantage under the frozen reward model (scores computed once and cached).
 
+use super::conditioned::{self, Split, WeightedScoredPair};
 use super::dpo::preference_stage_defaults;
-use super::rewards::{scored_pairs, ScoredPair};
+use super::rewards::scored_pairs;
 use super::{AdapterStage, RunFlags};
+use crate::objectives::conditioning::ConditioningConfig;
 use crate::objectives::reward_weighted::{
     advantages, target_gap_reward, Advantage, RewardWeighted, WeightedPair,
 };
@@ -48,6 +50,7 @@ pub struct RewardWeightedRunConfig {
     #[serde(flatten)]
     pub stage: AdapterStage,
     pub reward: RewardConfig,
+    pub conditioning: ConditioningConfig,
 }
 
 impl Default for RewardWeightedRunConfig {
@@ -55,6 +58,7 @@ impl Default for RewardWeightedRunConfig {
         Self {
             stage: preference_stage_defaults(),
             reward: RewardConfig::default(),
+            conditioning: ConditioningConfig::default(),
         }
     }
 }
@@ -96,24 +100,32 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             scored.objectives
         );
     }
-    let examples = |pairs: &[ScoredPair]| -> Result<Vec<WeightedPair>> {
-        Ok(pairs
+    let info = conditioned::prepare(&run, &cfg.conditioning, &scored.objectives)?;
+    let examples = |pairs: &[WeightedScoredPair]| -> Vec<WeightedPair> {
+        pairs
             .iter()
             .map(|p| {
-                let (sc, sr) = (&p.chosen, &p.rejected);
-                let (rc, rr) = (target_gap_reward(sc, &w, &t), target_gap_reward(sr, &w, &t));
+                let (w, s) = (&p.weights, &p.scored);
+                let (rc, rr) = (
+                    target_gap_reward(&s.chosen, w, &t),
+                    target_gap_reward(&s.rejected, w, &t),
+                );
                 let (ac, ar) = advantages(rc, rr, rw.advantage);
                 WeightedPair {
-                    pair: p.pair.clone(),
+                    pair: s.pair.clone(),
                     reward_chosen: rc,
                     reward_rejected: rr,
                     adv_chosen: ac,
                     adv_rejected: ar,
                 }
             })
-            .collect())
+            .collect()
     };
-    let (train, val) = (examples(&scored.train)?, examples(&scored.val)?);
+    let weighted = |pairs, split| {
+        conditioned::weighted_pairs(&run, &cfg.conditioning, info.as_ref(), &w, pairs, split)
+    };
+    let train = examples(&weighted(&scored.train, Split::Train)?);
+    let val = examples(&weighted(&scored.val, Split::Validation)?);
     let objective = RewardWeighted {
         model: &run.loaded.model,
     };
