@@ -517,6 +517,7 @@ fn run_case(
                         ref_rejected,
                         offset: 0.0,
                         scale: 1.0,
+                        gate: vec![],
                     })
                     .collect();
             }

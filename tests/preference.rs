@@ -117,6 +117,7 @@ fn examples(l: &mo_align::model::loader::Loaded, ps: &[PreferencePair]) -> Vec<D
             ref_rejected,
             offset: 0.0,
             scale: 1.0,
+            gate: vec![],
         })
         .collect()
 }
@@ -437,9 +438,85 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             "train.max_steps=10".into(),
         ],
     );
+    // Weight-conditioned hybrid DPO (pairs labelled by the weighted reward) and reward-weighted
+    // training: each records how to state weights to it.
+    run_stage(
+        mo_align::recipes::dpo::run_hybrid,
+        "configs/demo/hybrid-dpo.toml",
+        &hybrid_sets(
+            "conditioned",
+            &[
+                "hybrid.reward_model=\"\"",
+                "hybrid.rules=\"configs/demo/rules.toml\"",
+                "hybrid.preference=\"weighted\"",
+                "conditioning.enabled=true",
+                "conditioning.draws=2",
+            ],
+        ),
+    );
+    run_stage(
+        mo_align::recipes::reward_weighted::run,
+        "configs/demo/reward-weighted.toml",
+        &[
+            model.clone(),
+            adapter.clone(),
+            format!("train.output_dir={:?}", p("rw-conditioned")),
+            "reward.reward_model=\"\"".into(),
+            "reward.rules=\"configs/demo/rules.toml\"".into(),
+            "conditioning.enabled=true".into(),
+            "conditioning.placement=\"user\"".into(),
+            format!("train.cache_dir={cache}"),
+            "train.max_steps=10".into(),
+        ],
+    );
+    for (stage, placement) in [("conditioned", "system"), ("rw-conditioned", "user")] {
+        let info = mo_align::objectives::conditioning::ConditioningInfo::load(&root.join(stage))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{stage}: no conditioning.json"));
+        assert_eq!(
+            info.objectives,
+            [
+                "helpfulness",
+                "honesty",
+                "instruction_following",
+                "truthfulness"
+            ]
+        );
+        assert_eq!(format!("{:?}", info.placement).to_lowercase(), placement);
+    }
+    // The conditioned adapter answers at a weighting; a plain one refuses --weights.
+    let generate = |adapter: &str| {
+        std::process::Command::new(common::bin())
+            .args(["generate", "--model", tiny_dir().to_str().unwrap()])
+            .args(["--adapter", &p(adapter), "--prompt", "Name a colour."])
+            .args(["--weights", "0.7,0.1,0.1,0.1", "--max-new-tokens", "4"])
+            .args(["--device", "cpu", "--json"])
+            .output()
+            .unwrap()
+    };
+    let ok = generate("conditioned");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(
+        out["conditioning"],
+        "Objective weights: helpfulness=0.70, honesty=0.10, instruction_following=0.10, truthfulness=0.10"
+    );
+    let refused = generate("dpo");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("conditioning.json"), "{err}");
+
     // Every preference stage ran its 10 steps, moved its adapter off zero (B starts at zero),
     // and logged finite losses.
-    for stage in ["dpo", "hybrid", "modpo", "hybrid-rules", "rw", "rw-rules"] {
+    for stage in [
+        "dpo",
+        "hybrid",
+        "modpo",
+        "hybrid-rules",
+        "rw",
+        "rw-rules",
+        "conditioned",
+        "rw-conditioned",
+    ] {
         let dir = root.join(stage);
         let tensors =
             candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)

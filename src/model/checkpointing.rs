@@ -45,7 +45,7 @@ where
         Var::from_tensor(x)?.as_tensor().clone()
     };
     let sink = sink.clone();
-    let (x_saved, adapters) = (x.detach(), ctx.adapters);
+    let (x_saved, adapters, gate) = (x.detach(), ctx.adapters, ctx.gate.cloned());
     attach1(
         &x,
         y,
@@ -57,6 +57,7 @@ where
                 dropout: rng.as_ref(),
                 grad: true,
                 recompute: None,
+                gate: gate.as_ref(),
             };
             let out = f(xv.as_tensor(), ctx)?;
             let grads = (out * dy)?.sum_all()?.backward()?;

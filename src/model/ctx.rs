@@ -27,6 +27,10 @@ pub struct ForwardCtx<'a> {
     /// Activation checkpointing: decoder layers are recomputed in the backward, and the
     /// adapter gradients found there are deposited in this sink for the trainer.
     pub recompute: Option<&'a Arc<GradSink>>,
+    /// Per-rank gates of every LoRA adapter ([rank]): a weight-conditioned adapter is one block
+    /// of rank r per objective side by side, and the gates are each block's objective weight,
+    /// so the adapter's update is sum_i w_i B_i A_i (`None`: every gate 1).
+    pub gate: Option<&'a Tensor>,
 }
 
 impl<'a> ForwardCtx<'a> {
@@ -35,12 +39,14 @@ impl<'a> ForwardCtx<'a> {
         dropout: None,
         grad: false,
         recompute: None,
+        gate: None,
     };
     pub const REFERENCE: ForwardCtx<'static> = ForwardCtx {
         adapters: Adapters::Disabled,
         dropout: None,
         grad: false,
         recompute: None,
+        gate: None,
     };
     /// Adapters on, gradients recorded, dropout masks from `rng`.
     pub fn train(rng: &'a DropoutRng) -> Self {
@@ -49,7 +55,13 @@ impl<'a> ForwardCtx<'a> {
             dropout: Some(rng),
             grad: true,
             recompute: None,
+            gate: None,
         }
+    }
+
+    /// The same context with the LoRA blocks gated by `gate` (see `gate`).
+    pub fn with_gate(self, gate: Option<&'a Tensor>) -> Self {
+        ForwardCtx { gate, ..self }
     }
 
     /// The same context with decoder layers recomputed in the backward (see `checkpointing`).

@@ -364,9 +364,12 @@ pub struct LoraParts<'a> {
     pub scale: f64,
     /// The dropout mask on the adapter's input, when dropout is on.
     pub dropout: Option<DropoutMask>,
+    /// Per-rank gates ([r]) on the adapter's intermediate (`ForwardCtx::gate`).
+    pub gate: Option<&'a Tensor>,
 }
 
-/// y = x W^T + b + s * B(A(dropout(x))) over the last dimension, with gradients for x, A and B.
+/// y = x W^T + b + s * B(g * A(dropout(x))) over the last dimension (g the per-rank gates, 1
+/// when absent), with gradients for x, A and B.
 /// The adapter runs in the model dtype like PEFT under autocast (A and B, kept in f32, are cast
 /// for the product; their gradients come back in f32). The backward keeps only x and the
 /// rank-r intermediate and redraws the dropout mask.
@@ -394,11 +397,23 @@ pub fn lora_linear(
         Some(m) => m.apply(t),
         None => Ok(t.clone()),
     };
-    let u = (matmul_t(&drop(&x2)?, &a)? * lora.scale)?; // [n, r]
+    let gate = match lora.gate {
+        Some(g) => Some((g.to_dtype(dtype)? * lora.scale)?.unsqueeze(0)?),
+        None => None,
+    };
+    // s (and the gates) folded into one factor on the rank-r intermediate.
+    let scale = lora.scale;
+    let gated = move |t: Tensor| -> Result<Tensor> {
+        match &gate {
+            Some(g) => t.broadcast_mul(g),
+            None => t * scale,
+        }
+    };
+    let u = gated(matmul_t(&drop(&x2)?, &a)?)?; // [n, r]
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("rank >= 1") = out;
     let y = (y + matmul_t(&u, &b)?)?.reshape(out_dims)?;
-    let (w, scale, mask) = (weight.clone(), lora.scale, lora.dropout);
+    let (w, mask) = (weight.clone(), lora.dropout);
     // The first layer's input (embeddings) needs no gradient: skip its dx matmuls.
     let need_dx = x.track_op();
     attach3(
@@ -412,8 +427,8 @@ pub fn lora_linear(
                 None => Ok(t.clone()),
             };
             let dy2 = dy.reshape((n, out))?.contiguous()?;
-            let db = matmul(&dy2.t()?, &u)?; // s is already in u
-            let du = (matmul(&dy2, &b)? * scale)?; // [n, r]
+            let db = matmul(&dy2.t()?, &u)?; // s and g are already in u
+            let du = gated(matmul(&dy2, &b)?)?; // [n, r]: d/d(A x) = s g * (dy B)
             let da = matmul(&du.t()?, &drop(&x2)?)?;
             let (da, db) = (da.to_dtype(ldt)?, db.to_dtype(ldt)?);
             if !need_dx {
@@ -560,6 +575,7 @@ mod tests {
             b: lb.as_tensor(),
             scale: 1.5,
             dropout: Some(mask),
+            gate: None,
         };
         let y = lora_linear(x.as_tensor(), &w, Some(&bias), parts)?;
         let m = mask
@@ -569,6 +585,31 @@ mod tests {
         let yr = (xt.broadcast_matmul(&w.t()?)?.broadcast_add(&bias)?
             + ((xt * &m)?
                 .broadcast_matmul(&la.as_tensor().t()?)?
+                .broadcast_matmul(&lb.as_tensor().t()?)?
+                * 1.5)?)?;
+        same_values_and_gradients(&[&x, &la, &lb], &y, &yr)
+    }
+
+    #[test]
+    fn gated_lora_linear_matches_autograd() -> Result<()> {
+        let x = var(&[2, 3, 6]);
+        let w = Tensor::randn(0f64, 1.0, (5, 6), &Device::Cpu)?;
+        let (la, lb) = (var(&[4, 6]), var(&[5, 4]));
+        // Two blocks of rank 2, weighted 0.3 and 0.7.
+        let gate = Tensor::new(&[0.3f64, 0.3, 0.7, 0.7], &Device::Cpu)?;
+        let parts = LoraParts {
+            a: la.as_tensor(),
+            b: lb.as_tensor(),
+            scale: 1.5,
+            dropout: None,
+            gate: Some(&gate),
+        };
+        let y = lora_linear(x.as_tensor(), &w, None, parts)?;
+        let xt = x.as_tensor();
+        let yr = (xt.broadcast_matmul(&w.t()?)?
+            + (xt
+                .broadcast_matmul(&la.as_tensor().t()?)?
+                .broadcast_mul(&gate)?
                 .broadcast_matmul(&lb.as_tensor().t()?)?
                 * 1.5)?)?;
         same_values_and_gradients(&[&x, &la, &lb], &y, &yr)

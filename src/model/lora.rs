@@ -141,6 +141,7 @@ impl LoraLinear {
                 b: &b,
                 scale: lora.scale,
                 dropout,
+                gate: ctx.gate,
             },
         )
     }

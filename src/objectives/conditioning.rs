@@ -19,6 +19,9 @@ pub const PREFIX: &str = "Objective weights: ";
 /// The file written beside a conditioned adapter: how to state the weights to it.
 pub const INFO_FILE: &str = "conditioning.json";
 
+/// Where a `mode = "adapter"` run writes its per-objective adapters.
+pub const BLOCKS_DIR: &str = "objectives";
+
 /// The `[conditioning]` section of `hybrid-dpo` and `reward-weighted`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -35,6 +38,24 @@ pub struct ConditioningConfig {
     pub draws: usize,
     /// Where the policy reads the line.
     pub placement: Placement,
+    /// How the policy is given its weights.
+    pub mode: ConditioningMode,
+}
+
+/// How a conditioned policy is given its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditioningMode {
+    /// In the prompt: the conditioning line (Rewards-in-Context, DPA). The policy has to learn
+    /// to read it.
+    #[default]
+    Prompt,
+    /// In the adapter: one LoRA block of rank `lora.r` per objective, the blocks side by side,
+    /// each block's output scaled by its objective's weight, so the update at w is
+    /// sum_i w_i B_i A_i (a jointly trained Rewarded soup; Panacea scales singular values
+    /// the same way). Nothing has to be read, and each block is a plain PEFT adapter
+    /// (`objectives/<name>/` beside the run's adapter).
+    Adapter,
 }
 
 /// Where the conditioning line goes in a prompt.
@@ -57,6 +78,7 @@ impl Default for ConditioningConfig {
             weights: vec![],
             draws: 1,
             placement: Placement::System,
+            mode: ConditioningMode::Prompt,
         }
     }
 }
@@ -110,8 +132,12 @@ pub struct ConditioningInfo {
     pub placement_note: String,
     /// One line for equal weights, as the policy saw lines in training.
     pub example: String,
-    /// How training drew weightings (`alpha`, `weights`, `draws`).
+    /// How training drew weightings (`alpha`, `weights`, `draws`, `placement`, `mode`).
     pub sampling: ConditioningConfig,
+    /// `mode = "adapter"`: the per-objective PEFT adapters, relative to this file's directory,
+    /// in the objectives' order; the policy at w merges sum_i w_i * adapter_i.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<String>,
 }
 
 impl ConditioningInfo {
@@ -128,9 +154,33 @@ impl ConditioningInfo {
             }
             .to_string(),
             example,
+            blocks: match sampling.mode {
+                ConditioningMode::Prompt => vec![],
+                ConditioningMode::Adapter => objectives
+                    .iter()
+                    .map(|o| format!("{BLOCKS_DIR}/{o}"))
+                    .collect(),
+            },
             objectives,
             sampling: sampling.clone(),
         }
+    }
+
+    /// `mode = "adapter"`: the per-objective adapters of the conditioned run in `dir`.
+    pub fn block_dirs(&self, dir: &Path) -> Vec<std::path::PathBuf> {
+        self.blocks.iter().map(|b| dir.join(b)).collect()
+    }
+
+    pub fn mode(&self) -> ConditioningMode {
+        self.sampling.mode
+    }
+
+    /// The gates of the adapter's blocks for `weights` (each weight repeated `rank` times).
+    pub fn gate(weights: &[f64], rank: usize) -> Vec<f32> {
+        weights
+            .iter()
+            .flat_map(|w| std::iter::repeat_n(*w as f32, rank))
+            .collect()
     }
 
     /// The conditioning written beside the adapter (or model) in `dir`, if there is one.

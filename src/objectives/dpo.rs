@@ -7,7 +7,7 @@
 //! Losses: sigmoid -log sig(logit) (with label smoothing eps: the cDPO form), robust (= the cDPO
 //! form), ipo (logit / beta - 1 / (2 beta))^2, hinge max(0, 1 - logit).
 
-use super::pair::pair_logprobs;
+use super::pair::pair_logprobs_gated;
 use crate::data::preference::PreferencePair;
 use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen2;
@@ -80,6 +80,8 @@ pub struct DpoExample {
     pub offset: f32,
     /// Factor applied to (h + offset) (MODPO: 1 / w_k).
     pub scale: f32,
+    /// Gates of a weight-conditioned adapter's blocks for this pair (empty: none).
+    pub gate: Vec<f32>,
 }
 
 /// log sigmoid(x), stable for large |x|: min(x, 0) - log(1 + exp(-|x|)).
@@ -153,7 +155,13 @@ impl Objective for Dpo<'_> {
     fn loss(&self, batch: &[&DpoExample], ctx: ForwardCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
         let ids: Vec<_> = batch.iter().map(|e| e.pair.ids()).collect();
-        let lp = pair_logprobs(self.model, &ids, ctx)?;
+        let gates: Vec<Vec<f32>> = batch.iter().map(|e| e.gate.clone()).collect();
+        let gates = if gates.iter().all(Vec::is_empty) {
+            vec![]
+        } else {
+            gates
+        };
+        let lp = pair_logprobs_gated(self.model, &ids, &gates, ctx)?;
         let col = |f: &dyn Fn(&DpoExample) -> f32| {
             Tensor::from_vec(
                 batch.iter().map(|e| f(e)).collect::<Vec<f32>>(),

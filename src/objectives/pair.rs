@@ -21,8 +21,24 @@ pub struct PairLogps {
 pub type PairIds<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
 pub fn pair_logprobs(model: &Qwen2, pairs: &[PairIds], ctx: ForwardCtx) -> Result<PairLogps> {
+    pair_logprobs_gated(model, pairs, &[], ctx)
+}
+
+/// `pair_logprobs` with pair i's LoRA blocks gated by `gates[i]` (a weight-conditioned
+/// adapter's objective weights, one per rank; see `ForwardCtx::gate`). Empty: no gates.
+pub fn pair_logprobs_gated(
+    model: &Qwen2,
+    pairs: &[PairIds],
+    gates: &[Vec<f32>],
+    ctx: ForwardCtx,
+) -> Result<PairLogps> {
     let (mut chosen, mut rejected) = (vec![], vec![]);
-    for &(prompt, c, r) in pairs {
+    for (i, &(prompt, c, r)) in pairs.iter().enumerate() {
+        let gate = match gates.get(i) {
+            Some(g) => Some(Tensor::new(g.as_slice(), &model.device)?),
+            None => None,
+        };
+        let ctx = ctx.with_gate(gate.as_ref());
         if prompt.is_empty() || c.is_empty() || r.is_empty() {
             candle_core::bail!("a preference pair needs a prompt and two non-empty responses");
         }

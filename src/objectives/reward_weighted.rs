@@ -7,7 +7,7 @@
 //! to the same prompt: better-than-average responses are made likelier and worse ones less
 //! likely - REINFORCE with a baseline (RLOO with the pair as the group).
 
-use super::pair::pair_logprobs;
+use super::pair::pair_logprobs_gated;
 use crate::data::preference::PreferencePair;
 use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen2;
@@ -29,6 +29,8 @@ pub struct WeightedPair {
     pub reward_rejected: f32,
     pub adv_chosen: f32,
     pub adv_rejected: f32,
+    /// Gates of a weight-conditioned adapter's blocks for this pair (empty: none).
+    pub gate: Vec<f32>,
 }
 
 /// r = -sum_i w_i |s_i - target_i|
@@ -71,7 +73,13 @@ impl Objective for RewardWeighted<'_> {
     fn loss(&self, batch: &[&WeightedPair], ctx: ForwardCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
         let ids: Vec<_> = batch.iter().map(|e| e.pair.ids()).collect();
-        let lp = pair_logprobs(self.model, &ids, ctx)?;
+        let gates: Vec<Vec<f32>> = batch.iter().map(|e| e.gate.clone()).collect();
+        let gates = if gates.iter().all(Vec::is_empty) {
+            vec![]
+        } else {
+            gates
+        };
+        let lp = pair_logprobs_gated(self.model, &ids, &gates, ctx)?;
         let col = |xs: Vec<f32>| Tensor::from_vec(xs, batch.len(), dev);
         let mean_c = (&lp.chosen / col(lp.chosen_tokens.iter().map(|&n| n as f32).collect())?)?;
         let mean_r = (&lp.rejected / col(lp.rejected_tokens.iter().map(|&n| n as f32).collect())?)?;

@@ -1,21 +1,98 @@
 //! The weights each preference pair's loss uses. Without conditioning that is the config's one
 //! weighting for every pair. With `[conditioning]`, each pair appears `draws` times per epoch,
 //! each time with its own weights, stated to the policy in its system prompt
-//! (`objectives::conditioning`), and `conditioning.json` is written beside the adapter.
+//! (`objectives::conditioning`), and `conditioning.json` is written beside the adapter. With
+//! `mode = "adapter"` the weights gate the adapter's per-objective blocks instead of being
+//! written into the prompt, and each block is exported as its own PEFT adapter.
 
 use super::rewards::ScoredPair;
-use super::StageRun;
+use super::{AdapterStage, StageRun};
+use crate::model::lora::LoraConfig;
+use crate::model::peft::{read_peft_tensors, write_peft_adapter};
 use crate::objectives::conditioning::{
-    line_names, ConditioningConfig, ConditioningInfo, INFO_FILE,
+    line_names, ConditioningConfig, ConditioningInfo, ConditioningMode, INFO_FILE,
 };
+use crate::reward::rules::RuleObjectives;
 use crate::rng::mix_seed;
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::Path;
 
 /// A pair and the objective weights its loss uses.
 #[derive(Debug, Clone)]
 pub struct WeightedScoredPair {
     pub scored: ScoredPair,
     pub weights: Vec<f64>,
+    /// `mode = "adapter"`: the gates of the adapter's blocks (empty otherwise).
+    pub gate: Vec<f32>,
+}
+
+/// How many entries the reward vector of `reward_model` and `rules` has (known before any
+/// model is loaded, so an adapter with one block per objective can be sized).
+pub fn reward_vector_len(reward_model: &str, rules: &str) -> Result<usize> {
+    let mut k = 0;
+    if !reward_model.is_empty() {
+        let path = Path::new(reward_model).join(crate::reward::INFO_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let info: crate::reward::RewardModelInfo = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a reward model description", path.display()))?;
+        k += info.objectives.len();
+    }
+    if !rules.is_empty() {
+        k += RuleObjectives::load(Path::new(rules))?.names().len();
+    }
+    Ok(k)
+}
+
+/// The stage to run: as configured, or with `mode = "adapter"` its LoRA widened to one block
+/// of rank `lora.r` per objective (rank k r, alpha scaled so every block keeps the configured
+/// scale s).
+pub fn stage_for(stage: &AdapterStage, cond: &ConditioningConfig, k: usize) -> Result<AdapterStage> {
+    let mut stage = stage.clone();
+    if !(cond.enabled && cond.mode == ConditioningMode::Adapter) {
+        return Ok(stage);
+    }
+    if stage.lora.init_from.as_deref().is_some_and(|p| !p.is_empty()) {
+        bail!("conditioning.mode = \"adapter\" trains fresh per-objective blocks; lora.init_from is not supported with it");
+    }
+    let block = &stage.lora;
+    let widened = LoraConfig {
+        r: block.r * k,
+        alpha: if block.use_rslora {
+            block.alpha * (k as f64).sqrt()
+        } else {
+            block.alpha * k as f64
+        },
+        ..block.clone()
+    };
+    debug_assert!((widened.scale() - block.scale()).abs() < 1e-9 * block.scale().abs().max(1.0));
+    stage.lora = widened;
+    Ok(stage)
+}
+
+/// `mode = "adapter"`: writes each objective's block of the trained adapter in `run.out` as a
+/// plain PEFT adapter (`objectives/<name>/`, rank `block.r`, alpha `block.alpha`).
+pub fn export_blocks(run: &StageRun, block: &LoraConfig, info: &ConditioningInfo) -> Result<()> {
+    if info.mode() != ConditioningMode::Adapter {
+        return Ok(());
+    }
+    let tensors = read_peft_tensors(&run.out, &Device::Cpu)?;
+    let r = block.r;
+    for (i, rel) in info.blocks.iter().enumerate() {
+        let mut parts = vec![];
+        for (module, (a, b)) in &tensors {
+            parts.push((module.clone(), a.narrow(0, i * r, r)?, b.narrow(1, i * r, r)?));
+        }
+        parts.sort_by(|x, y| x.0.cmp(&y.0));
+        write_peft_adapter(
+            &run.out.join(rel),
+            block,
+            &super::base_name(&run.stage.model),
+            &parts,
+        )?;
+    }
+    Ok(())
 }
 
 /// Which split's draws: validation pairs draw from their own stream, once each.
@@ -59,6 +136,7 @@ pub fn weighted_pairs(
             .map(|p| WeightedScoredPair {
                 scored: p.clone(),
                 weights: fixed.to_vec(),
+                gate: vec![],
             })
             .collect());
     };
@@ -72,6 +150,14 @@ pub fn weighted_pairs(
     for draw in 0..draws as u64 {
         for (i, p) in pairs.iter().enumerate() {
             let weights = cond.draw(seed, draw, i as u64, k);
+            if info.mode() == ConditioningMode::Adapter {
+                out.push(WeightedScoredPair {
+                    scored: p.clone(),
+                    gate: ConditioningInfo::gate(&weights, run.stage.lora.r / k),
+                    weights,
+                });
+                continue;
+            }
             let line = info.line(&weights)?;
             let mut scored = p.clone();
             let pair = &mut scored.pair;
@@ -84,7 +170,11 @@ pub fn weighted_pairs(
             let room = max_length - pair.prompt.len();
             pair.chosen.truncate(room);
             pair.rejected.truncate(room);
-            out.push(WeightedScoredPair { scored, weights });
+            out.push(WeightedScoredPair {
+                scored,
+                weights,
+                gate: vec![],
+            });
         }
     }
     if dropped > 0 {

@@ -99,6 +99,7 @@ fn with_reference(run: &StageRun, pairs: &[PreferencePair]) -> Result<Vec<DpoExa
             ref_rejected,
             offset: 0.0,
             scale: 1.0,
+            gate: vec![],
         })
         .collect())
 }
@@ -135,7 +136,9 @@ pub fn run_hybrid(
     cfg.stage.require_lora("hybrid-dpo")?;
     cfg.dpo.validate()?;
     h.validate()?;
-    let run = cfg.stage.start(&cfg, flags)?;
+    let k = conditioned::reward_vector_len(&h.reward_model, &h.rules)?;
+    let stage = conditioned::stage_for(&cfg.stage, &cfg.conditioning, k)?;
+    let run = stage.start(&cfg, flags)?;
     let scored = scored_pairs(
         &run,
         &h.reward_model,
@@ -166,6 +169,7 @@ pub fn run_hybrid(
         for (e, p) in ex.iter_mut().zip(&pairs) {
             let s = &p.scored;
             (e.offset, e.scale) = explicit_terms_with(h, &p.weights, &s.chosen, &s.rejected)?;
+            e.gate = p.gate.clone();
         }
         Ok(ex)
     };
@@ -179,5 +183,9 @@ pub fn run_hybrid(
         cfg: cfg.dpo.clone(),
         explicit: true,
     };
-    run.train(&objective, &train, &val, "hybrid-dpo")
+    let outcome = run.train(&objective, &train, &val, "hybrid-dpo")?;
+    if let Some(info) = &info {
+        conditioned::export_blocks(&run, &cfg.stage.lora, info)?;
+    }
+    Ok(outcome)
 }

@@ -12,7 +12,8 @@ use crate::generate::SamplingArgs;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
+use crate::model::loader::load_soup;
+use crate::objectives::conditioning::{parse_weights, ConditioningInfo, ConditioningMode};
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -248,21 +249,44 @@ pub fn run(args: EvalOptions) -> Result<()> {
         // One setting for both models: the flags over the evaluated model's defaults.
         let sampling = args.sampling.resolve(main()?.generation_config().as_ref());
         sampling.validate()?;
-        let line = match &args.weights {
+        let conditioning = match &args.weights {
             Some(w) => {
                 let info =
                     ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
-                let line = info.line(&parse_weights(w).context("--weights")?)?;
-                Some((info, line))
+                let weights = parse_weights(w).context("--weights")?;
+                let line = info.line(&weights)?;
+                report.insert("conditioning".into(), line.as_str().into());
+                Some((info, weights, line))
             }
             None => None,
         };
-        if let Some((_, l)) = &line {
-            report.insert("conditioning".into(), l.as_str().into());
-        }
+        // Weights gate an adapter-conditioned policy's blocks: it answers as their soup.
+        let soup;
+        let (model, prompt_line) = match &conditioning {
+            Some((info, w, _)) if info.mode() == ConditioningMode::Adapter => {
+                let dir = args
+                    .model
+                    .adapter
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(args.model.spec()));
+                let blocks = info.block_dirs(dir);
+                let blocks: Vec<&std::path::Path> = blocks.iter().map(|b| b.as_path()).collect();
+                soup = load_soup(
+                    args.model.spec(),
+                    args.base_adapter.as_deref(),
+                    &blocks,
+                    w,
+                    dtype,
+                    &device,
+                )?;
+                (&soup, None)
+            }
+            Some((info, _, line)) => (main()?, Some((info, line.as_str()))),
+            None => (main()?, None),
+        };
         let (wr, gens) = win_rate_eval(
-            main()?,
-            line.as_ref().map(|(i, l)| (i, l.as_str())),
+            model,
+            prompt_line,
             &baseline,
             &judge,
             &prompts,

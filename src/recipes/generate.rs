@@ -3,7 +3,10 @@
 use super::ModelOptions;
 use crate::generate::{generate, SamplingArgs};
 use crate::model::ctx::ForwardCtx;
-use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
+use crate::model::loader::{load_soup, select_device};
+use crate::model::parse_dtype;
+use crate::objectives::conditioning::{parse_weights, ConditioningInfo, ConditioningMode};
+use std::path::Path;
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -32,18 +35,36 @@ pub struct GenerateOptions {
 }
 
 pub fn run(args: GenerateOptions) -> Result<()> {
-    let loaded = args.model.load()?;
-    let sampling = args.sampling.resolve(loaded.generation_config().as_ref());
-    sampling.validate()?;
-    let tok = &loaded.tokenizer;
-    let line = match &args.weights {
+    let conditioning = match &args.weights {
         Some(w) => {
             let info = ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
-            let line = info.line(&parse_weights(w).context("--weights")?)?;
-            Some((info, line))
+            let weights = parse_weights(w).context("--weights")?;
+            let line = info.line(&weights)?;
+            Some((info, weights, line))
         }
         None => None,
     };
+    let loaded = match &conditioning {
+        // Weights gate the adapter's blocks: the policy at w is their soup.
+        Some((info, w, _)) if info.mode() == ConditioningMode::Adapter => {
+            let dir = args.model.adapter.as_deref().unwrap_or(Path::new(args.model.spec()));
+            let blocks = info.block_dirs(dir);
+            let blocks: Vec<&Path> = blocks.iter().map(|b| b.as_path()).collect();
+            load_soup(
+                args.model.spec(),
+                None,
+                &blocks,
+                w,
+                parse_dtype(&args.model.dtype)?,
+                &select_device(&args.model.device)?,
+            )?
+        }
+        _ => args.model.load()?,
+    };
+    let sampling = args.sampling.resolve(loaded.generation_config().as_ref());
+    sampling.validate()?;
+    let tok = &loaded.tokenizer;
+    let line = conditioning.as_ref().map(|(info, _, line)| (info, line.clone()));
     let (prompt_ids, stop) = if args.chat || line.is_some() {
         let mut msgs = vec![];
         if let Some(s) = &args.system {
@@ -51,7 +72,9 @@ pub fn run(args: GenerateOptions) -> Result<()> {
         }
         msgs.push(Message::new("user", &args.prompt));
         if let Some((info, line)) = &line {
-            msgs = info.place(&msgs, line);
+            if info.mode() == ConditioningMode::Prompt {
+                msgs = info.place(&msgs, line);
+            }
         }
         (tok.encode_prompt(&msgs)?, tok.stop_ids())
     } else {

@@ -16,7 +16,9 @@ use crate::generate::{SamplingArgs, SamplingConfig};
 use crate::judge::Judge;
 use crate::model::loader::{load_soup, select_device, Loaded};
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{format_line, quantise, ConditioningInfo};
+use crate::objectives::conditioning::{
+    format_line, quantise, ConditioningInfo, ConditioningMode,
+};
 use crate::pareto::{hypervolume, non_dominated, simplex_grid, spacing, sparsity, spearman};
 use crate::plot::{write_pareto_plots, ParetoPoint};
 use crate::tokenizer::Message;
@@ -108,8 +110,8 @@ enum Variant<'a> {
     },
     /// An adapter trained for this weighting.
     Adapter(&'a str),
-    /// The soup at these weights.
-    Soup(&'a [String]),
+    /// The soup at these weights (a Rewarded soup, or an adapter-conditioned policy's blocks).
+    Soup(Vec<String>),
 }
 
 /// One evaluated weighting of one policy.
@@ -213,10 +215,15 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
         let pol = &cfg.policy[*i];
         let variant = if !pol.conditioned.is_empty() {
             let info = ConditioningInfo::find(Some(Path::new(&pol.conditioned)), &p.model)?;
-            Variant::Conditioned {
+            if info.mode() == ConditioningMode::Adapter {
+                let blocks = info.block_dirs(Path::new(&pol.conditioned));
+                Variant::Soup(blocks.iter().map(|b| b.display().to_string()).collect())
+            } else {
+                Variant::Conditioned {
                 adapter: &pol.conditioned,
-                line: info.line(w)?,
-                info,
+                    line: info.line(w)?,
+                    info,
+                }
             }
         } else if !pol.adapters.is_empty() {
             let j = pol
@@ -226,7 +233,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
                 .expect("jobs come from adapter_weights");
             Variant::Adapter(&pol.adapters[j])
         } else {
-            Variant::Soup(&pol.soup)
+            Variant::Soup(pol.soup.clone())
         };
         let tag = weights_tag(w);
         let gen_path = out

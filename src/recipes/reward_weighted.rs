@@ -77,7 +77,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     if let Some(t) = rw.targets.iter().find(|t| !t.is_finite()) {
         bail!("reward.targets must be finite, got {t}");
     }
-    let run = cfg.stage.start(&cfg, flags)?;
+    let k = conditioned::reward_vector_len(&rw.reward_model, &rw.rules)?;
+    let stage = conditioned::stage_for(&cfg.stage, &cfg.conditioning, k)?;
+    let run = stage.start(&cfg, flags)?;
     let scored = scored_pairs(
         &run,
         &rw.reward_model,
@@ -117,6 +119,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
                     reward_rejected: rr,
                     adv_chosen: ac,
                     adv_rejected: ar,
+                    gate: p.gate.clone(),
                 }
             })
             .collect()
@@ -129,5 +132,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let objective = RewardWeighted {
         model: &run.loaded.model,
     };
-    run.train(&objective, &train, &val, "reward-weighted")
+    let outcome = run.train(&objective, &train, &val, "reward-weighted")?;
+    if let Some(info) = &info {
+        conditioned::export_blocks(&run, &cfg.stage.lora, info)?;
+    }
+    Ok(outcome)
 }
