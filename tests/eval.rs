@@ -26,6 +26,8 @@ fn demo_configs(root: &Path) -> PathBuf {
         "hybrid-dpo",
         "hybrid-dpo-helpfulness",
         "modpo-honesty",
+        "hybrid-dpo-conditioned",
+        "pareto",
         "pipeline",
         "reward-weighted",
         "rules",
@@ -62,7 +64,8 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
             "dpo",
             "hybrid-dpo",
             "hybrid-dpo-helpfulness",
-            "modpo-honesty"
+            "modpo-honesty",
+            "hybrid-dpo-conditioned"
         ]
     );
     let judged = |stage: &str, judge: &str| -> serde_json::Value {
@@ -147,6 +150,40 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         assert!(a >= b + 5, "hedged answers: modpo-honesty {a}, {other} {b}");
     }
 
+    // One conditioned policy moves with the weights it is given: at all weight on helpfulness
+    // it is more helpful than at all weight on instruction following, and the other way round;
+    // across the 35-weighting grid, instruction following rises with its weight.
+    let pareto: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("pareto/pareto.json")).unwrap())
+            .unwrap();
+    let conditioned = &pareto["policies"][0];
+    assert_eq!(conditioned["weightings"].as_array().unwrap().len(), 35);
+    let at = |w: [f64; 4], k: usize| -> f64 {
+        conditioned["weightings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["weights"] == serde_json::json!(w))
+            .unwrap()["means"][k]
+            .as_f64()
+            .unwrap()
+    };
+    let (help, follow) = ([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]);
+    assert!(
+        at(help, 0) > at(follow, 0) + 0.15,
+        "helpfulness at w=help {} vs w=instruction_following {}",
+        at(help, 0),
+        at(follow, 0)
+    );
+    assert!(
+        at(follow, 2) > at(help, 2) + 0.2,
+        "instruction following at w=instruction_following {} vs w=help {}",
+        at(follow, 2),
+        at(help, 2)
+    );
+    let rho = conditioned["spearman"][2].as_f64().unwrap();
+    assert!(rho > 0.8, "instruction following vs its weight: rho {rho}");
+
     // Reward-weighted training moves toward its target: all weight on instruction following
     // (the reward model's third head, target 1) raises that objective's ground-truth score
     // above SFT's, on the same prompts with the same decoding.
@@ -197,6 +234,8 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         "| base |",
         "ground truth",
         "Pearson r",
+        "## Pareto front",
+        "| conditioned | conditioned | 35 |",
     ] {
         assert!(md.contains(needle), "summary.md lacks {needle}");
     }
@@ -211,6 +250,8 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         "pipeline/stage_objectives_rules.svg",
         "pipeline/stage_objectives_reward_model.svg",
         "pipeline/win_rates.svg",
+        "pareto/pareto_pairs.svg",
+        "pareto/pareto_parallel.svg",
     ];
     for p in plots {
         let text = std::fs::read_to_string(root.join(p)).unwrap_or_else(|_| panic!("{p} missing"));

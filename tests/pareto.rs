@@ -106,7 +106,10 @@ fn pareto_reports_every_policy_and_reuses_its_generations() {
     )
     .unwrap();
     let list = |v: &[PathBuf]| {
-        let q: Vec<String> = v.iter().map(|p| format!("{:?}", p.to_str().unwrap())).collect();
+        let q: Vec<String> = v
+            .iter()
+            .map(|p| format!("{:?}", p.to_str().unwrap()))
+            .collect();
         format!("[{}]", q.join(", "))
     };
     let config = format!(
@@ -149,17 +152,24 @@ soup = {soup}
             .unwrap()
     };
     let out = run();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("report/pareto.json")).unwrap(),
-    )
-    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("report/pareto.json")).unwrap())
+            .unwrap();
     let policies = report["policies"].as_array().unwrap();
     let counts: Vec<usize> = policies
         .iter()
         .map(|p| p["weightings"].as_array().unwrap().len())
         .collect();
-    assert_eq!(counts, [4, 2, 4], "grid 1 is the 4 vertices; separate has 2");
+    assert_eq!(
+        counts,
+        [4, 2, 4],
+        "grid 1 is the 4 vertices; separate has 2"
+    );
     for p in policies {
         let hv = p["hypervolume"].as_f64().unwrap();
         assert!(hv.is_finite() && hv >= 0.0, "{p}");
@@ -179,23 +189,38 @@ soup = {soup}
     assert!(line.contains(
         "Objective weights: helpfulness=0.00, honesty=1.00, instruction_following=0.00, truthfulness=0.00"
     ));
-    let stamp = |p: &str| std::fs::metadata(root.join("report/generations").join(p)).unwrap().modified().unwrap();
+    let stamp = |p: &str| {
+        std::fs::metadata(root.join("report/generations").join(p))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
     let before = stamp("soup/w=1.00-0.00-0.00-0.00.json");
     let again = run();
     assert!(again.status.success());
-    assert_eq!(before, stamp("soup/w=1.00-0.00-0.00-0.00.json"), "cached generations were redone");
-    let again: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("report/pareto.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(again["policies"][2]["weightings"], policies[2]["weightings"]);
+    assert_eq!(
+        before,
+        stamp("soup/w=1.00-0.00-0.00-0.00.json"),
+        "cached generations were redone"
+    );
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("report/pareto.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        again["policies"][2]["weightings"],
+        policies[2]["weightings"]
+    );
 
     // A soup takes one adapter per objective.
-    let bad = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(&format!("soup = {}", list(&adapters)), &format!("soup = {}", list(&adapters[..3])));
+    let bad = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("soup = {}", list(&adapters)),
+        &format!("soup = {}", list(&adapters[..3])),
+    );
     std::fs::write(&cfg, bad).unwrap();
     let refused = run();
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success() && err.contains("one adapter per objective (4), got 3"), "{err}");
+    assert!(
+        !refused.status.success() && err.contains("one adapter per objective (4), got 3"),
+        "{err}"
+    );
 }

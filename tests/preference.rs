@@ -495,7 +495,11 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             .unwrap()
     };
     let ok = generate("conditioned");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let out: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!(
         out["conditioning"],
@@ -503,7 +507,10 @@ fn demo_chain_runs_and_the_reward_model_learns() {
     );
     let refused = generate("dpo");
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success() && err.contains("conditioning.json"), "{err}");
+    assert!(
+        !refused.status.success() && err.contains("conditioning.json"),
+        "{err}"
+    );
 
     // Every preference stage ran its 10 steps, moved its adapter off zero (B starts at zero),
     // and logged finite losses.

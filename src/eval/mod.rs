@@ -88,3 +88,75 @@ pub fn load_for_eval(
     }
     Ok(loaded)
 }
+
+/// A policy ready to answer at a weighting: the model, and for a prompt-conditioned policy the
+/// conditioning and the line its prompts must carry.
+pub struct PolicyAt {
+    pub loaded: Loaded,
+    pub prompt_line: Option<(crate::objectives::conditioning::ConditioningInfo, String)>,
+}
+
+impl PolicyAt {
+    /// `messages` as this policy reads them.
+    pub fn prompt(&self, messages: &[crate::tokenizer::Message]) -> Vec<crate::tokenizer::Message> {
+        match &self.prompt_line {
+            Some((info, line)) => info.place(messages, line),
+            None => messages.to_vec(),
+        }
+    }
+}
+
+/// `load_for_eval`, except that a weight-conditioned adapter (it has conditioning.json) is
+/// loaded at `weights` (equal weights when `None`): its blocks merged at w (`mode = "adapter"`),
+/// or the adapter with the conditioning line to place in every prompt (`mode = "prompt"`).
+pub fn load_policy_at(
+    path: &str,
+    base_adapter: Option<&Path>,
+    adapter: Option<&Path>,
+    weights: Option<&[f64]>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<PolicyAt> {
+    use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
+    let info = match adapter {
+        Some(a) => ConditioningInfo::load(a)?,
+        None => None,
+    };
+    let (Some(info), Some(dir)) = (info, adapter) else {
+        if weights.is_some() {
+            anyhow::bail!(
+                "{}: no conditioning.json; weights need a policy trained with [conditioning] enabled = true",
+                adapter.unwrap_or(Path::new(path)).display()
+            );
+        }
+        return Ok(PolicyAt {
+            loaded: load_for_eval(path, base_adapter, adapter, dtype, device)?,
+            prompt_line: None,
+        });
+    };
+    let k = info.objectives.len();
+    let w = weights.map_or_else(|| vec![1.0 / k as f64; k], <[f64]>::to_vec);
+    let line = info.line(&w)?;
+    Ok(match info.mode() {
+        ConditioningMode::Adapter => {
+            let blocks = info.block_dirs(dir);
+            let blocks: Vec<&Path> = blocks.iter().map(|b| b.as_path()).collect();
+            let w = crate::objectives::conditioning::quantise(&w);
+            PolicyAt {
+                loaded: crate::model::loader::load_soup(
+                    path,
+                    base_adapter,
+                    &blocks,
+                    &w,
+                    dtype,
+                    device,
+                )?,
+                prompt_line: None,
+            }
+        }
+        ConditioningMode::Prompt => PolicyAt {
+            loaded: load_for_eval(path, base_adapter, adapter, dtype, device)?,
+            prompt_line: Some((info, line)),
+        },
+    })
+}

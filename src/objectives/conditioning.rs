@@ -50,11 +50,14 @@ pub enum ConditioningMode {
     /// to read it.
     #[default]
     Prompt,
-    /// In the adapter: one LoRA block of rank `lora.r` per objective, the blocks side by side,
-    /// each block's output scaled by its objective's weight, so the update at w is
-    /// sum_i w_i B_i A_i (a jointly trained Rewarded soup; Panacea scales singular values
-    /// the same way). Nothing has to be read, and each block is a plain PEFT adapter
-    /// (`objectives/<name>/` beside the run's adapter).
+    /// In the adapter: a shared LoRA block plus one block per objective, each of rank
+    /// `lora.r`, side by side; every objective block's output is scaled by its objective's
+    /// weight, so the update at w is B_0 A_0 + sum_i w_i B_i A_i (a jointly trained Rewarded
+    /// soup; Panacea scales singular values the same way). The shared block learns what every
+    /// weighting wants, so the objective blocks learn only where they differ. Nothing has to be
+    /// read. Objective i exports as one plain PEFT adapter (`objectives/<name>/`: the shared
+    /// block and block i, rank 2r), and since the weights sum to 1 the policy at w is exactly
+    /// the soup sum_i w_i * adapter_i.
     Adapter,
 }
 
@@ -175,11 +178,12 @@ impl ConditioningInfo {
         self.sampling.mode
     }
 
-    /// The gates of the adapter's blocks for `weights` (each weight repeated `rank` times).
+    /// The gates of the adapter's blocks for `weights`: 1 for the shared block, then each
+    /// weight, every gate repeated `rank` times.
     pub fn gate(weights: &[f64], rank: usize) -> Vec<f32> {
-        weights
-            .iter()
-            .flat_map(|w| std::iter::repeat_n(*w as f32, rank))
+        std::iter::once(1.0)
+            .chain(weights.iter().copied())
+            .flat_map(|w| std::iter::repeat_n(w as f32, rank))
             .collect()
     }
 
@@ -202,7 +206,7 @@ impl ConditioningInfo {
         let dir = adapter.unwrap_or(Path::new(model));
         Self::load(dir)?.with_context(|| {
             format!(
-                "{}: no {INFO_FILE}; --weights needs a policy trained with [conditioning] enabled = true",
+                "{}: no {INFO_FILE}: not a policy trained with [conditioning] enabled = true, so it takes no weights",
                 dir.display()
             )
         })

@@ -15,7 +15,7 @@ use crate::objectives::conditioning::{
 use crate::reward::rules::RuleObjectives;
 use crate::rng::mix_seed;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use std::path::Path;
 
 /// A pair and the objective weights its loss uses.
@@ -45,49 +45,69 @@ pub fn reward_vector_len(reward_model: &str, rules: &str) -> Result<usize> {
     Ok(k)
 }
 
-/// The stage to run: as configured, or with `mode = "adapter"` its LoRA widened to one block
-/// of rank `lora.r` per objective (rank k r, alpha scaled so every block keeps the configured
-/// scale s).
-pub fn stage_for(stage: &AdapterStage, cond: &ConditioningConfig, k: usize) -> Result<AdapterStage> {
+/// The stage to run: as configured, or with `mode = "adapter"` its LoRA widened to a shared
+/// block and one block per objective, each of rank `lora.r` (rank (k + 1) r, alpha scaled so
+/// every block keeps the configured scale s).
+pub fn stage_for(
+    stage: &AdapterStage,
+    cond: &ConditioningConfig,
+    k: usize,
+) -> Result<AdapterStage> {
     let mut stage = stage.clone();
     if !(cond.enabled && cond.mode == ConditioningMode::Adapter) {
         return Ok(stage);
     }
-    if stage.lora.init_from.as_deref().is_some_and(|p| !p.is_empty()) {
+    if stage
+        .lora
+        .init_from
+        .as_deref()
+        .is_some_and(|p| !p.is_empty())
+    {
         bail!("conditioning.mode = \"adapter\" trains fresh per-objective blocks; lora.init_from is not supported with it");
     }
-    let block = &stage.lora;
-    let widened = LoraConfig {
-        r: block.r * k,
-        alpha: if block.use_rslora {
-            block.alpha * (k as f64).sqrt()
-        } else {
-            block.alpha * k as f64
-        },
-        ..block.clone()
-    };
-    debug_assert!((widened.scale() - block.scale()).abs() < 1e-9 * block.scale().abs().max(1.0));
-    stage.lora = widened;
+    stage.lora = blocks_of(&stage.lora, k + 1);
     Ok(stage)
 }
 
-/// `mode = "adapter"`: writes each objective's block of the trained adapter in `run.out` as a
-/// plain PEFT adapter (`objectives/<name>/`, rank `block.r`, alpha `block.alpha`).
+/// `n` blocks of `block` side by side: rank n r, with alpha scaled so the scale s is the same.
+fn blocks_of(block: &LoraConfig, n: usize) -> LoraConfig {
+    let wide = LoraConfig {
+        r: block.r * n,
+        alpha: if block.use_rslora {
+            block.alpha * (n as f64).sqrt()
+        } else {
+            block.alpha * n as f64
+        },
+        ..block.clone()
+    };
+    debug_assert!((wide.scale() - block.scale()).abs() < 1e-9 * block.scale().abs().max(1.0));
+    wide
+}
+
+/// `mode = "adapter"`: writes each objective's part of the trained adapter in `run.out` as a
+/// plain PEFT adapter (`objectives/<name>/`: the shared block and the objective's block, rank
+/// 2 `block.r`, the configured scale).
 pub fn export_blocks(run: &StageRun, block: &LoraConfig, info: &ConditioningInfo) -> Result<()> {
     if info.mode() != ConditioningMode::Adapter {
         return Ok(());
     }
     let tensors = read_peft_tensors(&run.out, &Device::Cpu)?;
     let r = block.r;
+    let pair = blocks_of(block, 2);
     for (i, rel) in info.blocks.iter().enumerate() {
         let mut parts = vec![];
         for (module, (a, b)) in &tensors {
-            parts.push((module.clone(), a.narrow(0, i * r, r)?, b.narrow(1, i * r, r)?));
+            let (j, shared) = ((i + 1) * r, 0);
+            parts.push((
+                module.clone(),
+                Tensor::cat(&[a.narrow(0, shared, r)?, a.narrow(0, j, r)?], 0)?,
+                Tensor::cat(&[b.narrow(1, shared, r)?, b.narrow(1, j, r)?], 1)?,
+            ));
         }
         parts.sort_by(|x, y| x.0.cmp(&y.0));
         write_peft_adapter(
             &run.out.join(rel),
-            block,
+            &pair,
             &super::base_name(&run.stage.model),
             &parts,
         )?;
@@ -153,7 +173,7 @@ pub fn weighted_pairs(
             if info.mode() == ConditioningMode::Adapter {
                 out.push(WeightedScoredPair {
                     scored: p.clone(),
-                    gate: ConditioningInfo::gate(&weights, run.stage.lora.r / k),
+                    gate: ConditioningInfo::gate(&weights, run.stage.lora.r / (k + 1)),
                     weights,
                 });
                 continue;

@@ -4,6 +4,7 @@
 //! themselves live in `crate::eval`; this recipe loads, dispatches and reports.
 
 use super::ModelOptions;
+use crate::eval::load_policy_at;
 use crate::eval::preferences::{preference_eval, score_file, sft_nll};
 use crate::eval::prompts::read_prompt_records;
 use crate::eval::win_rate::{win_rate_eval, write_generations};
@@ -12,8 +13,7 @@ use crate::generate::SamplingArgs;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::model::loader::load_soup;
-use crate::objectives::conditioning::{parse_weights, ConditioningInfo, ConditioningMode};
+use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -249,39 +249,29 @@ pub fn run(args: EvalOptions) -> Result<()> {
         // One setting for both models: the flags over the evaluated model's defaults.
         let sampling = args.sampling.resolve(main()?.generation_config().as_ref());
         sampling.validate()?;
-        let conditioning = match &args.weights {
+        // A weight-conditioned policy answers at --weights.
+        let conditioned = match &args.weights {
             Some(w) => {
+                let w = parse_weights(w).context("--weights")?;
                 let info =
                     ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
-                let weights = parse_weights(w).context("--weights")?;
-                let line = info.line(&weights)?;
-                report.insert("conditioning".into(), line.as_str().into());
-                Some((info, weights, line))
+                report.insert("conditioning".into(), info.line(&w)?.into());
+                Some(load_policy_at(
+                    args.model.spec(),
+                    args.base_adapter.as_deref(),
+                    args.model.adapter.as_deref(),
+                    Some(&w),
+                    dtype,
+                    &device,
+                )?)
             }
             None => None,
         };
-        // Weights gate an adapter-conditioned policy's blocks: it answers as their soup.
-        let soup;
-        let (model, prompt_line) = match &conditioning {
-            Some((info, w, _)) if info.mode() == ConditioningMode::Adapter => {
-                let dir = args
-                    .model
-                    .adapter
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(args.model.spec()));
-                let blocks = info.block_dirs(dir);
-                let blocks: Vec<&std::path::Path> = blocks.iter().map(|b| b.as_path()).collect();
-                soup = load_soup(
-                    args.model.spec(),
-                    args.base_adapter.as_deref(),
-                    &blocks,
-                    w,
-                    dtype,
-                    &device,
-                )?;
-                (&soup, None)
-            }
-            Some((info, _, line)) => (main()?, Some((info, line.as_str()))),
+        let (model, prompt_line) = match &conditioned {
+            Some(p) => (
+                &p.loaded,
+                p.prompt_line.as_ref().map(|(i, l)| (i, l.as_str())),
+            ),
             None => (main()?, None),
         };
         let (wr, gens) = win_rate_eval(

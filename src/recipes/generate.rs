@@ -1,12 +1,12 @@
 //! `mo-align generate`: KV-cache decoding of one prompt, plain or in the chat template.
 
 use super::ModelOptions;
+use crate::eval::load_policy_at;
 use crate::generate::{generate, SamplingArgs};
 use crate::model::ctx::ForwardCtx;
-use crate::model::loader::{load_soup, select_device};
+use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{parse_weights, ConditioningInfo, ConditioningMode};
-use std::path::Path;
+use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -35,46 +35,37 @@ pub struct GenerateOptions {
 }
 
 pub fn run(args: GenerateOptions) -> Result<()> {
-    let conditioning = match &args.weights {
-        Some(w) => {
-            let info = ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
-            let weights = parse_weights(w).context("--weights")?;
-            let line = info.line(&weights)?;
-            Some((info, weights, line))
-        }
+    let weights = match &args.weights {
+        Some(w) => Some(parse_weights(w).context("--weights")?),
         None => None,
     };
-    let loaded = match &conditioning {
-        // Weights gate the adapter's blocks: the policy at w is their soup.
-        Some((info, w, _)) if info.mode() == ConditioningMode::Adapter => {
-            let dir = args.model.adapter.as_deref().unwrap_or(Path::new(args.model.spec()));
-            let blocks = info.block_dirs(dir);
-            let blocks: Vec<&Path> = blocks.iter().map(|b| b.as_path()).collect();
-            load_soup(
+    let (loaded, conditioning) = match &weights {
+        Some(w) => {
+            let p = load_policy_at(
                 args.model.spec(),
                 None,
-                &blocks,
-                w,
+                args.model.adapter.as_deref(),
+                Some(w),
                 parse_dtype(&args.model.dtype)?,
                 &select_device(&args.model.device)?,
-            )?
+            )?;
+            let info = ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
+            let line = info.line(w)?;
+            (p.loaded, Some((p.prompt_line, line)))
         }
-        _ => args.model.load()?,
+        None => (args.model.load()?, None),
     };
     let sampling = args.sampling.resolve(loaded.generation_config().as_ref());
     sampling.validate()?;
     let tok = &loaded.tokenizer;
-    let line = conditioning.as_ref().map(|(info, _, line)| (info, line.clone()));
-    let (prompt_ids, stop) = if args.chat || line.is_some() {
+    let (prompt_ids, stop) = if args.chat || conditioning.is_some() {
         let mut msgs = vec![];
         if let Some(s) = &args.system {
             msgs.push(Message::new("system", s));
         }
         msgs.push(Message::new("user", &args.prompt));
-        if let Some((info, line)) = &line {
-            if info.mode() == ConditioningMode::Prompt {
-                msgs = info.place(&msgs, line);
-            }
+        if let Some((Some((info, line)), _)) = &conditioning {
+            msgs = info.place(&msgs, line);
         }
         (tok.encode_prompt(&msgs)?, tok.stop_ids())
     } else {
@@ -95,7 +86,7 @@ pub fn run(args: GenerateOptions) -> Result<()> {
     let ids = &out[0];
     let text = tok.decode(ids, true)?;
     if args.json {
-        let json = serde_json::json!({"text": text, "token_ids": ids, "sampling": sampling, "conditioning": line.map(|l| l.1)});
+        let json = serde_json::json!({"text": text, "token_ids": ids, "sampling": sampling, "conditioning": conditioning.map(|c| c.1)});
         println!("{json}");
     } else {
         println!("{text}");

@@ -16,9 +16,7 @@ use crate::generate::{SamplingArgs, SamplingConfig};
 use crate::judge::Judge;
 use crate::model::loader::{load_soup, select_device, Loaded};
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{
-    format_line, quantise, ConditioningInfo, ConditioningMode,
-};
+use crate::objectives::conditioning::{format_line, quantise, ConditioningInfo, ConditioningMode};
 use crate::pareto::{hypervolume, non_dominated, simplex_grid, spacing, sparsity, spearman};
 use crate::plot::{write_pareto_plots, ParetoPoint};
 use crate::tokenizer::Message;
@@ -105,7 +103,7 @@ enum Variant<'a> {
     /// The conditioned adapter, reading `line`.
     Conditioned {
         adapter: &'a str,
-        info: ConditioningInfo,
+        info: Box<ConditioningInfo>,
         line: String,
     },
     /// An adapter trained for this weighting.
@@ -163,6 +161,20 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
     }
     let device = select_device(&p.device)?;
     let dtype = parse_dtype(&p.dtype)?;
+    for (i, pol) in cfg.policy.iter().enumerate() {
+        for dir in std::iter::once(&pol.conditioned)
+            .chain(&pol.adapters)
+            .chain(&pol.soup)
+            .filter(|d| !d.is_empty())
+        {
+            if !Path::new(dir).join("adapter_config.json").is_file() {
+                bail!(
+                    "policy[{i}] ({}): {dir} is not an adapter directory (no adapter_config.json)",
+                    pol.name
+                );
+            }
+        }
+    }
     let objectives = weight_objectives(&cfg)?;
     let k = objectives.len();
     for (i, pol) in cfg.policy.iter().enumerate() {
@@ -220,9 +232,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
                 Variant::Soup(blocks.iter().map(|b| b.display().to_string()).collect())
             } else {
                 Variant::Conditioned {
-                adapter: &pol.conditioned,
+                    adapter: &pol.conditioned,
                     line: info.line(w)?,
-                    info,
+                    info: Box::new(info),
                 }
             }
         } else if !pol.adapters.is_empty() {
@@ -486,15 +498,6 @@ fn check_policy(p: &PolicySpec, i: usize, k: usize) -> Result<()> {
             p.soup.len()
         );
     }
-    for dir in std::iter::once(&p.conditioned)
-        .chain(&p.adapters)
-        .chain(&p.soup)
-        .filter(|d| !d.is_empty())
-    {
-        if !Path::new(dir).join("adapter_config.json").is_file() {
-            bail!("{here}: {dir} is not an adapter directory (no adapter_config.json)");
-        }
-    }
     Ok(())
 }
 
@@ -702,4 +705,49 @@ fn markdown(
         }
     }
     md
+}
+
+/// The pipeline summary's section on a Pareto report: each policy's hypervolume and rho, the
+/// plots, and a link to the whole report (paths relative to the summary's directory).
+pub fn summary_section(report: &serde_json::Value, dir: &Path, summary_dir: &Path) -> String {
+    let rel = relative_to(dir, summary_dir);
+    let mut md = format!(
+        "\n## Pareto front\n\nEvery policy answered the held-out prompts at each weighting of {} (full report: [{}/pareto.md]({}/pareto.md)). Hypervolume above {}; rho: Spearman's correlation of each objective's weight with its judged mean (1 = the score rises with every increase of its weight).\n\n| policy | kind | weightings | hypervolume | hypervolume (shared) | rho per objective |\n|---|---|---|---|---|---|\n",
+        report["objectives"], rel, rel, report["reference_point"]
+    );
+    for p in report["policies"].as_array().into_iter().flatten() {
+        let rho: Vec<Option<f64>> = p["spearman"]
+            .as_array()
+            .map(|a| a.iter().map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.3} | {:.3} | {} |\n",
+            p["name"].as_str().unwrap_or("?"),
+            p["kind"].as_str().unwrap_or("?"),
+            p["weightings"].as_array().map_or(0, Vec::len),
+            p["hypervolume"].as_f64().unwrap_or(f64::NAN),
+            p["hypervolume_shared"].as_f64().unwrap_or(f64::NAN),
+            fmt_rho(&rho),
+        ));
+    }
+    md.push_str(&format!(
+        "\n![front, objective pairs]({rel}/pareto_pairs.svg)\n\n![front, parallel coordinates]({rel}/pareto_parallel.svg)\n"
+    ));
+    md
+}
+
+/// `path` relative to `base` when it lies below it, else as given.
+fn relative_to(path: &Path, base: &Path) -> String {
+    let (p, b) = (
+        crate::io::resolved_path(path),
+        crate::io::resolved_path(base),
+    );
+    if let Ok(r) = p.strip_prefix(&b) {
+        return r.display().to_string();
+    }
+    // Siblings (runs/demo/pareto next to runs/demo/pipeline): one level up.
+    match (p.parent(), b.parent(), p.file_name()) {
+        (Some(pp), Some(bp), Some(name)) if pp == bp => format!("../{}", name.to_string_lossy()),
+        _ => p.display().to_string(),
+    }
 }

@@ -29,6 +29,9 @@ pub struct StagesConfig {
     /// One hybrid-DPO config, or a list (one stage per weighting).
     #[serde(deserialize_with = "one_or_many")]
     pub hybrid_dpo: Vec<String>,
+    /// A `mo-align pareto` config run last (its device and dtype are `[eval]`'s); the summary
+    /// links its front.
+    pub pareto: String,
     /// `--set` overrides applied to every stage (e.g. `train.device="cuda"`).
     pub overrides: Vec<String>,
 }
@@ -158,7 +161,14 @@ fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
     let resolved = crate::config::to_toml(&cfg)?;
     let existing = std::fs::read_to_string(out.join("config.resolved.toml")).ok();
     if let Some(old) = &existing {
-        if *old != resolved {
+        // A run written before a setting existed reads back with that setting's default: it
+        // is the same run if it resolves to the same config now.
+        let same = *old == resolved
+            || toml::from_str::<T>(old)
+                .ok()
+                .and_then(|c| crate::config::to_toml(&c).ok())
+                .is_some_and(|now| now == resolved);
+        if !same {
             bail!(
                 "{}: holds a run of a different config than {}; remove it or change train.output_dir",
                 out.display(),
@@ -221,6 +231,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     }
     if cfg.eval.prompts.is_empty() {
         bail!("eval.prompts is empty: name a file of held-out prompts");
+    }
+    if !p.pareto.is_empty() && !Path::new(&p.pareto).is_file() {
+        bail!("pipeline.pareto: {} is not a file", p.pareto);
     }
     let run_dir = super::prepare_output(&p.output_dir, &cfg, None)?;
     let out = run_dir.path.clone();
@@ -377,7 +390,32 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
-    let md = markdown(&summary, &judged);
+    let mut summary = summary;
+    let mut md = markdown(&summary, &judged);
+    if !p.pareto.is_empty() {
+        eprintln!("== pareto");
+        let t = Instant::now();
+        let sets = [
+            format!("pareto.device={:?}", e.device),
+            format!("pareto.dtype={:?}", e.dtype),
+        ];
+        super::pareto::run(Some(Path::new(&p.pareto)), &sets, flags.quiet)?;
+        let cfg: super::pareto::ParetoConfig =
+            crate::config::load(Some(Path::new(&p.pareto)), &sets)?;
+        let dir = PathBuf::from(&cfg.pareto.output_dir);
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("pareto.json"))?)
+                .with_context(|| format!("{}: not JSON", dir.join("pareto.json").display()))?;
+        md.push_str(&super::pareto::summary_section(&report, &dir, &out));
+        summary["pareto"] = serde_json::json!({
+            "output_dir": dir,
+            "seconds": t.elapsed().as_secs_f64(),
+            "policies": report["policies"].as_array().map(|ps| ps.iter().map(|p| serde_json::json!({
+                "name": p["name"], "hypervolume": p["hypervolume"], "spearman": p["spearman"],
+            })).collect::<Vec<_>>()),
+        });
+        crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
+    }
     crate::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;
     crate::plot::plot_run(&out, false).context("drawing the summary plots")?;
     println!("{md}");

@@ -4,9 +4,9 @@
 //! started from. One row per stage and judge goes into the JSON and markdown summary.
 
 use super::pipeline::PipelineEvalConfig;
-use crate::eval::load_for_eval;
 use crate::eval::prompts::{read_prompt_records, PromptRecord};
 use crate::eval::win_rate::{answer_prompts, compare, judge_answers, write_generations};
+use crate::eval::{load_for_eval, load_policy_at};
 use crate::judge::{win_rate, Judge, Verdict, WinRate};
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
@@ -123,16 +123,19 @@ pub fn judge_stages(
     )];
     drop(baseline);
     for st in stages {
-        let model = load_for_eval(
+        // A weight-conditioned stage answers at equal weights.
+        let policy = load_policy_at(
             &st.model,
             st.base_adapter.as_deref(),
             st.adapter.as_deref(),
+            None,
             dtype,
             &device,
         )?;
+        let msgs: Vec<_> = messages.iter().map(|m| policy.prompt(m)).collect();
         answers.push((
             st.name.clone(),
-            answer_prompts(&model, &messages, &sampling, batch)?,
+            answer_prompts(&policy.loaded, &msgs, &sampling, batch)?,
         ));
     }
     eprintln!(
