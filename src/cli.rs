@@ -32,6 +32,8 @@ pub enum Command {
     Dpo(StageArgs),
     /// DPO with an explicit multi-objective reward term (linear, Chebyshev, MODPO).
     HybridDpo(StageArgs),
+    /// Online multi-objective policy optimisation: GRPO or RLOO scored by the reward vector.
+    Grpo(StageArgs),
     /// Reward-weighted likelihood training (report 2).
     RewardWeighted(StageArgs),
     /// The Pareto front of policies across objective weightings (conditioned adapters,
@@ -118,6 +120,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainRm(a) => train_rm::run(a.config(), &a.set, a.flags()),
         Command::Dpo(a) => dpo::run_dpo(a.config(), &a.set, a.flags()).map(drop),
         Command::HybridDpo(a) => dpo::run_hybrid(a.config(), &a.set, a.flags()).map(drop),
+        Command::Grpo(a) => crate::recipes::grpo::run(a.config(), &a.set, a.flags()).map(drop),
         Command::RewardWeighted(a) => reward_weighted::run(a.config(), &a.set, a.flags()).map(drop),
         Command::Pareto(a) => crate::recipes::pareto::run(a.config(), &a.set, a.quiet),
         Command::Eval(args) => evaluate::run(*args),

@@ -5,6 +5,7 @@ pub mod dpo;
 pub mod hybrid;
 pub mod nll;
 pub mod pair;
+pub mod policy_gradient;
 pub mod reward_head;
 pub mod reward_weighted;
 pub mod scalarize;

@@ -5,6 +5,7 @@ pub mod conditioned;
 pub mod dpo;
 pub mod evaluate;
 pub mod generate;
+pub mod grpo;
 pub mod merge;
 pub mod pareto;
 pub mod pipeline;

@@ -1,0 +1,130 @@
+//! Online policy optimisation (`mo-align grpo`) on the tiny model: what moves the adapter and
+//! what does not.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{flags, metrics, scratch, tiny_dir};
+use std::path::Path;
+
+/// Sum of squares of every lora_B in an adapter directory.
+fn b_norm(dir: &Path) -> f64 {
+    let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    t.iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+fn run(root: &Path, out: &str, rules: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let dir = root.join(out);
+    let mut sets = vec![
+        format!("model.path={:?}", tiny_dir().to_str().unwrap()),
+        format!("train.output_dir={:?}", dir.to_str().unwrap()),
+        format!("grpo.rules={:?}", rules.to_str().unwrap()),
+        "data.max_samples=32".to_string(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    mo_align::recipes::grpo::run(
+        Some(Path::new("configs/demo/grpo.toml")),
+        &sets,
+        flags(false, true),
+    )
+    .unwrap();
+    dir
+}
+
+/// A reward the random tiny model sometimes earns: the completion contains an "e".
+fn toy_rules(root: &Path) -> std::path::PathBuf {
+    let p = root.join("toy.toml");
+    std::fs::write(
+        &p,
+        "[[objective]]\nname = \"has_e\"\nbase = 0.0\nmin = 0.0\nmax = 1.0\n[[objective.rule]]\nwhen = \"regex\"\npattern = \"e\"\nscore = 1.0\n",
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn one_completion_per_prompt_has_zero_advantage_and_leaves_the_adapter_where_it_was() {
+    let root = scratch("grpo-zero");
+    let rules = toy_rules(&root);
+    let dir = run(
+        &root,
+        "one",
+        &rules,
+        &[
+            "grpo.num_generations=1",
+            "grpo.max_new_tokens=6",
+            "train.max_steps=3",
+            "train.eval_every=3",
+        ],
+    );
+    assert_eq!(b_norm(&dir), 0.0, "a zero advantage moved the adapter");
+    // With a group of four, the same run moves it.
+    let dir = run(
+        &root,
+        "four",
+        &rules,
+        &[
+            "grpo.max_new_tokens=6",
+            "train.max_steps=3",
+            "train.eval_every=3",
+        ],
+    );
+    assert!(b_norm(&dir) > 0.0);
+    let m = metrics(&dir);
+    for key in [
+        "reward",
+        "reward_std",
+        "rewards/has_e/mean",
+        "frac_reward_zero_std",
+        "kl",
+        "clip_ratio",
+        "completions/mean_length",
+    ] {
+        assert!(m.iter().any(|l| l.get(key).is_some()), "no {key} logged");
+    }
+}
+
+#[test]
+fn policy_gradient_raises_a_toy_reward() {
+    let root = scratch("grpo-toy");
+    let rules = toy_rules(&root);
+    let dir = run(
+        &root,
+        "toy",
+        &rules,
+        &[
+            "grpo.max_new_tokens=3",
+            "grpo.num_generations=8",
+            "train.max_steps=40",
+            "train.eval_every=20",
+            "train.lr=2e-2",
+            "train.warmup_ratio=0.0",
+        ],
+    );
+    let evals: Vec<f64> = metrics(&dir)
+        .iter()
+        .filter_map(|l| l["eval_reward"].as_f64())
+        .collect();
+    let train: Vec<f64> = metrics(&dir)
+        .iter()
+        .filter_map(|l| l["reward"].as_f64())
+        .collect();
+    let (first, last) = (train[0], *train.last().unwrap());
+    assert!(
+        last > first + 0.15,
+        "the rewarded letter did not become likelier: reward {train:?}, eval {evals:?}"
+    );
+}
