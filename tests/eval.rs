@@ -27,6 +27,7 @@ fn demo_configs(root: &Path) -> PathBuf {
         "hybrid-dpo-helpfulness",
         "modpo-honesty",
         "hybrid-dpo-conditioned",
+        "grpo",
         "pareto",
         "pipeline",
         "reward-weighted",
@@ -65,7 +66,8 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
             "hybrid-dpo",
             "hybrid-dpo-helpfulness",
             "modpo-honesty",
-            "hybrid-dpo-conditioned"
+            "hybrid-dpo-conditioned",
+            "grpo"
         ]
     );
     let judged = |stage: &str, judge: &str| -> serde_json::Value {
@@ -149,6 +151,28 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         let (a, b) = (hedged("modpo-honesty"), hedged(other));
         assert!(a >= b + 5, "hedged answers: modpo-honesty {a}, {other} {b}");
     }
+
+    // Online GRPO on the ground-truth objectives (equal weights) raises their mean above SFT's,
+    // most of all instruction following, the objective SFT's habits cost most.
+    let composite = |stage: &str| -> f64 {
+        [
+            "helpfulness",
+            "honesty",
+            "instruction_following",
+            "truthfulness",
+        ]
+        .iter()
+        .map(|o| objective(stage, o))
+        .sum::<f64>()
+            / 4.0
+    };
+    assert!(
+        composite("grpo") > composite("sft") + 0.08,
+        "ground-truth mean: grpo {} vs sft {}",
+        composite("grpo"),
+        composite("sft")
+    );
+    more("instruction_following", "grpo", "sft", 0.4);
 
     // One conditioned policy moves with the weights it is given: at all weight on helpfulness
     // it is more helpful than at all weight on instruction following, and the other way round;

@@ -29,6 +29,10 @@ pub struct StagesConfig {
     /// One hybrid-DPO config, or a list (one stage per weighting).
     #[serde(deserialize_with = "one_or_many")]
     pub hybrid_dpo: Vec<String>,
+    /// Online stages (`mo-align grpo` configs), trained from the SFT model after the
+    /// preference stages and judged like them.
+    #[serde(deserialize_with = "one_or_many")]
+    pub grpo: Vec<String>,
     /// A `mo-align pareto` config run last (its device and dtype are `[eval]`'s); the summary
     /// links its front.
     pub pareto: String,
@@ -314,13 +318,22 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         },
     });
     let preference_stages = std::iter::once(("dpo", p.dpo.as_str()))
-        .chain(p.hybrid_dpo.iter().map(|c| ("hybrid-dpo", c.as_str())));
+        .chain(p.hybrid_dpo.iter().map(|c| ("hybrid-dpo", c.as_str())))
+        .chain(p.grpo.iter().map(|c| ("grpo", c.as_str())));
     for (kind, config) in preference_stages {
         let (model, out_dir, done, digest) = if kind == "dpo" {
             let (c, o, d, g) = stage_state(
                 Path::new(config),
                 ov,
                 |c: &dpo::DpoRunConfig| c.stage.train.output_dir.clone(),
+                |_| "adapter_model.safetensors",
+            )?;
+            (c.stage.model, o, d, g)
+        } else if kind == "grpo" {
+            let (c, o, d, g) = stage_state(
+                Path::new(config),
+                ov,
+                |c: &super::grpo::GrpoRunConfig| c.stage.train.output_dir.clone(),
                 |_| "adapter_model.safetensors",
             )?;
             (c.stage.model, o, d, g)
@@ -337,6 +350,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         let took = stage(&name, (done, &digest), &out_dir, &mut || {
             if kind == "dpo" {
                 dpo::run_dpo(Some(Path::new(config)), ov, flags).map(drop)
+            } else if kind == "grpo" {
+                super::grpo::run(Some(Path::new(config)), ov, flags).map(drop)
             } else {
                 dpo::run_hybrid(Some(Path::new(config)), ov, flags).map(drop)
             }
