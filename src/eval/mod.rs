@@ -93,13 +93,28 @@ pub fn load_for_eval(
 /// conditioning and the line its prompts must carry.
 pub struct PolicyAt {
     pub loaded: Loaded,
-    pub prompt_line: Option<(crate::objectives::conditioning::ConditioningInfo, String)>,
+    /// A conditioned policy's conditioning and the line stating its weights.
+    pub conditioning: Option<(crate::objectives::conditioning::ConditioningInfo, String)>,
 }
 
 impl PolicyAt {
+    /// The conditioning to place in prompts (`mode = "prompt"`; an adapter-conditioned policy
+    /// has its weights merged and reads prompts as they are).
+    pub fn prompt_conditioning(
+        &self,
+    ) -> Option<(&crate::objectives::conditioning::ConditioningInfo, &str)> {
+        use crate::objectives::conditioning::ConditioningMode;
+        match &self.conditioning {
+            Some((info, line)) if info.mode() == ConditioningMode::Prompt => {
+                Some((info, line.as_str()))
+            }
+            _ => None,
+        }
+    }
+
     /// `messages` as this policy reads them.
     pub fn prompt(&self, messages: &[crate::tokenizer::Message]) -> Vec<crate::tokenizer::Message> {
-        match &self.prompt_line {
+        match self.prompt_conditioning() {
             Some((info, line)) => info.place(messages, line),
             None => messages.to_vec(),
         }
@@ -118,45 +133,34 @@ pub fn load_policy_at(
     device: &Device,
 ) -> anyhow::Result<PolicyAt> {
     use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
-    let info = match adapter {
-        Some(a) => ConditioningInfo::load(a)?,
-        None => None,
+    let info = match (adapter, weights) {
+        (Some(a), Some(_)) => Some(ConditioningInfo::require(a)?),
+        (Some(a), None) => ConditioningInfo::load(a)?,
+        (None, Some(_)) => {
+            anyhow::bail!("{path}: weights steer a conditioned adapter; name it with --adapter")
+        }
+        (None, None) => None,
     };
     let (Some(info), Some(dir)) = (info, adapter) else {
-        if weights.is_some() {
-            anyhow::bail!(
-                "{}: no conditioning.json; weights need a policy trained with [conditioning] enabled = true",
-                adapter.unwrap_or(Path::new(path)).display()
-            );
-        }
         return Ok(PolicyAt {
             loaded: load_for_eval(path, base_adapter, adapter, dtype, device)?,
-            prompt_line: None,
+            conditioning: None,
         });
     };
     let k = info.objectives.len();
     let w = weights.map_or_else(|| vec![1.0 / k as f64; k], <[f64]>::to_vec);
     let line = info.line(&w)?;
-    Ok(match info.mode() {
+    let loaded = match info.mode() {
         ConditioningMode::Adapter => {
             let blocks = info.block_dirs(dir);
             let blocks: Vec<&Path> = blocks.iter().map(|b| b.as_path()).collect();
             let w = crate::objectives::conditioning::quantise(&w);
-            PolicyAt {
-                loaded: crate::model::loader::load_soup(
-                    path,
-                    base_adapter,
-                    &blocks,
-                    &w,
-                    dtype,
-                    device,
-                )?,
-                prompt_line: None,
-            }
+            crate::model::loader::load_soup(path, base_adapter, &blocks, &w, dtype, device)?
         }
-        ConditioningMode::Prompt => PolicyAt {
-            loaded: load_for_eval(path, base_adapter, adapter, dtype, device)?,
-            prompt_line: Some((info, line)),
-        },
+        ConditioningMode::Prompt => load_for_eval(path, base_adapter, adapter, dtype, device)?,
+    };
+    Ok(PolicyAt {
+        loaded,
+        conditioning: Some((info, line)),
     })
 }

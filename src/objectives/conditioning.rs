@@ -200,10 +200,8 @@ impl ConditioningInfo {
         Ok(Some(info))
     }
 
-    /// The conditioning of a policy: beside its adapter when it has one, else in its model
-    /// directory (a merged conditioned model).
-    pub fn find(adapter: Option<&Path>, model: &str) -> Result<Self> {
-        let dir = adapter.unwrap_or(Path::new(model));
+    /// The conditioning written beside the adapter in `dir`, refusing an adapter without one.
+    pub fn require(dir: &Path) -> Result<Self> {
         Self::load(dir)?.with_context(|| {
             format!(
                 "{}: no {INFO_FILE}: not a policy trained with [conditioning] enabled = true, so it takes no weights",

@@ -155,12 +155,7 @@ impl Objective for Dpo<'_> {
     fn loss(&self, batch: &[&DpoExample], ctx: ForwardCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
         let ids: Vec<_> = batch.iter().map(|e| e.pair.ids()).collect();
-        let gates: Vec<Vec<f32>> = batch.iter().map(|e| e.gate.clone()).collect();
-        let gates = if gates.iter().all(Vec::is_empty) {
-            vec![]
-        } else {
-            gates
-        };
+        let gates: Vec<&[f32]> = batch.iter().map(|e| e.gate.as_slice()).collect();
         let lp = pair_logprobs_gated(self.model, &ids, &gates, ctx)?;
         let col = |f: &dyn Fn(&DpoExample) -> f32| {
             Tensor::from_vec(

@@ -25,17 +25,18 @@ pub fn pair_logprobs(model: &Qwen2, pairs: &[PairIds], ctx: ForwardCtx) -> Resul
 }
 
 /// `pair_logprobs` with pair i's LoRA blocks gated by `gates[i]` (a weight-conditioned
-/// adapter's objective weights, one per rank; see `ForwardCtx::gate`). Empty: no gates.
+/// adapter's objective weights, one per rank; see `ForwardCtx::gate`). A pair without an entry,
+/// or with an empty one, runs ungated.
 pub fn pair_logprobs_gated(
     model: &Qwen2,
     pairs: &[PairIds],
-    gates: &[Vec<f32>],
+    gates: &[&[f32]],
     ctx: ForwardCtx,
 ) -> Result<PairLogps> {
     let (mut chosen, mut rejected) = (vec![], vec![]);
     for (i, &(prompt, c, r)) in pairs.iter().enumerate() {
-        let gate = match gates.get(i) {
-            Some(g) => Some(Tensor::new(g.as_slice(), &model.device)?),
+        let gate = match gates.get(i).filter(|g| !g.is_empty()) {
+            Some(g) => Some(Tensor::new(*g, &model.device)?),
             None => None,
         };
         let ctx = ctx.with_gate(gate.as_ref());

@@ -73,12 +73,7 @@ impl Objective for RewardWeighted<'_> {
     fn loss(&self, batch: &[&WeightedPair], ctx: ForwardCtx) -> Result<LossOutput> {
         let dev = &self.model.device;
         let ids: Vec<_> = batch.iter().map(|e| e.pair.ids()).collect();
-        let gates: Vec<Vec<f32>> = batch.iter().map(|e| e.gate.clone()).collect();
-        let gates = if gates.iter().all(Vec::is_empty) {
-            vec![]
-        } else {
-            gates
-        };
+        let gates: Vec<&[f32]> = batch.iter().map(|e| e.gate.as_slice()).collect();
         let lp = pair_logprobs_gated(self.model, &ids, &gates, ctx)?;
         let col = |xs: Vec<f32>| Tensor::from_vec(xs, batch.len(), dev);
         let mean_c = (&lp.chosen / col(lp.chosen_tokens.iter().map(|&n| n as f32).collect())?)?;

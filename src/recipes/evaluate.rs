@@ -13,7 +13,7 @@ use crate::generate::SamplingArgs;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
+use crate::objectives::conditioning::parse_weights;
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -252,26 +252,23 @@ pub fn run(args: EvalOptions) -> Result<()> {
         // A weight-conditioned policy answers at --weights.
         let conditioned = match &args.weights {
             Some(w) => {
-                let w = parse_weights(w).context("--weights")?;
-                let info =
-                    ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
-                report.insert("conditioning".into(), info.line(&w)?.into());
-                Some(load_policy_at(
+                let p = load_policy_at(
                     args.model.spec(),
                     args.base_adapter.as_deref(),
                     args.model.adapter.as_deref(),
-                    Some(&w),
+                    Some(&parse_weights(w).context("--weights")?),
                     dtype,
                     &device,
-                )?)
+                )?;
+                if let Some((_, line)) = &p.conditioning {
+                    report.insert("conditioning".into(), line.as_str().into());
+                }
+                Some(p)
             }
             None => None,
         };
         let (model, prompt_line) = match &conditioned {
-            Some(p) => (
-                &p.loaded,
-                p.prompt_line.as_ref().map(|(i, l)| (i, l.as_str())),
-            ),
+            Some(p) => (&p.loaded, p.prompt_conditioning()),
             None => (main()?, None),
         };
         let (wr, gens) = win_rate_eval(

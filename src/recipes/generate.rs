@@ -6,7 +6,7 @@ use crate::generate::{generate, SamplingArgs};
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{parse_weights, ConditioningInfo};
+use crate::objectives::conditioning::parse_weights;
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -39,33 +39,36 @@ pub fn run(args: GenerateOptions) -> Result<()> {
         Some(w) => Some(parse_weights(w).context("--weights")?),
         None => None,
     };
-    let (loaded, conditioning) = match &weights {
-        Some(w) => {
-            let p = load_policy_at(
-                args.model.spec(),
-                None,
-                args.model.adapter.as_deref(),
-                Some(w),
-                parse_dtype(&args.model.dtype)?,
-                &select_device(&args.model.device)?,
-            )?;
-            let info = ConditioningInfo::find(args.model.adapter.as_deref(), args.model.spec())?;
-            let line = info.line(w)?;
-            (p.loaded, Some((p.prompt_line, line)))
+    let policy = match &weights {
+        Some(w) => Some(load_policy_at(
+            args.model.spec(),
+            None,
+            args.model.adapter.as_deref(),
+            Some(w),
+            parse_dtype(&args.model.dtype)?,
+            &select_device(&args.model.device)?,
+        )?),
+        None => None,
+    };
+    let plain;
+    let loaded = match &policy {
+        Some(p) => &p.loaded,
+        None => {
+            plain = args.model.load()?;
+            &plain
         }
-        None => (args.model.load()?, None),
     };
     let sampling = args.sampling.resolve(loaded.generation_config().as_ref());
     sampling.validate()?;
     let tok = &loaded.tokenizer;
-    let (prompt_ids, stop) = if args.chat || conditioning.is_some() {
+    let (prompt_ids, stop) = if args.chat || policy.is_some() {
         let mut msgs = vec![];
         if let Some(s) = &args.system {
             msgs.push(Message::new("system", s));
         }
         msgs.push(Message::new("user", &args.prompt));
-        if let Some((Some((info, line)), _)) = &conditioning {
-            msgs = info.place(&msgs, line);
+        if let Some(p) = &policy {
+            msgs = p.prompt(&msgs);
         }
         (tok.encode_prompt(&msgs)?, tok.stop_ids())
     } else {
@@ -86,7 +89,7 @@ pub fn run(args: GenerateOptions) -> Result<()> {
     let ids = &out[0];
     let text = tok.decode(ids, true)?;
     if args.json {
-        let json = serde_json::json!({"text": text, "token_ids": ids, "sampling": sampling, "conditioning": conditioning.map(|c| c.1)});
+        let json = serde_json::json!({"text": text, "token_ids": ids, "sampling": sampling, "conditioning": policy.as_ref().and_then(|p| p.conditioning.as_ref().map(|c| &c.1))});
         println!("{json}");
     } else {
         println!("{text}");

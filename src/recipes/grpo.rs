@@ -12,6 +12,7 @@ use crate::eval::prompts::prompt_of;
 use crate::generate::{generate, SamplingConfig};
 use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen2;
+use crate::objectives::conditioning::line_names;
 use crate::objectives::policy_gradient::{
     aggregate, completion_logprobs, group_advantages, pg_loss, std, Aggregation, Algorithm,
 };
@@ -371,13 +372,10 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         objectives.extend(h.info.objectives.iter().cloned());
     }
     if let Some(r) = &rules {
-        let plain = head.is_none();
-        objectives.extend(
-            r.names()
-                .into_iter()
-                .map(|n| if plain { n } else { format!("{n}_rules") }),
-        );
+        objectives.extend(r.names().into_iter().map(|n| format!("{n} (rules)")));
     }
+    // Metric names: `helpfulness`, or `helpfulness_rules` beside the reward model's own.
+    let objectives = line_names(&objectives);
     let weights = equal_weights_or(&g.weights, objectives.len(), "grpo.weights")
         .with_context(|| format!("reward vector {objectives:?}"))?;
     let objective = OnlinePolicyGradient {

@@ -103,7 +103,7 @@ enum Variant<'a> {
     /// The conditioned adapter, reading `line`.
     Conditioned {
         adapter: &'a str,
-        info: Box<ConditioningInfo>,
+        info: &'a ConditioningInfo,
         line: String,
     },
     /// An adapter trained for this weighting.
@@ -141,7 +141,12 @@ pub struct PolicyReport {
     pub seconds: f64,
 }
 
-pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<()> {
+/// Runs the report; returns its directory and `pareto.json`'s content.
+pub fn run(
+    config: Option<&Path>,
+    overrides: &[String],
+    quiet: bool,
+) -> Result<(PathBuf, serde_json::Value)> {
     let started = Instant::now();
     let cfg: ParetoConfig = crate::config::load(config, overrides)?;
     let p = &cfg.pareto;
@@ -175,7 +180,17 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
             }
         }
     }
-    let objectives = weight_objectives(&cfg)?;
+    // Each conditioned policy's conditioning, read once (`None` for other policies).
+    let infos: Vec<Option<ConditioningInfo>> = cfg
+        .policy
+        .iter()
+        .map(|pol| {
+            (!pol.conditioned.is_empty())
+                .then(|| ConditioningInfo::require(Path::new(&pol.conditioned)))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let objectives = weight_objectives(&cfg, &infos)?;
     let k = objectives.len();
     for (i, pol) in cfg.policy.iter().enumerate() {
         check_policy(pol, i, k)?;
@@ -216,17 +231,25 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
             jobs.extend(pol.adapter_weights.iter().map(|w| (i, quantise(w))));
         }
     }
+    // Decoding: the flags over the base model's own defaults, one setting for every policy.
+    let sampling = {
+        let files = crate::model::loader::resolve(&p.model)?;
+        let defaults = std::fs::read_to_string(files.dir().join("generation_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let s = cfg.sampling.resolve(defaults.as_ref());
+        s.validate()?;
+        s
+    };
     let progress = crate::train::progress::Progress::new(jobs.len() as u64, 0, quiet, "pareto");
     let base_key = base_digest(p)?;
-    let mut sampling_cache: Option<SamplingConfig> = None;
     let mut conditioned_model: Option<(usize, Loaded)> = None;
     let mut results: Vec<Vec<WeightingResult>> = vec![vec![]; cfg.policy.len()];
     let mut seconds = vec![0.0; cfg.policy.len()];
     for (n, (i, w)) in jobs.iter().enumerate() {
         let t = Instant::now();
         let pol = &cfg.policy[*i];
-        let variant = if !pol.conditioned.is_empty() {
-            let info = ConditioningInfo::find(Some(Path::new(&pol.conditioned)), &p.model)?;
+        let variant = if let Some(info) = &infos[*i] {
             if info.mode() == ConditioningMode::Adapter {
                 let blocks = info.block_dirs(Path::new(&pol.conditioned));
                 Variant::Soup(blocks.iter().map(|b| b.display().to_string()).collect())
@@ -234,7 +257,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
                 Variant::Conditioned {
                     adapter: &pol.conditioned,
                     line: info.line(w)?,
-                    info: Box::new(info),
+                    info,
                 }
             }
         } else if !pol.adapters.is_empty() {
@@ -252,20 +275,6 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
             .join("generations")
             .join(&pol.name)
             .join(format!("{tag}.json"));
-        // The model's own decoding defaults need the model; read them once, from the base.
-        let sampling = match &sampling_cache {
-            Some(s) => s.clone(),
-            None => {
-                let files = crate::model::loader::resolve(&p.model)?;
-                let defaults = std::fs::read_to_string(files.dir().join("generation_config.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok());
-                let s = cfg.sampling.resolve(defaults.as_ref());
-                s.validate()?;
-                sampling_cache = Some(s.clone());
-                s
-            }
-        };
         let key = job_key(&base_key, &variant, w, &prompts, &sampling, p)?;
         let answers = match cached_answers(&gen_path, &key) {
             Some(a) => a,
@@ -405,7 +414,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
         "prompts": p.prompts,
         "n_prompts": prompts.len(),
         "shared_weightings": shared,
-        "sampling": sampling_cache,
+        "sampling": sampling,
         "policies": reports,
         "seconds": started.elapsed().as_secs_f64(),
     });
@@ -449,7 +458,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<(
             fmt_rho(&r.spearman)
         );
     }
-    Ok(())
+    Ok((out, report))
 }
 
 fn kind(p: &PolicySpec) -> &'static str {
@@ -501,25 +510,24 @@ fn check_policy(p: &PolicySpec, i: usize, k: usize) -> Result<()> {
     Ok(())
 }
 
-/// The objectives weightings are over.
-fn weight_objectives(cfg: &ParetoConfig) -> Result<Vec<String>> {
-    let conditioned = cfg
-        .policy
+/// The objectives weightings are over (`infos`: each policy's conditioning, if any).
+fn weight_objectives(
+    cfg: &ParetoConfig,
+    infos: &[Option<ConditioningInfo>],
+) -> Result<Vec<String>> {
+    let conditioned: Vec<(&ConditioningInfo, &PolicySpec)> = infos
         .iter()
-        .filter(|p| !p.conditioned.is_empty())
-        .map(|p| ConditioningInfo::find(Some(Path::new(&p.conditioned)), &cfg.pareto.model))
-        .collect::<Result<Vec<_>>>()?;
+        .zip(&cfg.policy)
+        .filter_map(|(c, p)| c.as_ref().map(|c| (c, p)))
+        .collect();
     let names = if !cfg.pareto.objectives.is_empty() {
         cfg.pareto.objectives.clone()
-    } else if let Some(c) = conditioned.first() {
+    } else if let Some((c, _)) = conditioned.first() {
         c.objectives.clone()
     } else {
         bail!("pareto.objectives is empty and no policy is conditioned: name the objectives the weightings are over");
     };
-    for (c, p) in conditioned
-        .iter()
-        .zip(cfg.policy.iter().filter(|p| !p.conditioned.is_empty()))
-    {
+    for (c, p) in conditioned {
         if c.objectives != names {
             bail!(
                 "{}: conditioned on {:?}, but the weightings are over {names:?}",

@@ -414,13 +414,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             format!("pareto.device={:?}", e.device),
             format!("pareto.dtype={:?}", e.dtype),
         ];
-        super::pareto::run(Some(Path::new(&p.pareto)), &sets, flags.quiet)?;
-        let cfg: super::pareto::ParetoConfig =
-            crate::config::load(Some(Path::new(&p.pareto)), &sets)?;
-        let dir = PathBuf::from(&cfg.pareto.output_dir);
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("pareto.json"))?)
-                .with_context(|| format!("{}: not JSON", dir.join("pareto.json").display()))?;
+        let (dir, report) = super::pareto::run(Some(Path::new(&p.pareto)), &sets, flags.quiet)?;
         md.push_str(&super::pareto::summary_section(&report, &dir, &out));
         summary["pareto"] = serde_json::json!({
             "output_dir": dir,

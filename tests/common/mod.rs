@@ -173,3 +173,25 @@ pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Sum of squares of every lora_B in the adapter saved in `dir` (0 for a fresh adapter: B starts
+/// at zero, so it tells whether training moved it).
+pub fn lora_b_norm(dir: &Path) -> f64 {
+    let path = dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: no adapter: {e}", path.display()));
+    tensors
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .sum()
+}
