@@ -738,6 +738,53 @@ pub fn summary_section(report: &serde_json::Value, dir: &Path, summary_dir: &Pat
             fmt_rho(&rho),
         ));
     }
+    // The trade-off a user steers: each policy at all weight on one objective (and at equal
+    // weights), every objective's judged mean.
+    let judged: Vec<&str> = report["judged_objectives"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    for p in report["policies"].as_array().into_iter().flatten() {
+        let rows: Vec<String> = p["weightings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| {
+                let ws: Vec<f64> = w["weights"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|x| x.as_f64())
+                    .collect();
+                let k = ws.len() as f64;
+                let vertex = ws.contains(&1.0);
+                let equal = ws.iter().all(|x| (x - 1.0 / k).abs() < 0.011);
+                if !(vertex || equal) {
+                    return None;
+                }
+                let means: Vec<String> = w["means"]
+                    .as_array()?
+                    .iter()
+                    .map(|m| format!("{:.3}", m.as_f64().unwrap_or(f64::NAN)))
+                    .collect();
+                let label = match ws.iter().position(|x| *x == 1.0) {
+                    Some(i) => {
+                        format!("all on {}", report["objectives"][i].as_str().unwrap_or("?"))
+                    }
+                    None => "equal".to_string(),
+                };
+                Some(format!("| {label} | {} |\n", means.join(" | ")))
+            })
+            .collect();
+        if !rows.is_empty() {
+            md.push_str(&format!(
+                "\n{} at single-objective weightings (judged means):\n\n| weights | {} |\n|---|{}\n{}",
+                p["name"].as_str().unwrap_or("?"),
+                judged.join(" | "),
+                "---|".repeat(judged.len()),
+                rows.concat()
+            ));
+        }
+    }
     md.push_str(&format!(
         "\n![front, objective pairs]({rel}/pareto_pairs.svg)\n\n![front, parallel coordinates]({rel}/pareto_parallel.svg)\n"
     ));
