@@ -7,6 +7,16 @@ use common::{flags, lora_b_norm, metrics, scratch, tiny_dir};
 use std::path::Path;
 
 fn run(root: &Path, out: &str, rules: &Path, extra: &[&str]) -> std::path::PathBuf {
+    run_with(root, out, rules, extra, false)
+}
+
+fn run_with(
+    root: &Path,
+    out: &str,
+    rules: &Path,
+    extra: &[&str],
+    resume: bool,
+) -> std::path::PathBuf {
     let dir = root.join(out);
     let mut sets = vec![
         format!("model.path={:?}", tiny_dir().to_str().unwrap()),
@@ -18,7 +28,7 @@ fn run(root: &Path, out: &str, rules: &Path, extra: &[&str]) -> std::path::PathB
     mo_align::recipes::grpo::run(
         Some(Path::new("configs/demo/grpo.toml")),
         &sets,
-        flags(false, true),
+        flags(resume, true),
     )
     .unwrap();
     dir
@@ -106,5 +116,49 @@ fn policy_gradient_raises_a_toy_reward() {
     assert!(
         last > first + 0.15,
         "the rewarded letter did not become likelier: reward {train:?}, eval {evals:?}"
+    );
+}
+
+#[test]
+fn a_reused_batch_clips_its_ratio_and_a_run_resumed_mid_cycle_is_exact() {
+    let root = scratch("grpo-reuse");
+    let rules = toy_rules(&root);
+    let extra = [
+        "grpo.max_new_tokens=4",
+        "grpo.num_iterations=2",
+        "grpo.epsilon=0.01",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.save_every=1",
+        "train.keep_checkpoints=10",
+        "train.lr=5e-2",
+        "train.warmup_ratio=0.0",
+    ];
+    let dir = run(&root, "whole", &rules, &extra);
+    let m = metrics(&dir);
+    let train: Vec<&serde_json::Value> = m.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(train.len(), 4);
+    // Steps 1 and 3 sample (ratio 1: nothing clipped); steps 2 and 4 reuse those samples after
+    // an update at lr 5e-2, so ratios leave 1 +- 0.01 and some are clipped.
+    let clip: Vec<f64> = train
+        .iter()
+        .map(|l| l["clip_ratio"].as_f64().unwrap())
+        .collect();
+    assert_eq!((clip[0], clip[2]), (0.0, 0.0), "{clip:?}");
+    assert!(clip[1] > 0.0 && clip[3] > 0.0, "{clip:?}");
+    // The reused step reports its batch's rewards again.
+    assert_eq!(train[0]["reward"], train[1]["reward"]);
+    assert!(dir.join("timing.json").is_file());
+
+    // Killed after step 1, in the middle of a cycle: the resumed run reuses the kept samples.
+    let whole = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    for step in 2..=4 {
+        std::fs::remove_dir_all(dir.join(format!("checkpoints/checkpoint-{step:07}"))).unwrap();
+    }
+    std::fs::remove_file(dir.join("adapter_model.safetensors")).unwrap();
+    run_with(&root, "whole", &rules, &extra, true);
+    assert!(
+        whole == std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
+        "the run resumed mid-cycle differs from the uninterrupted one"
     );
 }

@@ -5,7 +5,8 @@
 //!     RLOO: A_i = r_i - mean_{j != i} r_j  = k / (k - 1) * (r_i - mean(r))
 //! The loss per completion is the mean over its tokens of
 //!     -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * KL_t,
-//! rho_t = pi(y_t) / pi_old(y_t) (1 with its gradient, as the batch is used for one step), and
+//! rho_t = pi(y_t) / pi_old(y_t) (pi_old: the policy that sampled the batch; on the first step
+//! over a batch pi_old = pi, so rho_t = 1 with the gradient of log pi), and
 //! KL_t = exp(ref_t - lp_t) - (ref_t - lp_t) - 1 (the k3 estimator TRL uses; the reference is the
 //! policy with its adapter off), then the mean over the group.
 
@@ -122,7 +123,9 @@ pub fn std(xs: &[f64]) -> f64 {
 /// The loss terms of a set of completions, summed over completions (each the mean over its
 /// tokens). `lp` [N] are the policy's token log-probs of every completion, consecutive;
 /// `counts[i]` tokens belong to completion i; `advantages[i]` is its advantage; `reference`
-/// (same layout, no gradient) enables the KL term.
+/// (same layout, no gradient) enables the KL term; `old` (same layout) are the sampling
+/// policy's log-probs when a batch is reused for a later step (`None`: this is the policy that
+/// sampled it).
 pub struct PgTerms {
     pub loss: candle_core::Tensor,
     /// Sum over completions of their mean per-token KL (0 without a reference).
@@ -135,6 +138,7 @@ pub fn pg_loss(
     lp: &candle_core::Tensor,
     counts: &[usize],
     advantages: &[f64],
+    old: Option<&candle_core::Tensor>,
     reference: Option<&candle_core::Tensor>,
     beta: f64,
     epsilon: f64,
@@ -154,8 +158,12 @@ pub fn pg_loss(
     let n = adv.len();
     let adv = Tensor::from_vec(adv, n, dev)?.to_dtype(dtype)?;
     let inv = Tensor::from_vec(inv, n, dev)?.to_dtype(dtype)?;
-    // One optimisation step per batch: pi_old = pi, so rho = 1 and its gradient is grad log pi.
-    let ratio = (lp - lp.detach())?.exp()?;
+    // d rho / d lp = rho: on the sampling step rho = 1 and the gradient is that of log pi.
+    let old = match old {
+        Some(o) => o.to_dtype(dtype)?.detach(),
+        None => lp.detach(),
+    };
+    let ratio = (lp - old)?.exp()?;
     let clipped_ratio = ratio.clamp(1.0 - epsilon, 1.0 + epsilon)?;
     let unclipped = (&ratio * &adv)?;
     let clipped = (&clipped_ratio * &adv)?;
@@ -256,7 +264,7 @@ mod tests {
         // first) * 1 + (lp of the second) * 2; its gradient is -1/2, -1/2 on the first's tokens
         // and +2 on the second's.
         let lp = Var::new(&[-0.5f64, -1.0, -2.0], &Device::Cpu).unwrap();
-        let t = pg_loss(lp.as_tensor(), &[2, 1], &[1.0, -2.0], None, 0.0, 0.2).unwrap();
+        let t = pg_loss(lp.as_tensor(), &[2, 1], &[1.0, -2.0], None, None, 0.0, 0.2).unwrap();
         let loss = t.loss.to_scalar::<f64>().unwrap();
         // The value: ratios are 1, so loss = -(1 * 1/2 + 1 * 1/2) * 1 - (1 * -2) = -1 + 2 = 1.
         assert!((loss - 1.0).abs() < 1e-12, "{loss}");
@@ -266,12 +274,54 @@ mod tests {
         assert_eq!(t.clipped, 0.0);
         // KL to a reference equal to the policy is 0; a different one gives the k3 value.
         let same = lp.as_tensor().detach();
-        let t = pg_loss(lp.as_tensor(), &[2, 1], &[0.0, 0.0], Some(&same), 0.1, 0.2).unwrap();
+        let t = pg_loss(
+            lp.as_tensor(),
+            &[2, 1],
+            &[0.0, 0.0],
+            None,
+            Some(&same),
+            0.1,
+            0.2,
+        )
+        .unwrap();
         assert!(t.kl.abs() < 1e-12);
         let other = Tensor::new(&[0.0f64, -1.0, -2.0], &Device::Cpu).unwrap();
-        let t = pg_loss(lp.as_tensor(), &[2, 1], &[0.0, 0.0], Some(&other), 0.1, 0.2).unwrap();
+        let t = pg_loss(
+            lp.as_tensor(),
+            &[2, 1],
+            &[0.0, 0.0],
+            None,
+            Some(&other),
+            0.1,
+            0.2,
+        )
+        .unwrap();
         let d: f64 = 0.5;
         let want = (d.exp() - d - 1.0) / 2.0;
         assert!((t.kl - want).abs() < 1e-12, "{} vs {want}", t.kl);
+    }
+
+    #[test]
+    fn a_reused_batch_clips_the_importance_ratio() {
+        // The policy has moved since sampling: token 0's ratio is e^0.5 = 1.65 (clipped to 1.2
+        // for a positive advantage), token 1's e^-0.1 = 0.905 (inside the range).
+        let lp = Var::new(&[-0.5f64, -1.1], &Device::Cpu).unwrap();
+        let old = Tensor::new(&[-1.0f64, -1.0], &Device::Cpu).unwrap();
+        let t = pg_loss(lp.as_tensor(), &[2], &[2.0], Some(&old), None, 0.0, 0.2).unwrap();
+        let r1 = (-0.1f64).exp();
+        // Loss = -(1.2 * 2 + r1 * 2) / 2; the clipped token has no gradient, the other
+        // -r1 * 2 / 2 (d rho / d lp = rho).
+        let want = -(1.2 * 2.0 + r1 * 2.0) / 2.0;
+        let loss = t.loss.to_scalar::<f64>().unwrap();
+        assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
+        let g = t.loss.backward().unwrap();
+        let g = g.get(lp.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        assert!(g[0].abs() < 1e-12 && (g[1] + r1).abs() < 1e-12, "{g:?}");
+        assert!((t.clipped - 0.5).abs() < 1e-12);
+        // A negative advantage clips from below: ratio 0.905 is inside, 1.65 is kept (min).
+        let t = pg_loss(lp.as_tensor(), &[2], &[-1.0], Some(&old), None, 0.0, 0.05).unwrap();
+        let want = -(-(0.5f64.exp()) + -0.95) / 2.0;
+        let loss = t.loss.to_scalar::<f64>().unwrap();
+        assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
     }
 }

@@ -6,7 +6,7 @@
 //! (`objectives::policy_gradient`). Prompts are the examples; a step's samples depend only on
 //! (seed, step, micro-batch), so a resumed run samples what an uninterrupted one would.
 
-use super::{AdapterStage, RewardBackbone, RunFlags};
+use super::{AdapterStage, RunFlags};
 use crate::data::{json_kind, FieldError, Parsed};
 use crate::eval::prompts::prompt_of;
 use crate::generate::{generate, SamplingConfig};
@@ -24,8 +24,10 @@ use crate::tokenizer::ChatTokenizer;
 use crate::train::trainer::TrainOutcome;
 use crate::train::{LossOutput, Objective};
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::time::Instant;
 
 /// The `[grpo]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +55,9 @@ pub struct GrpoConfig {
     pub beta: f64,
     /// PPO clip range of the importance ratio.
     pub epsilon: f64,
+    /// Optimizer steps over each batch of samples (TRL's `num_iterations`); from the second on,
+    /// the ratio to the sampling policy is clipped to 1 +- epsilon.
+    pub num_iterations: usize,
     pub score_batch_size: usize,
 }
 
@@ -73,6 +78,7 @@ impl Default for GrpoConfig {
             scale_rewards: true,
             beta: 0.0,
             epsilon: 0.2,
+            num_iterations: 1,
             score_batch_size: 16,
         }
     }
@@ -85,6 +91,9 @@ impl GrpoConfig {
         }
         if self.num_generations == 0 {
             bail!("grpo.num_generations must be at least 1");
+        }
+        if self.num_iterations == 0 {
+            bail!("grpo.num_iterations must be at least 1");
         }
         if self.max_new_tokens == 0 {
             bail!("grpo.max_new_tokens must be at least 1");
@@ -136,60 +145,129 @@ pub struct PromptExample {
     pub record: serde_json::Value,
 }
 
-/// Where completions' reward vectors come from.
-struct RewardSources<'a> {
-    rules: Option<RuleObjectives>,
-    head: Option<(RewardHead, RewardBackbone<'a>)>,
+/// Where completions' reward vectors come from: a reward head with the model it reads features
+/// from (and that model's context: the policy with its adapter off, or a backbone of its own),
+/// and/or rule objectives over the decoded text.
+pub struct RewardSources<'a> {
+    pub head: Option<(&'a RewardHead, &'a Qwen2, ForwardCtx<'static>)>,
+    pub rules: Option<(RuleObjectives, &'a ChatTokenizer)>,
 }
 
-struct OnlinePolicyGradient<'a> {
-    model: &'a Qwen2,
-    tokenizer: &'a ChatTokenizer,
-    cfg: &'a GrpoConfig,
-    sources: RewardSources<'a>,
-    weights: Vec<f64>,
-    objectives: Vec<String>,
-    seed: u64,
+/// One micro-batch's samples, kept while the batch is reused for `num_iterations` steps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SampledBatch {
+    prompts: Vec<Vec<u32>>,
+    completions: Vec<Vec<u32>>,
+    advantages: Vec<f64>,
+    /// The sampling policy's token log-probs (consecutive per completion).
+    old_logprobs: Vec<f32>,
+    reference: Option<Vec<f32>>,
+    /// Reward metrics, reported at every step that uses the batch.
+    metrics: Vec<(String, f64)>,
 }
 
-impl OnlinePolicyGradient<'_> {
+/// Where the trainer is in a reuse cycle, the samples of the cycle, and time spent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct OnlineState {
+    step: u64,
+    micro: usize,
+    batches: Vec<SampledBatch>,
+    /// Seconds of training steps spent sampling, and scoring the samples; tokens sampled.
+    generation_s: f64,
+    scoring_s: f64,
+    generated_tokens: u64,
+}
+
+/// The online policy-gradient objective: samples, scores and updates, one batch of prompts.
+pub struct OnlinePolicyGradient<'a> {
+    pub model: &'a Qwen2,
+    pub cfg: &'a GrpoConfig,
+    pub sources: RewardSources<'a>,
+    pub weights: Vec<f64>,
+    pub objectives: Vec<String>,
+    pub seed: u64,
+    pub stop_ids: Vec<u32>,
+    pub pad_id: u32,
+    state: std::cell::RefCell<OnlineState>,
+}
+
+/// Timing of an online run's training steps.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OnlineTiming {
+    pub generation_s: f64,
+    pub scoring_s: f64,
+    pub generated_tokens: u64,
+}
+
+impl<'a> OnlinePolicyGradient<'a> {
+    pub fn new(
+        model: &'a Qwen2,
+        cfg: &'a GrpoConfig,
+        sources: RewardSources<'a>,
+        weights: Vec<f64>,
+        objectives: Vec<String>,
+        seed: u64,
+        stop_ids: Vec<u32>,
+        pad_id: u32,
+    ) -> Self {
+        Self {
+            model,
+            cfg,
+            sources,
+            weights,
+            objectives,
+            seed,
+            stop_ids,
+            pad_id,
+            state: Default::default(),
+        }
+    }
+
+    pub fn timing(&self) -> OnlineTiming {
+        let s = self.state.borrow();
+        OnlineTiming {
+            generation_s: s.generation_s,
+            scoring_s: s.scoring_s,
+            generated_tokens: s.generated_tokens,
+        }
+    }
+
     /// Reward vectors of completions (RM heads first, then rules on [0, 1]).
     fn reward_vectors(
         &self,
-        prompts: &[&PromptExample],
+        batch: &[&PromptExample],
         completions: &[Vec<u32>],
     ) -> Result<Vec<Vec<f32>>> {
         let k = self.cfg.num_generations;
         let mut out: Vec<Vec<f32>> = vec![vec![]; completions.len()];
-        if let Some((head, backbone)) = &self.sources.head {
-            let (model, ctx, _) = backbone.parts();
+        if let Some((head, model, ctx)) = &self.sources.head {
             let seqs: Vec<Vec<u32>> = completions
                 .iter()
                 .enumerate()
-                .map(|(i, c)| [prompts[i / k].prompt.as_slice(), c].concat())
+                .map(|(i, c)| [batch[i / k].prompt.as_slice(), c].concat())
                 .collect();
             let scored: Vec<ScoredSequence> = seqs
                 .iter()
                 .enumerate()
-                .map(|(i, s)| ScoredSequence::new(s, prompts[i / k].prompt.len()))
+                .map(|(i, s)| ScoredSequence::new(s, batch[i / k].prompt.len()))
                 .collect();
             let f = reward_features(
                 model,
                 head.info.feature_set,
                 &scored,
                 self.cfg.score_batch_size,
-                ctx,
+                *ctx,
                 &|_| {},
             )?;
             for (o, s) in out.iter_mut().zip(head.predict(&f)?.to_vec2::<f32>()?) {
                 o.extend(s);
             }
         }
-        if let Some(rules) = &self.sources.rules {
+        if let Some((rules, tokenizer)) = &self.sources.rules {
             for (i, (o, c)) in out.iter_mut().zip(completions).enumerate() {
-                let text = self.tokenizer.decode(c, true)?;
+                let text = tokenizer.decode(c, true)?;
                 let s = rules
-                    .score_normalized(&prompts[i / k].record, &text)
+                    .score_normalized(&batch[i / k].record, &text)
                     .map_err(|e| anyhow::anyhow!("field `{}`: {}", e.field, e.problem))?;
                 o.extend(s);
             }
@@ -207,40 +285,34 @@ impl OnlinePolicyGradient<'_> {
             seed,
         }
     }
-}
 
-impl Objective for OnlinePolicyGradient<'_> {
-    type Example = PromptExample;
-
-    fn tokens(&self, ex: &PromptExample) -> usize {
-        (ex.prompt.len() + self.cfg.max_new_tokens) * self.cfg.num_generations
-    }
-
-    fn weight(&self, _ex: &PromptExample) -> f64 {
-        1.0
-    }
-
-    fn loss(&self, batch: &[&PromptExample], ctx: ForwardCtx) -> candle_core::Result<LossOutput> {
+    /// Samples k completions per prompt, scores them, and computes advantages and the reward
+    /// metrics; log-probs are left to the caller. `count_time`: a training step's sampling,
+    /// added to the run's timing (evaluation's is not).
+    fn sample(
+        &self,
+        batch: &[&PromptExample],
+        seed: u64,
+        count_time: bool,
+    ) -> candle_core::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<f64>, Vec<(String, f64)>)> {
         let to_candle = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
         let k = self.cfg.num_generations;
-        // Training steps reseed from the step's dropout stream; evaluation samples the same
-        // completions every time.
-        let seed = mix_seed(self.seed, ctx.dropout.map_or(u64::MAX, |d| d.seed()), 0);
         let prompts: Vec<Vec<u32>> = batch
             .iter()
             .flat_map(|e| std::iter::repeat_n(e.prompt.clone(), k))
             .collect();
         let streams: Vec<u64> = (0..prompts.len() as u64).collect();
-        let stop = self.tokenizer.stop_ids();
+        let t0 = Instant::now();
         let completions = generate(
             self.model,
             &prompts,
             &streams,
             &self.sampling(seed),
-            &stop,
-            self.tokenizer.pad_id,
+            &self.stop_ids,
+            self.pad_id,
             ForwardCtx::EVAL,
         )?;
+        let t1 = Instant::now();
         let vectors = self
             .reward_vectors(batch, &completions)
             .map_err(to_candle)?;
@@ -262,49 +334,149 @@ impl Objective for OnlinePolicyGradient<'_> {
             ));
             rewards.extend(r);
         }
-        // An empty completion (a stop token first is still one token) cannot be scored as text
-        // tokens; every completion here has at least one token.
-        let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let comp_refs: Vec<&[u32]> = completions.iter().map(Vec::as_slice).collect();
-        let lp = completion_logprobs(self.model, &prompt_refs, &comp_refs, ctx)?;
-        let reference = if self.cfg.beta > 0.0 {
-            Some(
-                completion_logprobs(self.model, &prompt_refs, &comp_refs, ForwardCtx::REFERENCE)?
-                    .logprobs,
-            )
-        } else {
-            None
-        };
-        let lp_t = lp.logprobs.to_dtype(candle_core::DType::F32)?;
-        let reference = reference
-            .map(|r| r.to_dtype(candle_core::DType::F32))
-            .transpose()?;
-        let terms = pg_loss(
-            &lp_t,
-            &lp.counts,
-            &advantages,
-            reference.as_ref(),
-            self.cfg.beta,
-            self.cfg.epsilon,
-        )?;
-        // Per prompt: the mean over its group (the trainer divides sums by prompts).
-        let loss = (terms.loss / k as f64)?;
+        if count_time {
+            let mut st = self.state.borrow_mut();
+            st.generation_s += (t1 - t0).as_secs_f64();
+            st.scoring_s += t1.elapsed().as_secs_f64();
+            st.generated_tokens += completions.iter().map(Vec::len).sum::<usize>() as u64;
+        }
+        // Metrics are sums over the batch's prompts (the trainer divides by prompts).
         let per_prompt = |x: f64| x / k as f64;
         let mut metrics = vec![
             ("reward".to_string(), per_prompt(rewards.iter().sum())),
             ("reward_std".to_string(), reward_std_sum),
             ("frac_reward_zero_std".to_string(), zero_std),
-            ("kl".to_string(), per_prompt(terms.kl)),
-            ("clip_ratio".to_string(), per_prompt(terms.clipped)),
             (
                 "completions/mean_length".to_string(),
-                per_prompt(lp.counts.iter().sum::<usize>() as f64),
+                per_prompt(completions.iter().map(Vec::len).sum::<usize>() as f64),
             ),
         ];
         for (j, name) in self.objectives.iter().enumerate() {
             let total: f64 = vectors.iter().map(|v| v[j] as f64).sum();
             metrics.push((format!("rewards/{name}/mean"), per_prompt(total)));
         }
+        Ok((prompts, completions, advantages, metrics))
+    }
+}
+
+impl Objective for OnlinePolicyGradient<'_> {
+    type Example = PromptExample;
+
+    fn tokens(&self, ex: &PromptExample) -> usize {
+        (ex.prompt.len() + self.cfg.max_new_tokens) * self.cfg.num_generations
+    }
+
+    fn weight(&self, _ex: &PromptExample) -> f64 {
+        1.0
+    }
+
+    fn steps_per_batch(&self) -> u64 {
+        self.cfg.num_iterations as u64
+    }
+
+    fn begin_step(&self, step: u64) {
+        let mut st = self.state.borrow_mut();
+        st.step = step;
+        st.micro = 0;
+    }
+
+    fn state(&self) -> Option<serde_json::Value> {
+        let st = self.state.borrow();
+        let mut keep = st.clone();
+        // Samples only matter when the next step reuses them.
+        if (st.step + 1).is_multiple_of(self.cfg.num_iterations as u64) {
+            keep.batches.clear();
+        }
+        serde_json::to_value(keep).ok()
+    }
+
+    fn restore(&self, state: Option<&serde_json::Value>) -> Result<()> {
+        if let Some(v) = state {
+            *self.state.borrow_mut() = serde_json::from_value(v.clone())
+                .context("the checkpoint's online-sampling state is unreadable")?;
+        }
+        Ok(())
+    }
+
+    fn loss(&self, batch: &[&PromptExample], ctx: ForwardCtx) -> candle_core::Result<LossOutput> {
+        let k = self.cfg.num_generations;
+        // A training step's position in its reuse cycle; evaluation always samples afresh.
+        let (micro, first) = if ctx.grad {
+            let mut st = self.state.borrow_mut();
+            st.micro += 1;
+            let first = st.step.is_multiple_of(self.cfg.num_iterations as u64);
+            (st.micro - 1, first)
+        } else {
+            (0, true)
+        };
+        let sampled = if first {
+            // Training steps reseed from the step's dropout stream; evaluation samples the
+            // same completions every time.
+            let seed = mix_seed(self.seed, ctx.dropout.map_or(u64::MAX, |d| d.seed()), 0);
+            let (prompts, completions, advantages, metrics) = self.sample(batch, seed, ctx.grad)?;
+            SampledBatch {
+                prompts,
+                completions,
+                advantages,
+                old_logprobs: vec![],
+                reference: None,
+                metrics,
+            }
+        } else {
+            let st = self.state.borrow();
+            st.batches.get(micro).cloned().ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "step {}: no samples kept for micro-batch {micro} to reuse",
+                    st.step
+                ))
+            })?
+        };
+        // Every completion has at least one token (a stop token first is still one).
+        let prompt_refs: Vec<&[u32]> = sampled.prompts.iter().map(Vec::as_slice).collect();
+        let comp_refs: Vec<&[u32]> = sampled.completions.iter().map(Vec::as_slice).collect();
+        let lp = completion_logprobs(self.model, &prompt_refs, &comp_refs, ctx)?;
+        let lp_t = lp.logprobs.to_dtype(DType::F32)?;
+        let dev = lp_t.device();
+        let n = lp_t.dim(0)?;
+        let reference = match (&sampled.reference, self.cfg.beta > 0.0) {
+            (Some(r), _) => Some(Tensor::from_slice(r, n, dev)?),
+            (None, true) => Some(
+                completion_logprobs(self.model, &prompt_refs, &comp_refs, ForwardCtx::REFERENCE)?
+                    .logprobs
+                    .to_dtype(DType::F32)?,
+            ),
+            (None, false) => None,
+        };
+        let old = if first {
+            None
+        } else {
+            Some(Tensor::from_slice(&sampled.old_logprobs, n, dev)?)
+        };
+        let terms = pg_loss(
+            &lp_t,
+            &lp.counts,
+            &sampled.advantages,
+            old.as_ref(),
+            reference.as_ref(),
+            self.cfg.beta,
+            self.cfg.epsilon,
+        )?;
+        if first && ctx.grad && self.cfg.num_iterations > 1 {
+            let kept = SampledBatch {
+                old_logprobs: lp_t.detach().to_vec1()?,
+                reference: reference.as_ref().map(|r| r.to_vec1()).transpose()?,
+                ..sampled.clone()
+            };
+            let mut st = self.state.borrow_mut();
+            st.batches.truncate(micro);
+            st.batches.push(kept);
+        }
+        // Per prompt: the mean over its group (the trainer divides sums by prompts).
+        let loss = (terms.loss / k as f64)?;
+        let per_prompt = |x: f64| x / k as f64;
+        let mut metrics = sampled.metrics;
+        metrics.push(("kl".to_string(), per_prompt(terms.kl)));
+        metrics.push(("clip_ratio".to_string(), per_prompt(terms.clipped)));
         Ok(LossOutput {
             loss_sum: loss,
             metrics,
@@ -378,16 +550,52 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let objectives = line_names(&objectives);
     let weights = equal_weights_or(&g.weights, objectives.len(), "grpo.weights")
         .with_context(|| format!("reward vector {objectives:?}"))?;
-    let objective = OnlinePolicyGradient {
-        model: &run.loaded.model,
-        tokenizer: tok,
-        cfg: g,
-        sources: RewardSources { rules, head },
+    let sources = RewardSources {
+        head: head.as_ref().map(|(h, backbone)| {
+            let (model, ctx, _) = backbone.parts();
+            (h, model, ctx)
+        }),
+        rules: rules.map(|r| (r, tok)),
+    };
+    let objective = OnlinePolicyGradient::new(
+        &run.loaded.model,
+        g,
+        sources,
         weights,
         objectives,
-        seed: cfg.stage.train.seed,
-    };
-    run.train(&objective, &splits.train, &splits.val, g_label(g))
+        cfg.stage.train.seed,
+        tok.stop_ids(),
+        tok.pad_id,
+    );
+    let outcome = run.train(&objective, &splits.train, &splits.val, g_label(g))?;
+    write_timing(&run.out, &objective.timing(), &outcome)?;
+    Ok(outcome)
+}
+
+/// `timing.json`: how a run's training time divides between sampling, scoring and the
+/// policy update (forward, backward, optimizer), and the two throughputs.
+fn write_timing(out: &Path, t: &OnlineTiming, outcome: &TrainOutcome) -> Result<()> {
+    let train_s = outcome.train_s;
+    let update_s = (train_s - t.generation_s - t.scoring_s).max(0.0);
+    let v = serde_json::json!({
+        "train_s": train_s,
+        "generation_s": t.generation_s,
+        "scoring_s": t.scoring_s,
+        "update_s": update_s,
+        "generation_share": t.generation_s / train_s.max(1e-9),
+        "scoring_share": t.scoring_s / train_s.max(1e-9),
+        "generated_tokens": t.generated_tokens,
+        "generation_tokens_per_s": t.generated_tokens as f64 / t.generation_s.max(1e-9),
+    });
+    crate::io::write_json_atomic(&out.join("timing.json"), &v)?;
+    eprintln!(
+        "grpo: generation {:.0}% and scoring {:.0}% of {:.1}s of training steps ({:.0} sampled tokens/s)",
+        100.0 * v["generation_share"].as_f64().unwrap_or(0.0),
+        100.0 * v["scoring_share"].as_f64().unwrap_or(0.0),
+        train_s,
+        v["generation_tokens_per_s"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
 }
 
 fn g_label(g: &GrpoConfig) -> &'static str {

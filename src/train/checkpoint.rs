@@ -36,6 +36,16 @@ pub struct TrainerState {
     pub window: Window,
     #[serde(default)]
     pub first_loss: Option<f64>,
+    /// Seconds spent in training steps so far (evaluation and checkpointing excluded), carried
+    /// over a resume: the x axis of wall-time curves.
+    #[serde(default)]
+    pub elapsed_s: f64,
+    /// The batch being reused when an objective takes several steps per batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<Vec<usize>>,
+    /// The objective's own resume state (`Objective::state`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<serde_json::Value>,
 }
 
 pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {

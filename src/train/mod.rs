@@ -31,6 +31,28 @@ pub trait Objective {
     /// weights). `ctx` carries the adapter switch, dropout, and whether a gradient will be
     /// taken. The objective holds what it computes with (model, scores, features).
     fn loss(&self, batch: &[&Self::Example], ctx: ForwardCtx) -> Result<LossOutput>;
+
+    /// Optimizer steps each batch serves. Online objectives reuse one batch's samples for
+    /// several updates (GRPO's inner iterations, with the importance ratio to the policy that
+    /// sampled them); offline objectives take one step per batch.
+    fn steps_per_batch(&self) -> u64 {
+        1
+    }
+
+    /// Called before every training step with the step's index (0-based), so an objective that
+    /// reuses a batch knows where in the cycle it is.
+    fn begin_step(&self, _step: u64) {}
+
+    /// What an exact resume needs beyond the trained weights and the optimizer (samples being
+    /// reused); saved in every checkpoint's trainer state.
+    fn state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Restores `state()` from a checkpoint (`None`: the checkpoint held none).
+    fn restore(&self, _state: Option<&serde_json::Value>) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 pub struct LossOutput {

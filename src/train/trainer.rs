@@ -50,6 +50,9 @@ pub struct TrainOutcome {
     pub early_stopped: bool,
     pub skipped_steps: u64,
     pub wall_s: f64,
+    /// Seconds in training steps over the whole run (resumed runs included; evaluation and
+    /// checkpointing excluded).
+    pub train_s: f64,
 }
 
 /// Result of one optimizer step.
@@ -329,7 +332,8 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     );
     let f16 = crate::model::parse_dtype(&cfg.dtype)? == DType::F16;
     let batches_per_epoch = run.train.len().div_ceil(cfg.batch_size) as u64;
-    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64);
+    let reuse = run.objective.steps_per_batch().max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64) * reuse;
     let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
     let schedule = LrSchedule::new(
         cfg.lr,
@@ -361,6 +365,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     match checkpoint::latest(run.output_dir)? {
         Some(_) if run.resume => {
             state = resume_from_newest_usable(&run, &mut opt, &progress)?;
+            run.objective.restore(state.objective.as_ref())?;
             truncate_metrics(&metrics_path, state.step)?;
         }
         Some(dir) => bail!(
@@ -387,11 +392,17 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     while state.step < total_steps && !state.early_stopped {
         if stop.load(Ordering::SeqCst) {
             (state.window, state.first_loss) = (window.clone(), outcome.first_loss);
+            state.objective = run.objective.state();
             checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
             progress.finish();
             return Err(Interrupted(state.step).into());
         }
-        let group = cursor.take(&run, cfg.grad_accum);
+        // A batch serves `reuse` consecutive steps; the cursor moves at the first of them.
+        if state.step.is_multiple_of(reuse) || state.group.is_empty() {
+            state.group = cursor.take(&run, cfg.grad_accum);
+        }
+        let group = state.group.clone();
+        run.objective.begin_step(state.step);
         let lr = schedule.lr(state.step);
         let t0 = Instant::now();
         let inputs = StepInputs {
@@ -426,12 +437,15 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
                 bail!("{} consecutive steps had a non-finite loss or gradient (last at step {}); lower train.lr, or use f32", state.bad_streak, state.step);
             }
         }
-        window.add(&stats, lr, t0.elapsed().as_secs_f64());
+        let step_s = t0.elapsed().as_secs_f64();
+        state.elapsed_s += step_s;
+        window.add(&stats, lr, step_s);
         let epoch = state.step as f64 / steps_per_epoch as f64;
         progress.set(state.step, window.bar_message());
         if state.step.is_multiple_of(cfg.log_every) || state.step == total_steps {
             let mut line = window.flush(state.step, epoch);
             line["skipped_steps"] = state.skipped_steps.into();
+            line["elapsed_s"] = state.elapsed_s.into();
             if f16 {
                 line["loss_scale"] = state.loss_scale.into();
             }
@@ -442,7 +456,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         let eval_due = cfg.eval_every.is_some_and(|n| state.step.is_multiple_of(n));
         if !run.val.is_empty() && (eval_due || state.step == total_steps) {
             let eval = evaluate(run.objective, run.val, eval_bs)?;
-            let mut line = serde_json::json!({"step": state.step, "epoch": epoch});
+            let mut line = serde_json::json!({"step": state.step, "epoch": epoch, "elapsed_s": state.elapsed_s});
             for (k, v) in &eval {
                 line[k] = (*v).into();
             }
@@ -473,6 +487,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         let save_due = cfg.save_every.is_some_and(|n| state.step.is_multiple_of(n));
         if save_due || state.step == total_steps || state.early_stopped {
             (state.window, state.first_loss) = (window.clone(), outcome.first_loss);
+            state.objective = run.objective.state();
             checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
             checkpoint::prune(run.output_dir, cfg.keep_checkpoints)?;
         }
@@ -493,6 +508,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     outcome.early_stopped = state.early_stopped;
     outcome.skipped_steps = state.skipped_steps;
     outcome.wall_s = started.elapsed().as_secs_f64();
+    outcome.train_s = state.elapsed_s;
     Ok(outcome)
 }
 
