@@ -23,6 +23,12 @@
 //! - `forward`: no-grad forward plus log-probs at every position;
 //! - `features`: reward-model feature extraction (last-token hidden states), no grad;
 //! - `generate`: greedy KV-cache decoding, B prompts of T tokens, new tokens per second.
+//! - `grpo`: one online step of `mo-align grpo` through the same objective: B prompts of T/2
+//!   tokens, 4 completions each sampled to T/2 new tokens (temperature 1, no stop token), a
+//!   4-objective reward head on the policy's own frozen weights (the adapter off, one feature
+//!   pass), group advantages, and the policy-gradient update; tokens/s counts 4*B*T per step.
+//!   `generation_s_median` and `scoring_s_median` split the step. Compare its peak RSS with the
+//!   `dpo` case of the same tokens per step (`real-dpo-b2-t256`).
 //!
 //! Cases named `*-ckpt-*` recompute each decoder layer in the backward (activation
 //! checkpointing, `train.recompute_layers = true`).
@@ -40,7 +46,12 @@ use mo_align::model::{Qwen2, Qwen2Config};
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::nll::Nll;
 use mo_align::objectives::pair::{reference_logprobs, PairIds};
+use mo_align::recipes::grpo::{
+    GrpoConfig, OnlinePolicyGradient, PromptExample, RewardSources, StopTokens,
+};
+use mo_align::reward::features::FeatureSet;
 use mo_align::reward::last_token_features;
+use mo_align::reward::{RewardHead, RewardModelInfo};
 use mo_align::rng::stream_rng;
 use mo_align::tokenizer::LabelledIds;
 use mo_align::train::checkpoint::TrainerState;
@@ -78,7 +89,7 @@ const fn case(
     }
 }
 
-const CASES: [Case; 31] = [
+const CASES: [Case; 34] = [
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
     case("real-fullsft-ckpt-b2-t1024", true, "fullsft", 2, 1024, 1),
     case("real-fullsft-b1-t256", true, "fullsft", 1, 256, 2),
@@ -88,6 +99,7 @@ const CASES: [Case; 31] = [
     case("tiny-forward-b4-t128", false, "forward", 4, 128, 10),
     case("tiny-features-b8-t128", false, "features", 8, 128, 10),
     case("tiny-generate-b4-t32", false, "generate", 4, 32, 64),
+    case("tiny-grpo-b4-t64", false, "grpo", 4, 64, 5),
     case("real-sft-b1-t256", true, "sft", 1, 256, 3),
     case("real-sftprompt-b1-t256", true, "sftprompt", 1, 256, 3),
     case("real-dpo-b1-t256", true, "dpo", 1, 256, 3),
@@ -105,6 +117,8 @@ const CASES: [Case; 31] = [
     case("real-features-b8-t256", true, "features", 8, 256, 3),
     case("real-generate-b1-t64", true, "generate", 1, 64, 32),
     case("real-generate-b8-t64", true, "generate", 8, 64, 32),
+    case("real-grpo-b1-t256", true, "grpo", 1, 256, 2),
+    case("real-dpo-b2-t256", true, "dpo", 2, 256, 2),
     // GPU cases (run only with --device cuda): real size at T = 1024.
     case("gpu-sft-b4-t1024", true, "sft", 4, 1024, 10),
     case("gpu-sftprompt-b4-t1024", true, "sftprompt", 4, 1024, 10),
@@ -258,6 +272,8 @@ fn nominal_flops_per_token(cfg: &Qwen2Config, mode: &str, t: usize) -> f64 {
         // Full fine-tuning adds the weight gradients: another forward's worth of products.
         "fullsft" => 3.0 * fwd + attn,
         "dpo" => 3.0 * fwd + attn,
+        // Sampling (weights only, per new token), the reward features, and a LoRA step.
+        "grpo" => 2.0 * (body + head) / 2.0 + (2.0 * body + attn) + 2.0 * fwd + attn,
         "forward" => fwd,
         "features" => 2.0 * body + attn,
         _ => 2.0 * (body + head),
@@ -576,6 +592,85 @@ fn run_case(
                     times.push(t0.elapsed().as_secs_f64());
                 }
             }
+        }
+        "grpo" => {
+            let g = 4;
+            let grpo_cfg = GrpoConfig {
+                num_generations: g,
+                max_new_tokens: t - t / 2,
+                temperature: 1.0,
+                ..GrpoConfig::default()
+            };
+            let names: Vec<String> = [
+                "helpfulness",
+                "honesty",
+                "instruction_following",
+                "truthfulness",
+            ]
+            .map(String::from)
+            .to_vec();
+            let info = RewardModelInfo {
+                objectives: names.clone(),
+                rating_normalisation: "bench".into(),
+                backbone_model: "random".into(),
+                backbone_adapter: None,
+                backbone_fingerprint: None,
+                backbone_fingerprint_bf16: None,
+                backbone_dtype: None,
+                hidden_size: cfg.hidden_size,
+                feature: "last_token".into(),
+                feature_set: FeatureSet::LastToken,
+            };
+            let h = cfg.hidden_size;
+            let mut head = RewardHead::new(
+                info,
+                candle_core::Tensor::zeros(h, DType::F32, &device)?,
+                candle_core::Tensor::ones(h, DType::F32, &device)?,
+                &[0.0; 4],
+            )?;
+            // A random head, so completions differ in reward and advantages are not zero.
+            head.weight = candle_core::Var::randn(0f32, 0.05, (4, h), &device)?;
+            let sources = RewardSources {
+                head: Some((&head, &model, ForwardCtx::REFERENCE)),
+                rules: None,
+            };
+            let objective = OnlinePolicyGradient::new(
+                &model,
+                &grpo_cfg,
+                sources,
+                vec![0.25; 4],
+                names,
+                0,
+                StopTokens {
+                    stop_ids: vec![],
+                    pad_id: 0,
+                },
+            );
+            let examples: Vec<PromptExample> = (0..b)
+                .map(|_| PromptExample {
+                    prompt: random_ids(&mut rng, t / 2, vocab),
+                    record: serde_json::Value::Null,
+                })
+                .collect();
+            tokens = g * b * t;
+            let (mut gen_times, mut score_times) = (vec![], vec![]);
+            for step in 0..=case.steps {
+                let before = objective.timing();
+                let t0 = Instant::now();
+                objective.begin_step(step as u64);
+                let (loss, phase) =
+                    bench_step(&objective, &examples, &mut opt, step as u64, recompute)?;
+                let after = objective.timing();
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                    phases.push(phase);
+                    gen_times.push(after.generation_s - before.generation_s);
+                    score_times.push(after.scoring_s - before.scoring_s);
+                }
+                losses.push(loss);
+            }
+            extra.insert("generation_s_median".into(), median(gen_times).into());
+            extra.insert("scoring_s_median".into(), median(score_times).into());
         }
         other => anyhow::bail!("unknown mode {other}"),
     }

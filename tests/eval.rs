@@ -181,6 +181,38 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         composite("hybrid-dpo")
     );
 
+    // Wall-time curves: every kept checkpoint judged by the ground truth against its training
+    // seconds. Each starts at SFT's score, its last point is the finished stage (the same
+    // answers as the table's), and GRPO's score rises over its run.
+    let curve = |stage: &str| -> Vec<(f64, f64)> {
+        summary["curves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["stage"] == stage)
+            .unwrap_or_else(|| panic!("no curve for {stage}"))["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["elapsed_s"].as_f64().unwrap(),
+                    p["mean_total"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    for stage in ["hybrid-dpo", "grpo"] {
+        let c = curve(stage);
+        assert!(c.len() >= 4, "{stage}: {c:?}");
+        assert!(c.windows(2).all(|w| w[1].0 > w[0].0), "{stage}: {c:?}");
+        assert!((c[0].1 - composite("sft")).abs() < 1e-4, "{stage}: {c:?}");
+        let last = c.last().unwrap().1;
+        assert!((last - composite(stage)).abs() < 1e-4, "{stage}: {c:?}");
+    }
+    let g = curve("grpo");
+    assert!(g.last().unwrap().1 > g[0].1 + 0.2, "grpo curve {g:?}");
+
     // One conditioned policy moves with the weights it is given: at all weight on helpfulness
     // it is more helpful than at all weight on instruction following, and the other way round;
     // across the 35-weighting grid, instruction following rises with its weight.

@@ -186,9 +186,14 @@ pub struct OnlinePolicyGradient<'a> {
     pub weights: Vec<f64>,
     pub objectives: Vec<String>,
     pub seed: u64,
+    pub stops: StopTokens,
+    state: std::cell::RefCell<OnlineState>,
+}
+
+/// What ends a sampled completion, and what pads the batch.
+pub struct StopTokens {
     pub stop_ids: Vec<u32>,
     pub pad_id: u32,
-    state: std::cell::RefCell<OnlineState>,
 }
 
 /// Timing of an online run's training steps.
@@ -207,8 +212,7 @@ impl<'a> OnlinePolicyGradient<'a> {
         weights: Vec<f64>,
         objectives: Vec<String>,
         seed: u64,
-        stop_ids: Vec<u32>,
-        pad_id: u32,
+        stops: StopTokens,
     ) -> Self {
         Self {
             model,
@@ -217,8 +221,7 @@ impl<'a> OnlinePolicyGradient<'a> {
             weights,
             objectives,
             seed,
-            stop_ids,
-            pad_id,
+            stops,
             state: Default::default(),
         }
     }
@@ -294,7 +297,7 @@ impl<'a> OnlinePolicyGradient<'a> {
         batch: &[&PromptExample],
         seed: u64,
         count_time: bool,
-    ) -> candle_core::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<f64>, Vec<(String, f64)>)> {
+    ) -> candle_core::Result<SampledBatch> {
         let to_candle = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
         let k = self.cfg.num_generations;
         let prompts: Vec<Vec<u32>> = batch
@@ -308,8 +311,8 @@ impl<'a> OnlinePolicyGradient<'a> {
             &prompts,
             &streams,
             &self.sampling(seed),
-            &self.stop_ids,
-            self.pad_id,
+            &self.stops.stop_ids,
+            self.stops.pad_id,
             ForwardCtx::EVAL,
         )?;
         let t1 = Instant::now();
@@ -355,7 +358,14 @@ impl<'a> OnlinePolicyGradient<'a> {
             let total: f64 = vectors.iter().map(|v| v[j] as f64).sum();
             metrics.push((format!("rewards/{name}/mean"), per_prompt(total)));
         }
-        Ok((prompts, completions, advantages, metrics))
+        Ok(SampledBatch {
+            prompts,
+            completions,
+            advantages,
+            old_logprobs: vec![],
+            reference: None,
+            metrics,
+        })
     }
 }
 
@@ -413,15 +423,7 @@ impl Objective for OnlinePolicyGradient<'_> {
             // Training steps reseed from the step's dropout stream; evaluation samples the
             // same completions every time.
             let seed = mix_seed(self.seed, ctx.dropout.map_or(u64::MAX, |d| d.seed()), 0);
-            let (prompts, completions, advantages, metrics) = self.sample(batch, seed, ctx.grad)?;
-            SampledBatch {
-                prompts,
-                completions,
-                advantages,
-                old_logprobs: vec![],
-                reference: None,
-                metrics,
-            }
+            self.sample(batch, seed, ctx.grad)?
         } else {
             let st = self.state.borrow();
             st.batches.get(micro).cloned().ok_or_else(|| {
@@ -564,8 +566,10 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         weights,
         objectives,
         cfg.stage.train.seed,
-        tok.stop_ids(),
-        tok.pad_id,
+        StopTokens {
+            stop_ids: tok.stop_ids(),
+            pad_id: tok.pad_id,
+        },
     );
     let outcome = run.train(&objective, &splits.train, &splits.val, g_label(g))?;
     write_timing(&run.out, &objective.timing(), &outcome)?;

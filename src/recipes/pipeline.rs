@@ -74,6 +74,9 @@ pub struct PipelineEvalConfig {
     pub tie_margin: f64,
     pub dtype: String,
     pub device: String,
+    /// Stages (by name) whose checkpoints are judged by the ground truth against the seconds
+    /// they had trained: wall-time curves, and each stage's score at equal training time.
+    pub curves: Vec<String>,
 }
 
 impl Default for PipelineEvalConfig {
@@ -90,6 +93,7 @@ impl Default for PipelineEvalConfig {
             tie_margin: 0.0,
             dtype: "f32".into(),
             device: "auto".into(),
+            curves: vec![],
         }
     }
 }
@@ -400,6 +404,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         "judges": judged.judges,
         "base_samples": judged.base_samples,
         "stages": judged.rows,
+        "curves": judged.curves,
         "stage_seconds": timings.iter().map(|t| serde_json::json!({"stage": t.0, "seconds": t.1, "cached": t.2})).collect::<Vec<_>>(),
         "reward_model": {"output_dir": rm_out, "train_seconds": rm_seconds, "report": rm_report},
         "wall_seconds": started.elapsed().as_secs_f64(),

@@ -68,8 +68,37 @@ pub struct StageRow {
     pub samples: Vec<Sample>,
 }
 
+/// A checkpoint judged by the ground truth: the training seconds it had behind it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    pub step: u64,
+    pub elapsed_s: f64,
+    pub mean_total: f64,
+    pub mean_objectives: Vec<f64>,
+}
+
+/// A stage's ground-truth score against its training time (its first point is the model it
+/// started from, at 0 s).
+#[derive(Debug, Clone, Serialize)]
+pub struct Curve {
+    pub stage: String,
+    pub points: Vec<CurvePoint>,
+}
+
+impl Curve {
+    /// The score of the newest checkpoint at or before `t` seconds: what a run stopped then has.
+    pub fn at(&self, t: f64) -> Option<&CurvePoint> {
+        self.points.iter().rev().find(|p| p.elapsed_s <= t + 1e-9)
+    }
+
+    pub fn end_s(&self) -> f64 {
+        self.points.last().map_or(0.0, |p| p.elapsed_s)
+    }
+}
+
 /// Every stage judged against the base and its predecessor.
 pub struct Judged {
+    pub curves: Vec<Curve>,
     pub rows: Vec<StageRow>,
     pub judges: Vec<JudgeInfo>,
     pub base_samples: Vec<Sample>,
@@ -222,6 +251,54 @@ pub fn judge_stages(
             samples: samples(&answers[me].1),
         });
     }
+    // Wall-time curves: every checkpoint of the named stages answers the same prompts and the
+    // ground truth judges it.
+    let mut curves = vec![];
+    let ground_truth = judges.iter().position(|(k, _)| k == "rules");
+    if let (Some(ji), false) = (ground_truth, e.curves.is_empty()) {
+        let (_, judge) = &judges[ji];
+        for name in &e.curves {
+            let Some(si) = stages.iter().position(|s| &s.name == name) else {
+                anyhow::bail!("eval.curves names `{name}`, which is not a stage of this pipeline");
+            };
+            let st = &stages[si];
+            let start = st.previous.as_deref().and_then(index).unwrap_or(0);
+            let v0 = &verdicts[ji][start];
+            let mut points = vec![CurvePoint {
+                step: 0,
+                elapsed_s: 0.0,
+                mean_total: mean(v0, |x| x.total),
+                mean_objectives: mean_objectives(v0),
+            }];
+            for dir in crate::train::checkpoint::complete(&st.output_dir)? {
+                let state = crate::train::checkpoint::read_state(&dir)?;
+                let policy = load_policy_at(
+                    &st.model,
+                    st.base_adapter.as_deref(),
+                    Some(&dir),
+                    None,
+                    dtype,
+                    &device,
+                )?;
+                let msgs: Vec<_> = messages.iter().map(|m| policy.prompt(m)).collect();
+                let a = answer_prompts(&policy.loaded, &msgs, &sampling, batch)?;
+                let v = judge_answers(judge, &prompts, &a, batch)?;
+                points.push(CurvePoint {
+                    step: state.step,
+                    elapsed_s: state.elapsed_s,
+                    mean_total: mean(&v, |x| x.total),
+                    mean_objectives: mean_objectives(&v),
+                });
+            }
+            if points.len() < 2 {
+                eprintln!("warning: {name} kept no checkpoints; its curve has only its start (set train.save_every)");
+            }
+            curves.push(Curve {
+                stage: name.clone(),
+                points,
+            });
+        }
+    }
     let judges = judges
         .iter()
         .enumerate()
@@ -234,6 +311,7 @@ pub fn judge_stages(
         })
         .collect();
     Ok(Judged {
+        curves,
         rows,
         judges,
         base_samples: samples(&answers[0].1),
@@ -307,6 +385,9 @@ pub fn markdown(summary: &serde_json::Value, judged: &Judged) -> String {
         }
         s.push('\n');
     }
+    if !judged.curves.is_empty() {
+        s.push_str(&curves_markdown(&judged.curves));
+    }
     let rm = &summary["reward_model"];
     s.push_str("## Reward model\n\n");
     if let Some(acc) = rm["report"]["ranking"]["composite_accuracy"].as_f64() {
@@ -349,5 +430,43 @@ pub fn markdown(summary: &serde_json::Value, judged: &Judged) -> String {
         "\nWhole pipeline {:.1}s.\n",
         summary["wall_seconds"].as_f64().unwrap_or(0.0)
     ));
+    s
+}
+
+/// The wall-time curves as a table, and every stage's score at the shortest run's end.
+fn curves_markdown(curves: &[Curve]) -> String {
+    let mut s = String::from(
+        "## Ground truth against training time\n\n\
+         Every kept checkpoint answers the same prompts, judged by the rule objectives (mean score). \
+         Seconds are those spent in training steps (a stage's one-off reference and reward-model \
+         passes before its first step are not counted); 0 s is the model the stage started from.\n\n\
+         | stage | step | seconds | mean score |\n|---|---|---|---|\n",
+    );
+    for c in curves {
+        for p in &c.points {
+            s.push_str(&format!(
+                "| {} | {} | {:.1} | {:.3} |\n",
+                c.stage, p.step, p.elapsed_s, p.mean_total
+            ));
+        }
+    }
+    let t = curves
+        .iter()
+        .map(Curve::end_s)
+        .fold(f64::INFINITY, f64::min);
+    if curves.len() > 1 && t.is_finite() {
+        let at: Vec<String> = curves
+            .iter()
+            .filter_map(|c| {
+                c.at(t)
+                    .map(|p| format!("{} {:.3} (step {})", c.stage, p.mean_total, p.step))
+            })
+            .collect();
+        s.push_str(&format!(
+            "\nAt equal training time ({t:.1} s, where the shortest run ends): {}.\n",
+            at.join(", ")
+        ));
+    }
+    s.push('\n');
     s
 }

@@ -76,6 +76,14 @@ pub fn save(
     Ok(dest)
 }
 
+/// A checkpoint's trainer state alone (step, training seconds), without loading its tensors.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state", path.display()))
+}
+
 /// The complete checkpoints (those with a trainer state), oldest first.
 pub fn complete(output_dir: &Path) -> Result<Vec<PathBuf>> {
     let dir = checkpoints_dir(output_dir);
