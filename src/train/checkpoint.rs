@@ -147,12 +147,7 @@ pub fn load(
     opt: &mut AdamW,
     device: &Device,
 ) -> Result<TrainerState> {
-    let state_path = dir.join("trainer_state.json");
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(&state_path)
-            .with_context(|| format!("{}: cannot read", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
+    let state = read_state(dir)?;
     trainable.load(dir)?;
     let opt_path = dir.join("optimizer.safetensors");
     let opt_tensors = candle_core::safetensors::load(&opt_path, device)
