@@ -89,7 +89,7 @@ const fn case(
     }
 }
 
-const CASES: [Case; 34] = [
+const CASES: [Case; 35] = [
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
     case("real-fullsft-ckpt-b2-t1024", true, "fullsft", 2, 1024, 1),
     case("real-fullsft-b1-t256", true, "fullsft", 1, 256, 2),
@@ -125,6 +125,7 @@ const CASES: [Case; 34] = [
     case("gpu-dpo-b2-t1024", true, "dpo", 2, 1024, 10),
     case("gpu-sft-ckpt-b8-t1024", true, "sft", 8, 1024, 10),
     case("gpu-generate-b16-t128", true, "generate", 16, 128, 64),
+    case("gpu-grpo-b4-t512", true, "grpo", 4, 512, 2),
 ];
 
 /// The value after `flag` on the command line.

@@ -12,7 +12,8 @@ loss at every position; `dpo` runs the reference forward with the adapter disabl
 and the policy on chosen and rejected (B pairs, prompt = first T/2 tokens) every step.
 Prints one JSON line per case: tokens/s (SFT B*T, DPO 2*B*T per step), peak device memory
 (torch.cuda.max_memory_allocated and max_memory_reserved), and MFU against the dense bf16 peak
-with the same nominal FLOPs per token as the Rust bench. Never needed to build or test mo-align.
+with the same nominal FLOPs per token as the Rust bench. `generate` is greedy decoding with
+transformers' `generate` (B prompts of T tokens, 64 new tokens each; new tokens/s). Never needed to build or test mo-align.
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SUITE = [("sft", 4, 1024), ("dpo", 2, 1024), ("sft", 8, 1024)]
+SUITE = [("sft", 4, 1024), ("dpo", 2, 1024), ("sft", 8, 1024), ("generate", 16, 128)]
 PEAKS = [("h200", 989.4), ("h100 pcie", 756.0), ("h100", 989.4), ("a100", 312.0), ("l40s", 362.0),
          ("4090", 165.2), ("a10g", 70.0)]
 
@@ -85,6 +86,8 @@ def run_one(a):
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    if a.mode == "generate":
+        return run_generate(a, model, dev, vocab, g, sync)
     if a.mode == "sft":
         ids = torch.randint(0, vocab, (b, t), generator=g).to(dev)
         tokens = b * t
@@ -143,12 +146,48 @@ def run_one(a):
     print(json.dumps(out), flush=True)
 
 
+def run_generate(a, model, dev, vocab, g, sync):
+    """Greedy KV-cache decoding with transformers' `generate`, the adapter on (as mo-align's
+    `gpu-generate` case decodes the LoRA model unmerged): B prompts of T tokens, --new-tokens new
+    tokens each, never stopping early; new tokens per second."""
+    model.eval()
+    b, t = a.batch, a.seq
+    ids = torch.randint(0, vocab, (b, t), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    gen = dict(max_new_tokens=a.new_tokens, do_sample=False,
+               pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        for _ in range(a.warmup):
+            model.generate(input_ids=ids, attention_mask=mask, **gen)
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, **gen)
+            sync()
+            times.append(time.perf_counter() - t0)
+    assert out.shape == (b, t + a.new_tokens), out.shape
+    times.sort()
+    step_s = times[len(times) // 2]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    res = {"bench": "torch_peft", "mode": "generate", "B": b, "T": t, "new_tokens": a.new_tokens,
+           "dtype": a.dtype, "device": name, "torch": torch.__version__, "timed_steps": len(times),
+           "step_s_median": step_s, "tok_per_s": b * a.new_tokens / step_s}
+    if dev.type == "cuda":
+        res["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        res["peak_device_reserved_mib"] = torch.cuda.max_memory_reserved(dev) / 2**20
+    print(json.dumps(res), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["sft", "dpo"], default="sft")
+    ap.add_argument("--mode", choices=["sft", "dpo", "generate"], default="sft")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per prompt")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
