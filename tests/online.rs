@@ -162,3 +162,116 @@ fn a_reused_batch_clips_its_ratio_and_a_run_resumed_mid_cycle_is_exact() {
         "the run resumed mid-cycle differs from the uninterrupted one"
     );
 }
+
+/// Two objectives no completion can both meet: it has an "e", or it has none.
+fn opposed_rules(root: &Path) -> std::path::PathBuf {
+    let p = root.join("opposed.toml");
+    std::fs::write(
+        &p,
+        "[[objective]]\nname = \"has_e\"\nbase = 0.0\nmin = 0.0\nmax = 1.0\n[[objective.rule]]\nwhen = \"regex\"\npattern = \"e\"\nscore = 1.0\n\n\
+         [[objective]]\nname = \"no_e\"\nbase = 1.0\nmin = 0.0\nmax = 1.0\n[[objective.rule]]\nwhen = \"regex\"\npattern = \"e\"\nscore = -1.0\n",
+    )
+    .unwrap();
+    p
+}
+
+/// The share of sampled completions with an "e" from the conditioned policy in `dir` at
+/// `weights` (its blocks merged at w, as `generate --weights` loads it).
+fn e_rate(dir: &Path, weights: &[f64]) -> f64 {
+    use mo_align::generate::{generate, SamplingConfig};
+    use mo_align::tokenizer::Message;
+    let policy = mo_align::eval::load_policy_at(
+        tiny_dir().to_str().unwrap(),
+        None,
+        Some(dir),
+        Some(weights),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (model, tok) = (&policy.loaded.model, &policy.loaded.tokenizer);
+    let questions = [
+        "What is the capital of France?",
+        "Name a colour.",
+        "Say hi.",
+        "Count to three.",
+    ];
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .flat_map(|q| {
+            let p = tok
+                .encode_prompt(&policy.prompt(&[Message::new("user", q)]))
+                .unwrap();
+            std::iter::repeat_n(p, 16)
+        })
+        .collect();
+    let streams: Vec<u64> = (0..prompts.len() as u64).collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 3,
+        temperature: 0.7,
+        top_p: 1.0,
+        top_k: 0,
+        repetition_penalty: 1.0,
+        seed: 11,
+    };
+    let out = generate(
+        model,
+        &prompts,
+        &streams,
+        &cfg,
+        &tok.stop_ids(),
+        tok.pad_id,
+        mo_align::model::ctx::ForwardCtx::EVAL,
+    )
+    .unwrap();
+    let with_e = out
+        .iter()
+        .filter(|c| tok.decode(c, true).unwrap().contains('e'))
+        .count();
+    with_e as f64 / out.len() as f64
+}
+
+#[test]
+fn a_block_conditioned_policy_follows_the_weights_it_is_given() {
+    let root = scratch("grpo-conditioned");
+    let rules = opposed_rules(&root);
+    let dir = run(
+        &root,
+        "cond",
+        &rules,
+        &[
+            "grpo.max_new_tokens=3",
+            "grpo.num_generations=8",
+            "train.max_steps=60",
+            "train.eval_every=60",
+            "train.lr=2e-2",
+            "train.warmup_ratio=0.0",
+            "conditioning.enabled=true",
+            "conditioning.mode=\"adapter\"",
+        ],
+    );
+    let info = mo_align::objectives::conditioning::ConditioningInfo::require(&dir).unwrap();
+    assert_eq!(info.objectives, ["has_e", "no_e"]);
+    for b in info.block_dirs(&dir) {
+        assert!(b.join("adapter_model.safetensors").is_file(), "{b:?}");
+    }
+    let (at_e, at_no_e) = (e_rate(&dir, &[1.0, 0.0]), e_rate(&dir, &[0.0, 1.0]));
+    assert!(
+        at_e > at_no_e + 0.3,
+        "the policy at w = has_e writes an \"e\" in {at_e:.2} of completions, at w = no_e in {at_no_e:.2}"
+    );
+    // Stated in the prompt instead: the run trains and records the line to state, no blocks.
+    let dir = run(
+        &root,
+        "prompt",
+        &rules,
+        &[
+            "grpo.max_new_tokens=3",
+            "train.max_steps=2",
+            "train.eval_every=2",
+            "conditioning.enabled=true",
+        ],
+    );
+    let info = mo_align::objectives::conditioning::ConditioningInfo::require(&dir).unwrap();
+    assert!(info.blocks.is_empty() && info.example.starts_with("Objective weights: has_e=0.50"));
+}

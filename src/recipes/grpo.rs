@@ -6,13 +6,16 @@
 //! (`objectives::policy_gradient`). Prompts are the examples; a step's samples depend only on
 //! (seed, step, micro-batch), so a resumed run samples what an uninterrupted one would.
 
+use super::conditioned;
 use super::{AdapterStage, RunFlags};
 use crate::data::{json_kind, FieldError, Parsed};
 use crate::eval::prompts::prompt_of;
 use crate::generate::{generate, SamplingConfig};
 use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen2;
-use crate::objectives::conditioning::line_names;
+use crate::objectives::conditioning::{
+    line_names, quantise, ConditioningConfig, ConditioningInfo, ConditioningMode,
+};
 use crate::objectives::policy_gradient::{
     aggregate, completion_logprobs, group_advantages, pg_loss, std, Aggregation, Algorithm,
 };
@@ -120,6 +123,10 @@ pub struct GrpoRunConfig {
     #[serde(flatten)]
     pub stage: AdapterStage,
     pub grpo: GrpoConfig,
+    /// One policy for every weighting (`objectives::conditioning`): each micro-batch draws its
+    /// own weights, its rewards are aggregated with them, and the policy is told them (in the
+    /// prompt, or by gating the adapter's per-objective blocks).
+    pub conditioning: ConditioningConfig,
 }
 
 impl Default for GrpoRunConfig {
@@ -134,6 +141,7 @@ impl Default for GrpoRunConfig {
                 ..AdapterStage::default()
             },
             grpo: GrpoConfig::default(),
+            conditioning: ConditioningConfig::default(),
         }
     }
 }
@@ -156,6 +164,12 @@ pub struct RewardSources<'a> {
 /// One micro-batch's samples, kept while the batch is reused for `num_iterations` steps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SampledBatch {
+    /// The weights the batch's rewards were aggregated with (drawn, when conditioned).
+    #[serde(default)]
+    weights: Vec<f64>,
+    /// A block-conditioned adapter's gates for those weights (empty otherwise).
+    #[serde(default)]
+    gate: Vec<f32>,
     prompts: Vec<Vec<u32>>,
     completions: Vec<Vec<u32>>,
     advantages: Vec<f64>,
@@ -187,7 +201,40 @@ pub struct OnlinePolicyGradient<'a> {
     pub objectives: Vec<String>,
     pub seed: u64,
     pub stops: StopTokens,
+    /// Weight conditioning (`[conditioning] enabled = true`).
+    pub conditioning: Option<OnlineConditioning<'a>>,
     state: std::cell::RefCell<OnlineState>,
+}
+
+/// How a conditioned run tells the policy a micro-batch's weights.
+pub struct OnlineConditioning<'a> {
+    pub sampling: ConditioningConfig,
+    pub info: ConditioningInfo,
+    /// Rank of one block of a `mode = "adapter"` adapter.
+    pub block_rank: usize,
+    pub tokenizer: &'a ChatTokenizer,
+}
+
+impl OnlineConditioning<'_> {
+    /// The prompt of `ex` stating `weights` (`mode = "prompt"`), or as it is.
+    fn prompt(&self, ex: &PromptExample, weights: &[f64]) -> Result<Vec<u32>> {
+        if self.info.mode() != ConditioningMode::Prompt {
+            return Ok(ex.prompt.clone());
+        }
+        let messages = prompt_of(&ex.record)
+            .map_err(|e| anyhow::anyhow!("field `{}`: {}", e.field, e.problem))?;
+        let line = self.info.line(weights)?;
+        self.tokenizer
+            .encode_prompt(&self.info.place(&messages, &line))
+    }
+
+    /// The adapter's gates for `weights` (`mode = "adapter"`), else none.
+    fn gate(&self, weights: &[f64]) -> Vec<f32> {
+        match self.info.mode() {
+            ConditioningMode::Adapter => ConditioningInfo::gate(weights, self.block_rank),
+            ConditioningMode::Prompt => vec![],
+        }
+    }
 }
 
 /// What ends a sampled completion, and what pads the batch.
@@ -222,7 +269,16 @@ impl<'a> OnlinePolicyGradient<'a> {
             objectives,
             seed,
             stops,
+            conditioning: None,
             state: Default::default(),
+        }
+    }
+
+    /// The same objective training one policy for every weighting.
+    pub fn conditioned(self, conditioning: Option<OnlineConditioning<'a>>) -> Self {
+        Self {
+            conditioning,
+            ..self
         }
     }
 
@@ -289,21 +345,47 @@ impl<'a> OnlinePolicyGradient<'a> {
         }
     }
 
-    /// Samples k completions per prompt, scores them, and computes advantages and the reward
-    /// metrics; log-probs are left to the caller. `count_time`: a training step's sampling,
-    /// added to the run's timing (evaluation's is not).
+    /// The weights a micro-batch's rewards are aggregated with: the configured ones, or, for a
+    /// conditioned run's training step, a draw that depends only on (seed, step, micro-batch),
+    /// so a resumed run draws what an uninterrupted one would. One draw per micro-batch keeps
+    /// sampling and the update batched (a gated adapter takes one gate per forward).
+    fn batch_weights(&self, step: u64, micro: usize, training: bool) -> Vec<f64> {
+        match &self.conditioning {
+            Some(c) if training => {
+                c.sampling
+                    .draw(self.seed, step, micro as u64, self.weights.len())
+            }
+            Some(_) => quantise(&self.weights),
+            None => self.weights.clone(),
+        }
+    }
+
+    /// Samples k completions per prompt, scores them, and computes advantages (rewards
+    /// aggregated with `weights`) and the reward metrics; log-probs are left to the caller.
+    /// `count_time`: a training step's sampling, added to the run's timing (evaluation's is
+    /// not).
     fn sample(
         &self,
         batch: &[&PromptExample],
+        weights: Vec<f64>,
         seed: u64,
         count_time: bool,
     ) -> candle_core::Result<SampledBatch> {
         let to_candle = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
         let k = self.cfg.num_generations;
-        let prompts: Vec<Vec<u32>> = batch
-            .iter()
-            .flat_map(|e| std::iter::repeat_n(e.prompt.clone(), k))
-            .collect();
+        let mut prompts: Vec<Vec<u32>> = Vec::with_capacity(batch.len() * k);
+        for e in batch {
+            let p = match &self.conditioning {
+                Some(c) => c.prompt(e, &weights).map_err(to_candle)?,
+                None => e.prompt.clone(),
+            };
+            prompts.extend(std::iter::repeat_n(p, k));
+        }
+        let gate = self
+            .conditioning
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.gate(&weights));
+        let gate_t = gate_tensor(&gate, self.model)?;
         let streams: Vec<u64> = (0..prompts.len() as u64).collect();
         let t0 = Instant::now();
         let completions = generate(
@@ -313,7 +395,7 @@ impl<'a> OnlinePolicyGradient<'a> {
             &self.sampling(seed),
             &self.stops.stop_ids,
             self.stops.pad_id,
-            ForwardCtx::EVAL,
+            ForwardCtx::EVAL.with_gate(gate_t.as_ref()),
         )?;
         let t1 = Instant::now();
         let vectors = self
@@ -323,7 +405,7 @@ impl<'a> OnlinePolicyGradient<'a> {
         let (mut rewards, mut advantages) = (vec![], vec![]);
         let (mut reward_std_sum, mut zero_std) = (0.0, 0.0);
         for g in vectors.chunks(k) {
-            let r = aggregate(self.cfg.aggregation, g, &self.weights, utopia, self.cfg.mu)
+            let r = aggregate(self.cfg.aggregation, g, &weights, utopia, self.cfg.mu)
                 .map_err(to_candle)?;
             let s = std(&r);
             reward_std_sum += s;
@@ -359,6 +441,8 @@ impl<'a> OnlinePolicyGradient<'a> {
             metrics.push((format!("rewards/{name}/mean"), per_prompt(total)));
         }
         Ok(SampledBatch {
+            weights,
+            gate,
             prompts,
             completions,
             advantages,
@@ -423,7 +507,9 @@ impl Objective for OnlinePolicyGradient<'_> {
             // Training steps reseed from the step's dropout stream; evaluation samples the
             // same completions every time.
             let seed = mix_seed(self.seed, ctx.dropout.map_or(u64::MAX, |d| d.seed()), 0);
-            self.sample(batch, seed, ctx.grad)?
+            let step = self.state.borrow().step;
+            let weights = self.batch_weights(step, micro, ctx.grad);
+            self.sample(batch, weights, seed, ctx.grad)?
         } else {
             let st = self.state.borrow();
             st.batches.get(micro).cloned().ok_or_else(|| {
@@ -433,6 +519,8 @@ impl Objective for OnlinePolicyGradient<'_> {
                 ))
             })?
         };
+        let gate_t = gate_tensor(&sampled.gate, self.model)?;
+        let ctx = ctx.with_gate(gate_t.as_ref());
         // Every completion has at least one token (a stop token first is still one).
         let prompt_refs: Vec<&[u32]> = sampled.prompts.iter().map(Vec::as_slice).collect();
         let comp_refs: Vec<&[u32]> = sampled.completions.iter().map(Vec::as_slice).collect();
@@ -486,6 +574,13 @@ impl Objective for OnlinePolicyGradient<'_> {
     }
 }
 
+/// A block-conditioned adapter's gates on the model's device (none when `gate` is empty).
+fn gate_tensor(gate: &[f32], model: &Qwen2) -> candle_core::Result<Option<Tensor>> {
+    (!gate.is_empty())
+        .then(|| Tensor::new(gate, &model.device))
+        .transpose()
+}
+
 /// A prompt record (`prompt`, `messages` or `chosen`) as a prompt to sample from.
 fn prompt_example(
     v: &serde_json::Value,
@@ -517,7 +612,13 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let g = &cfg.grpo;
     g.validate()?;
     cfg.stage.require_lora("grpo")?;
-    let run = cfg.stage.start(&cfg, flags)?;
+    let cond = &cfg.conditioning;
+    if cond.enabled && cond.draws != 1 {
+        bail!("conditioning.draws = {}: grpo draws fresh weights for every micro-batch of every step; leave draws at 1", cond.draws);
+    }
+    let k = conditioned::reward_vector_len(&g.reward_model, &g.rules)?;
+    let stage = conditioned::stage_for(&cfg.stage, cond, k)?;
+    let run = stage.start(&cfg, flags)?;
     let (tok, max_length) = (&run.loaded.tokenizer, run.stage.data.max_length);
     let splits = run.load_data(|v, _| prompt_example(v, tok, max_length))?;
     let rules = (!g.rules.is_empty())
@@ -552,6 +653,13 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let objectives = line_names(&objectives);
     let weights = equal_weights_or(&g.weights, objectives.len(), "grpo.weights")
         .with_context(|| format!("reward vector {objectives:?}"))?;
+    let info = conditioned::prepare(&run, cond, &objectives)?;
+    let conditioning = info.clone().map(|info| OnlineConditioning {
+        sampling: cond.clone(),
+        info,
+        block_rank: cfg.stage.lora.r,
+        tokenizer: tok,
+    });
     let sources = RewardSources {
         head: head.as_ref().map(|(h, backbone)| {
             let (model, ctx, _) = backbone.parts();
@@ -570,9 +678,13 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             stop_ids: tok.stop_ids(),
             pad_id: tok.pad_id,
         },
-    );
+    )
+    .conditioned(conditioning);
     let outcome = run.train(&objective, &splits.train, &splits.val, g_label(g))?;
     write_timing(&run.out, &objective.timing(), &outcome)?;
+    if let Some(info) = &info {
+        conditioned::export_blocks(&run, &cfg.stage.lora, info)?;
+    }
     Ok(outcome)
 }
 
