@@ -342,6 +342,18 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         .unwrap()
         .iter()
         .all(|s| s["skipped"] == true));
+    // A curve naming no stage is refused before anything runs, naming the stages there are.
+    let err = mo_align::recipes::pipeline::run(
+        Some(&cfg.join("pipeline.toml")),
+        &["eval.curves=[\"grpo2\"]".into()],
+        flags(false, true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`grpo2`") && err.contains("hybrid-dpo-conditioned, grpo"),
+        "{err}"
+    );
     // An input changed since (the SFT model the reward model read): that stage is refused, and
     // nothing is trained again or removed.
     let gc = root.join("sft/generation_config.json");

@@ -215,6 +215,56 @@ fn stage_name(out: &Path, fallback: &str) -> String {
         .unwrap_or_else(|| fallback.to_string())
 }
 
+/// The stages trained from the SFT model, in order: (kind, config).
+fn preference_stages(p: &StagesConfig) -> Vec<(&'static str, &str)> {
+    std::iter::once(("dpo", p.dpo.as_str()))
+        .chain(p.hybrid_dpo.iter().map(|c| ("hybrid-dpo", c.as_str())))
+        .chain(p.grpo.iter().map(|c| ("grpo", c.as_str())))
+        .collect()
+}
+
+/// `eval.curves` must name stages of this pipeline; checked before anything trains, since the
+/// curves are drawn only after every stage has.
+fn check_curves(cfg: &PipelineConfig, ov: &[String]) -> Result<()> {
+    if cfg.eval.curves.is_empty() {
+        return Ok(());
+    }
+    let mut names = vec!["sft".to_string()];
+    for (kind, config) in preference_stages(&cfg.pipeline) {
+        let path = Path::new(config);
+        let out = match kind {
+            "dpo" => {
+                crate::config::load::<dpo::DpoRunConfig>(Some(path), ov)?
+                    .stage
+                    .train
+                    .output_dir
+            }
+            "grpo" => {
+                crate::config::load::<super::grpo::GrpoRunConfig>(Some(path), ov)?
+                    .stage
+                    .train
+                    .output_dir
+            }
+            _ => {
+                crate::config::load::<dpo::HybridRunConfig>(Some(path), ov)?
+                    .stage
+                    .train
+                    .output_dir
+            }
+        };
+        names.push(stage_name(Path::new(&out), kind));
+    }
+    for name in &cfg.eval.curves {
+        if !names.contains(name) {
+            bail!(
+                "eval.curves names `{name}`, which is not a stage of this pipeline (its stages: {})",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
     // Every stage resumes: an interrupted stage continues, a finished one is skipped.
     let flags = RunFlags {
@@ -243,9 +293,10 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     if !p.pareto.is_empty() && !Path::new(&p.pareto).is_file() {
         bail!("pipeline.pareto: {} is not a file", p.pareto);
     }
+    let ov = &p.overrides;
+    check_curves(&cfg, ov)?;
     let run_dir = super::prepare_output(&p.output_dir, &cfg, None)?;
     let out = run_dir.path.clone();
-    let ov = &p.overrides;
     let mut timings: Vec<(String, f64, bool)> = vec![];
     let mut stage = |name: &str,
                      (done, resolved): (bool, &str),
@@ -321,10 +372,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             skipped: sft_took.1,
         },
     });
-    let preference_stages = std::iter::once(("dpo", p.dpo.as_str()))
-        .chain(p.hybrid_dpo.iter().map(|c| ("hybrid-dpo", c.as_str())))
-        .chain(p.grpo.iter().map(|c| ("grpo", c.as_str())));
-    for (kind, config) in preference_stages {
+    for (kind, config) in preference_stages(p) {
         let (model, out_dir, done, digest) = if kind == "dpo" {
             let (c, o, d, g) = stage_state(
                 Path::new(config),
