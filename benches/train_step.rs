@@ -30,6 +30,10 @@
 //!   `generation_s_median` and `scoring_s_median` split the step. Compare its peak RSS with the
 //!   `dpo` case of the same tokens per step (`real-dpo-b2-t256`).
 //!
+//! - `sample` / `sample_top_p` (`micro-sample-*`): the host's part of a sampled decoding step
+//!   at Qwen2.5's 151,936-entry vocabulary, B rows picked in parallel as `generate` does and
+//!   one after another, no model.
+//!
 //! Cases named `*-ckpt-*` recompute each decoder layer in the backward (activation
 //! checkpointing, `train.recompute_layers = true`).
 //!
@@ -89,8 +93,10 @@ const fn case(
     }
 }
 
-const CASES: [Case; 35] = [
+const CASES: [Case; 37] = [
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
+    case("micro-sample-b16", true, "sample", 16, 1, 20),
+    case("micro-sample-topp-b16", true, "sample_top_p", 16, 1, 20),
     case("real-fullsft-ckpt-b2-t1024", true, "fullsft", 2, 1024, 1),
     case("real-fullsft-b1-t256", true, "fullsft", 1, 256, 2),
     case("tiny-sft-b4-t128", false, "sft", 4, 128, 10),
@@ -362,6 +368,59 @@ fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
 /// The dropout work of one LoRA forward at Qwen2.5-0.5B size and T tokens (six [T, 896] inputs
 /// and one [T, 4864] per layer, 24 layers): masks drawn by the counter-based op, against a
 /// host ChaCha mask plus a multiply (what mo-align did before masks moved to the device).
+/// The host's share of a sampled decoding step at Qwen2.5's vocabulary: B rows of random
+/// logits picked by `generate`'s own `pick_tokens` (rows in parallel) and one after another on
+/// one thread, temperature 0.7 with no truncation (`sample`, the online stage's setting) or
+/// top-p 0.9 (`sample_top_p`, the evaluation's). Both give the same tokens.
+fn sample_case(case: &Case) -> anyhow::Result<serde_json::Value> {
+    use mo_align::generate::{pick_token, pick_tokens, SamplingConfig};
+    let (b, v) = (case.batch, real_config().vocab_size);
+    let cfg = SamplingConfig {
+        temperature: 0.7,
+        top_p: if case.mode == "sample_top_p" {
+            0.9
+        } else {
+            1.0
+        },
+        ..SamplingConfig::default()
+    };
+    let mut rng = stream_rng(7, 0);
+    let rows: Vec<Vec<f32>> = (0..b)
+        .map(|_| (0..v).map(|_| rng.random_range(-8.0f32..8.0)).collect())
+        .collect();
+    let history: Vec<Vec<u32>> = (0..b).map(|_| random_ids(&mut rng, 64, v as u32)).collect();
+    let done = vec![false; b];
+    let (mut parallel, mut serial) = (vec![], vec![]);
+    for step in 0..=case.steps as u64 {
+        let mut rngs: Vec<_> = (0..b as u64).map(|i| stream_rng(step, i)).collect();
+        let t0 = Instant::now();
+        let a = pick_tokens(&rows, &history, &done, &cfg, &mut rngs, 0);
+        let t1 = Instant::now();
+        let mut rngs: Vec<_> = (0..b as u64).map(|i| stream_rng(step, i)).collect();
+        let s: Vec<u32> = (0..b)
+            .map(|i| pick_token(&rows[i], &history[i], &cfg, &mut rngs[i]))
+            .collect();
+        let t2 = Instant::now();
+        anyhow::ensure!(a == s, "parallel and serial picks differ: {a:?} vs {s:?}");
+        if step > 0 {
+            parallel.push((t1 - t0).as_secs_f64());
+            serial.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let (p, s) = (median(parallel), median(serial));
+    Ok(serde_json::json!({
+        "bench": "train_step",
+        "case": case.name,
+        "mode": case.mode,
+        "B": b,
+        "vocab": v,
+        "threads": rayon::current_num_threads(),
+        "step_s_median": p,
+        "serial_step_s_median": s,
+        "parallel_speedup": s / p,
+    }))
+}
+
 fn dropout_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> {
     use mo_align::model::dropout::DropoutMask;
     let cfg = real_config();
@@ -432,6 +491,9 @@ fn run_case(
 ) -> anyhow::Result<serde_json::Value> {
     if case.mode == "dropout" {
         return dropout_case(case, target);
+    }
+    if case.mode.starts_with("sample") {
+        return sample_case(case);
     }
     let cfg = if case.real {
         real_config()

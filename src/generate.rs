@@ -185,15 +185,16 @@ pub fn generate(
         } else {
             Choice::Rows(logits.to_vec2::<f32>()?)
         };
+        let picked: Vec<u32> = match choice {
+            Choice::Greedy(ids) => ids,
+            Choice::Rows(rows) => pick_tokens(&rows, &history, &done, cfg, &mut rngs, pad_id),
+        };
         let mut step_ids = vec![];
         for i in 0..b {
             let tok = if done[i] {
                 pad_id
             } else {
-                let tok = match &choice {
-                    Choice::Greedy(ids) => ids[i],
-                    Choice::Rows(rows) => pick_token(&rows[i], &history[i], cfg, &mut rngs[i]),
-                };
+                let tok = picked[i];
                 history[i].push(tok);
                 outputs[i].push(tok);
                 if stop_ids.contains(&tok) || next_pos[i] + 1 >= max_pos {
@@ -265,6 +266,33 @@ fn greedy_ids(logits: &Tensor, history: &[Vec<u32>], penalty: f64) -> Result<Vec
     logits.argmax(D::Minus1)?.to_vec1::<u32>()
 }
 
+/// One decoding step's choices for every row (`pad_id` for finished rows), the rows in
+/// parallel. Each row draws from its own stream, so the result does not depend on the thread
+/// count; with a 152k vocabulary the host's softmax and sampling for one row cost about as much
+/// as a GPU's whole decode step, so serial picking would dominate there.
+pub fn pick_tokens<R: Rng + Send>(
+    rows: &[Vec<f32>],
+    history: &[Vec<u32>],
+    done: &[bool],
+    cfg: &SamplingConfig,
+    rngs: &mut [R],
+    pad_id: u32,
+) -> Vec<u32> {
+    use rayon::prelude::*;
+    rows.par_iter()
+        .zip(rngs.par_iter_mut())
+        .zip(history.par_iter())
+        .zip(done.par_iter())
+        .map(|(((row, rng), hist), &d)| {
+            if d {
+                pad_id
+            } else {
+                pick_token(row, hist, cfg, rng)
+            }
+        })
+        .collect()
+}
+
 /// transformers' repetition penalty on host logits: seen tokens' logits are divided by the
 /// penalty when positive and multiplied when negative.
 fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f64) {
@@ -322,11 +350,13 @@ pub fn pick_token(
         None
     };
     if top_k.is_none() && cfg.top_p >= 1.0 {
-        // No truncation: sample from the whole distribution in id order.
-        let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+        // No truncation: sample from the whole distribution in id order (each weight computed
+        // once: the exponentials are most of the cost).
+        let weights: Vec<f64> = logits.iter().map(|&l| weight(l)).collect();
+        let total: f64 = weights.iter().sum();
         let mut u = rng.random::<f64>() * total;
-        for (i, &l) in logits.iter().enumerate() {
-            u -= weight(l);
+        for (i, w) in weights.iter().enumerate() {
+            u -= w;
             if u < 0.0 {
                 return i as u32;
             }
