@@ -30,6 +30,8 @@
 //!   `generation_s_median` and `scoring_s_median` split the step. Compare its peak RSS with the
 //!   `dpo` case of the same tokens per step (`real-dpo-b2-t256`).
 //!
+//! - `gemm` (`micro-gemm-t256`): the machine's f32 matmul rate at the step's shapes, forward and
+//!   input-gradient layouts; `best_gflops` is the ceiling to read the other cases against.
 //! - `sample` / `sample_top_p` (`micro-sample-*`): the host's part of a sampled decoding step
 //!   at Qwen2.5's 151,936-entry vocabulary, B rows picked in parallel as `generate` does and
 //!   one after another, no model.
@@ -93,7 +95,8 @@ const fn case(
     }
 }
 
-const CASES: [Case; 37] = [
+const CASES: [Case; 38] = [
+    case("micro-gemm-t256", true, "gemm", 1, 256, 5),
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
     case("micro-sample-b16", true, "sample", 16, 1, 20),
     case("micro-sample-topp-b16", true, "sample_top_p", 16, 1, 20),
@@ -368,6 +371,77 @@ fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
 /// The dropout work of one LoRA forward at Qwen2.5-0.5B size and T tokens (six [T, 896] inputs
 /// and one [T, 4864] per layer, 24 layers): masks drawn by the counter-based op, against a
 /// host ChaCha mask plus a multiply (what mo-align did before masks moved to the device).
+/// Which x86 vector extensions this CPU has: gemm picks its kernels from these at run time
+/// (mo-align's build enables its AVX2 kernel set; AVX-512 ones only with gemm's `x86-v4`).
+fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512f (gemm runs its avx2+fma kernels without the x86-v4 feature)";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2+fma";
+        }
+    }
+    "baseline"
+}
+
+/// The machine's f32 matrix-multiply rate at the training step's shapes (T = `case.seq` rows):
+/// the q/o projections, the MLP's up and down products, a slice of the LM head, in both the
+/// forward layout (`x @ W^T`) and the input-gradient layout (`dy @ W`). The best of them is the
+/// ceiling the other cases' `mfu` (with `--peak-tflops`) should be read against.
+fn gemm_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> {
+    use candle_core::Tensor;
+    let cfg = real_config();
+    let (t, h, i) = (case.seq, cfg.hidden_size, cfg.intermediate_size);
+    let dev = &target.device;
+    let mut shapes = vec![];
+    for (k, n) in [(h, h), (h, i), (i, h), (h, 8192)] {
+        let x = Tensor::randn(0f32, 1.0, (t, k), dev)?.to_dtype(target.dtype)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), dev)?.to_dtype(target.dtype)?;
+        let dy = Tensor::randn(0f32, 1.0, (t, n), dev)?.to_dtype(target.dtype)?;
+        for (layout, forward) in [("x@W^T", true), ("dy@W", false)] {
+            let run = || {
+                if forward {
+                    x.matmul(&w.t()?)
+                } else {
+                    dy.matmul(&w)
+                }
+            };
+            let mut times = vec![];
+            for step in 0..=case.steps {
+                let t0 = Instant::now();
+                run()?;
+                dev.synchronize()?;
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let gflops = 2.0 * (t * k * n) as f64 / median(times) / 1e9;
+            shapes.push(
+                serde_json::json!({"m": t, "k": k, "n": n, "layout": layout, "gflops": gflops}),
+            );
+        }
+    }
+    let best = shapes
+        .iter()
+        .filter_map(|s| s["gflops"].as_f64())
+        .fold(0.0, f64::max);
+    Ok(serde_json::json!({
+        "bench": "train_step",
+        "case": case.name,
+        "mode": "gemm",
+        "T": t,
+        "dtype": format!("{:?}", target.dtype).to_lowercase(),
+        "device": target.device_name,
+        "threads": candle_core::utils::get_num_threads(),
+        "simd": simd_level(),
+        "best_gflops": best,
+        "shapes": shapes,
+    }))
+}
+
 /// The host's share of a sampled decoding step at Qwen2.5's vocabulary: B rows of random
 /// logits picked by `generate`'s own `pick_tokens` (rows in parallel) and one after another on
 /// one thread, temperature 0.7 with no truncation (`sample`, the online stage's setting) or
@@ -494,6 +568,9 @@ fn run_case(
     }
     if case.mode.starts_with("sample") {
         return sample_case(case);
+    }
+    if case.mode == "gemm" {
+        return gemm_case(case, target);
     }
     let cfg = if case.real {
         real_config()
@@ -762,6 +839,7 @@ fn run_case(
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_load_mib": rss_after_load,
         "threads": candle_core::utils::get_num_threads(),
+        "simd": simd_level(),
         "loss_first": losses.first(),
         "loss_last": losses.last(),
         "recompute_layers": recompute,
