@@ -178,7 +178,7 @@ fn opposed_rules(root: &Path) -> std::path::PathBuf {
 /// The share of sampled completions with an "e" from the conditioned policy in `dir` at
 /// `weights` (its blocks merged at w, as `generate --weights` loads it).
 fn e_rate(dir: &Path, weights: &[f64]) -> f64 {
-    use mo_align::generate::{generate, SamplingConfig};
+    use mo_align::generate::SamplingConfig;
     use mo_align::tokenizer::Message;
     let policy = mo_align::eval::load_policy_at(
         tiny_dir().to_str().unwrap(),
@@ -189,23 +189,16 @@ fn e_rate(dir: &Path, weights: &[f64]) -> f64 {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let (model, tok) = (&policy.loaded.model, &policy.loaded.tokenizer);
     let questions = [
         "What is the capital of France?",
         "Name a colour.",
         "Say hi.",
         "Count to three.",
     ];
-    let prompts: Vec<Vec<u32>> = questions
+    let prompts: Vec<Vec<Message>> = questions
         .iter()
-        .flat_map(|q| {
-            let p = tok
-                .encode_prompt(&policy.prompt(&[Message::new("user", q)]))
-                .unwrap();
-            std::iter::repeat_n(p, 16)
-        })
+        .flat_map(|q| std::iter::repeat_n(policy.prompt(&[Message::new("user", q)]), 16))
         .collect();
-    let streams: Vec<u64> = (0..prompts.len() as u64).collect();
     let cfg = SamplingConfig {
         max_new_tokens: 3,
         temperature: 0.7,
@@ -214,21 +207,10 @@ fn e_rate(dir: &Path, weights: &[f64]) -> f64 {
         repetition_penalty: 1.0,
         seed: 11,
     };
-    let out = generate(
-        model,
-        &prompts,
-        &streams,
-        &cfg,
-        &tok.stop_ids(),
-        tok.pad_id,
-        mo_align::model::ctx::ForwardCtx::EVAL,
-    )
-    .unwrap();
-    let with_e = out
-        .iter()
-        .filter(|c| tok.decode(c, true).unwrap().contains('e'))
-        .count();
-    with_e as f64 / out.len() as f64
+    let answers =
+        mo_align::eval::win_rate::answer_prompts(&policy.loaded, &prompts, &cfg, prompts.len())
+            .unwrap();
+    answers.iter().filter(|a| a.contains('e')).count() as f64 / answers.len() as f64
 }
 
 #[test]

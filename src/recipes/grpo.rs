@@ -164,12 +164,10 @@ pub struct RewardSources<'a> {
 /// One micro-batch's samples, kept while the batch is reused for `num_iterations` steps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SampledBatch {
-    /// The weights the batch's rewards were aggregated with (drawn, when conditioned).
+    /// The weights the batch's rewards were aggregated with (drawn, when conditioned); a
+    /// block-conditioned adapter is gated by them whenever the batch is used.
     #[serde(default)]
     weights: Vec<f64>,
-    /// A block-conditioned adapter's gates for those weights (empty otherwise).
-    #[serde(default)]
-    gate: Vec<f32>,
     prompts: Vec<Vec<u32>>,
     completions: Vec<Vec<u32>>,
     advantages: Vec<f64>,
@@ -226,14 +224,6 @@ impl OnlineConditioning<'_> {
         let line = self.info.line(weights)?;
         self.tokenizer
             .encode_prompt(&self.info.place(&messages, &line))
-    }
-
-    /// The adapter's gates for `weights` (`mode = "adapter"`), else none.
-    fn gate(&self, weights: &[f64]) -> Vec<f32> {
-        match self.info.mode() {
-            ConditioningMode::Adapter => ConditioningInfo::gate(weights, self.block_rank),
-            ConditioningMode::Prompt => vec![],
-        }
     }
 }
 
@@ -345,6 +335,18 @@ impl<'a> OnlinePolicyGradient<'a> {
         }
     }
 
+    /// A block-conditioned adapter's gates for `weights` on the model's device (none for an
+    /// unconditioned or prompt-conditioned run).
+    fn gate_tensor(&self, weights: &[f64]) -> candle_core::Result<Option<Tensor>> {
+        match &self.conditioning {
+            Some(c) if c.info.mode() == ConditioningMode::Adapter => Ok(Some(Tensor::new(
+                ConditioningInfo::gate(weights, c.block_rank).as_slice(),
+                &self.model.device,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
     /// The weights a micro-batch's rewards are aggregated with: the configured ones, or, for a
     /// conditioned run's training step, a draw that depends only on (seed, step, micro-batch),
     /// so a resumed run draws what an uninterrupted one would. One draw per micro-batch keeps
@@ -381,11 +383,7 @@ impl<'a> OnlinePolicyGradient<'a> {
             };
             prompts.extend(std::iter::repeat_n(p, k));
         }
-        let gate = self
-            .conditioning
-            .as_ref()
-            .map_or_else(Vec::new, |c| c.gate(&weights));
-        let gate_t = gate_tensor(&gate, self.model)?;
+        let gate_t = self.gate_tensor(&weights)?;
         let streams: Vec<u64> = (0..prompts.len() as u64).collect();
         let t0 = Instant::now();
         let completions = generate(
@@ -442,7 +440,6 @@ impl<'a> OnlinePolicyGradient<'a> {
         }
         Ok(SampledBatch {
             weights,
-            gate,
             prompts,
             completions,
             advantages,
@@ -519,7 +516,7 @@ impl Objective for OnlinePolicyGradient<'_> {
                 ))
             })?
         };
-        let gate_t = gate_tensor(&sampled.gate, self.model)?;
+        let gate_t = self.gate_tensor(&sampled.weights)?;
         let ctx = ctx.with_gate(gate_t.as_ref());
         // Every completion has at least one token (a stop token first is still one).
         let prompt_refs: Vec<&[u32]> = sampled.prompts.iter().map(Vec::as_slice).collect();
@@ -572,13 +569,6 @@ impl Objective for OnlinePolicyGradient<'_> {
             metrics,
         })
     }
-}
-
-/// A block-conditioned adapter's gates on the model's device (none when `gate` is empty).
-fn gate_tensor(gate: &[f32], model: &Qwen2) -> candle_core::Result<Option<Tensor>> {
-    (!gate.is_empty())
-        .then(|| Tensor::new(gate, &model.device))
-        .transpose()
 }
 
 /// A prompt record (`prompt`, `messages` or `chosen`) as a prompt to sample from.
