@@ -105,6 +105,15 @@ impl Qwen2 {
 
     /// Full-vocabulary logits (f32) for a few rows, e.g. the last position when decoding.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let rows = hidden.elem_count() / self.config.hidden_size;
+        if rows <= super::decode::MAX_ROWS && hidden.dtype() == DType::F32 {
+            if let Some(twin) = self.output_twin.get(self.output_weight())? {
+                let h = hidden.reshape((rows, self.config.hidden_size))?;
+                let mut dims = hidden.dims().to_vec();
+                *dims.last_mut().expect("rank >= 1") = self.config.vocab_size;
+                return super::decode::bf16_rows_linear(&h, &twin, None)?.reshape(dims);
+            }
+        }
         matmul_t(&hidden.contiguous()?, &self.output_weight().detach())?.to_dtype(DType::F32)
     }
 }

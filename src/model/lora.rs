@@ -5,8 +5,10 @@
 //! nothing. A and B are f32 `Var`s whatever the base dtype: f16 moments and updates underflow.
 
 use super::ctx::{Adapters, ForwardCtx};
+use super::decode::{self, Bf16Twin};
 use super::frozen::frozen_linear;
 use super::fused::{self, LoraParts};
+use super::matmul::matmul_t;
 use crate::rng::{stream_rng, uniform_vec};
 use anyhow::bail;
 use candle_core::{DType, Result, Tensor, Var};
@@ -101,6 +103,8 @@ pub struct LoraLinear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+    /// The weight in bf16 for decoding's few-row products, when that is exact (`decode`).
+    pub twin: Bf16Twin,
 }
 
 impl LoraLinear {
@@ -110,10 +114,16 @@ impl LoraLinear {
             weight,
             bias,
             lora: None,
+            twin: Bf16Twin::default(),
         }
     }
 
     pub fn forward(&self, x: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
+        if !ctx.grad && ctx.dropout.is_none() {
+            if let Some(y) = self.decode_forward(x, ctx)? {
+                return Ok(y);
+            }
+        }
         let lora = match (&self.lora, ctx.adapters) {
             (Some(l), Adapters::Enabled) => l,
             // Full fine-tuning: the projection itself learns.
@@ -144,6 +154,32 @@ impl LoraLinear {
                 gate: ctx.gate,
             },
         )
+    }
+
+    /// A decoding step's product (at most `decode::MAX_ROWS` rows, f32, CPU) against the bf16
+    /// twin of the weight, plus the adapter's term in f32; `None` where the GEMM path applies.
+    fn decode_forward(&self, x: &Tensor, ctx: ForwardCtx) -> Result<Option<Tensor>> {
+        let k = self.in_features();
+        let rows = x.elem_count() / k;
+        if rows > decode::MAX_ROWS || x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let Some(twin) = self.twin.get(&self.weight)? else {
+            return Ok(None);
+        };
+        let x2 = x.reshape((rows, k))?;
+        let mut y = decode::bf16_rows_linear(&x2, &twin, self.bias.as_ref())?;
+        if let (Some(l), Adapters::Enabled) = (&self.lora, ctx.adapters) {
+            let u = matmul_t(&x2, &l.a.as_tensor().detach())?;
+            let u = match ctx.gate {
+                Some(g) => u.broadcast_mul(&(g.to_dtype(DType::F32)? * l.scale)?.unsqueeze(0)?)?,
+                None => (u * l.scale)?,
+            };
+            y = (y + matmul_t(&u, &l.b.as_tensor().detach())?)?;
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = self.out_features();
+        Ok(Some(y.reshape(dims)?))
     }
 
     pub fn in_features(&self) -> usize {

@@ -4,6 +4,7 @@
 pub mod checkpointing;
 pub mod config;
 pub mod ctx;
+pub mod decode;
 pub mod dropout;
 pub mod frozen;
 pub mod fused;

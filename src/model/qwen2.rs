@@ -316,6 +316,8 @@ pub struct Qwen2 {
     pub device: Device,
     /// Rows of the LM head processed at once (bounds logits memory to chunk x vocab).
     pub logits_chunk: usize,
+    /// The output projection in bf16 for decoding's few-row logits, when that is exact.
+    pub output_twin: super::decode::Bf16Twin,
 }
 
 impl Qwen2 {
@@ -339,6 +341,7 @@ impl Qwen2 {
             dtype,
             device,
             logits_chunk: 128,
+            output_twin: Default::default(),
         })
     }
 

@@ -308,10 +308,14 @@ pub fn random_model(
     let mut rng = crate::rng::stream_rng(0, 0x7261_6e64);
     super::Qwen2::build(cfg.clone(), |name, shape| {
         let n: usize = shape.iter().product();
+        // bf16 values, as the published checkpoints hold (decoding reads such weights as bf16).
         let values = if name.ends_with("norm.weight") {
             vec![1.0f32; n]
         } else {
-            crate::rng::normal_vec(&mut rng, n, 0.02)
+            let v = crate::rng::normal_vec(&mut rng, n, 0.02);
+            v.into_iter()
+                .map(|x| half::bf16::from_f32(x).to_f32())
+                .collect()
         };
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
             .to_dtype(dtype)?
