@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod eval;
 pub mod generate;

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     mo_align::memory::keep_freed_memory();
+    mo_align::cpu::pin_thread_count();
     let cli = mo_align::cli::Cli::parse();
     match mo_align::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -116,6 +116,9 @@ pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
         )?;
     }
     let device = select_device(&train.device)?;
+    if device.is_cpu() {
+        eprintln!("{}", crate::cpu::kernel_report());
+    }
     let dtype = parse_dtype(&train.dtype)?;
     let mut loaded = load_merged(&model.path, model.adapter_path(), dtype, &device)?;
     loaded.model.logits_chunk = train.logits_chunk;
