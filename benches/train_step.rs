@@ -95,9 +95,10 @@ const fn case(
     }
 }
 
-const CASES: [Case; 38] = [
+const CASES: [Case; 39] = [
     case("micro-gemm-t256", true, "gemm", 1, 256, 5),
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
+    case("micro-decode", true, "decode", 1, 1, 20),
     case("micro-sample-b16", true, "sample", 16, 1, 20),
     case("micro-sample-topp-b16", true, "sample_top_p", 16, 1, 20),
     case("real-fullsft-ckpt-b2-t1024", true, "fullsft", 2, 1024, 1),
@@ -368,25 +369,6 @@ fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab)).collect()
 }
 
-/// The dropout work of one LoRA forward at Qwen2.5-0.5B size and T tokens (six [T, 896] inputs
-/// and one [T, 4864] per layer, 24 layers): masks drawn by the counter-based op, against a
-/// host ChaCha mask plus a multiply (what mo-align did before masks moved to the device).
-/// Which x86 vector extensions this CPU has: gemm picks its kernels from these at run time
-/// (mo-align's build enables its AVX2 kernel set; AVX-512 ones only with gemm's `x86-v4`).
-fn simd_level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "avx512f (gemm runs its avx2+fma kernels without the x86-v4 feature)";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return "avx2+fma";
-        }
-    }
-    "baseline"
-}
-
 /// The machine's f32 matrix-multiply rate at the training step's shapes (T = `case.seq` rows):
 /// the q/o projections, the MLP's up and down products, a slice of the LM head, in both the
 /// forward layout (`x @ W^T`) and the input-gradient layout (`dy @ W`). The best of them is the
@@ -436,8 +418,62 @@ fn gemm_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> 
         "dtype": format!("{:?}", target.dtype).to_lowercase(),
         "device": target.device_name,
         "threads": candle_core::utils::get_num_threads(),
-        "simd": simd_level(),
+        "simd": mo_align::cpu::gemm_kernels(),
         "best_gflops": best,
+        "shapes": shapes,
+    }))
+}
+
+/// Decoding's products per shape: f32 gemm against the bf16-weight kernel (`model::decode`) at
+/// 1..32 activation rows, on bf16-valued weights (as the published checkpoint holds). Picks
+/// `decode::MAX_ROWS`: the kernel serves the rows where it wins.
+fn decode_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> {
+    use candle_core::Tensor;
+    use mo_align::model::decode;
+    let cfg = real_config();
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let dev = &target.device;
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
+        let mut times = vec![];
+        for step in 0..=case.steps {
+            let t0 = Instant::now();
+            f()?;
+            if step > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        Ok(median(times))
+    };
+    let mut shapes = vec![];
+    for (k, n) in [(h, h), (h, kv), (h, i), (i, h), (h, v)] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), dev)?
+            .to_dtype(candle_core::DType::BF16)?
+            .to_dtype(candle_core::DType::F32)?;
+        let twin = decode::bf16_copy_if_exact(&w)?.expect("bf16 values");
+        for m in [1usize, 2, 4, 8, 16, 32, 64] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), dev)?;
+            let gemm_s = time(&|| x.matmul(&w.t()?))?;
+            let kernel_s = time(&|| decode::bf16_rows_linear(&x, &twin, None))?;
+            let flops = 2.0 * (m * k * n) as f64;
+            shapes.push(serde_json::json!({
+                "m": m, "k": k, "n": n,
+                "gemm_f32_gflops": flops / gemm_s / 1e9,
+                "bf16_kernel_gflops": flops / kernel_s / 1e9,
+                "bf16_kernel_gbps": (2 * k * n) as f64 / kernel_s / 1e9,
+                "kernel_over_gemm": gemm_s / kernel_s,
+            }));
+        }
+    }
+    Ok(serde_json::json!({
+        "bench": "train_step",
+        "case": case.name,
+        "mode": "decode",
+        "device": target.device_name,
+        "threads": candle_core::utils::get_num_threads(),
+        "simd": mo_align::cpu::gemm_kernels(),
+        "kernel": decode::kernel_name(),
+        "max_rows": decode::MAX_ROWS,
         "shapes": shapes,
     }))
 }
@@ -495,6 +531,9 @@ fn sample_case(case: &Case) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// The dropout work of one LoRA forward at Qwen2.5-0.5B size and T tokens (six [T, 896] inputs
+/// and one [T, 4864] per layer, 24 layers): masks drawn by the counter-based op, against a
+/// host ChaCha mask plus a multiply (what mo-align did before masks moved to the device).
 fn dropout_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> {
     use mo_align::model::dropout::DropoutMask;
     let cfg = real_config();
@@ -571,6 +610,9 @@ fn run_case(
     }
     if case.mode == "gemm" {
         return gemm_case(case, target);
+    }
+    if case.mode == "decode" {
+        return decode_case(case, target);
     }
     let cfg = if case.real {
         real_config()
@@ -839,7 +881,7 @@ fn run_case(
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_load_mib": rss_after_load,
         "threads": candle_core::utils::get_num_threads(),
-        "simd": simd_level(),
+        "simd": mo_align::cpu::gemm_kernels(),
         "loss_first": losses.first(),
         "loss_last": losses.last(),
         "recompute_layers": recompute,
@@ -872,6 +914,7 @@ fn run_case(
 fn main() -> anyhow::Result<()> {
     // The allocator settings the mo-align binary uses.
     mo_align::memory::keep_freed_memory();
+    mo_align::cpu::pin_thread_count();
     let args: Vec<String> = std::env::args().collect();
     let value_of = |flag: &str| flag_value(&args, flag);
     let peak_tflops = match value_of("--peak-tflops") {
