@@ -22,7 +22,8 @@
 //!   the step, so tokens/s counts 2*B*T tokens per (step + reference pass) like PyTorch's;
 //! - `forward`: no-grad forward plus log-probs at every position;
 //! - `features`: reward-model feature extraction (last-token hidden states), no grad;
-//! - `generate`: greedy KV-cache decoding, B prompts of T tokens, new tokens per second.
+//! - `generate`: greedy KV-cache decoding, B prompts of T tokens, new tokens per second;
+//!   `generate_sample` (`real-sample-*`) samples instead (temperature 0.7, top-p 0.9).
 //! - `grpo`: one online step of `mo-align grpo` through the same objective: B prompts of T/2
 //!   tokens, 4 completions each sampled to T/2 new tokens (temperature 1, no stop token), a
 //!   4-objective reward head on the policy's own frozen weights (the adapter off, one feature
@@ -95,7 +96,7 @@ const fn case(
     }
 }
 
-const CASES: [Case; 39] = [
+const CASES: [Case; 41] = [
     case("micro-gemm-t256", true, "gemm", 1, 256, 5),
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
     case("micro-decode", true, "decode", 1, 1, 20),
@@ -127,6 +128,8 @@ const CASES: [Case; 39] = [
     case("real-features-b8-t256", true, "features", 8, 256, 3),
     case("real-generate-b1-t64", true, "generate", 1, 64, 32),
     case("real-generate-b8-t64", true, "generate", 8, 64, 32),
+    case("real-sample-b1-t64", true, "generate_sample", 1, 64, 32),
+    case("real-sample-b8-t64", true, "generate_sample", 8, 64, 32),
     case("real-grpo-b1-t256", true, "grpo", 1, 256, 2),
     case("real-dpo-b2-t256", true, "dpo", 2, 256, 2),
     // GPU cases (run only with --device cuda): real size at T = 1024.
@@ -758,12 +761,24 @@ fn run_case(
                 }
             }
         }
-        "generate" => {
+        "generate" | "generate_sample" => {
             let prompts: Vec<Vec<u32>> = (0..b).map(|_| random_ids(&mut rng, t, vocab)).collect();
             let streams: Vec<u64> = (0..b as u64).collect();
-            let cfg = SamplingConfig {
-                max_new_tokens: case.steps,
-                ..SamplingConfig::default()
+            // Sampled as the evaluation samples (temperature 0.7, top-p 0.9, no top-k), the
+            // same settings as the peer script's `--sample`.
+            let cfg = if case.mode == "generate_sample" {
+                SamplingConfig {
+                    max_new_tokens: case.steps,
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    top_k: 0,
+                    ..SamplingConfig::default()
+                }
+            } else {
+                SamplingConfig {
+                    max_new_tokens: case.steps,
+                    ..SamplingConfig::default()
+                }
             };
             tokens = b * case.steps;
             for step in 0..3 {

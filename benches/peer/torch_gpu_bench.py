@@ -156,6 +156,9 @@ def run_generate(a, model, dev, vocab, g, sync):
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=a.new_tokens, do_sample=False,
                pad_token_id=0, eos_token_id=None)
+    if a.sample:
+        # As mo-align's `real-sample-*` cases and its evaluation sample: no top-k cut.
+        gen.update(do_sample=True, temperature=0.7, top_p=0.9, top_k=0)
     with torch.no_grad():
         for _ in range(a.warmup):
             model.generate(input_ids=ids, attention_mask=mask, **gen)
@@ -172,7 +175,7 @@ def run_generate(a, model, dev, vocab, g, sync):
     times.sort()
     step_s = times[len(times) // 2]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    res = {"bench": "torch_peft", "mode": "generate", "B": b, "T": t, "new_tokens": a.new_tokens,
+    res = {"bench": "torch_peft", "mode": "sample" if a.sample else "generate", "B": b, "T": t, "new_tokens": a.new_tokens,
            "dtype": a.dtype, "device": name, "torch": torch.__version__, "timed_steps": len(times),
            "step_s_median": step_s, "tok_per_s": b * a.new_tokens / step_s}
     if dev.type == "cuda":
@@ -188,6 +191,8 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per prompt")
+    ap.add_argument("--sample", action="store_true",
+                    help="generate: sample (temperature 0.7, top-p 0.9, no top-k) instead of greedy")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
