@@ -21,6 +21,7 @@ pub mod plot;
 pub mod recipes;
 pub mod reward;
 pub mod rng;
+pub mod switch;
 pub mod tokenizer;
 pub mod train;
 

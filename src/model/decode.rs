@@ -18,7 +18,6 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, TensorId};
 use half::bf16;
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The most activation rows decoding sends to the kernel; larger products (prefill, training)
@@ -81,33 +80,18 @@ pub fn bf16_copy_if_exact(weight: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(halves, w.dims(), w.device())?))
 }
 
-const UNSET: u8 = 0;
-const ON: u8 = 1;
-const OFF: u8 = 2;
-static SWITCH: AtomicU8 = AtomicU8::new(UNSET);
+static SWITCH: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("MO_ALIGN_BF16_DECODE");
 
 /// Whether decoding may use the kernel: on unless `MO_ALIGN_BF16_DECODE=0` (or `off`) was set
 /// when first asked, or `set_enabled(false)` was called (the f32 GEMM for every product, e.g.
 /// to A/B the two).
 pub fn enabled() -> bool {
-    match SWITCH.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let env = std::env::var("MO_ALIGN_BF16_DECODE").ok();
-            let on = !matches!(
-                env.as_deref().map(str::trim),
-                Some("0") | Some("off") | Some("false")
-            );
-            SWITCH.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    SWITCH.get(true)
 }
 
 /// Switches the kernel on or off for the whole process.
 pub fn set_enabled(on: bool) {
-    SWITCH.store(if on { ON } else { OFF }, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether the kernel is enabled and this CPU has a vector kernel for it (AVX-512F, or AVX2 with

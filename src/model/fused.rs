@@ -14,7 +14,9 @@ use super::dropout::DropoutMask;
 use super::input::AttentionMask;
 use super::matmul::{matmul, matmul_t};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 type Grad1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 pub(crate) type Grad3 =
@@ -368,6 +370,30 @@ pub struct LoraParts<'a> {
     pub gate: Option<&'a Tensor>,
 }
 
+/// The adapter's scale s and per-rank gates g folded into one factor on the rank-r
+/// intermediate [n, r].
+pub struct RankScale {
+    scale: f64,
+    gate: Option<Tensor>,
+}
+
+impl RankScale {
+    pub fn new(gate: Option<&Tensor>, scale: f64, dtype: DType) -> Result<Self> {
+        let gate = match gate {
+            Some(g) => Some((g.to_dtype(dtype)? * scale)?.unsqueeze(0)?),
+            None => None,
+        };
+        Ok(RankScale { scale, gate })
+    }
+
+    pub fn apply(&self, t: Tensor) -> Result<Tensor> {
+        match &self.gate {
+            Some(g) => t.broadcast_mul(g),
+            None => t * self.scale,
+        }
+    }
+}
+
 /// y = x W^T + b + s * B(g * A(dropout(x))) over the last dimension (g the per-rank gates, 1
 /// when absent), with gradients for x, A and B.
 /// The adapter runs in the model dtype like PEFT under autocast (A and B, kept in f32, are cast
@@ -397,19 +423,8 @@ pub fn lora_linear(
         Some(m) => m.apply(t),
         None => Ok(t.clone()),
     };
-    let gate = match lora.gate {
-        Some(g) => Some((g.to_dtype(dtype)? * lora.scale)?.unsqueeze(0)?),
-        None => None,
-    };
-    // s (and the gates) folded into one factor on the rank-r intermediate.
-    let scale = lora.scale;
-    let gated = move |t: Tensor| -> Result<Tensor> {
-        match &gate {
-            Some(g) => t.broadcast_mul(g),
-            None => t * scale,
-        }
-    };
-    let u = gated(matmul_t(&drop(&x2)?, &a)?)?; // [n, r]
+    let rank_scale = RankScale::new(lora.gate, lora.scale, dtype)?;
+    let u = rank_scale.apply(matmul_t(&drop(&x2)?, &a)?)?; // [n, r]
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("rank >= 1") = out;
     let y = (y + matmul_t(&u, &b)?)?.reshape(out_dims)?;
@@ -428,7 +443,7 @@ pub fn lora_linear(
             };
             let dy2 = dy.reshape((n, out))?.contiguous()?;
             let db = matmul(&dy2.t()?, &u)?; // s and g are already in u
-            let du = gated(matmul(&dy2, &b)?)?; // [n, r]: d/d(A x) = s g * (dy B)
+            let du = rank_scale.apply(matmul(&dy2, &b)?)?; // [n, r]: d/d(A x) = s g * (dy B)
             let da = matmul(&du.t()?, &drop(&x2)?)?;
             let (da, db) = (da.to_dtype(ldt)?, db.to_dtype(ldt)?);
             if !need_dx {

@@ -170,11 +170,8 @@ impl LoraLinear {
         let x2 = x.reshape((rows, k))?;
         let mut y = decode::bf16_rows_linear(&x2, &twin, self.bias.as_ref())?;
         if let (Some(l), Adapters::Enabled) = (&self.lora, ctx.adapters) {
-            let u = matmul_t(&x2, &l.a.as_tensor().detach())?;
-            let u = match ctx.gate {
-                Some(g) => u.broadcast_mul(&(g.to_dtype(DType::F32)? * l.scale)?.unsqueeze(0)?)?,
-                None => (u * l.scale)?,
-            };
+            let rank_scale = fused::RankScale::new(ctx.gate, l.scale, DType::F32)?;
+            let u = rank_scale.apply(matmul_t(&x2, &l.a.as_tensor().detach())?)?;
             y = (y + matmul_t(&u, &l.b.as_tensor().detach())?)?;
         }
         let mut dims = x.dims().to_vec();

@@ -11,36 +11,19 @@
 //! such layouts without a GPU.
 
 use candle_core::{Layout, Result, Tensor};
-use std::sync::atomic::{AtomicU8, Ordering};
 
-const UNSET: u8 = 0;
-const ON: u8 = 1;
-const OFF: u8 = 2;
-static GUARD: AtomicU8 = AtomicU8::new(UNSET);
+static GUARD: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("MO_ALIGN_LAYOUT_GUARD");
 
 /// Whether `matmul` checks layouts on the CPU: on in debug builds (every `cargo test`), or with
 /// `MO_ALIGN_LAYOUT_GUARD=1`, or after `set_layout_guard(true)`. CUDA tensors are always checked
 /// (a clear error naming the call site instead of candle's).
 pub fn layout_guard_enabled() -> bool {
-    match GUARD.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let env = std::env::var("MO_ALIGN_LAYOUT_GUARD").ok();
-            let on = match env.as_deref().map(str::trim) {
-                Some("1") | Some("true") | Some("on") => true,
-                Some("0") | Some("false") | Some("off") => false,
-                _ => cfg!(debug_assertions),
-            };
-            GUARD.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    GUARD.get(cfg!(debug_assertions))
 }
 
 /// Turns the guard on or off for the whole process (tests built in release mode turn it on).
 pub fn set_layout_guard(on: bool) {
-    GUARD.store(if on { ON } else { OFF }, Ordering::Relaxed);
+    GUARD.set(on);
 }
 
 /// candle 0.11.1's cuBLAS rule for `lhs [.., m, k] @ rhs [.., k, n]`:
