@@ -49,7 +49,7 @@ use mo_align::generate::{generate, SamplingConfig};
 use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::lora::LoraConfig;
 use mo_align::model::tiny::{random_model, tiny_config};
-use mo_align::model::{Qwen2, Qwen2Config};
+use mo_align::model::{Qwen, QwenConfig};
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::nll::Nll;
 use mo_align::objectives::pair::{reference_logprobs, PairIds};
@@ -268,7 +268,7 @@ impl DeviceMemoryPeak {
 /// (QK^T and PV over T/2 keys on average: 2 T d per layer); a LoRA backward computes input
 /// gradients only, another forward's worth for the weights and twice the attention. A DPO step
 /// adds the reference forward. `features` skips the LM head; `generate` counts weights only.
-fn nominal_flops_per_token(cfg: &Qwen2Config, mode: &str, t: usize) -> f64 {
+fn nominal_flops_per_token(cfg: &QwenConfig, mode: &str, t: usize) -> f64 {
     let (h, i, l) = (
         cfg.hidden_size as f64,
         cfg.intermediate_size as f64,
@@ -294,8 +294,10 @@ fn nominal_flops_per_token(cfg: &Qwen2Config, mode: &str, t: usize) -> f64 {
     }
 }
 
-fn real_config() -> Qwen2Config {
-    Qwen2Config {
+fn real_config() -> QwenConfig {
+    QwenConfig {
+        family: mo_align::model::config::Family::Qwen2,
+        attention_bias: true,
         vocab_size: 151936,
         hidden_size: 896,
         intermediate_size: 4864,
@@ -623,7 +625,7 @@ fn run_case(
         tiny_config()
     };
     let device = target.device.clone();
-    let mut model: Qwen2 = random_model(&cfg, target.dtype, &device)?;
+    let mut model: Qwen = random_model(&cfg, target.dtype, &device)?;
     let dropout: f32 = std::env::var("BENCH_DROPOUT")
         .ok()
         .and_then(|v| v.parse().ok())

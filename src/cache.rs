@@ -7,7 +7,7 @@
 use crate::data::preference::PreferencePair;
 use crate::io::{safetensors_bytes, write_atomic};
 use crate::model::loader::ModelFiles;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::objectives::pair::{reference_logprobs, PairIds};
 use crate::train::progress::Progress;
 use anyhow::{Context, Result};
@@ -141,7 +141,7 @@ pub fn load_or_compute(
 /// Reference (adapters off) summed log-probs of every pair's chosen and rejected response, from
 /// the cache or one no-grad pass (`model_key` identifies the frozen weights).
 pub fn cached_reference(
-    model: &Qwen2,
+    model: &Qwen,
     model_key: &Digest,
     pairs: &[PreferencePair],
     dir: &Path,

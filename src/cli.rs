@@ -65,12 +65,16 @@ pub enum Command {
         #[arg(long)]
         png: bool,
     },
-    /// Write a tiny random Qwen2 checkpoint (HF layout, real BPE tokenizer) for tests and demos.
+    /// Write a tiny random Qwen2 or Qwen3 checkpoint (HF layout, real BPE tokenizer, the
+    /// family's chat template) for tests and demos.
     InitTiny {
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The model family: qwen2 (Qwen2.5's layout) or qwen3.
+        #[arg(long, default_value = "qwen2")]
+        arch: String,
     },
     /// Convert a JSON Lines data file to Parquet (schema inferred from the records).
     ConvertData { input: PathBuf, output: PathBuf },
@@ -133,7 +137,7 @@ pub fn run(cli: Cli) -> Result<()> {
             force,
         } => merge::run(&model, &adapter, &out, &dtype, force),
         Command::Plot { run_dir, png } => utility::plot(&run_dir, png),
-        Command::InitTiny { out, seed } => utility::init_tiny(&out, seed),
+        Command::InitTiny { out, seed, arch } => utility::init_tiny(&out, seed, &arch),
         Command::ConvertData { input, output } => utility::convert_data(&input, &output),
     }
 }

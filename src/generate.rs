@@ -6,8 +6,8 @@
 
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
-use crate::model::qwen2::KvCache;
-use crate::model::Qwen2;
+use crate::model::qwen::KvCache;
+use crate::model::Qwen;
 use crate::rng::stream_rng;
 use candle_core::{Result, Tensor, D};
 use rand::Rng;
@@ -129,7 +129,7 @@ impl Default for SamplingConfig {
 /// stop id it produces, or stops at `max_new_tokens`. `stream_ids[i]` names prompt i's random
 /// stream (e.g. its index in the whole prompt file) so sampling does not depend on batching.
 pub fn generate(
-    model: &Qwen2,
+    model: &Qwen,
     prompts: &[Vec<u32>],
     stream_ids: &[u64],
     cfg: &SamplingConfig,

@@ -1,13 +1,14 @@
 //! Judges for win rates: our multi-objective reward model (scalarised with weights w), any
-//! Hugging Face Qwen2 sequence-classification reward model (a `score` head on the last token),
+//! Hugging Face Qwen2 / Qwen3 sequence-classification reward model (a `score` head on the last
+//! token, e.g. the Skywork-Reward-V2 series),
 //! so a stronger external judge can be plugged in, or rule objectives (`rules:FILE`), the
 //! ground truth of a task whose right answers are known.
 
 use crate::eval::prompts::PromptRecord;
-use crate::model::config::Qwen2Config;
+use crate::model::config::QwenConfig;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{load_with_config, resolve, Loaded};
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::objectives::scalarize::equal_weights_or;
 use crate::reward::rules::RuleObjectives;
 use crate::reward::{last_token_features, reward_features, RewardHead, ScoredSequence};
@@ -24,9 +25,10 @@ pub enum Judge {
         head: Box<RewardHead>,
         weights: Vec<f64>,
     },
-    /// An HF `Qwen2ForSequenceClassification` directory: total = the first label's score.
+    /// An HF `Qwen2ForSequenceClassification` or `Qwen3ForSequenceClassification` directory:
+    /// total = the first label's score on the conversation as its own chat template renders it.
     SequenceClassifier {
-        model: Box<Qwen2>,
+        model: Box<Qwen>,
         tokenizer: Box<ChatTokenizer>,
         score: Tensor,
         name: String,
@@ -73,12 +75,23 @@ impl Judge {
         let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files.config)?)
             .with_context(|| format!("{}: not valid JSON", files.config.display()))?;
         let archs = raw["architectures"].as_array().cloned().unwrap_or_default();
-        if !archs.iter().any(|a| a == "Qwen2ForSequenceClassification") {
-            bail!("{spec}: not a reward model directory (no {}) nor a Qwen2ForSequenceClassification checkpoint", crate::reward::INFO_FILE);
+        let classifiers = [
+            "Qwen2ForSequenceClassification",
+            "Qwen3ForSequenceClassification",
+        ];
+        if !archs
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| classifiers.contains(&a)))
+        {
+            bail!(
+                "{spec}: not a reward model directory (no {}) nor a {} checkpoint (architectures: {archs:?})",
+                crate::reward::INFO_FILE,
+                classifiers.join(" / ")
+            );
         }
         // A classifier has no LM head; treat embeddings as tied so none is looked for.
         let mut cfg =
-            Qwen2Config::from_json(&raw).with_context(|| files.config.display().to_string())?;
+            QwenConfig::from_json(&raw).with_context(|| files.config.display().to_string())?;
         cfg.tie_word_embeddings = true;
         let model = load_with_config(&files, cfg.clone(), dtype, device)?;
         let weights_file = crate::model::loader::WeightFiles::open(&files.weights)?;

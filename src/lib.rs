@@ -25,4 +25,4 @@ pub mod switch;
 pub mod tokenizer;
 pub mod train;
 
-pub use model::{Adapters, Qwen2};
+pub use model::{Adapters, Qwen};

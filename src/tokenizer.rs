@@ -1,4 +1,5 @@
-//! Tokenisation and the ChatML template exactly as Qwen2.5's tokenizer_config.json renders it.
+//! Tokenisation and the ChatML templates exactly as Qwen2.5's and Qwen3's tokenizer_config.json
+//! render them.
 //!
 //! Prompts and responses are tokenised as separate segments and their ids concatenated, so no
 //! BPE merge crosses a prompt/response boundary: a chosen and a rejected response to the same
@@ -64,8 +65,55 @@ impl LabelledIds {
     }
 }
 
+/// The chat template a tokenizer renders with, read from its `tokenizer_config.json` (or
+/// `chat_template.jinja`, where transformers 5 saves it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatTemplate {
+    /// Qwen2.5's ChatML: Qwen's default system prompt when the conversation has none.
+    Qwen25,
+    /// Qwen3's ChatML: no default system prompt, and the final assistant turn opens with a
+    /// thinking block. mo-align generates and trains with thinking disabled: a prompt ends
+    /// `<|im_start|>assistant\n<think>\n\n</think>\n\n`, as the template renders it with
+    /// `enable_thinking=False`, which is also how it renders a finished conversation's last
+    /// answer. Earlier answers carry no block, as the template drops past reasoning.
+    Qwen3,
+}
+
+impl ChatTemplate {
+    /// The template of the tokenizer at `tokenizer_json`: Qwen3's if its chat template (or,
+    /// lacking one, its vocabulary) has the `<think>` tag, Qwen2.5's otherwise.
+    fn detect(tokenizer_json: &Path, inner: &Tokenizer) -> Self {
+        let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
+        let from_config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("chat_template").map(|t| t.to_string()));
+        let text = std::fs::read_to_string(dir.join("chat_template.jinja"))
+            .ok()
+            .or(from_config);
+        let thinks = match text {
+            Some(t) => t.contains("<think>"),
+            None => inner.token_to_id("<think>").is_some(),
+        };
+        if thinks {
+            ChatTemplate::Qwen3
+        } else {
+            ChatTemplate::Qwen25
+        }
+    }
+}
+
+/// A rendered conversation in pieces: template text, and the assistant answers SFT trains on
+/// (each followed by its `<|im_end|>`).
+enum Piece {
+    Text(String),
+    Answer(String),
+}
+
 pub struct ChatTokenizer {
     inner: Tokenizer,
+    pub template: ChatTemplate,
     pub im_start: u32,
     pub im_end: u32,
     pub endoftext: u32,
@@ -87,6 +135,7 @@ impl ChatTokenizer {
         };
         let endoftext = id("<|endoftext|>")?;
         Ok(Self {
+            template: ChatTemplate::detect(path, &inner),
             im_start: id("<|im_start|>")?,
             im_end: id("<|im_end|>")?,
             endoftext,
@@ -119,27 +168,82 @@ impl ChatTokenizer {
         vec![self.im_end, self.endoftext]
     }
 
-    /// The ChatML text transformers' `apply_chat_template` produces for these messages.
-    pub fn render(messages: &[Message], add_generation_prompt: bool) -> String {
-        let mut out = system_header(messages);
-        for m in messages
-            .iter()
-            .skip(usize::from(starts_with_system(messages)))
-        {
-            out.push_str(&format!(
-                "<|im_start|>{}\n{}<|im_end|>\n",
-                m.role, m.content
-            ));
+    /// The ChatML text transformers' `apply_chat_template` produces for these messages (with
+    /// `enable_thinking=False` under Qwen3's template).
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> String {
+        self.pieces(messages, add_generation_prompt)
+            .into_iter()
+            .map(|p| match p {
+                Piece::Text(t) => t,
+                Piece::Answer(a) => format!("{a}<|im_end|>"),
+            })
+            .collect()
+    }
+
+    fn pieces(&self, messages: &[Message], add_generation_prompt: bool) -> Vec<Piece> {
+        let has_system = starts_with_system(messages);
+        let mut out = vec![];
+        match (self.template, messages.first()) {
+            (_, Some(m)) if has_system => out.push(Piece::Text(format!(
+                "<|im_start|>system\n{}<|im_end|>\n",
+                m.content
+            ))),
+            (ChatTemplate::Qwen25, _) => out.push(Piece::Text(format!(
+                "<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+            ))),
+            (ChatTemplate::Qwen3, _) => {}
+        }
+        // Qwen3 keeps a thinking block only after the last real user query (not a tool reply).
+        let last_query = messages.iter().rposition(|m| {
+            m.role == "user"
+                && !(m.content.starts_with("<tool_response>")
+                    && m.content.ends_with("</tool_response>"))
+        });
+        for (i, m) in messages.iter().enumerate().skip(usize::from(has_system)) {
+            if m.role != "assistant" {
+                out.push(Piece::Text(format!(
+                    "<|im_start|>{}\n{}<|im_end|>\n",
+                    m.role, m.content
+                )));
+                continue;
+            }
+            let mut head = "<|im_start|>assistant\n".to_string();
+            let mut answer = m.content.clone();
+            if self.template == ChatTemplate::Qwen3 {
+                let (reasoning, content) = split_reasoning(&m.content);
+                answer = content.to_string();
+                let last = i + 1 == messages.len();
+                let after_query = i > last_query.unwrap_or(messages.len() - 1);
+                if after_query && (last || !reasoning.is_empty()) {
+                    head.push_str(&format!(
+                        "<think>\n{}\n</think>\n\n",
+                        reasoning.trim_matches('\n')
+                    ));
+                    answer = answer.trim_start_matches('\n').to_string();
+                }
+            }
+            out.push(Piece::Text(head));
+            out.push(Piece::Answer(answer));
+            out.push(Piece::Text("\n".into()));
         }
         if add_generation_prompt {
-            out.push_str("<|im_start|>assistant\n");
+            out.push(Piece::Text(self.generation_prompt().into()));
         }
         out
     }
 
-    /// The prompt segment: every message rendered, then `<|im_start|>assistant\n`.
+    /// What opens the assistant's turn when it is to answer.
+    fn generation_prompt(&self) -> &'static str {
+        match self.template {
+            ChatTemplate::Qwen25 => "<|im_start|>assistant\n",
+            ChatTemplate::Qwen3 => "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+        }
+    }
+
+    /// The prompt segment: every message rendered, then the generation prompt
+    /// (`<|im_start|>assistant\n`, and Qwen3's empty thinking block).
     pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        self.encode(&Self::render(messages, true))
+        self.encode(&self.render(messages, true))
     }
 
     /// A response segment: its content, then `<|im_end|>` (the token the model must learn to
@@ -156,30 +260,29 @@ impl ChatTokenizer {
     pub fn encode_conversation(&self, prompt: &[Message], response: &str) -> Result<Vec<u32>> {
         let mut messages = prompt.to_vec();
         messages.push(Message::new("assistant", response));
-        self.encode(&Self::render(&messages, false))
+        self.encode(&self.render(&messages, false))
     }
 
-    /// A whole conversation with assistant tokens labelled (content and closing `<|im_end|>`).
+    /// A whole conversation with assistant tokens labelled (content and closing `<|im_end|>`),
+    /// rendered as the template renders it (cut after the first answer under `First`).
     pub fn encode_chat(&self, messages: &[Message], turns: AssistantTurns) -> Result<LabelledIds> {
+        let messages = match turns {
+            AssistantTurns::All => messages,
+            AssistantTurns::First => match messages.iter().position(|m| m.role == "assistant") {
+                Some(i) => &messages[..=i],
+                None => messages,
+            },
+        };
         let mut out = LabelledIds::default();
-        let mut pending = system_header(messages);
-        for m in messages
-            .iter()
-            .skip(usize::from(starts_with_system(messages)))
-        {
-            if m.role == "assistant" {
-                pending.push_str("<|im_start|>assistant\n");
-                out.push(&self.encode(&pending)?, false);
-                out.push(&self.encode_response(&m.content)?, true);
-                if turns == AssistantTurns::First {
-                    return Ok(out);
+        let mut pending = String::new();
+        for piece in self.pieces(messages, false) {
+            match piece {
+                Piece::Text(t) => pending.push_str(&t),
+                Piece::Answer(a) => {
+                    out.push(&self.encode(&pending)?, false);
+                    out.push(&self.encode_response(&a)?, true);
+                    pending.clear();
                 }
-                pending = "\n".to_string();
-            } else {
-                pending.push_str(&format!(
-                    "<|im_start|>{}\n{}<|im_end|>\n",
-                    m.role, m.content
-                ));
             }
         }
         if out.num_labelled() == 0 {
@@ -193,10 +296,20 @@ fn starts_with_system(messages: &[Message]) -> bool {
     messages.first().is_some_and(|m| m.role == "system")
 }
 
-fn system_header(messages: &[Message]) -> String {
-    let system = match messages.first() {
-        Some(m) if m.role == "system" => m.content.as_str(),
-        _ => DEFAULT_SYSTEM_PROMPT,
-    };
-    format!("<|im_start|>system\n{system}<|im_end|>\n")
+/// An answer's `<think>` reasoning and its content, split as Qwen3's template splits them:
+/// reasoning before the first `</think>` (after any `<think>`), content after the last.
+fn split_reasoning(text: &str) -> (&str, &str) {
+    match (text.find("</think>"), text.rfind("</think>")) {
+        (Some(first), Some(last)) => {
+            let before = text[..first].trim_end_matches('\n');
+            let reasoning = before
+                .rsplit("<think>")
+                .next()
+                .unwrap_or(before)
+                .trim_start_matches('\n');
+            let content = text[last + "</think>".len()..].trim_start_matches('\n');
+            (reasoning, content)
+        }
+        _ => ("", text),
+    }
 }

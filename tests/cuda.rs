@@ -21,20 +21,20 @@ use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
 use mo_align::model::loader::{apply_adapter, load_pretrained};
 use mo_align::model::lora::LoraConfig;
-use mo_align::model::Qwen2;
+use mo_align::model::Qwen;
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("tests/cuda.rs needs a visible CUDA GPU")
 }
 
-fn load(dtype: DType, device: &Device) -> Qwen2 {
+fn load(dtype: DType, device: &Device) -> Qwen {
     load_pretrained(common::tiny_dir().to_str().unwrap(), None, dtype, device)
         .expect("load tiny")
         .model
 }
 
 /// Per-token log-probs (as f64) of every sequence, right-padded into one batch.
-fn batch_logprobs(m: &Qwen2, seqs: &[Vec<u32>], ctx: ForwardCtx) -> Vec<Vec<f64>> {
+fn batch_logprobs(m: &Qwen, seqs: &[Vec<u32>], ctx: ForwardCtx) -> Vec<Vec<f64>> {
     let input = ModelInput::right_padded(seqs, 0, &m.device).unwrap();
     let hidden = m.forward(&input, ctx, None).unwrap();
     let t = hidden.dim(1).unwrap();
@@ -80,7 +80,7 @@ fn cuda_bf16_logprobs_stay_close_to_f32() {
 }
 
 /// Sum of the log-probs of every sequence: a scalar whose gradient reaches every LoRA tensor.
-fn scalar_loss(m: &Qwen2, seqs: &[Vec<u32>]) -> Tensor {
+fn scalar_loss(m: &Qwen, seqs: &[Vec<u32>]) -> Tensor {
     let input = ModelInput::right_padded(seqs, 0, &m.device).unwrap();
     let hidden = m.forward(&input, train_ctx(), None).unwrap();
     let t = hidden.dim(1).unwrap();

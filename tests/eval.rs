@@ -629,14 +629,23 @@ fn merged_export_reloads_and_matches_base_plus_adapter() {
 
 /// The tiny checkpoint as an HF Qwen2ForSequenceClassification with score head `score` [1, H].
 fn classifier_checkpoint(name: &str, score: &Tensor) -> PathBuf {
+    classifier_checkpoint_on(Tiny::Qwen2, name, score)
+}
+
+/// `tiny`'s checkpoint as a `{Qwen2,Qwen3}ForSequenceClassification` with head `score`.
+fn classifier_checkpoint_on(tiny: Tiny, name: &str, score: &Tensor) -> PathBuf {
     let dir = scratch(name);
-    for f in std::fs::read_dir(tiny_dir()).unwrap() {
+    for f in std::fs::read_dir(tiny.dir()).unwrap() {
         let f = f.unwrap();
         std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
     }
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    cfg["architectures"] = serde_json::json!(["Qwen2ForSequenceClassification"]);
+    let class = match tiny {
+        Tiny::Qwen2 => "Qwen2ForSequenceClassification",
+        Tiny::Qwen3 => "Qwen3ForSequenceClassification",
+    };
+    cfg["architectures"] = serde_json::json!([class]);
     cfg["num_labels"] = 1.into();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     let mut w =
@@ -652,19 +661,25 @@ fn classifier_checkpoint(name: &str, score: &Tensor) -> PathBuf {
 
 /// An external reward model scores what transformers' `apply_chat_template(conversation,
 /// tokenize=True)` renders (ending `<|im_end|>\n`): the same token ids and the same scores as
-/// transformers' Qwen2ForSequenceClassification (golden file from benches/peer/golden_judge.py).
+/// transformers' Qwen2ForSequenceClassification and Qwen3ForSequenceClassification, each with
+/// its own chat template (golden files from benches/peer/golden_judge.py).
 #[test]
 fn sequence_classifier_judge_matches_transformers() {
-    let g: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/golden/judge_tiny.json")).unwrap(),
-    )
-    .unwrap();
+    for tiny in Tiny::BOTH {
+        sequence_classifier_judge_matches(tiny);
+    }
+}
+
+fn sequence_classifier_judge_matches(tiny: Tiny) {
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.judge_golden()).unwrap()).unwrap();
     let score: Vec<f32> = json_f64s(&g["score_weight"])
         .iter()
         .map(|x| *x as f32)
         .collect();
     let n = score.len();
-    let dir = classifier_checkpoint(
+    let dir = classifier_checkpoint_on(
+        tiny,
         "seqcls-golden",
         &Tensor::from_vec(score, (1, n), &Device::Cpu).unwrap(),
     );
@@ -688,7 +703,7 @@ fn sequence_classifier_judge_matches_transformers() {
         assert_eq!(
             ids,
             json_u32s(&g["ids"][i]),
-            "conversation {i}: token ids differ"
+            "{tiny:?} conversation {i}: token ids differ"
         );
     }
     let got = judge.score(&items, 2).unwrap();
@@ -696,7 +711,7 @@ fn sequence_classifier_judge_matches_transformers() {
         let want = g["scores"][i].as_f64().unwrap();
         assert!(
             (v.total - want).abs() < 1e-4,
-            "conversation {i}: {} vs transformers {want}",
+            "{tiny:?} conversation {i}: {} vs transformers {want}",
             v.total
         );
     }

@@ -1,5 +1,6 @@
-//! The Qwen2 + LoRA core against references: PyTorch/transformers/PEFT goldens, candle's own
-//! qwen2, finite differences, and itself under padding, chunking and caching.
+//! The Qwen2 / Qwen3 + LoRA core against references: PyTorch/transformers/PEFT goldens (both
+//! families), candle's own qwen2, finite differences, and itself under padding, chunking and
+//! caching.
 
 mod common;
 
@@ -11,10 +12,10 @@ use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
 use mo_align::model::loader::apply_adapter;
 use mo_align::model::lora::LoraConfig;
-use mo_align::model::Qwen2;
+use mo_align::model::Qwen;
 
 /// Per-token log-probs of `ids[1..]` given the prefix (one sequence, no padding).
-fn logprobs(model: &Qwen2, ids: &[u32], ctx: ForwardCtx) -> Vec<f64> {
+fn logprobs(model: &Qwen, ids: &[u32], ctx: ForwardCtx) -> Vec<f64> {
     let input = ModelInput::right_padded(&[ids.to_vec()], 0, &model.device).unwrap();
     let hidden = model.forward(&input, ctx, None).unwrap();
     let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
@@ -24,34 +25,37 @@ fn logprobs(model: &Qwen2, ids: &[u32], ctx: ForwardCtx) -> Vec<f64> {
 }
 
 #[test]
-fn golden_checkpoint_is_the_one_the_references_were_made_from() {
-    use std::io::Read;
-    let mut bytes = vec![];
-    std::fs::File::open(tiny_dir().join("model.safetensors"))
-        .unwrap()
-        .read_to_end(&mut bytes)
-        .unwrap();
+fn golden_checkpoints_are_the_ones_the_references_were_made_from() {
     use sha2::Digest;
-    let sha: String = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(
-        sha,
-        golden()["model_sha256"].as_str().unwrap(),
-        "init-tiny --seed 0 changed: regenerate tests/golden with benches/peer/golden_tiny.py"
-    );
+    for tiny in Tiny::BOTH {
+        let bytes = std::fs::read(tiny.dir().join("model.safetensors")).unwrap();
+        let sha: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            sha,
+            tiny.golden()["model_sha256"].as_str().unwrap(),
+            "{tiny:?}: init-tiny --seed 0 changed: regenerate its goldens with benches/peer/golden_tiny.py"
+        );
+    }
 }
 
 #[test]
 fn hidden_states_and_logprobs_match_transformers() {
-    let g = golden();
-    let seqs = golden_seqs();
+    for tiny in Tiny::BOTH {
+        hidden_states_and_logprobs_match(tiny);
+    }
+}
+
+fn hidden_states_and_logprobs_match(tiny: Tiny) {
+    let g = tiny.golden();
+    let seqs = tiny.seqs();
     for (dtype, key, tol) in [
         (DType::F32, "base_f32", 2e-5),
         (DType::F64, "base_f64", 1e-10),
     ] {
-        let m = load_tiny(dtype).model;
+        let m = tiny.load(dtype).model;
         let input = ModelInput::right_padded(&seqs[..1], 0, &Device::Cpu).unwrap();
         let hidden = m
             .forward(&input, ForwardCtx::EVAL, None)
@@ -72,36 +76,48 @@ fn hidden_states_and_logprobs_match_transformers() {
             .flat_map(json_f64s)
             .collect();
         let d = max_abs_diff(&ours, &theirs);
-        assert!(d < tol * 10.0, "{key}: hidden states differ by {d}");
+        assert!(
+            d < tol * 10.0,
+            "{tiny:?} {key}: hidden states differ by {d}"
+        );
         for (s, want) in seqs.iter().zip(g[key]["logprobs"].as_array().unwrap()) {
             let d = max_abs_diff(&logprobs(&m, s, ForwardCtx::EVAL), &json_f64s(want));
-            assert!(d < tol * 10.0, "{key}: log-probs differ by {d}");
+            assert!(d < tol * 10.0, "{tiny:?} {key}: log-probs differ by {d}");
         }
     }
 }
 
 #[test]
 fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
-    let g = golden();
-    let seqs = golden_seqs();
+    for tiny in Tiny::BOTH {
+        peft_adapter_logprobs_loss_and_gradients_match(tiny);
+    }
+}
+
+fn peft_adapter_logprobs_loss_and_gradients_match(tiny: Tiny) {
+    let g = tiny.golden();
+    let seqs = tiny.seqs();
     for (dtype, key, tol) in [
         (DType::F64, "lora_f64", 1e-9),
         (DType::F32, "lora_f32", 1e-4),
     ] {
-        let mut m = load_tiny(dtype).model;
-        let cfg = apply_adapter(&mut m, &golden_dir().join("adapter")).unwrap();
+        let mut m = tiny.load(dtype).model;
+        let cfg = apply_adapter(&mut m, &tiny.golden_dir().join("adapter")).unwrap();
         assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
         for (i, s) in seqs.iter().enumerate() {
             let d = max_abs_diff(
                 &logprobs(&m, s, ForwardCtx::EVAL),
                 &json_f64s(&g[key]["lora_logprobs"][i]),
             );
-            assert!(d < tol, "{key}: adapter log-probs differ by {d}");
+            assert!(d < tol, "{tiny:?} {key}: adapter log-probs differ by {d}");
             let d = max_abs_diff(
                 &logprobs(&m, s, ForwardCtx::REFERENCE),
                 &json_f64s(&g[key]["disabled_logprobs"][i]),
             );
-            assert!(d < tol, "{key}: disabled-adapter log-probs differ by {d}");
+            assert!(
+                d < tol,
+                "{tiny:?} {key}: disabled-adapter log-probs differ by {d}"
+            );
         }
         // SFT loss (mean NLL over labelled tokens) and its gradient w.r.t. every LoRA tensor.
         let ids = &seqs[0];
@@ -121,12 +137,12 @@ fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
         let want = g[key]["sft_loss"].as_f64().unwrap();
         assert!(
             (got - want).abs() < tol,
-            "{key}: SFT loss {got} vs PEFT {want}"
+            "{tiny:?} {key}: SFT loss {got} vs PEFT {want}"
         );
         if dtype == DType::F64 {
             let grads = loss.backward().unwrap();
             let want = candle_core::safetensors::load(
-                golden_dir().join("grads.safetensors"),
+                tiny.golden_dir().join("grads.safetensors"),
                 &Device::Cpu,
             )
             .unwrap();
@@ -147,7 +163,7 @@ fn peft_adapter_logprobs_loss_and_gradients_match_peft() {
                     .unwrap();
                 assert!(
                     d <= 1e-9 * scale.max(1.0),
-                    "{name}: gradient differs from PyTorch by {d}"
+                    "{tiny:?} {name}: gradient differs from PyTorch by {d}"
                 );
             }
         }
@@ -210,7 +226,7 @@ fn matches_candle_transformers_qwen2_with_adapters_off_or_zero() {
 }
 
 /// A LoRA model in f64 with non-zero B everywhere (a zero B would zero A's gradient).
-fn f64_model_with_random_lora() -> Qwen2 {
+fn f64_model_with_random_lora() -> Qwen {
     let mut m = load_tiny(DType::F64).model;
     let cfg = LoraConfig {
         r: 2,
@@ -232,7 +248,7 @@ fn f64_model_with_random_lora() -> Qwen2 {
     m
 }
 
-fn scalar_loss(m: &Qwen2, ids: &[u32]) -> Tensor {
+fn scalar_loss(m: &Qwen, ids: &[u32]) -> Tensor {
     let input = ModelInput::right_padded(&[ids.to_vec()], 0, &Device::Cpu).unwrap();
     let hidden = m.forward(&input, train_ctx(), None).unwrap();
     let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
@@ -484,16 +500,22 @@ fn recomputed_layers_give_the_same_gradients_with_dropout() {
 /// (benches/peer/golden_full.py), for a mean next-token NLL over the first golden sequence.
 #[test]
 fn full_finetuning_gradients_of_every_weight_match_transformers() {
-    let mut m = load_tiny(DType::F64).model;
+    for tiny in Tiny::BOTH {
+        full_finetuning_gradients_match(tiny);
+    }
+}
+
+fn full_finetuning_gradients_match(tiny: Tiny) {
+    let mut m = tiny.load(DType::F64).model;
     let vars = m.make_trainable().unwrap();
-    let path = golden_dir().join("full_grads.safetensors");
+    let path = tiny.golden_dir().join("full_grads.safetensors");
     let want = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let meta: f64 = {
         let bytes = std::fs::read(&path).unwrap();
         let (_, st) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         st.metadata().as_ref().unwrap()["loss"].parse().unwrap()
     };
-    let seq = golden_seqs()[0].clone();
+    let seq = tiny.seqs()[0].clone();
     let labelled: Vec<bool> = (0..seq.len()).map(|i| i > 0).collect();
     let lp =
         mo_align::objectives::labelled_logprobs(&m, &[(&seq, &labelled)], train_ctx()).unwrap();
@@ -502,24 +524,24 @@ fn full_finetuning_gradients_of_every_weight_match_transformers() {
     let value = loss.to_scalar::<f64>().unwrap();
     assert!(
         (value - meta).abs() < 1e-12 * meta.abs(),
-        "loss {value} vs {meta}"
+        "{tiny:?}: loss {value} vs {meta}"
     );
     let grads = loss.backward().unwrap();
     assert_eq!(
         vars.len(),
         want.len(),
-        "one trainable tensor per transformers parameter"
+        "{tiny:?}: one trainable tensor per transformers parameter"
     );
     for (name, var) in &vars {
         let got = grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
+            .unwrap_or_else(|| panic!("{tiny:?} {name}: no gradient"));
         let reference = &want[name];
         let scale = tensor_max_diff(reference, &reference.zeros_like().unwrap()).max(1e-12);
         let d = tensor_max_diff(got, reference);
         assert!(
             d <= 1e-9 * scale,
-            "{name}: gradient differs by {d} (scale {scale})"
+            "{tiny:?} {name}: gradient differs by {d} (scale {scale})"
         );
     }
 }

@@ -2,8 +2,9 @@
 mean next-token NLL on the tiny checkpoint, in float64, from transformers.
 
     python benches/peer/golden_full.py TINY_DIR tests/golden/tiny_seed0
+    python benches/peer/golden_full.py TINY3_DIR tests/golden/tiny_qwen3_seed0
 
-TINY_DIR is `mo-align init-tiny --seed 0`'s checkpoint; the sequence is the first of
+TINY_DIR is `mo-align init-tiny --seed 0`'s checkpoint (TINY3_DIR the same with --arch qwen3); the sequence is the first of
 reference.json's `seqs`. Writes full_grads.safetensors (HF parameter names; the tied embedding
 once, with the gradient of both its uses) with the loss in the metadata.
 """
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 # As in golden_tiny.py: transformers computes RMSNorm and the rotary tables in float32 even for a
 # float64 model; the f64 reference runs both in f64 (the same formulas), as mo-align does.
 from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
 
 
 def _norm_forward(self, hidden_states):
@@ -36,6 +38,8 @@ def _rope_forward(self, x, position_ids):
 
 modeling_qwen2.Qwen2RMSNorm.forward = _norm_forward
 modeling_qwen2.Qwen2RotaryEmbedding.forward = _rope_forward
+modeling_qwen3.Qwen3RMSNorm.forward = _norm_forward
+modeling_qwen3.Qwen3RotaryEmbedding.forward = _rope_forward
 
 tiny, golden = sys.argv[1], sys.argv[2]
 seq = json.load(open(f"{golden}/reference.json"))["seqs"][0]

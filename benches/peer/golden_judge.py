@@ -1,9 +1,11 @@
-"""Golden scores of an external reward model (Qwen2ForSequenceClassification) for mo-align's
-judge test: transformers' apply_chat_template(conversation, tokenize=True) and the score head.
+"""Golden scores of an external reward model (Qwen2ForSequenceClassification or
+Qwen3ForSequenceClassification) for mo-align's judge test: transformers'
+apply_chat_template(conversation, tokenize=True) and the score head.
 
     python benches/peer/golden_judge.py TINY_DIR tests/golden/judge_tiny.json
+    python benches/peer/golden_judge.py TINY3_DIR tests/golden/judge_tiny_qwen3.json
 
-TINY_DIR is `mo-align init-tiny --seed 0`'s checkpoint. The score head is seeded; its weights,
+TINY_DIR is `mo-align init-tiny --seed 0`'s checkpoint (TINY3_DIR the same with --arch qwen3). The score head is seeded; its weights,
 the token ids transformers scores and the scores go into the JSON the Rust test reads.
 """
 import json
@@ -17,13 +19,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 tiny, out = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
-score = (torch.randn(1, 64) * 0.5).float()
+hidden = json.load(open(f"{tiny}/config.json"))["hidden_size"]
+score = (torch.randn(1, hidden) * 0.5).float()
 
 work = tempfile.mkdtemp()
 for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
     shutil.copy(f"{tiny}/{f}", f"{work}/{f}")
 cfg = json.load(open(f"{work}/config.json"))
-cfg["architectures"] = ["Qwen2ForSequenceClassification"]
+cfg["architectures"] = [cfg["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
 cfg["num_labels"] = 1
 json.dump(cfg, open(f"{work}/config.json", "w"))
 weights = load_file(f"{tiny}/model.safetensors")

@@ -4,6 +4,10 @@
 Usage (reference stack from ../shared/tools/reference-env.sh):
     mo-align init-tiny --out /tmp/tiny --seed 0
     $REF/venv/bin/python benches/peer/golden_tiny.py /tmp/tiny tests/golden/tiny_seed0
+    mo-align init-tiny --out /tmp/tiny3 --seed 0 --arch qwen3
+    $REF/venv/bin/python benches/peer/golden_tiny.py /tmp/tiny3 tests/golden/tiny_qwen3_seed0
+
+Prompts are rendered with enable_thinking=False (Qwen3's template reads it; Qwen2.5's ignores it).
 
 Writes into the output directory:
   reference.json           chat-template renders and ids, plain-text ids, f64 and f32 hidden
@@ -42,6 +46,12 @@ convs = [
      {"role": "assistant", "content": "Dark room, same bedtime, no screens."},
      {"role": "user", "content": "Thank you! Explain why the sky is blue."},
      {"role": "assistant", "content": "Sunlight is scattered by air; blue light is scattered more."}],
+    # Qwen3's template splits <think> reasoning off an answer, keeps it for the answer after the
+    # last user query and drops it from earlier turns.
+    [{"role": "user", "content": "Is 7 prime?"},
+     {"role": "assistant", "content": "<think>\nIt has no divisors.\n</think>\n\nYes."},
+     {"role": "user", "content": "And 9?"},
+     {"role": "assistant", "content": "<think>\n3 times 3.\n</think>\n\nNo, 9 = 3 x 3."}],
 ]
 ref["chat"] = []
 for c in convs:
@@ -49,7 +59,8 @@ for c in convs:
         "messages": c,
         "text": tok.apply_chat_template(c, tokenize=False),
         "ids": list(tok.apply_chat_template(c, tokenize=True, return_dict=False)),
-        "prompt_text": tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True),
+        "prompt_text": tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True,
+                                               enable_thinking=False),
     })
 texts = ["Hello world! The quick brown fox jumps over the lazy dog.",
          "  ünïcödé   spaces\n\nnew lines 12345 def f(x):\n    return x[::-1]"]
@@ -75,36 +86,39 @@ def hidden(model, ids):
 # f64 reference only f32-accurate. For the f64 pass the norm runs in the input dtype (the same
 # formula); the f32 pass is transformers unmodified. mo-align computes an f64 model in f64.
 from transformers.models.qwen2 import modeling_qwen2
-
-_orig_norm_forward = modeling_qwen2.Qwen2RMSNorm.forward
-
-
-def _norm_forward(self, hidden_states):
-    if hidden_states.dtype != torch.float64:
-        return _orig_norm_forward(self, hidden_states)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+from transformers.models.qwen3 import modeling_qwen3
 
 
-modeling_qwen2.Qwen2RMSNorm.forward = _norm_forward
-# Likewise the rotary tables: f64 arithmetic for the f64 pass, transformers' f32 tables otherwise.
-_orig_rope_forward = modeling_qwen2.Qwen2RotaryEmbedding.forward
+def _patch_f64(module, norm_cls, rope_cls):
+    orig_norm = norm_cls.forward
+
+    def _norm_forward(self, hidden_states):
+        if hidden_states.dtype != torch.float64:
+            return orig_norm(self, hidden_states)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    orig_rope = rope_cls.forward
+
+    # Likewise the rotary tables: f64 arithmetic for the f64 pass, transformers' f32 tables
+    # otherwise.
+    @torch.no_grad()
+    def _rope_forward(self, x, position_ids):
+        if x.dtype != torch.float64:
+            return orig_rope(self, x, position_ids)
+        dim = self.inv_freq.shape[0] * 2
+        theta = getattr(self.config, "rope_theta", None) or self.config.rope_parameters["rope_theta"]
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        freqs = position_ids[..., None].double() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    norm_cls.forward = _norm_forward
+    rope_cls.forward = _rope_forward
 
 
-@torch.no_grad()
-def _rope_forward(self, x, position_ids):
-    if x.dtype != torch.float64:
-        return _orig_rope_forward(self, x, position_ids)
-    dim = self.inv_freq.shape[0] * 2
-    inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)) \
-        if hasattr(self.config, "rope_theta") else 1.0 / (self.config.rope_parameters["rope_theta"] ** (
-            torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    freqs = position_ids[..., None].double() * inv
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-modeling_qwen2.Qwen2RotaryEmbedding.forward = _rope_forward
+_patch_f64(modeling_qwen2, modeling_qwen2.Qwen2RMSNorm, modeling_qwen2.Qwen2RotaryEmbedding)
+_patch_f64(modeling_qwen3, modeling_qwen3.Qwen3RMSNorm, modeling_qwen3.Qwen3RotaryEmbedding)
 
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 for dtype_name, dtype in [("f64", torch.float64), ("f32", torch.float32)]:
@@ -149,7 +163,8 @@ for dtype_name, dtype in [("f64", torch.float64), ("f32", torch.float32)]:
         pm.save_pretrained(os.path.join(out_dir, "adapter"))
         # DPO pair: shared prompt, two responses; summed response log-probs, beta 0.1.
         prompt = tok.apply_chat_template([{"role": "user", "content": "Name a planet."}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)
+                                         add_generation_prompt=True, return_dict=False,
+                                         enable_thinking=False)
         chosen = tok("Mars is a planet.")["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         rejected = tok("A banana.")["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
 

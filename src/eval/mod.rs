@@ -7,7 +7,7 @@ pub mod win_rate;
 
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{apply_adapter, load_merged, warn_if_other_base, Loaded};
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::objectives::labelled_logprobs;
 use candle_core::{DType, Device, Result};
 use std::path::Path;
@@ -37,7 +37,7 @@ impl NllSum {
 /// NLL of a plain token stream, in non-overlapping windows of `context` tokens; each window
 /// predicts all its tokens but the first (for a text that fits one window this is exactly
 /// transformers' `model(ids, labels=ids).loss`).
-pub fn perplexity(model: &Qwen2, ids: &[u32], context: usize, ctx: ForwardCtx) -> Result<NllSum> {
+pub fn perplexity(model: &Qwen, ids: &[u32], context: usize, ctx: ForwardCtx) -> Result<NllSum> {
     let mut total = NllSum::default();
     for window in ids.chunks(context.max(2)) {
         if window.len() < 2 {
@@ -52,7 +52,7 @@ pub fn perplexity(model: &Qwen2, ids: &[u32], context: usize, ctx: ForwardCtx) -
 /// NLL of the labelled tokens of right-padded sequences (no gradient): the same log-probs the
 /// NLL training objective sums (`objectives::labelled_logprobs`).
 pub fn sequence_nll(
-    model: &Qwen2,
+    model: &Qwen,
     seqs: &[(Vec<u32>, Vec<bool>)],
     ctx: ForwardCtx,
 ) -> Result<NllSum> {

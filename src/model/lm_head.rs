@@ -14,10 +14,10 @@ use super::compute_dtype;
 use super::frozen::frozen_mul;
 use super::fused::attach3;
 use super::matmul::{matmul, matmul_t};
-use super::qwen2::Qwen2;
+use super::qwen::Qwen;
 use candle_core::{DType, Result, Tensor, D};
 
-impl Qwen2 {
+impl Qwen {
     /// Log-probabilities (f32, or f64 for an f64 model; [N]) of `targets[i]` given hidden state row `hidden[i]` ([N, H]).
     /// With `with_grad`, the result carries the exact gradient back to `hidden`.
     pub fn token_logprobs(

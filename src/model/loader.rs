@@ -3,8 +3,8 @@
 //! Weights are memory-mapped safetensors, one file or shards listed in
 //! `model.safetensors.index.json`. Every failure names the file and the tensor.
 
-use super::config::Qwen2Config;
-use super::qwen2::Qwen2;
+use super::config::QwenConfig;
+use super::qwen::Qwen;
 use crate::io::{safetensors_bytes, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -266,19 +266,19 @@ impl WeightFiles {
 }
 
 /// Loads a Qwen2 model (no adapters) from resolved files.
-pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Qwen2> {
-    let cfg = Qwen2Config::from_file(&files.config)?;
+pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Qwen> {
+    let cfg = QwenConfig::from_file(&files.config)?;
     load_with_config(files, cfg, dtype, device)
 }
 
 pub fn load_with_config(
     files: &ModelFiles,
-    cfg: Qwen2Config,
+    cfg: QwenConfig,
     dtype: DType,
     device: &Device,
-) -> Result<Qwen2> {
+) -> Result<Qwen> {
     let w = WeightFiles::open(&files.weights)?;
-    Qwen2::build(cfg, |name, shape| w.load(name, shape, dtype, device))
+    Qwen::build(cfg, |name, shape| w.load(name, shape, dtype, device))
 }
 
 /// Attaches the PEFT adapter in `dir` (ours or PEFT's own files) to `model`.
@@ -344,12 +344,12 @@ pub fn load_soup(
     Ok(loaded)
 }
 
-pub fn apply_adapter(model: &mut Qwen2, dir: &Path) -> Result<super::LoraConfig> {
+pub fn apply_adapter(model: &mut Qwen, dir: &Path) -> Result<super::LoraConfig> {
     let cfg = super::peft::read_peft_config(dir)?;
     let mut tensors = super::peft::read_peft_tensors(dir, &model.device)?;
     let file = dir.join("adapter_model.safetensors");
     for lin in model.linears_mut() {
-        let name = super::qwen2::module_name(&lin.path).to_string();
+        let name = super::qwen::module_name(&lin.path).to_string();
         match tensors.remove(&lin.path) {
             Some((a, b)) => lin
                 .attach(&cfg, a, b)
@@ -407,7 +407,7 @@ pub fn select_device(name: &str) -> Result<Device> {
 
 /// A model ready for inference or training: weights, tokenizer, and optional adapter.
 pub struct Loaded {
-    pub model: Qwen2,
+    pub model: Qwen,
     pub tokenizer: crate::tokenizer::ChatTokenizer,
     pub files: ModelFiles,
     pub adapter: Option<super::LoraConfig>,

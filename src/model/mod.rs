@@ -14,13 +14,13 @@ pub mod loader;
 pub mod lora;
 pub mod matmul;
 pub mod peft;
-pub mod qwen2;
+pub mod qwen;
 pub mod tiny;
 
-pub use config::Qwen2Config;
+pub use config::QwenConfig;
 pub use ctx::{Adapters, ForwardCtx};
 pub use lora::LoraConfig;
-pub use qwen2::{KvCache, Qwen2};
+pub use qwen::{KvCache, Qwen};
 
 use anyhow::{bail, Result};
 use candle_core::DType;

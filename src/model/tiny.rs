@@ -1,9 +1,10 @@
-//! `init-tiny`: a tiny random Qwen2 checkpoint in the exact Hugging Face layout, with a real
-//! byte-level BPE tokenizer shaped like Qwen2.5's (NFC, the same split regex, ChatML specials).
+//! `init-tiny`: a tiny random Qwen2 or Qwen3 checkpoint in the exact Hugging Face layout, with a
+//! real byte-level BPE tokenizer shaped like Qwen2.5's or Qwen3's (NFC, the same split regex,
+//! ChatML specials, Qwen3's thinking tags) and the family's own chat template.
 //! Tests, CI and the demo go through the same loading, tokenising and training code as the
 //! real model.
 
-use super::config::Qwen2Config;
+use super::config::{Family, QwenConfig};
 use crate::io::safetensors_bytes;
 use crate::io::write_atomic;
 use crate::rng::{normal_vec, stream_rng};
@@ -41,13 +42,23 @@ pub const SPECIAL_TOKENS: [&str; 22] = [
     "<|file_sep|>",
 ];
 
+/// Qwen3's added tokens after Qwen2.5's (ids 151665-151668 in the real vocabulary). Not special,
+/// as in Qwen3's tokenizer.json: decoding with special tokens skipped keeps them.
+pub const QWEN3_ADDED_TOKENS: [&str; 4] =
+    ["<tool_response>", "</tool_response>", "<think>", "</think>"];
+
 pub const QWEN25_CHAT_TEMPLATE: &str = include_str!("qwen25_chat_template.jinja");
+/// The `chat_template` of Qwen/Qwen3-0.6B's tokenizer_config.json (the whole Qwen3 family
+/// shares it).
+pub const QWEN3_CHAT_TEMPLATE: &str = include_str!("qwen3_chat_template.jinja");
 const CORPUS: &str = include_str!("tiny_corpus.txt");
 /// Qwen2's pre-tokenizer regex.
 const SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-pub fn tiny_config() -> Qwen2Config {
-    Qwen2Config {
+pub fn tiny_config() -> QwenConfig {
+    QwenConfig {
+        family: Family::Qwen2,
+        attention_bias: true,
         vocab_size: 1024,
         hidden_size: 64,
         intermediate_size: 128,
@@ -70,12 +81,16 @@ pub fn tiny_config() -> Qwen2Config {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TinySpec {
+    /// `qwen2` (the default) or `qwen3`: the decoder, tokenizer and chat template of the family.
+    pub arch: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
+    /// Width of a head; unset = hidden_size / num_attention_heads.
+    pub head_dim: Option<usize>,
     /// Std of the random weights: 0.1 (the default) keeps a random model's logits apart for
     /// tests; a model meant to be trained from scratch wants transformers' 0.02.
     pub init_std: f32,
@@ -88,12 +103,14 @@ impl Default for TinySpec {
     fn default() -> Self {
         let c = tiny_config();
         Self {
+            arch: Family::Qwen2,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_hidden_layers: c.num_hidden_layers,
             num_attention_heads: c.num_attention_heads,
             num_key_value_heads: c.num_key_value_heads,
+            head_dim: None,
             init_std: 0.1,
             tokenizer_corpus: vec![],
         }
@@ -101,7 +118,18 @@ impl Default for TinySpec {
 }
 
 impl TinySpec {
-    pub fn config(&self) -> Result<Qwen2Config> {
+    /// The tiny Qwen3 of `init-tiny --arch qwen3`: the default shape with heads twice as wide
+    /// as hidden / heads (as Qwen3-0.6B's 16 x 128 on 1024), so nothing can confuse the two.
+    pub fn qwen3() -> Self {
+        let d = Self::default();
+        Self {
+            arch: Family::Qwen3,
+            head_dim: Some(2 * d.hidden_size / d.num_attention_heads),
+            ..d
+        }
+    }
+
+    pub fn config(&self) -> Result<QwenConfig> {
         anyhow::ensure!(
             self.num_attention_heads > 0
                 && self.num_key_value_heads > 0
@@ -117,14 +145,23 @@ impl TinySpec {
             "model.tiny.vocab_size must exceed {} (the byte alphabet and special tokens)",
             256 + 2 * SPECIAL_TOKENS.len()
         );
-        Ok(Qwen2Config {
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        anyhow::ensure!(
+            head_dim > 0 && head_dim.is_multiple_of(2),
+            "model.tiny.head_dim {head_dim} must be even and positive"
+        );
+        Ok(QwenConfig {
+            family: self.arch,
+            attention_bias: self.arch == Family::Qwen2,
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             num_key_value_heads: self.num_key_value_heads,
-            head_dim: self.hidden_size / self.num_attention_heads,
+            head_dim,
             ..tiny_config()
         })
     }
@@ -167,7 +204,7 @@ impl TinySpec {
 
 /// A byte-level BPE tokenizer trained on a small embedded corpus, in Qwen2.5's format.
 pub fn build_tokenizer(regular_vocab: usize) -> Result<Tokenizer> {
-    build_tokenizer_on(regular_vocab, embedded_corpus())
+    build_tokenizer_on(regular_vocab, embedded_corpus(), Family::Qwen2)
 }
 
 /// The embedded corpus, one entry per line (as the BPE trainer reads lines).
@@ -175,7 +212,11 @@ fn embedded_corpus() -> Vec<String> {
     CORPUS.lines().map(|l| format!("{l}\n")).collect()
 }
 
-fn build_tokenizer_on(regular_vocab: usize, corpus: Vec<String>) -> Result<Tokenizer> {
+fn build_tokenizer_on(
+    regular_vocab: usize,
+    corpus: Vec<String>,
+    family: Family,
+) -> Result<Tokenizer> {
     let byte_level = serde_json::json!({
         "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
     });
@@ -216,15 +257,27 @@ fn build_tokenizer_on(regular_vocab: usize, corpus: Vec<String>) -> Result<Token
         .collect();
     tok.add_special_tokens(specials)
         .map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
+    if family == Family::Qwen3 {
+        let added: Vec<AddedToken> = QWEN3_ADDED_TOKENS
+            .iter()
+            .map(|s| AddedToken::from(s.to_string(), false).normalized(false))
+            .collect();
+        tok.add_tokens(added)
+            .map_err(|e| anyhow::anyhow!("adding Qwen3's tokens: {e}"))?;
+    }
     Ok(tok)
 }
 
-pub fn tokenizer_config_json(model_max_length: usize) -> serde_json::Value {
+pub fn tokenizer_config_json(model_max_length: usize, family: Family) -> serde_json::Value {
+    let template = match family {
+        Family::Qwen2 => QWEN25_CHAT_TEMPLATE,
+        Family::Qwen3 => QWEN3_CHAT_TEMPLATE,
+    };
     serde_json::json!({
         "add_bos_token": false,
         "add_prefix_space": false,
         "bos_token": null,
-        "chat_template": QWEN25_CHAT_TEMPLATE,
+        "chat_template": template,
         "clean_up_tokenization_spaces": false,
         "eos_token": "<|im_end|>",
         "errors": "replace",
@@ -239,11 +292,11 @@ pub fn tokenizer_config_json(model_max_length: usize) -> serde_json::Value {
 /// Random weights (normal, std 0.1, larger than transformers' 0.02 so a tiny model's
 /// logits are not all alike), norm weights near 1 (not exactly 1,
 /// so a forward that ignored them would fail the golden tests) and small random biases.
-pub fn random_weights(cfg: &Qwen2Config, seed: u64) -> Result<HashMap<String, Tensor>> {
+pub fn random_weights(cfg: &QwenConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     random_weights_std(cfg, seed, 0.1)
 }
 
-fn random_weights_std(cfg: &Qwen2Config, seed: u64, std: f32) -> Result<HashMap<String, Tensor>> {
+fn random_weights_std(cfg: &QwenConfig, seed: u64, std: f32) -> Result<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
     let mut stream = 0u64;
     let mut next = |shape: &[usize], std: f32, mean: f32| -> Result<Tensor> {
@@ -266,13 +319,15 @@ fn random_weights_std(cfg: &Qwen2Config, seed: u64, std: f32) -> Result<HashMap<
     );
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        let shapes: [(&str, Vec<usize>); 11] = [
+        let shapes: [(&str, Vec<usize>); 13] = [
             ("self_attn.q_proj.weight", vec![q, h]),
             ("self_attn.q_proj.bias", vec![q]),
             ("self_attn.k_proj.weight", vec![kv, h]),
             ("self_attn.k_proj.bias", vec![kv]),
             ("self_attn.v_proj.weight", vec![kv, h]),
             ("self_attn.v_proj.bias", vec![kv]),
+            ("self_attn.q_norm.weight", vec![cfg.head_dim]),
+            ("self_attn.k_norm.weight", vec![cfg.head_dim]),
             ("self_attn.o_proj.weight", vec![h, q]),
             ("mlp.gate_proj.weight", vec![i, h]),
             ("mlp.up_proj.weight", vec![i, h]),
@@ -280,7 +335,12 @@ fn random_weights_std(cfg: &Qwen2Config, seed: u64, std: f32) -> Result<HashMap<
             ("input_layernorm.weight", vec![h]),
         ];
         for (name, shape) in shapes {
-            let (std, mean) = if name.ends_with("layernorm.weight") {
+            let absent = (name.ends_with(".bias") && !cfg.attention_bias)
+                || (name.contains("_norm.") && !cfg.family.has_qk_norm());
+            if absent {
+                continue;
+            }
+            let (std, mean) = if name.ends_with("norm.weight") {
                 (0.1, 1.0)
             } else {
                 (std, 0.0)
@@ -301,12 +361,12 @@ fn random_weights_std(cfg: &Qwen2Config, seed: u64, std: f32) -> Result<HashMap<
 /// and copied to `device`: the same model on every device, and no random-number library
 /// needed on a GPU (the CUDA dist ships only a cuRAND stub).
 pub fn random_model(
-    cfg: &Qwen2Config,
+    cfg: &QwenConfig,
     dtype: candle_core::DType,
     device: &Device,
-) -> Result<super::Qwen2> {
+) -> Result<super::Qwen> {
     let mut rng = crate::rng::stream_rng(0, 0x7261_6e64);
-    super::Qwen2::build(cfg.clone(), |name, shape| {
+    super::Qwen::build(cfg.clone(), |name, shape| {
         let n: usize = shape.iter().product();
         // bf16 values, as the published checkpoints hold (decoding reads such weights as bf16).
         let values = if name.ends_with("norm.weight") {
@@ -332,7 +392,11 @@ pub fn write_tiny_checkpoint(out: &Path, seed: u64) -> Result<()> {
 /// `write_tiny_checkpoint` of any `TinySpec`.
 pub fn write_tiny_checkpoint_of(out: &Path, seed: u64, spec: &TinySpec) -> Result<()> {
     let mut cfg = spec.config()?;
-    let tok = build_tokenizer_on(cfg.vocab_size - 2 * SPECIAL_TOKENS.len(), spec.corpus()?)?;
+    let tok = build_tokenizer_on(
+        cfg.vocab_size - 2 * SPECIAL_TOKENS.len(),
+        spec.corpus()?,
+        cfg.family,
+    )?;
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create directory", out.display()))?;
     let id = |s: &str| {
@@ -371,7 +435,7 @@ pub fn write_tiny_checkpoint_of(out: &Path, seed: u64, spec: &TinySpec) -> Resul
         .to_string(true)
         .map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;
     write_atomic(&out.join("tokenizer.json"), tok_json.as_bytes())?;
-    let tc = tokenizer_config_json(cfg.max_position_embeddings);
+    let tc = tokenizer_config_json(cfg.max_position_embeddings, cfg.family);
     write_atomic(
         &out.join("tokenizer_config.json"),
         serde_json::to_string_pretty(&tc)?.as_bytes(),

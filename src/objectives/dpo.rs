@@ -10,7 +10,7 @@
 use super::pair::pair_logprobs_gated;
 use crate::data::preference::PreferencePair;
 use crate::model::ctx::ForwardCtx;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::train::{LossOutput, Objective};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -135,7 +135,7 @@ pub fn dpo_terms(
 }
 
 pub struct Dpo<'a> {
-    pub model: &'a Qwen2,
+    pub model: &'a Qwen,
     pub cfg: DpoConfig,
     /// Log the explicit-reward metrics (hybrid / MODPO runs).
     pub explicit: bool,

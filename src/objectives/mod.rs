@@ -13,7 +13,7 @@ pub mod scalarize;
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use candle_core::{Result, Tensor};
 
 /// Log-probs of the labelled tokens of right-padded sequences, in one forward pass.
@@ -45,7 +45,7 @@ impl LabelledLogprobs {
 /// Runs `seqs` (ids, labelled flags) through the model and returns the labelled tokens'
 /// log-probs; position i-1 predicts a labelled token i.
 pub fn labelled_logprobs(
-    model: &Qwen2,
+    model: &Qwen,
     seqs: &[(&[u32], &[bool])],
     ctx: ForwardCtx,
 ) -> Result<LabelledLogprobs> {

@@ -3,13 +3,13 @@
 
 use super::labelled_logprobs;
 use crate::model::ctx::ForwardCtx;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::tokenizer::LabelledIds;
 use crate::train::{LossOutput, Objective};
 use candle_core::Result;
 
 pub struct Nll<'a> {
-    pub model: &'a Qwen2,
+    pub model: &'a Qwen,
 }
 
 /// Labelled tokens that are predicted (a token at position 0 has nothing before it).

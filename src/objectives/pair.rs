@@ -6,7 +6,7 @@
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use candle_core::{DType, Result, Tensor};
 
 /// Per-pair sums of response-token log-probs, [B] f32 each, and token counts.
@@ -20,7 +20,7 @@ pub struct PairLogps {
 /// (prompt, chosen, rejected) token ids.
 pub type PairIds<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
-pub fn pair_logprobs(model: &Qwen2, pairs: &[PairIds], ctx: ForwardCtx) -> Result<PairLogps> {
+pub fn pair_logprobs(model: &Qwen, pairs: &[PairIds], ctx: ForwardCtx) -> Result<PairLogps> {
     pair_logprobs_gated(model, pairs, &[], ctx)
 }
 
@@ -28,7 +28,7 @@ pub fn pair_logprobs(model: &Qwen2, pairs: &[PairIds], ctx: ForwardCtx) -> Resul
 /// adapter's objective weights, one per rank; see `ForwardCtx::gate`). A pair without an entry,
 /// or with an empty one, runs ungated.
 pub fn pair_logprobs_gated(
-    model: &Qwen2,
+    model: &Qwen,
     pairs: &[PairIds],
     gates: &[&[f32]],
     ctx: ForwardCtx,
@@ -67,7 +67,7 @@ pub fn pair_logprobs_gated(
 
 /// Reference log-probs of many pairs (adapters off, no gradient), as (chosen, rejected) f32.
 pub fn reference_logprobs(
-    model: &Qwen2,
+    model: &Qwen,
     pairs: &[PairIds],
     progress: &dyn Fn(usize),
 ) -> Result<(Vec<f32>, Vec<f32>)> {

@@ -200,7 +200,7 @@ pub fn pg_loss(
 
 /// The token log-probs of completions after their prompts (see `labelled_logprobs`).
 pub fn completion_logprobs(
-    model: &crate::model::Qwen2,
+    model: &crate::model::Qwen,
     prompts: &[&[u32]],
     completions: &[&[u32]],
     ctx: crate::model::ctx::ForwardCtx,

@@ -10,7 +10,7 @@
 use super::pair::pair_logprobs_gated;
 use crate::data::preference::PreferencePair;
 use crate::model::ctx::ForwardCtx;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::train::{LossOutput, Objective};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -55,7 +55,7 @@ pub fn advantages(r_chosen: f32, r_rejected: f32, mode: Advantage) -> (f32, f32)
 }
 
 pub struct RewardWeighted<'a> {
-    pub model: &'a Qwen2,
+    pub model: &'a Qwen,
 }
 
 impl Objective for RewardWeighted<'_> {

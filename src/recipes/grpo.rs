@@ -12,7 +12,7 @@ use crate::data::{json_kind, FieldError, Parsed};
 use crate::eval::prompts::prompt_of;
 use crate::generate::{generate, SamplingConfig};
 use crate::model::ctx::ForwardCtx;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::objectives::conditioning::{
     line_names, quantise, ConditioningConfig, ConditioningInfo, ConditioningMode,
 };
@@ -157,7 +157,7 @@ pub struct PromptExample {
 /// from (and that model's context: the policy with its adapter off, or a backbone of its own),
 /// and/or rule objectives over the decoded text.
 pub struct RewardSources<'a> {
-    pub head: Option<(&'a RewardHead, &'a Qwen2, ForwardCtx<'static>)>,
+    pub head: Option<(&'a RewardHead, &'a Qwen, ForwardCtx<'static>)>,
     pub rules: Option<(RuleObjectives, &'a ChatTokenizer)>,
 }
 
@@ -192,7 +192,7 @@ struct OnlineState {
 
 /// The online policy-gradient objective: samples, scores and updates, one batch of prompts.
 pub struct OnlinePolicyGradient<'a> {
-    pub model: &'a Qwen2,
+    pub model: &'a Qwen,
     pub cfg: &'a GrpoConfig,
     pub sources: RewardSources<'a>,
     pub weights: Vec<f64>,
@@ -243,7 +243,7 @@ pub struct OnlineTiming {
 
 impl<'a> OnlinePolicyGradient<'a> {
     pub fn new(
-        model: &'a Qwen2,
+        model: &'a Qwen,
         cfg: &'a GrpoConfig,
         sources: RewardSources<'a>,
         weights: Vec<f64>,

@@ -202,7 +202,7 @@ pub enum RewardBackbone<'a> {
 }
 
 impl RewardBackbone<'_> {
-    pub fn parts(&self) -> (&crate::model::Qwen2, ForwardCtx<'static>, &Digest) {
+    pub fn parts(&self) -> (&crate::model::Qwen, ForwardCtx<'static>, &Digest) {
         match self {
             RewardBackbone::Policy(run) => {
                 (&run.loaded.model, ForwardCtx::REFERENCE, &run.model_key)

@@ -11,10 +11,20 @@ pub fn plot(run_dir: &Path, png: bool) -> Result<()> {
     Ok(())
 }
 
-/// `mo-align init-tiny --out DIR [--seed N]`.
-pub fn init_tiny(out: &Path, seed: u64) -> Result<()> {
-    crate::model::tiny::write_tiny_checkpoint(out, seed)?;
-    eprintln!("wrote a tiny Qwen2 checkpoint to {}", out.display());
+/// `mo-align init-tiny --out DIR [--seed N] [--arch qwen2|qwen3]`.
+pub fn init_tiny(out: &Path, seed: u64, arch: &str) -> Result<()> {
+    use crate::model::config::Family;
+    use crate::model::tiny::TinySpec;
+    let spec = match Family::parse(arch)? {
+        Family::Qwen2 => TinySpec::default(),
+        Family::Qwen3 => TinySpec::qwen3(),
+    };
+    crate::model::tiny::write_tiny_checkpoint_of(out, seed, &spec)?;
+    eprintln!(
+        "wrote a tiny {} checkpoint to {}",
+        spec.arch.causal_lm(),
+        out.display()
+    );
     Ok(())
 }
 

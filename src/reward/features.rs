@@ -8,7 +8,7 @@ use crate::data::preference::PreferencePair;
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::train::progress::Progress;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -65,7 +65,7 @@ impl<'a> ScoredSequence<'a> {
 /// Final hidden states (f32, [N, H]) at the last token of each sequence (no gradient); the
 /// features of an HF sequence classifier.
 pub fn last_token_features(
-    model: &Qwen2,
+    model: &Qwen,
     seqs: &[&[u32]],
     batch_size: usize,
     ctx: ForwardCtx,
@@ -88,7 +88,7 @@ pub fn last_token_features(
 /// `set`'s features (f32, [N, set.dim(H)]) of each sequence, computed in length-sorted batches
 /// of `batch_size` (no gradient).
 pub fn reward_features(
-    model: &Qwen2,
+    model: &Qwen,
     set: FeatureSet,
     seqs: &[ScoredSequence],
     batch_size: usize,
@@ -156,7 +156,7 @@ pub fn reward_features(
 /// Scores [N, K] of token sequences under a reward head, with `model` (run with `ctx`) as the
 /// backbone.
 pub fn score_sequences(
-    model: &Qwen2,
+    model: &Qwen,
     head: &RewardHead,
     seqs: &[ScoredSequence],
     batch: usize,
@@ -168,7 +168,7 @@ pub fn score_sequences(
 
 /// Features of `seqs` from the frozen backbone, cached under a digest of model + ids.
 pub fn cached_features(
-    (model, set, model_key): (&Qwen2, FeatureSet, &Digest),
+    (model, set, model_key): (&Qwen, FeatureSet, &Digest),
     seqs: &[ScoredSequence],
     batch: usize,
     dir: &Path,
@@ -216,7 +216,7 @@ pub struct PairScores {
 pub fn cached_pair_scores(
     head: &RewardHead,
     head_dir: &Path,
-    (backbone, ctx, backbone_key): (&Qwen2, ForwardCtx, &Digest),
+    (backbone, ctx, backbone_key): (&Qwen, ForwardCtx, &Digest),
     pairs: &[PreferencePair],
     batch: usize,
     dir: &Path,

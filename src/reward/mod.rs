@@ -16,7 +16,7 @@ pub use features::{
 };
 
 use crate::io::{safetensors_bytes, write_atomic, write_json_atomic};
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -174,7 +174,7 @@ impl RewardHead {
     /// Refuses a backbone other than the one the head was trained on: its features would be
     /// meaningless to the head. `what` names the model for the message. Heads written before
     /// fingerprints were recorded are checked by hidden size only.
-    pub fn check_backbone(&self, dir: &Path, model: &Qwen2, what: &str) -> Result<()> {
+    pub fn check_backbone(&self, dir: &Path, model: &Qwen, what: &str) -> Result<()> {
         if model.config.hidden_size != self.info.hidden_size {
             bail!(
                 "{}: the head expects hidden size {}, {what} has {}",
@@ -206,7 +206,7 @@ impl RewardHead {
     /// (recorded, computed) fingerprints at a precision both models share: exact in the same
     /// dtype, bf16-rounded across f32/bf16. `None` where nothing comparable was recorded (older
     /// heads) or f16 is involved (f16 rounding differs from bf16's).
-    fn backbone_fingerprints_comparable(&self, model: &Qwen2) -> Result<Option<(String, String)>> {
+    fn backbone_fingerprints_comparable(&self, model: &Qwen) -> Result<Option<(String, String)>> {
         let dtype = crate::model::dtype_name(model.dtype);
         let info = &self.info;
         if info.backbone_dtype.as_deref() == Some(dtype) {
@@ -222,7 +222,7 @@ impl RewardHead {
     }
 
     /// Whether `model` is the head's backbone, when that can be told (see `check_backbone`).
-    pub fn is_backbone(&self, model: &Qwen2) -> Result<Option<bool>> {
+    pub fn is_backbone(&self, model: &Qwen) -> Result<Option<bool>> {
         Ok(self
             .backbone_fingerprints_comparable(model)?
             .map(|(want, got)| want == got))

@@ -4,7 +4,7 @@
 
 use crate::model::lora::LoraConfig;
 use crate::model::peft::{read_peft_tensors, write_peft_adapter};
-use crate::model::Qwen2;
+use crate::model::Qwen;
 use anyhow::{Context, Result};
 use candle_core::Var;
 use std::path::Path;
@@ -20,7 +20,7 @@ pub trait Trainable {
 
 /// The model's LoRA adapters, saved as PEFT files.
 pub struct PeftAdapter<'a> {
-    pub model: &'a Qwen2,
+    pub model: &'a Qwen,
     pub lora: &'a LoraConfig,
     /// Written into adapter_config.json's `base_model_name_or_path`.
     pub base_model: String,

@@ -9,18 +9,74 @@ use mo_align::model::ForwardCtx;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// The tiny checkpoint of `init-tiny --seed 0`, written once into a temp dir.
+/// The tiny checkpoints the goldens were made from: `init-tiny --seed 0`, and the same with
+/// `--arch qwen3`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tiny {
+    Qwen2,
+    Qwen3,
+}
+
+impl Tiny {
+    pub const BOTH: [Tiny; 2] = [Tiny::Qwen2, Tiny::Qwen3];
+
+    /// The checkpoint, written once per test binary into a temp dir.
+    pub fn dir(self) -> &'static Path {
+        static DIRS: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+        DIRS[self as usize].get_or_init(|| {
+            let (name, spec) = match self {
+                Tiny::Qwen2 => ("tiny", mo_align::model::tiny::TinySpec::default()),
+                Tiny::Qwen3 => ("tiny-qwen3", mo_align::model::tiny::TinySpec::qwen3()),
+            };
+            let dir =
+                std::env::temp_dir().join(format!("mo-align-test-{name}-{}", std::process::id()));
+            mo_align::model::tiny::write_tiny_checkpoint_of(&dir, 0, &spec).expect("init-tiny");
+            dir
+        })
+    }
+
+    pub fn load(self, dtype: DType) -> Loaded {
+        load_pretrained(self.dir().to_str().unwrap(), None, dtype, &Device::Cpu).expect("load tiny")
+    }
+
+    pub fn golden_dir(self) -> PathBuf {
+        repo_root().join(match self {
+            Tiny::Qwen2 => "tests/golden/tiny_seed0",
+            Tiny::Qwen3 => "tests/golden/tiny_qwen3_seed0",
+        })
+    }
+
+    pub fn golden(self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.golden_dir().join("reference.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The token sequences the goldens were computed on.
+    pub fn seqs(self) -> Vec<Vec<u32>> {
+        self.golden()["seqs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(json_u32s)
+            .collect()
+    }
+
+    /// Scores of a sequence-classification judge on this base (benches/peer/golden_judge.py).
+    pub fn judge_golden(self) -> PathBuf {
+        repo_root().join(match self {
+            Tiny::Qwen2 => "tests/golden/judge_tiny.json",
+            Tiny::Qwen3 => "tests/golden/judge_tiny_qwen3.json",
+        })
+    }
+}
+
+/// The tiny Qwen2 checkpoint of `init-tiny --seed 0`.
 pub fn tiny_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mo-align-test-tiny-{}", std::process::id()));
-        mo_align::model::tiny::write_tiny_checkpoint(&dir, 0).expect("init-tiny");
-        dir
-    })
+    Tiny::Qwen2.dir()
 }
 
 pub fn load_tiny(dtype: DType) -> Loaded {
-    load_pretrained(tiny_dir().to_str().unwrap(), None, dtype, &Device::Cpu).expect("load tiny")
+    Tiny::Qwen2.load(dtype)
 }
 
 /// The repository root: the current directory when it is one (cargo runs tests there; a test
@@ -33,22 +89,15 @@ pub fn repo_root() -> PathBuf {
 }
 
 pub fn golden_dir() -> PathBuf {
-    repo_root().join("tests/golden/tiny_seed0")
+    Tiny::Qwen2.golden_dir()
 }
 
-/// The token sequences the goldens were computed on.
 pub fn golden_seqs() -> Vec<Vec<u32>> {
-    golden()["seqs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(json_u32s)
-        .collect()
+    Tiny::Qwen2.seqs()
 }
 
 pub fn golden() -> serde_json::Value {
-    let text = std::fs::read_to_string(golden_dir().join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    Tiny::Qwen2.golden()
 }
 
 /// A fresh, empty scratch directory under the system temp dir.
@@ -129,7 +178,7 @@ pub fn load_sft_data(
 /// Greedy decoding that recomputes the whole prefix every step (no cache). Slow; the reference
 /// the KV-cache path is tested against.
 pub fn greedy_no_cache(
-    model: &mo_align::Qwen2,
+    model: &mo_align::Qwen,
     prompt: &[u32],
     max_new_tokens: usize,
     ctx: ForwardCtx,

@@ -10,14 +10,16 @@ use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
 use mo_align::model::lora::LoraConfig;
 use mo_align::model::tiny::random_model;
-use mo_align::model::{Qwen2, Qwen2Config};
+use mo_align::model::{Qwen, QwenConfig};
 use mo_align::rng::{normal_vec, stream_rng, DropoutRng};
 
 /// Two vocabulary blocks in the LM head's backward (16,384 + 3,616 rows).
 pub const READINESS_VOCAB: usize = 20_000;
 
-pub fn readiness_config() -> Qwen2Config {
-    Qwen2Config {
+pub fn readiness_config() -> QwenConfig {
+    QwenConfig {
+        family: mo_align::model::config::Family::Qwen2,
+        attention_bias: true,
         vocab_size: READINESS_VOCAB,
         hidden_size: 64,
         intermediate_size: 160,
@@ -45,7 +47,7 @@ pub fn readiness_lora() -> LoraConfig {
 
 /// The same model on every device and dtype: host-drawn weights, fresh adapters, and a
 /// non-zero B everywhere (a zero B zeroes A's gradient).
-pub fn readiness_model(dtype: DType, device: &Device) -> Qwen2 {
+pub fn readiness_model(dtype: DType, device: &Device) -> Qwen {
     let mut m = random_model(&readiness_config(), dtype, device).expect("random model");
     m.attach_lora(&readiness_lora(), 7).expect("attach lora");
     let mut rng = stream_rng(11, 0);
@@ -85,7 +87,7 @@ pub struct StepGrads {
 /// optionally with recomputed layers; the gradient of every adapter tensor, as the trainer
 /// collects it (the graph's, plus what recomputed layers deposit in the sink).
 pub fn training_step(
-    m: &Qwen2,
+    m: &Qwen,
     seqs: &[Vec<u32>],
     dropout_seed: u64,
     recompute: bool,

@@ -1,15 +1,20 @@
-//! The Qwen2 / Qwen2.5 decoder with LoRA, read top to bottom like candle-transformers' model
+//! The Qwen2 / Qwen2.5 and Qwen3 decoder with LoRA, read top to bottom like candle-transformers' model
 //! files, but built only from ops that have a backward (no fused rms_norm / rope /
 //! softmax_last_dim, which drop gradients silently) and frozen-operand ops for every weight.
 //!
 //! Each block (RMSNorm, rope, attention, SwiGLU, LoRA linear) is a fused op with a hand-written
 //! backward (`fused.rs`), so the graph keeps one node per block.
 //!
+//! Qwen3 is the same decoder with two differences, both in the attention: each query and key
+//! head is RMS-normalised (its own `q_norm` / `k_norm` scale over `head_dim`) before the rotary
+//! embedding, and q/k/v have no biases. One file serves both, as transformers' modeling_qwen3
+//! is modeling_qwen2 with those lines changed.
+//!
 //! `forward` returns final hidden states; `lm_head` turns them into log-probs of given targets
 //! without materialising full-vocabulary logits.
 
 use super::checkpointing::checkpointed;
-use super::config::Qwen2Config;
+use super::config::QwenConfig;
 use super::ctx::ForwardCtx;
 use super::fused;
 use super::input::ModelInput;
@@ -47,7 +52,7 @@ pub struct Rope {
 }
 
 impl Rope {
-    fn new(cfg: &Qwen2Config, dtype: DType, device: &Device) -> Result<Self> {
+    fn new(cfg: &QwenConfig, dtype: DType, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let n = cfg.max_position_embeddings;
         if dtype == DType::F64 {
@@ -112,6 +117,9 @@ pub struct Attention {
     pub k_proj: LoraLinear,
     pub v_proj: LoraLinear,
     pub o_proj: LoraLinear,
+    /// Qwen3's per-head RMSNorm of queries and keys (scale [head_dim]); None for Qwen2.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -129,16 +137,13 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = nh / nkv;
-        let q = self
-            .q_proj
-            .forward(x, ctx)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x, ctx)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        let q = self.q_proj.forward(x, ctx)?.reshape((b, t, nh, hd))?;
+        let k = self.k_proj.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q, ctx.grad)?, kn.forward(&k, ctx.grad)?),
+            _ => (q, k),
+        };
+        let (q, k) = (q.transpose(1, 2)?, k.transpose(1, 2)?);
         let v = self
             .v_proj
             .forward(x, ctx)?
@@ -244,14 +249,16 @@ impl DecoderLayer {
             .flat_map(|l| [l.a.clone(), l.b.clone()])
             .collect();
         let norms = [
-            &self.input_layernorm.weight,
-            &self.post_attention_layernorm.weight,
+            Some(&self.input_layernorm.weight),
+            Some(&self.post_attention_layernorm.weight),
+            self.self_attn.q_norm.as_ref().map(|n| &n.weight),
+            self.self_attn.k_norm.as_ref().map(|n| &n.weight),
         ];
         let weights = self
             .linears()
             .into_iter()
             .flat_map(|lin| std::iter::once(&lin.weight).chain(lin.bias.as_ref()))
-            .chain(norms);
+            .chain(norms.into_iter().flatten());
         out.extend(
             weights
                 .filter(|t| t.is_variable())
@@ -280,7 +287,7 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(model: &Qwen2, batch: usize) -> Result<Self> {
+    pub fn new(model: &Qwen, batch: usize) -> Result<Self> {
         let c = &model.config;
         let empty = Tensor::zeros(
             (batch, c.num_key_value_heads, 0, c.head_dim),
@@ -303,8 +310,8 @@ impl KvCache {
     }
 }
 
-pub struct Qwen2 {
-    pub config: Qwen2Config,
+pub struct Qwen {
+    pub config: QwenConfig,
     /// [V, H]; also the LM head when embeddings are tied (held once in memory).
     pub embed_tokens: Tensor,
     /// Only for checkpoints with untied embeddings.
@@ -320,9 +327,9 @@ pub struct Qwen2 {
     pub output_twin: super::decode::Bf16Twin,
 }
 
-impl Qwen2 {
+impl Qwen {
     pub fn from_parts(
-        config: Qwen2Config,
+        config: QwenConfig,
         embed_tokens: Tensor,
         lm_head: Option<Tensor>,
         layers: Vec<DecoderLayer>,
@@ -348,7 +355,7 @@ impl Qwen2 {
     /// Builds the model from a source of named tensors; `get(name, shape)` must return a
     /// tensor of that shape (the loader checks files, `init-tiny` and benches make them up).
     pub fn build(
-        cfg: Qwen2Config,
+        cfg: QwenConfig,
         mut get: impl FnMut(&str, &[usize]) -> anyhow::Result<Tensor>,
     ) -> anyhow::Result<Self> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -364,21 +371,37 @@ impl Qwen2 {
                 };
                 Ok(LoraLinear::new(format!("{p}.{name}"), w, b))
             };
-            let self_attn = Attention {
-                q_proj: lin("self_attn.q_proj", true)?,
-                k_proj: lin("self_attn.k_proj", true)?,
-                v_proj: lin("self_attn.v_proj", true)?,
-                o_proj: lin("self_attn.o_proj", false)?,
-                n_heads: cfg.num_attention_heads,
-                n_kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-            };
+            let bias = cfg.attention_bias;
+            let q_proj = lin("self_attn.q_proj", bias)?;
+            let k_proj = lin("self_attn.k_proj", bias)?;
+            let v_proj = lin("self_attn.v_proj", bias)?;
+            let o_proj = lin("self_attn.o_proj", false)?;
             let mlp = Mlp {
                 gate_proj: lin("mlp.gate_proj", false)?,
                 up_proj: lin("mlp.up_proj", false)?,
                 down_proj: lin("mlp.down_proj", false)?,
             };
             let mut t = |leaf: &str| get(&format!("{p}.{leaf}"), &cfg.tensor_shape(leaf));
+            let (q_norm, k_norm) = if cfg.family.has_qk_norm() {
+                let eps = cfg.rms_norm_eps;
+                (
+                    Some(RmsNorm::new(t("self_attn.q_norm.weight")?, eps)),
+                    Some(RmsNorm::new(t("self_attn.k_norm.weight")?, eps)),
+                )
+            } else {
+                (None, None)
+            };
+            let self_attn = Attention {
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                q_norm,
+                k_norm,
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::new(t("input_layernorm.weight")?, cfg.rms_norm_eps),
                 self_attn,
@@ -527,7 +550,7 @@ impl RmsNorm {
     }
 }
 
-impl Qwen2 {
+impl Qwen {
     /// A fingerprint of the base weights (adapters not included, merged ones are): every
     /// tensor's name and shape and 16 evenly spaced values, hashed. It tells two models apart
     /// whatever their paths, and survives copying a checkpoint. With `bf16` the values are
@@ -582,6 +605,13 @@ impl Qwen2 {
         for layer in &mut self.layers {
             make(&mut layer.input_layernorm.weight)?;
             make(&mut layer.post_attention_layernorm.weight)?;
+            let attn = &mut layer.self_attn;
+            for norm in [attn.q_norm.as_mut(), attn.k_norm.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                make(&mut norm.weight)?;
+            }
             for lin in layer.linears_mut() {
                 make(&mut lin.weight)?;
                 if let Some(b) = lin.bias.as_mut() {
@@ -614,6 +644,15 @@ impl Qwen2 {
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
                 layer.post_attention_layernorm.weight().clone(),
             ));
+            let attn = &layer.self_attn;
+            for (leaf, norm) in [("q_norm", &attn.q_norm), ("k_norm", &attn.k_norm)] {
+                if let Some(n) = norm {
+                    out.push((
+                        format!("model.layers.{i}.self_attn.{leaf}.weight"),
+                        n.weight().clone(),
+                    ));
+                }
+            }
             for lin in layer.linears() {
                 out.push((format!("{}.weight", lin.path), lin.weight.clone()));
                 if let Some(b) = &lin.bias {
