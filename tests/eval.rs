@@ -632,33 +632,6 @@ fn classifier_checkpoint(name: &str, score: &Tensor) -> PathBuf {
     classifier_checkpoint_on(Tiny::Qwen2, name, score)
 }
 
-/// `tiny`'s checkpoint as a `{Qwen2,Qwen3}ForSequenceClassification` with head `score`.
-fn classifier_checkpoint_on(tiny: Tiny, name: &str, score: &Tensor) -> PathBuf {
-    let dir = scratch(name);
-    for f in std::fs::read_dir(tiny.dir()).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-    }
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let class = match tiny {
-        Tiny::Qwen2 => "Qwen2ForSequenceClassification",
-        Tiny::Qwen3 => "Qwen3ForSequenceClassification",
-    };
-    cfg["architectures"] = serde_json::json!([class]);
-    cfg["num_labels"] = 1.into();
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let mut w =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    w.insert("score.weight".into(), score.clone());
-    std::fs::write(
-        dir.join("model.safetensors"),
-        mo_align::io::safetensors_bytes(&w, None).unwrap(),
-    )
-    .unwrap();
-    dir
-}
-
 /// An external reward model scores what transformers' `apply_chat_template(conversation,
 /// tokenize=True)` renders (ending `<|im_end|>\n`): the same token ids and the same scores as
 /// transformers' Qwen2ForSequenceClassification and Qwen3ForSequenceClassification, each with

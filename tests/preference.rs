@@ -286,22 +286,8 @@ fn demo_chain_runs_and_the_reward_model_learns() {
     let p = |s: &str| root.join(s).to_str().unwrap().to_string();
     let model = format!("model.path={:?}", tiny_dir().to_str().unwrap());
     let cache = format!("{:?}", p("cache"));
-    let sft = mo_align::recipes::sft::run(
-        Some(Path::new("configs/demo/sft-lora.toml")),
-        &[
-            model.clone(),
-            format!("train.output_dir={:?}", p("sft")),
-            "train.max_steps=30".into(),
-        ],
-        flags(false, true),
-    )
-    .unwrap();
+    let sft = sft_lora_30_steps(tiny_dir(), &root.join("sft"));
     assert_eq!((sft.steps, sft.skipped_steps), (30, 0));
-    let (first, last) = (sft.first_loss.unwrap(), sft.last_loss.unwrap());
-    assert!(
-        last < first - 0.2,
-        "SFT loss did not fall: {first} -> {last}"
-    );
     let adapter = format!("model.adapter={:?}", p("sft"));
     mo_align::recipes::train_rm::run(
         Some(Path::new("configs/demo/train-rm.toml")),

@@ -383,6 +383,34 @@ pub fn random_model(
     })
 }
 
+/// Checks that the checkpoint in `dir` has the family and shape `spec` asks for.
+pub fn check_made_for(dir: &Path, spec: &TinySpec) -> Result<()> {
+    let want = spec.config()?;
+    let got = QwenConfig::from_file(&dir.join("config.json"))?;
+    let shape = |c: &QwenConfig| {
+        (
+            c.family,
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+    };
+    anyhow::ensure!(
+        shape(&got) == shape(&want),
+        "{}: holds a {} of another shape than model.tiny asks for (a {}: {:?} against {:?}); remove it or point model.path elsewhere",
+        dir.display(),
+        got.family.causal_lm(),
+        want.family.causal_lm(),
+        shape(&got),
+        shape(&want)
+    );
+    Ok(())
+}
+
 /// Writes config.json, generation_config.json, model.safetensors, tokenizer.json and
 /// tokenizer_config.json into `out`.
 pub fn write_tiny_checkpoint(out: &Path, seed: u64) -> Result<()> {

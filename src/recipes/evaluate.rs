@@ -68,7 +68,7 @@ pub struct EvalOptions {
     /// The baseline model: PATH or PATH+ADAPTER.
     #[arg(long)]
     pub baseline: Option<String>,
-    /// A train-rm directory, an HF Qwen2ForSequenceClassification checkpoint, or
+    /// A train-rm directory, an HF Qwen2/Qwen3ForSequenceClassification checkpoint, or
     /// `rules:FILE` (rule objectives scored from each prompt record's fields).
     #[arg(long)]
     pub judge: Option<String>,

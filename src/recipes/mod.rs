@@ -107,13 +107,18 @@ pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
         // Candle's CPU kernels size their thread pool from this variable.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    if model.create_tiny_if_missing && !Path::new(&model.path).exists() {
-        let spec = model.tiny.clone().unwrap_or_default();
-        crate::model::tiny::write_tiny_checkpoint_of(
+    if model.create_tiny_if_missing {
+        let (dir, spec) = (
             Path::new(&model.path),
-            model.tiny_seed,
-            &spec,
-        )?;
+            model.tiny.clone().unwrap_or_default(),
+        );
+        if dir.exists() {
+            // A directory written for another `[model.tiny]` (say, before `arch` changed) is
+            // never silently reused, nor replaced.
+            crate::model::tiny::check_made_for(dir, &spec)?;
+        } else {
+            crate::model::tiny::write_tiny_checkpoint_of(dir, model.tiny_seed, &spec)?;
+        }
     }
     let device = select_device(&train.device)?;
     if device.is_cpu() {

@@ -244,3 +244,52 @@ pub fn lora_b_norm(dir: &Path) -> f64 {
         })
         .sum()
 }
+
+/// `tiny`'s checkpoint turned into a `Qwen2ForSequenceClassification` /
+/// `Qwen3ForSequenceClassification` reward model with score head `score` [labels, hidden].
+pub fn classifier_checkpoint_on(tiny: Tiny, name: &str, score: &candle_core::Tensor) -> PathBuf {
+    let dir = scratch(name);
+    for f in std::fs::read_dir(tiny.dir()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let class = match tiny {
+        Tiny::Qwen2 => "Qwen2ForSequenceClassification",
+        Tiny::Qwen3 => "Qwen3ForSequenceClassification",
+    };
+    cfg["architectures"] = serde_json::json!([class]);
+    cfg["num_labels"] = 1.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut w =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    w.insert("score.weight".into(), score.clone());
+    std::fs::write(
+        dir.join("model.safetensors"),
+        mo_align::io::safetensors_bytes(&w, None).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+/// 30 steps of the demo's LoRA SFT on `model` into `out`, asserting the loss falls (by 0.2 nats).
+pub fn sft_lora_30_steps(model: &Path, out: &Path) -> mo_align::train::trainer::TrainOutcome {
+    let sft = mo_align::recipes::sft::run(
+        Some(Path::new("configs/demo/sft-lora.toml")),
+        &[
+            format!("model.path={:?}", model.to_str().unwrap()),
+            format!("train.output_dir={:?}", out.to_str().unwrap()),
+            "train.max_steps=30".into(),
+        ],
+        flags(false, true),
+    )
+    .unwrap();
+    let (first, last) = (sft.first_loss.unwrap(), sft.last_loss.unwrap());
+    assert!(
+        last < first - 0.2,
+        "{}: SFT loss did not fall: {first} -> {last}",
+        model.display()
+    );
+    sft
+}
