@@ -3,6 +3,8 @@
 
 mod common;
 
+use mo_align::train::events::{read_scalar_events, scalars_of, EVENTS_FILE};
+
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use mo_align::model::ctx::ForwardCtx;
@@ -138,6 +140,39 @@ fn run_cli(out: &Path, extra: &[&str], resume: bool) -> std::process::Child {
     cmd.spawn().unwrap()
 }
 
+/// Waits until metrics.jsonl holds a step after the newest checkpoint: steps the resumed run
+/// will log again, which must then appear once.
+fn wait_for_a_line_past_the_checkpoint(out: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ckpt = mo_align::train::checkpoint::latest(out)
+            .unwrap()
+            .and_then(|p| {
+                p.file_name()?
+                    .to_string_lossy()
+                    .trim_start_matches("checkpoint-")
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        let logged = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|l| l["step"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if logged > ckpt {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line past a checkpoint in time"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn wait_for_checkpoint(out: &Path, min_step: u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -169,6 +204,8 @@ fn killed_and_resumed_run_ends_bit_identical() {
         "train.save_every=3",
         "train.keep_checkpoints=2",
         "train.eval_every=20",
+        // Lines between checkpoints, so the killed run has logged steps the resume replays.
+        "train.log_every=2",
     ];
     let whole = scratch("resume-whole");
     let whole_run = run_cli(&whole, &extra, false).wait_with_output().unwrap();
@@ -178,6 +215,7 @@ fn killed_and_resumed_run_ends_bit_identical() {
     let killed = scratch("resume-killed");
     let mut child = run_cli(&killed, &extra, false);
     wait_for_checkpoint(&killed, 9);
+    wait_for_a_line_past_the_checkpoint(&killed);
     child.kill().unwrap(); // SIGKILL: no chance to save anything
     child.wait().unwrap();
     assert!(
@@ -240,6 +278,23 @@ fn killed_and_resumed_run_ends_bit_identical() {
     let mut sorted = steps.clone();
     sorted.dedup();
     assert_eq!(steps, sorted);
+    // The TensorBoard events hold the same scalars as metrics.jsonl, each step once, after the
+    // kill as in the uninterrupted run (wall times aside).
+    for dir in [&whole, &killed] {
+        let events = read_scalar_events(&dir.join(EVENTS_FILE)).unwrap();
+        let want: Vec<(i64, Vec<(String, f32)>)> = metrics(dir)
+            .iter()
+            .map(|l| (l["step"].as_i64().unwrap(), scalars_of(l)))
+            .collect();
+        let got: Vec<(i64, Vec<(String, f32)>)> =
+            events.into_iter().map(|e| (e.step, e.values)).collect();
+        assert_eq!(
+            got,
+            want,
+            "{}: events differ from metrics.jsonl",
+            dir.display()
+        );
+    }
     assert_eq!(
         std::fs::read_dir(killed.join("checkpoints"))
             .unwrap()

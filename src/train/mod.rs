@@ -1,6 +1,8 @@
 //! The one training loop every stage shares: objectives plug in, the loop stays the same.
 
 pub mod checkpoint;
+pub mod events;
+pub mod metrics_log;
 pub mod optim;
 pub mod progress;
 pub mod schedule;

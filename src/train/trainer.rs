@@ -3,6 +3,7 @@
 //! and signals.
 
 use super::checkpoint::{self, TrainerState};
+use super::metrics_log::MetricsLog;
 use super::optim::{AdamW, AdamWParams};
 use super::progress::Progress;
 use super::schedule::LrSchedule;
@@ -10,11 +11,10 @@ use super::trainable::Trainable;
 use super::window::fmt_num;
 use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
-use crate::io::JsonlWriter;
 use crate::model::ctx::ForwardCtx;
 use crate::model::ctx::GradSink;
 use crate::rng::{mix_seed, DropoutRng};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -303,26 +303,6 @@ fn resume_from_newest_usable<O: Objective>(
     )
 }
 
-/// Keeps only metrics lines up to `step` (a resumed run rewrites what came after).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::io::write_atomic(path, kept.as_bytes())
-}
-
 pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     let cfg = run.cfg;
     let started = Instant::now();
@@ -359,26 +339,21 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         loss_scale: if f16 { cfg.loss_scale_init } else { 1.0 },
         ..TrainerState::default()
     };
-    let metrics_path = run.output_dir.join("metrics.jsonl");
     let progress = Progress::new(total_steps, 0, run.quiet, run.label);
     checkpoint::clear_partial(run.output_dir)?;
-    match checkpoint::latest(run.output_dir)? {
+    let resumed_at = match checkpoint::latest(run.output_dir)? {
         Some(_) if run.resume => {
             state = resume_from_newest_usable(&run, &mut opt, &progress)?;
             run.objective.restore(state.objective.as_ref())?;
-            truncate_metrics(&metrics_path, state.step)?;
+            Some(state.step)
         }
         Some(dir) => bail!(
             "{}: an earlier run's checkpoint is here; pass --resume to continue it, or choose another train.output_dir",
             dir.display()
         ),
-        None => {
-            if metrics_path.exists() {
-                std::fs::remove_file(&metrics_path).with_context(|| format!("{}: cannot replace", metrics_path.display()))?;
-            }
-        }
-    }
-    let mut metrics_out = JsonlWriter::append(&metrics_path)?;
+        None => None,
+    };
+    let mut metrics_out = MetricsLog::open(run.output_dir, resumed_at)?;
     let mut cursor = Cursor::new(&run, state.epoch, state.batch_in_epoch);
     let stop = stop_flag();
     let eval_bs = cfg.eval_batch_size.unwrap_or(cfg.batch_size * 2);
