@@ -57,6 +57,10 @@ pub enum Command {
         /// Replace an existing, non-empty --out (never the model's or the adapter's directory).
         #[arg(long)]
         force: bool,
+        /// Also write `model-TYPE.gguf` into --out for llama.cpp / Ollama / LM Studio: f32,
+        /// f16 or q8_0 (norms and biases stay f32).
+        #[arg(long, value_name = "TYPE")]
+        gguf: Option<String>,
     },
     /// Redraw a run directory's plots from its metrics.
     Plot {
@@ -135,7 +139,8 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
             force,
-        } => merge::run(&model, &adapter, &out, &dtype, force),
+            gguf,
+        } => merge::run(&model, &adapter, &out, &dtype, force, gguf.as_deref()),
         Command::Plot { run_dir, png } => utility::plot(&run_dir, png),
         Command::InitTiny { out, seed, arch } => utility::init_tiny(&out, seed, &arch),
         Command::ConvertData { input, output } => utility::convert_data(&input, &output),

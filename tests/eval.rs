@@ -540,7 +540,7 @@ fn merge_refuses_outputs_that_would_destroy_data() {
     std::fs::write(adapter.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
     let before = (snapshot(&model), snapshot(&adapter));
     let merge = |out: &Path, force: bool| {
-        mo_align::recipes::merge::run(model.to_str().unwrap(), &adapter, out, "f32", force)
+        mo_align::recipes::merge::run(model.to_str().unwrap(), &adapter, out, "f32", force, None)
     };
     for (out, why) in [
         (adapter.clone(), "is the adapter"),
@@ -584,8 +584,15 @@ fn merge_refuses_outputs_that_would_destroy_data() {
 fn merged_export_reloads_and_matches_base_plus_adapter() {
     let out = scratch("merged").join("model");
     let adapter = golden_dir().join("adapter");
-    mo_align::recipes::merge::run(tiny_dir().to_str().unwrap(), &adapter, &out, "f32", false)
-        .unwrap();
+    mo_align::recipes::merge::run(
+        tiny_dir().to_str().unwrap(),
+        &adapter,
+        &out,
+        "f32",
+        false,
+        None,
+    )
+    .unwrap();
     for f in [
         "config.json",
         "model.safetensors",

@@ -8,6 +8,7 @@ pub mod decode;
 pub mod dropout;
 pub mod frozen;
 pub mod fused;
+pub mod gguf;
 pub mod input;
 pub mod lm_head;
 pub mod loader;

@@ -1,8 +1,10 @@
 //! `mo-align merge`: base + adapter folded into one Hugging Face checkpoint (safetensors,
-//! config, tokenizer files) that transformers, vLLM and mo-align load as a plain model.
+//! config, tokenizer files) that transformers, vLLM and mo-align load as a plain model, and
+//! with `--gguf` a GGUF file beside it for llama.cpp, Ollama and LM Studio.
 
 use crate::io::{refuse_nonempty, refuse_overlap, AtomicDir};
-use crate::model::loader::{load_pretrained, save_pretrained, Loaded};
+use crate::model::gguf::{write_gguf, GgufType};
+use crate::model::loader::{load_pretrained, save_pretrained};
 use crate::model::parse_dtype;
 use anyhow::Result;
 use candle_core::{DType, Device};
@@ -10,8 +12,16 @@ use std::path::Path;
 
 /// `mo-align merge`: refuses an `--out` that overlaps the model or the adapter, and an existing
 /// non-empty `--out` without `force`; writes into a temporary sibling and renames at the end.
-pub fn run(model: &str, adapter: &Path, out: &Path, dtype: &str, force: bool) -> Result<()> {
+pub fn run(
+    model: &str,
+    adapter: &Path,
+    out: &Path,
+    dtype: &str,
+    force: bool,
+    gguf: Option<&str>,
+) -> Result<()> {
     let dtype = parse_dtype(dtype)?;
+    let gguf = gguf.map(GgufType::parse).transpose()?;
     let mut inputs = vec![("adapter", adapter)];
     let model_dir = Path::new(model);
     if model_dir.exists() {
@@ -24,20 +34,24 @@ pub fn run(model: &str, adapter: &Path, out: &Path, dtype: &str, force: bool) ->
     // A Hub id resolves to the cache: check that too.
     refuse_overlap(out, "--out", &[("model", loaded.files.dir())])?;
     loaded.model.merge_lora()?;
-    write_checkpoint(&loaded, out, dtype)?;
+    let dir = AtomicDir::new(out)?;
+    save_pretrained(&loaded, dir.path(), dtype)?;
+    if let Some(kind) = gguf {
+        write_gguf(&loaded, &dir.path().join(gguf_file_name(kind)), kind)?;
+    }
+    dir.commit()?;
     eprintln!(
-        "merged {} into {} -> {}",
+        "merged {} into {} -> {}{}",
         adapter.display(),
         model,
-        out.display()
+        out.display(),
+        gguf.map(|k| format!(" (and {})", gguf_file_name(k)))
+            .unwrap_or_default()
     );
     Ok(())
 }
 
-/// Writes `loaded`'s base weights (adapters must be merged) as an HF checkpoint directory,
-/// atomically as a whole.
-pub fn write_checkpoint(loaded: &Loaded, out: &Path, dtype: DType) -> Result<()> {
-    let dir = AtomicDir::new(out)?;
-    save_pretrained(loaded, dir.path(), dtype)?;
-    dir.commit()
+/// The GGUF file's name inside --out.
+pub fn gguf_file_name(kind: GgufType) -> String {
+    format!("model-{}.gguf", kind.name())
 }
