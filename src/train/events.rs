@@ -336,21 +336,25 @@ mod tests {
         let mut w = EventWriter::open(&dir, None, &[]).unwrap();
         for step in 1..=3 {
             w.write_line(
-                &serde_json::json!({"step": step, "loss": 1.0 / step as f64, "eval_loss": 2.5}),
+                &serde_json::json!({"step": step, "epoch": 0.1, "loss": 1.0 / step as f64}),
             )
             .unwrap();
         }
+        // An evaluation line gives its eval_ values only (its epoch is the training line's).
+        w.write_line(&serde_json::json!({"step": 3, "epoch": 0.1, "eval_loss": 2.5}))
+            .unwrap();
         drop(w);
         let path = dir.join(EVENTS_FILE);
         let evs = read_scalar_events(&path).unwrap();
-        assert_eq!(evs.iter().map(|e| e.step).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(evs.iter().map(|e| e.step).collect::<Vec<_>>(), [1, 2, 3, 3]);
         assert!(evs[1].values.contains(&("train/loss".to_string(), 0.5f32)));
-        assert!(evs[1].values.contains(&("eval/loss".to_string(), 2.5f32)));
+        assert!(evs[1].values.contains(&("train/epoch".to_string(), 0.1f32)));
+        assert_eq!(evs[3].values, [("eval/loss".to_string(), 2.5f32)]);
         // A crash mid-record: the whole records before it still read.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(bytes.len() - 7);
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(read_scalar_events(&path).unwrap().len(), 2);
+        assert_eq!(read_scalar_events(&path).unwrap().len(), 3);
         // Resuming at step 1 keeps step 1 only.
         EventWriter::open(&dir, Some(1), &[]).unwrap();
         let evs = read_scalar_events(&path).unwrap();
