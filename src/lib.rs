@@ -18,6 +18,7 @@ pub mod model;
 pub mod objectives;
 pub mod pareto;
 pub mod plot;
+pub mod profile;
 pub mod recipes;
 pub mod reward;
 pub mod rng;

@@ -187,7 +187,7 @@ impl InplaceOp2 for AdamMoments {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let ((m0, m1), (g0, g1)) = (offsets(ml, "moments")?, offsets(gl, "gradient")?);
+        let ((m0, m1), (g0, g1)) = (offsets(ml, "moments")?, offsets(gl, "gradient")?); // count-ops: inplace_op
         let (CpuStorage::F32(mv), CpuStorage::F32(g)) = (mv, g) else {
             candle_core::bail!("adamw: moments and gradients must be f32");
         };
@@ -207,7 +207,7 @@ impl InplaceOp2 for AdamMoments {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let ((m0, m1), (g0, g1)) = (offsets(ml, "moments")?, offsets(gl, "gradient")?);
+        let ((m0, m1), (g0, g1)) = (offsets(ml, "moments")?, offsets(gl, "gradient")?); // count-ops: inplace_op
         let n = (g1 - g0) as u64;
         let dev = mv.device.clone();
         let gv = g.as_cuda_slice::<f32>()?.slice(g0..g1);
@@ -239,7 +239,7 @@ impl InplaceOp2 for AdamUpdate {
         mv: &CpuStorage,
         ml: &Layout,
     ) -> candle_core::Result<()> {
-        let ((w0, w1), (m0, m1)) = (offsets(wl, "parameter")?, offsets(ml, "moments")?);
+        let ((w0, w1), (m0, m1)) = (offsets(wl, "parameter")?, offsets(ml, "moments")?); // count-ops: inplace_op
         let CpuStorage::F32(mv) = mv else {
             candle_core::bail!("adamw: moments must be f32");
         };
@@ -269,7 +269,7 @@ impl InplaceOp2 for AdamUpdate {
         mv: &candle_core::CudaStorage,
         ml: &Layout,
     ) -> candle_core::Result<()> {
-        let ((w0, w1), (m0, m1)) = (offsets(wl, "parameter")?, offsets(ml, "moments")?);
+        let ((w0, w1), (m0, m1)) = (offsets(wl, "parameter")?, offsets(ml, "moments")?); // count-ops: inplace_op
         let n = (w1 - w0) as u64;
         let dev = w.device.clone();
         let mvv = mv.as_cuda_slice::<f32>()?.slice(m0..m1);
