@@ -8,6 +8,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=src/kernels/ops.cu");
     println!("cargo:rerun-if-changed=src/kernels/counter_rng.h");
+    println!("cargo:rerun-if-changed=src/kernels/fused.cuh");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

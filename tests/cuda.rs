@@ -352,3 +352,419 @@ fn demo_stages_train(dtype: &str) {
     assert!(!dpo.is_empty() && dpo.iter().all(|l| l.is_finite()));
     assert!(root.join("dpo/adapter_model.safetensors").is_file());
 }
+
+// ---- the fused kernels against their CPU twins ---------------------------------------------
+//
+// Each kernel of src/kernels runs on random inputs on the CPU (the twin, f32) and on the GPU in
+// f32 and bf16; f32 must agree to float rounding, bf16 within bf16's precision.
+
+mod kernels {
+    use super::gpu;
+    use candle_core::{DType, Device, Tensor};
+    use mo_align::kernels::attention::{self, AttnSpec, RowSpan};
+    use mo_align::kernels::lora::{self, Adapter, GradSlots};
+    use mo_align::kernels::norm::{self, Projection};
+    use mo_align::kernels::qkv::{self, QkvSpec};
+    use mo_align::kernels::swiglu::{self, GateUp};
+    use mo_align::kernels::{gemm, xent};
+    use mo_align::model::dropout::DropoutMask;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut rng = mo_align::rng::stream_rng(seed, 77);
+        let v = mo_align::rng::normal_vec(&mut rng, n, 1.0);
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The tensor on the GPU in `dtype` (adapters, norms' inputs stay f32 where the model keeps
+    /// them f32: the caller decides).
+    fn on_gpu(t: &Tensor, dtype: DType) -> Tensor {
+        t.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap()
+    }
+
+    fn back(t: &Tensor) -> Vec<f32> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    /// Relative max difference: max |a - b| / max(1, max |a|).
+    fn close(name: &str, want: &Tensor, got: &Tensor, dtype: DType) {
+        let (a, b) = (back(want), back(got));
+        assert_eq!(a.len(), b.len(), "{name}: sizes differ");
+        let scale = a.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        let tol = if dtype == DType::F32 { 2e-5 } else { 3e-2 };
+        assert!(
+            d < tol,
+            "{name} ({dtype:?}): GPU differs from the CPU twin by {d} (relative)"
+        );
+    }
+
+    const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+    #[test]
+    fn gemm_views_and_accumulation() {
+        let x = rand(&[37, 50], 1);
+        let w = rand(&[23, 40], 2);
+        let a = x.narrow(1, 5, 40).unwrap();
+        let want = gemm::mm(&a, &w.t().unwrap()).unwrap();
+        for dt in DTYPES {
+            let (xg, wg) = (on_gpu(&x, dt), on_gpu(&w, dt));
+            let got = gemm::mm(&xg.narrow(1, 5, 40).unwrap(), &wg.t().unwrap()).unwrap();
+            close("mm", &want, &got, dt);
+            let dst = Tensor::ones((37, 30), DType::F32, &gpu()).unwrap();
+            gemm::mm_acc(
+                &dst.narrow(1, 3, 23).unwrap(),
+                &xg.narrow(1, 5, 40).unwrap(),
+                &wg.t().unwrap(),
+                0.5,
+            )
+            .unwrap();
+            let want_acc = ((&want * 0.5).unwrap() + 1.0).unwrap();
+            close("mm_acc", &want_acc, &dst.narrow(1, 3, 23).unwrap(), dt);
+        }
+    }
+
+    /// Three adapters of ranks 8, 4, 8 on one input, dropout on two, a gate on one.
+    fn adapters_for(
+        inp: usize,
+        outs: [usize; 3],
+        dev: &Device,
+    ) -> Vec<(Tensor, Tensor, Option<Tensor>, Option<DropoutMask>)> {
+        let ranks = [8, 4, 8];
+        (0..3)
+            .map(|i| {
+                let a = (rand(&[ranks[i], inp], 10 + i as u64) * 0.1)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap();
+                let b = (rand(&[outs[i], ranks[i]], 20 + i as u64) * 0.1)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap();
+                let gate = (i == 1).then(|| Tensor::new(&[0.5f32, 1.5, 1.0, 0.25], dev).unwrap());
+                let mask = (i != 2).then_some(DropoutMask {
+                    key: 1000 + i as u64,
+                    p: 0.2,
+                });
+                (a, b, gate, mask)
+            })
+            .collect()
+    }
+
+    fn group(parts: &[(Tensor, Tensor, Option<Tensor>, Option<DropoutMask>)]) -> Vec<Adapter<'_>> {
+        let (mut out_offset, mut u_offset) = (0, 0);
+        parts
+            .iter()
+            .map(|(a, b, gate, mask)| {
+                let ad = Adapter {
+                    a,
+                    b,
+                    scale: 2.0,
+                    gate: gate.as_ref(),
+                    dropout: *mask,
+                    out_offset,
+                    u_offset,
+                };
+                out_offset += b.dims()[0];
+                u_offset += a.dims()[0];
+                ad
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lora_down_up_backward_and_grads() {
+        let (n, inp, outs) = (33, 72, [48, 16, 16]);
+        let width: usize = outs.iter().sum();
+        let x = rand(&[n, inp], 3);
+        let dy = rand(&[n, width], 4);
+        let cpu_parts = adapters_for(inp, outs, &Device::Cpu);
+        let cpu_ads = group(&cpu_parts);
+        let u = lora::down(&x, &cpu_ads).unwrap();
+        let du = lora::up_backward(&dy, &cpu_ads).unwrap();
+        let params: usize = cpu_parts
+            .iter()
+            .map(|(a, b, ..)| a.elem_count() + b.elem_count())
+            .sum();
+        let mut slots = vec![];
+        let mut off = 0;
+        for (a, b, ..) in &cpu_parts {
+            slots.push(GradSlots {
+                a: off,
+                b: off + a.elem_count(),
+            });
+            off += a.elem_count() + b.elem_count();
+        }
+        let grads = Tensor::zeros(params, DType::F32, &Device::Cpu).unwrap();
+        lora::grads(&grads, &slots, &dy, &u, &du, &x, &cpu_ads).unwrap();
+        let gpu_parts = adapters_for(inp, outs, &gpu());
+        let gpu_ads = group(&gpu_parts);
+        for dt in DTYPES {
+            let (xg, dyg) = (on_gpu(&x, dt), on_gpu(&dy, dt));
+            let ug = lora::down(&xg, &gpu_ads).unwrap();
+            close("lora down", &u, &ug, dt);
+            let dug = lora::up_backward(&dyg, &gpu_ads).unwrap();
+            close("lora up backward", &du, &dug, dt);
+            let gg = Tensor::zeros(params, DType::F32, &gpu()).unwrap();
+            lora::grads(
+                &gg,
+                &slots,
+                &dyg,
+                &on_gpu(&u, dt),
+                &on_gpu(&du, dt),
+                &xg,
+                &gpu_ads,
+            )
+            .unwrap();
+            close("lora grads", &grads, &gg, dt);
+        }
+    }
+
+    #[test]
+    fn norms_and_the_residual_epilogue() {
+        let (n, h) = (19, 96);
+        let (x, y, w) = (
+            rand(&[n, h], 5),
+            rand(&[n, h], 6),
+            rand(&[h], 7).affine(0.1, 1.0).unwrap(),
+        );
+        let parts = adapters_for(40, [h, 0, 0], &Device::Cpu);
+        let ads = &group(&parts[..1]);
+        let u = rand(&[n, 8], 8);
+        let proj = Projection {
+            y: &y,
+            bias: None,
+            u: Some(&u),
+            adapters: ads,
+        };
+        let want = norm::residual_norm(&x, proj, &w, 1e-6).unwrap();
+        let plain = norm::rms_norm(&x, &w, 1e-6).unwrap();
+        let (dy, res) = (rand(&[n, h], 9), rand(&[n, h], 10));
+        let du = rand(&[n, 8], 11);
+        let xa = rand(&[n, 40], 12);
+        let _ = xa;
+        let parts_in = adapters_for(h, [40, 0, 0], &Device::Cpu);
+        let ads_in = &group(&parts_in[..1]);
+        let back_want =
+            norm::norm_backward(&dy, &x, &w, 1e-6, Some(&res), Some((&du, ads_in))).unwrap();
+        let gparts = adapters_for(40, [h, 0, 0], &gpu());
+        let gads = &group(&gparts[..1]);
+        let gparts_in = adapters_for(h, [40, 0, 0], &gpu());
+        let gads_in = &group(&gparts_in[..1]);
+        for dt in DTYPES {
+            let (xg, yg, wg, ug) = (
+                on_gpu(&x, dt),
+                on_gpu(&y, dt),
+                on_gpu(&w, dt),
+                on_gpu(&u, dt),
+            );
+            let proj = Projection {
+                y: &yg,
+                bias: None,
+                u: Some(&ug),
+                adapters: gads,
+            };
+            close(
+                "residual norm",
+                &want,
+                &norm::residual_norm(&xg, proj, &wg, 1e-6).unwrap(),
+                dt,
+            );
+            close(
+                "rms norm",
+                &plain,
+                &norm::rms_norm(&xg, &wg, 1e-6).unwrap(),
+                dt,
+            );
+            let got = norm::norm_backward(
+                &on_gpu(&dy, dt),
+                &xg,
+                &wg,
+                1e-6,
+                Some(&on_gpu(&res, dt)),
+                Some((&on_gpu(&du, dt), gads_in)),
+            )
+            .unwrap();
+            close("norm backward", &back_want, &got, dt);
+        }
+    }
+
+    fn rope_tables(max: usize, d: usize) -> (Tensor, Tensor) {
+        let half = d / 2;
+        let ang: Vec<f32> = (0..max * half)
+            .map(|i| (i / half) as f32 * 0.1 / (1 + i % half) as f32)
+            .collect();
+        let a = Tensor::from_vec(ang, (max, half), &Device::Cpu).unwrap();
+        (a.cos().unwrap(), a.sin().unwrap())
+    }
+
+    #[test]
+    fn qkv_epilogue_forward_and_backward_both_families() {
+        let (b, t, nh, nkv, d) = (2, 5, 4, 2, 16);
+        let width = (nh + 2 * nkv) * d;
+        let y = rand(&[b * t, width], 13);
+        let bias = rand(&[width], 14);
+        let (cos, sin) = rope_tables(64, d);
+        let pos = Tensor::from_vec(
+            (0..(b * t) as u32)
+                .map(|i| (i * 3) % 50)
+                .collect::<Vec<_>>(),
+            (b, t),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (qn, kn) = (
+            rand(&[d], 15).affine(0.1, 1.0).unwrap(),
+            rand(&[d], 16).affine(0.1, 1.0).unwrap(),
+        );
+        let grad = rand(&[b * t * width], 17);
+        let (cg, sg, pg) = (
+            cos.to_device(&gpu()).unwrap(),
+            sin.to_device(&gpu()).unwrap(),
+            pos.to_device(&gpu()).unwrap(),
+        );
+        for qwen3 in [false, true] {
+            let spec = QkvSpec {
+                batch: b,
+                seq: t,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                bias: (!qwen3).then_some(&bias),
+                lora: None,
+                qk_norm: qwen3.then_some((&qn, &kn, 1e-6)),
+                cos: &cos,
+                sin: &sin,
+                positions: &pos,
+            };
+            let (fw, bw) = (
+                qkv::forward(&y, spec).unwrap(),
+                qkv::backward(&y, spec, &grad).unwrap(),
+            );
+            for dt in DTYPES {
+                let (bg, qg, kg) = (on_gpu(&bias, dt), on_gpu(&qn, dt), on_gpu(&kn, dt));
+                let gspec = QkvSpec {
+                    bias: (!qwen3).then_some(&bg),
+                    qk_norm: qwen3.then_some((&qg, &kg, 1e-6)),
+                    cos: &cg,
+                    sin: &sg,
+                    positions: &pg,
+                    ..spec
+                };
+                let yg = on_gpu(&y, dt);
+                close("qkv forward", &fw, &qkv::forward(&yg, gspec).unwrap(), dt);
+                close(
+                    "qkv backward",
+                    &bw,
+                    &qkv::backward(&yg, gspec, &on_gpu(&grad, dt)).unwrap(),
+                    dt,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_forward_and_backward_over_spans() {
+        for d in [16, 64, 128] {
+            let (b, nh, nkv, t) = (2, 4, 2, 45);
+            let q = (rand(&[b, nh, t, d], 20) * 0.3).unwrap();
+            let k = (rand(&[b, nkv, t, d], 21) * 0.3).unwrap();
+            let v = rand(&[b, nkv, t, d], 22);
+            let spans = [
+                RowSpan::causal(37),
+                RowSpan {
+                    start: 0,
+                    end: 45,
+                    seg1: 12,
+                    seg2: 30,
+                },
+            ];
+            let sp = Tensor::from_vec(RowSpan::flatten(&spans), (b, 4), &Device::Cpu).unwrap();
+            let spec = AttnSpec {
+                q: &q,
+                k: &k,
+                v: &v,
+                spans: &sp,
+                past: 0,
+            };
+            let (o, lse) = attention::forward(spec).unwrap();
+            let dout = rand(&[b, t, nh * d], 23);
+            let grads = attention::backward(spec, &o, &lse, &dout, None).unwrap();
+            let spg = sp.to_device(&gpu()).unwrap();
+            for dt in DTYPES {
+                let (qg, kg, vg) = (on_gpu(&q, dt), on_gpu(&k, dt), on_gpu(&v, dt));
+                let gspec = AttnSpec {
+                    q: &qg,
+                    k: &kg,
+                    v: &vg,
+                    spans: &spg,
+                    past: 0,
+                };
+                let (og, lg) = attention::forward(gspec).unwrap();
+                close(&format!("attention forward d{d}"), &o, &og, dt);
+                close(&format!("attention lse d{d}"), &lse, &lg, dt);
+                let gg = attention::backward(gspec, &og, &lg, &on_gpu(&dout, dt), None).unwrap();
+                close(&format!("attention backward d{d}"), &grads, &gg, dt);
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_forward_and_backward() {
+        let (n, i) = (9, 40);
+        let gu = rand(&[n, 2 * i], 30);
+        let dh = rand(&[n, i], 31);
+        let want = swiglu::forward(GateUp { y: &gu, lora: None }).unwrap();
+        let want_b = swiglu::backward(GateUp { y: &gu, lora: None }, &dh, None).unwrap();
+        for dt in DTYPES {
+            let g = on_gpu(&gu, dt);
+            close(
+                "swiglu",
+                &want,
+                &swiglu::forward(GateUp { y: &g, lora: None }).unwrap(),
+                dt,
+            );
+            let got =
+                swiglu::backward(GateUp { y: &g, lora: None }, &on_gpu(&dh, dt), None).unwrap();
+            close("swiglu backward", &want_b, &got, dt);
+        }
+    }
+
+    #[test]
+    fn cross_entropy_chunks() {
+        let (c, h, v) = (7, 24, 300);
+        let hid = rand(&[c, h], 40);
+        let w = (rand(&[v, h], 41) * 0.2).unwrap();
+        let tg = Tensor::from_vec(
+            (0..c as u32).map(|i| i * 37 % v as u32).collect::<Vec<_>>(),
+            c,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want = Tensor::zeros((c, h + 1), DType::F32, &Device::Cpu).unwrap();
+        xent::chunk_into(&want, &hid, &w, &tg, true).unwrap();
+        for dt in DTYPES {
+            let got = Tensor::zeros((c, h + 1), DType::F32, &gpu()).unwrap();
+            xent::chunk_into(
+                &got,
+                &on_gpu(&hid, dt),
+                &on_gpu(&w, dt),
+                &tg.to_device(&gpu()).unwrap(),
+                true,
+            )
+            .unwrap();
+            close("cross entropy", &want, &got, dt);
+        }
+    }
+}

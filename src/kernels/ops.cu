@@ -57,3 +57,78 @@ extern "C" __global__ void mo_adamw_params(float *w, const float *mv, uint64_t n
         w[i] = w[i] * decay + neg_step_size * mv[i] / denom;
     }
 }
+
+// ---- the fused decoder (fused.cuh), instantiated for f32 and bf16 activations -------------
+#include "fused.cuh"
+
+#define MO_FUSED(SUF, T)                                                                          \
+    extern "C" __global__ void mo_lora_down_##SUF(const T *x, T *u, MoGroup g) {                \
+        mo_lora_down<T>(x, u, g);                                                                \
+    }                                                                                            \
+    extern "C" __global__ void mo_lora_up_bwd_##SUF(const T *dy, T *du, MoGroup g) {            \
+        mo_lora_up_bwd<T>(dy, du, g);                                                            \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) mo_lora_grads_##SUF(                       \
+        float *grads, const T *dy, const T *u, const T *du, const T *x, MoGroup g, int n) {      \
+        mo_lora_grads<T>(grads, dy, u, du, x, g, n);                                             \
+    }                                                                                            \
+    extern "C" __global__ void mo_residual_norm_##SUF(const T *x, const T *y, const T *bias,    \
+                                                      const T *u, const T *w, T *out, float eps, \
+                                                      int n, int h, int add, MoGroup g) {        \
+        mo_residual_norm<T>(x, y, bias, u, w, out, eps, n, h, add, g);                           \
+    }                                                                                            \
+    extern "C" __global__ void mo_norm_bwd_##SUF(const T *dy, const T *x, const T *w,           \
+                                                 const T *res, const T *du, T *dx, float eps,    \
+                                                 int h, MoGroup g) {                             \
+        mo_norm_bwd<T>(dy, x, w, res, du, dx, eps, h, g);                                        \
+    }                                                                                            \
+    extern "C" __global__ void mo_qkv_##SUF(const T *y, const T *bias, const T *u,              \
+                                            const float *cos_t, const float *sin_t,              \
+                                            const unsigned int *positions, const T *qn,          \
+                                            const T *kn, const T *grad, T *out, MoQkv p,         \
+                                            MoGroup g) {                                         \
+        mo_qkv<T, float>(y, bias, u, cos_t, sin_t, positions, qn, kn, grad, out, p, g);          \
+    }                                                                                            \
+    extern "C" __global__ void mo_swiglu_##SUF(const T *gu, const T *u, const T *dh,            \
+                                               const T *du_down, T *out, int i_dim, MoGroup g,   \
+                                               MoGroup down) {                                   \
+        mo_swiglu<T>(gu, u, dh, du_down, out, i_dim, g, down);                                   \
+    }                                                                                            \
+    extern "C" __global__ void mo_attn_bwd_prep_##SUF(const T *dout, const T *o, const T *du,   \
+                                                      T *dout_total, float *delta, MoAttn p,     \
+                                                      int d, MoGroup g) {                        \
+        mo_attn_bwd_prep<T>(dout, o, du, dout_total, delta, p, d, g);                            \
+    }                                                                                            \
+    extern "C" __global__ void mo_xent_row_##SUF(const float *logits,                            \
+                                                 const unsigned int *targets, float *out,        \
+                                                 long long stride, int h, T *probs, int v,       \
+                                                 int grad) {                                     \
+        mo_xent_row<T>(logits, targets, out, stride, h, probs, v, grad);                         \
+    }
+
+MO_FUSED(f32, float)
+MO_FUSED(bf16, __nv_bfloat16)
+
+#define MO_ATTN(SUF, T, D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(MO_ATTN_THREADS)                                \
+        mo_attn_fwd_##SUF##_d##D(const T *q, const T *k, const T *v,                             \
+                                 const unsigned int *spans, T *o, float *lse, MoAttn p) {        \
+        mo_attn_fwd<T, D>(q, k, v, spans, o, lse, p);                                            \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(MO_ATTN_THREADS)                                \
+        mo_attn_bwd_dq_##SUF##_d##D(const T *q, const T *k, const T *v,                          \
+                                    const unsigned int *spans, const T *dout, const float *lse,  \
+                                    const float *delta, T *dq, MoAttn p) {                       \
+        mo_attn_bwd_dq<T, D>(q, k, v, spans, dout, lse, delta, dq, p);                           \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(MO_ATTN_THREADS)                                \
+        mo_attn_bwd_dkdv_##SUF##_d##D(const T *q, const T *k, const T *v,                        \
+                                      const unsigned int *spans, const T *dout,                  \
+                                      const float *lse, const float *delta, T *dk, T *dv,        \
+                                      MoAttn p) {                                                \
+        mo_attn_bwd_dkdv<T, D>(q, k, v, spans, dout, lse, delta, dk, dv, p);                     \
+    }
+
+#define MO_ATTN_DIMS(SUF, T) MO_ATTN(SUF, T, 16) MO_ATTN(SUF, T, 32) MO_ATTN(SUF, T, 64) MO_ATTN(SUF, T, 128)
+MO_ATTN_DIMS(f32, float)
+MO_ATTN_DIMS(bf16, __nv_bfloat16)

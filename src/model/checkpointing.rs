@@ -33,7 +33,8 @@ where
         &x.detach(),
         ForwardCtx {
             grad: false,
-            recompute: None,
+            sink: None,
+            recompute: false,
             ..ctx
         },
     )?;
@@ -56,7 +57,8 @@ where
                 adapters,
                 dropout: rng.as_ref(),
                 grad: true,
-                recompute: None,
+                sink: None,
+                recompute: false,
                 gate: gate.as_ref(),
             };
             let out = f(xv.as_tensor(), ctx)?;

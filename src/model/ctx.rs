@@ -24,9 +24,13 @@ pub struct ForwardCtx<'a> {
     /// Whether a gradient will be taken. Without one the adapters enter as constants, so the
     /// forward records no graph and keeps no activations (candle has no no-grad mode).
     pub grad: bool,
-    /// Activation checkpointing: decoder layers are recomputed in the backward, and the
-    /// adapter gradients found there are deposited in this sink for the trainer.
-    pub recompute: Option<&'a Arc<GradSink>>,
+    /// Where adapter gradients go. With a sink, the fused decoder (`model::stack`) writes
+    /// every adapter's gradient into the sink's flat buffer; without one, the unfused blocks
+    /// return them through candle's gradient store.
+    pub sink: Option<&'a Arc<GradSink>>,
+    /// Activation checkpointing: decoder layers are recomputed in the backward (needs `sink`:
+    /// the adapter gradients found there are deposited in it).
+    pub recompute: bool,
     /// Per-rank gates of every LoRA adapter ([rank]): a weight-conditioned adapter is one block
     /// of rank r per objective side by side, and the gates are each block's objective weight,
     /// so the adapter's update is sum_i w_i B_i A_i (`None`: every gate 1).
@@ -38,14 +42,16 @@ impl<'a> ForwardCtx<'a> {
         adapters: Adapters::Enabled,
         dropout: None,
         grad: false,
-        recompute: None,
+        sink: None,
+        recompute: false,
         gate: None,
     };
     pub const REFERENCE: ForwardCtx<'static> = ForwardCtx {
         adapters: Adapters::Disabled,
         dropout: None,
         grad: false,
-        recompute: None,
+        sink: None,
+        recompute: false,
         gate: None,
     };
     /// Adapters on, gradients recorded, dropout masks from `rng`.
@@ -54,8 +60,17 @@ impl<'a> ForwardCtx<'a> {
             adapters: Adapters::Enabled,
             dropout: Some(rng),
             grad: true,
-            recompute: None,
+            sink: None,
+            recompute: false,
             gate: None,
+        }
+    }
+
+    /// The same context with adapter gradients written into `sink` (the fused decoder).
+    pub fn with_sink(self, sink: &'a Arc<GradSink>) -> Self {
+        ForwardCtx {
+            sink: Some(sink),
+            ..self
         }
     }
 
@@ -67,16 +82,28 @@ impl<'a> ForwardCtx<'a> {
     /// The same context with decoder layers recomputed in the backward (see `checkpointing`).
     pub fn with_recompute(self, sink: &'a Arc<GradSink>) -> Self {
         ForwardCtx {
-            recompute: Some(sink),
+            sink: Some(sink),
+            recompute: true,
             ..self
         }
     }
 }
 
-/// Gradients of trainable tensors computed inside recomputed layers.
+/// Adapter gradients computed outside candle's gradient store: by the fused decoder, which
+/// writes every adapter's gradient into one flat buffer (one zero-fill per optimizer step, no
+/// per-tensor bookkeeping), and by recomputed unfused layers, which deposit per tensor.
 #[derive(Default)]
 pub struct GradSink {
     grads: Mutex<HashMap<TensorId, Tensor>>,
+    flat: Mutex<Option<FlatGrads>>,
+}
+
+/// The flat buffer and where each tensor's gradient sits in it.
+#[derive(Clone)]
+pub struct FlatGrads {
+    pub buffer: Tensor,
+    /// Per tensor: (offset, dims).
+    pub slots: HashMap<TensorId, (usize, Vec<usize>)>,
 }
 
 impl GradSink {
@@ -94,8 +121,54 @@ impl GradSink {
         Ok(())
     }
 
-    /// Removes and returns the gradient deposited for `id`.
+    /// The flat buffer for `tensors` (in this order, each at the next offset), zero-filled the
+    /// first time it is asked for; later backwards of the same step accumulate into it.
+    pub fn flat(
+        &self,
+        tensors: &[&Tensor],
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<FlatGrads> {
+        let mut slot = self.flat.lock().expect("grad sink poisoned");
+        if let Some(f) = slot.as_ref() {
+            return Ok(f.clone());
+        }
+        let mut slots = HashMap::new();
+        let mut offset = 0;
+        for t in tensors {
+            slots.insert(t.id(), (offset, t.dims().to_vec()));
+            offset += t.elem_count();
+        }
+        let f = FlatGrads {
+            buffer: Tensor::zeros(offset, dtype, device)?,
+            slots,
+        };
+        *slot = Some(f.clone());
+        Ok(f)
+    }
+
+    /// The flat buffer, when a fused backward made one.
+    pub fn flat_buffer(&self) -> Option<FlatGrads> {
+        self.flat.lock().expect("grad sink poisoned").clone()
+    }
+
+    /// Removes and returns the gradient deposited for `id` (a view of the flat buffer when the
+    /// fused decoder wrote it, plus any per-tensor deposit).
     pub fn take(&self, id: TensorId) -> Option<Tensor> {
-        self.grads.lock().expect("grad sink poisoned").remove(&id)
+        let deposited = self.grads.lock().expect("grad sink poisoned").remove(&id);
+        let flat = self.flat.lock().expect("grad sink poisoned");
+        let view = flat.as_ref().and_then(|f| {
+            let (offset, dims) = f.slots.get(&id)?;
+            let n = dims.iter().product();
+            f.buffer
+                .narrow(0, *offset, n)
+                .ok()?
+                .reshape(dims.as_slice())
+                .ok()
+        });
+        match (deposited, view) {
+            (Some(a), Some(b)) => (a + b).ok(),
+            (a, b) => a.or(b),
+        }
     }
 }

@@ -19,6 +19,8 @@ use candle_core::{
 };
 
 type Grad1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+/// A backward that may give its input no gradient.
+pub(crate) type Grad1Opt = Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 pub(crate) type Grad3 =
     Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 
@@ -85,6 +87,26 @@ impl CustomOp1 for Attached<Grad1> {
     }
 }
 
+impl CustomOp1 for Attached<Grad1Opt> {
+    fn name(&self) -> &'static str {
+        "fused1-opt"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.grad)(grad)
+    }
+}
+
 impl CustomOp3 for Attached<Grad3> {
     fn name(&self) -> &'static str {
         "fused3"
@@ -126,6 +148,15 @@ impl CustomOp3 for Attached<Grad3> {
 
 /// `value` as a function of `x` with gradient `grad(dy) = dx` (when `x` is in a graph).
 pub(crate) fn attach1(x: &Tensor, value: Tensor, grad: Grad1) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(Attached::new(value, grad))
+}
+
+/// `value` attached to `x`'s graph through a backward that returns `x`'s gradient or none
+/// (the fused decoder's node: its work is the parameter gradients it deposits).
+pub(crate) fn attach_opt(x: &Tensor, value: Tensor, grad: Grad1Opt) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
     }

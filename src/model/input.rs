@@ -2,37 +2,85 @@
 //! (causal + padding, or any visibility rule), for training batches, packed preference pairs
 //! and decoding.
 
-use candle_core::{DType, Device, Result, Tensor};
+use crate::kernels::attention::RowSpan;
+use candle_core::{Device, Result, Tensor};
 
 /// Which keys each query may attend to.
 #[derive(Clone)]
 pub enum AttentionMask {
     /// [B, 1, T, T_keys] f32: 0 where a query may attend, the most negative f32 elsewhere
-    /// (finite, so a fully masked padding row gives a uniform softmax instead of NaN).
+    /// (finite, so a fully masked padding row gives a uniform softmax instead of NaN). Only for
+    /// visibility rules that are not spans.
     Bias(Tensor),
-    /// One unpadded sequence without a cache, causal: query i sees keys 0..=i. Rows of the bias
-    /// are made only when attention needs them, so a whole-context window (32,768 tokens: a
-    /// 4 GiB [T, T] bias) never holds the full mask.
-    Causal,
+    /// Per batch row, the visible keys as spans (causal, padding, packed pairs; see
+    /// `kernels::attention::RowSpan`), with the spans also on the device as [B, 4] u32 for the
+    /// fused kernels: 16 bytes per row instead of a [T, T_keys] bias.
+    Spans {
+        rows: Vec<RowSpan>,
+        /// Keys before the first query (a KV cache's length).
+        past: usize,
+        device_rows: Tensor,
+        /// The expanded bias of every query row, made once when the unfused attention asks.
+        bias: std::sync::Arc<std::sync::OnceLock<Tensor>>,
+    },
 }
 
 impl AttentionMask {
-    /// The bias of query rows `start..start + len` against `keys` keys: [B, 1, len, keys].
+    /// Spans of `rows` after `past` cached keys.
+    pub fn spans(rows: Vec<RowSpan>, past: usize, device: &Device) -> Result<Self> {
+        let device_rows = Tensor::from_vec(RowSpan::flatten(&rows), (rows.len(), 4), device)?;
+        Ok(AttentionMask::Spans {
+            rows,
+            past,
+            device_rows,
+            bias: Default::default(),
+        })
+    }
+
+    /// The bias of query rows `start..start + len` against `keys` keys: [B, 1, len, keys]
+    /// (the unfused attention's mask; spans are expanded on the host).
     pub fn rows(&self, start: usize, len: usize, keys: usize, device: &Device) -> Result<Tensor> {
         match self {
             AttentionMask::Bias(b) => b.narrow(2, start, len),
-            AttentionMask::Causal => {
-                let k = Tensor::arange(0u32, keys as u32, device)?.reshape((1, keys))?;
-                let q = Tensor::arange(start as u32, (start + len) as u32, device)?
-                    .reshape((len, 1))?;
-                let visible = k.broadcast_le(&q)?;
-                let zeros = Tensor::zeros((len, keys), DType::F32, device)?;
-                let blocked = Tensor::full(f32::MIN, (len, keys), device)?;
-                visible
-                    .where_cond(&zeros, &blocked)?
-                    .reshape((1, 1, len, keys))
+            // Whole blocks of rows are expanded once per input (every layer asks for them);
+            // a long window's blocks are expanded as asked, never all at once.
+            AttentionMask::Spans {
+                rows, past, bias, ..
+            } if start == 0 && rows.len() * (keys - past) * keys <= 1 << 26 => {
+                if let Some(b) = bias.get().filter(|b| b.dim(3).ok() == Some(keys)) {
+                    return b.narrow(2, 0, len);
+                }
+                let made = Self::expand(rows, *past, 0, keys - past, keys, device)?;
+                let _ = bias.set(made.clone());
+                made.narrow(2, 0, len)
+            }
+            AttentionMask::Spans { rows, past, .. } => {
+                Self::expand(rows, *past, start, len, keys, device)
             }
         }
+    }
+
+    fn expand(
+        rows: &[RowSpan],
+        past: usize,
+        start: usize,
+        len: usize,
+        keys: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut bias = vec![f32::MIN; rows.len() * len * keys];
+        for (b, span) in rows.iter().enumerate() {
+            for i in 0..len {
+                let qi = past + start + i;
+                let row = &mut bias[(b * len + i) * keys..(b * len + i + 1) * keys];
+                for (j, v) in row.iter_mut().enumerate() {
+                    if span.visible(qi, j) {
+                        *v = 0.0;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(bias, (rows.len(), 1, len, keys), device)
     }
 }
 
@@ -59,23 +107,30 @@ impl ModelInput {
         let t = ids.first().map_or(0, Vec::len);
         let tk = key_valid.first().map_or(0, Vec::len);
         let past = tk - t;
-        let mut bias = vec![f32::MIN; b * t * tk];
-        for (bi, valid) in key_valid.iter().enumerate() {
-            for i in 0..t {
-                let row = &mut bias[(bi * t + i) * tk..(bi * t + i + 1) * tk];
-                for (j, v) in row.iter_mut().enumerate().take(past + i + 1) {
-                    if valid[j] {
-                        *v = 0.0;
-                    }
-                }
-            }
-        }
         let flat_ids: Vec<u32> = ids.iter().flatten().copied().collect();
         let flat_pos: Vec<u32> = positions.iter().flatten().copied().collect();
+        let spans: Option<Vec<RowSpan>> = key_valid.iter().map(|v| contiguous_span(v)).collect();
+        let mask = match spans {
+            Some(rows) => AttentionMask::spans(rows, past, device)?,
+            None => {
+                let mut bias = vec![f32::MIN; b * t * tk];
+                for (bi, valid) in key_valid.iter().enumerate() {
+                    for i in 0..t {
+                        let row = &mut bias[(bi * t + i) * tk..(bi * t + i + 1) * tk];
+                        for (j, v) in row.iter_mut().enumerate().take(past + i + 1) {
+                            if valid[j] {
+                                *v = 0.0;
+                            }
+                        }
+                    }
+                }
+                AttentionMask::Bias(Tensor::from_vec(bias, (b, 1, t, tk), device)?)
+            }
+        };
         Ok(Self {
             ids: Tensor::from_vec(flat_ids, (b, t), device)?,
             positions: Tensor::from_vec(flat_pos, (b, t), device)?,
-            mask: AttentionMask::Bias(Tensor::from_vec(bias, (b, 1, t, tk), device)?),
+            mask,
         })
     }
 
@@ -125,38 +180,51 @@ impl ModelInput {
             .collect();
         let positions: Vec<u32> = (0..p + c).chain(p..p + r).collect();
         let (p, c) = (p as usize, c as usize);
-        let segment = |i: usize| usize::from(i >= p) + usize::from(i >= p + c);
-        let visible = |i: usize, j: usize| j <= i && (j < p || segment(j) == segment(i));
-        Self::single(ids, positions, visible, device)
+        let t = ids.len();
+        let span = RowSpan {
+            start: 0,
+            end: t as u32,
+            seg1: p as u32,
+            seg2: (p + c) as u32,
+        };
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (1, t), device)?,
+            positions: Tensor::from_vec(positions, (1, t), device)?,
+            mask: AttentionMask::spans(vec![span], 0, device)?,
+        })
     }
 
     /// Right-padded batch of whole sequences (training, scoring): positions 0..len.
     pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        if let [seq] = seqs {
-            // One sequence has no padding: plain causal, built row block by row block.
-            return Ok(Self {
-                ids: Tensor::from_vec(seq.clone(), (1, t), device)?,
-                positions: Tensor::arange(0u32, t as u32, device)?.reshape((1, t))?,
-                mask: AttentionMask::Causal,
-            });
-        }
-        let ids: Vec<Vec<u32>> = seqs
+        let ids: Vec<u32> = seqs
             .iter()
-            .map(|s| {
-                s.iter()
-                    .copied()
-                    .chain(std::iter::repeat(pad_id))
-                    .take(t)
-                    .collect()
-            })
+            .flat_map(|s| s.iter().copied().chain(std::iter::repeat(pad_id)).take(t))
             .collect();
-        let valid: Vec<Vec<bool>> = seqs
-            .iter()
-            .map(|s| (0..t).map(|i| i < s.len()).collect())
-            .collect();
-        let positions: Vec<Vec<u32>> = seqs.iter().map(|_| (0..t as u32).collect()).collect();
-        Self::new(&ids, &positions, &valid, device)
+        let positions: Vec<u32> = seqs.iter().flat_map(|_| 0..t as u32).collect();
+        let spans = seqs.iter().map(|s| RowSpan::causal(s.len())).collect();
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (seqs.len(), t), device)?,
+            positions: Tensor::from_vec(positions, (seqs.len(), t), device)?,
+            mask: AttentionMask::spans(spans, 0, device)?,
+        })
+    }
+}
+
+/// The span of a row whose valid keys are one contiguous run (padding before and after it);
+/// `None` when they are not.
+fn contiguous_span(valid: &[bool]) -> Option<RowSpan> {
+    let start = valid.iter().position(|&v| v).unwrap_or(valid.len());
+    let end = valid.iter().rposition(|&v| v).map_or(start, |i| i + 1);
+    if valid[start..end].iter().all(|&v| v) {
+        Some(RowSpan {
+            start: start as u32,
+            end: end as u32,
+            seg1: u32::MAX,
+            seg2: u32::MAX,
+        })
+    } else {
+        None
     }
 }
 
@@ -164,7 +232,7 @@ impl ModelInput {
 mod tests {
     use super::*;
 
-    /// Causal rows made on demand equal the rows of the explicit causal bias.
+    /// Causal spans expanded on demand equal the rows of the explicit causal bias.
     #[test]
     fn causal_rows_equal_the_explicit_bias() -> Result<()> {
         let dev = Device::Cpu;
@@ -176,7 +244,8 @@ mod tests {
             &dev,
         )?;
         for (start, len) in [(0, 9), (3, 4), (8, 1)] {
-            let a = AttentionMask::Causal.rows(start, len, t, &dev)?;
+            let a = AttentionMask::spans(vec![RowSpan::causal(t)], 0, &dev)?
+                .rows(start, len, t, &dev)?;
             let b = explicit.mask.rows(start, len, t, &dev)?;
             assert_eq!(
                 a.flatten_all()?.to_vec1::<f32>()?,

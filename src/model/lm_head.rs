@@ -33,11 +33,16 @@ impl Qwen {
                 targets.len()
             );
         }
+        let _phase = crate::profile::phase(crate::profile::Phase::LmHead);
+        let _scope = crate::profile::scope("lm_head", &self.device);
         let acc = compute_dtype(hidden.dtype());
         if n == 0 {
             return Tensor::zeros(0, acc, &self.device);
         }
         let w_param = self.output_weight();
+        if self.fused_head_applies(hidden) {
+            return self.fused_token_logprobs(hidden, targets, with_grad);
+        }
         let w = &w_param.detach();
         let h_const = hidden.detach().contiguous()?;
         let targets_t = Tensor::from_slice(targets, n, &self.device)?;
@@ -99,6 +104,74 @@ impl Qwen {
                     dw = (dw - part)?;
                 }
                 Ok((dh, Some(dw), None))
+            }),
+        )
+    }
+
+    /// Whether `token_logprobs` runs the fused cross entropy (`kernels::xent`): a frozen output
+    /// weight and a dtype with kernels.
+    fn fused_head_applies(&self, hidden: &Tensor) -> bool {
+        let kernels = if self.device.is_cpu() {
+            crate::kernels::cpu::cpu_supported(self.dtype)
+        } else {
+            cfg!(feature = "cuda") && matches!(self.dtype, DType::F32 | DType::BF16)
+        };
+        kernels
+            && super::stack::enabled()
+            && !self.output_weight().is_variable()
+            && hidden.dtype() == self.dtype
+    }
+
+    /// `token_logprobs` through the fused cross entropy: each chunk of rows is one op that
+    /// writes the rows' log-probs and their exact gradients G into one [N, H + 1] buffer; the
+    /// backward multiplies G by the incoming per-row gradient.
+    fn fused_token_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &[u32],
+        with_grad: bool,
+    ) -> Result<Tensor> {
+        let (n, h) = hidden.dims2()?;
+        let acc = compute_dtype(self.dtype);
+        let w = self.output_weight().detach();
+        let hc = hidden.detach().contiguous()?;
+        let targets_t = Tensor::from_slice(targets, n, &self.device)?;
+        let out = crate::kernels::uninit((n, h + 1), acc, &hc)?;
+        let chunk = self.logits_chunk.max(1);
+        let grad = with_grad && hidden.track_op();
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            crate::kernels::xent::chunk_into(
+                &out.narrow(0, start, len)?,
+                &hc.narrow(0, start, len)?,
+                &w,
+                &targets_t.narrow(0, start, len)?,
+                grad,
+            )?;
+        }
+        let logp = out.narrow(1, h, 1)?.squeeze(1)?;
+        if !grad {
+            return logp.contiguous();
+        }
+        let g = out.narrow(1, 0, h)?;
+        let hdtype = hidden.dtype();
+        let value = logp.contiguous()?;
+        super::fused::attach1(
+            hidden,
+            value,
+            Box::new(move |dy: &Tensor| {
+                let _scope = crate::profile::scope("lm_head.backward", dy.device());
+                let dy = if dy.dtype() == g.dtype() {
+                    dy.clone()
+                } else {
+                    dy.to_dtype(g.dtype())?
+                };
+                let dh = g.broadcast_mul(&dy.unsqueeze(1)?)?;
+                if dh.dtype() == hdtype {
+                    Ok(dh)
+                } else {
+                    dh.to_dtype(hdtype)
+                }
             }),
         )
     }

@@ -381,7 +381,7 @@ pub fn select_device(name: &str) -> Result<Device> {
             // `cuda_is_available` only says the feature is compiled in; a CUDA build on a
             // machine without a GPU must still run on the CPU.
             if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
+                Ok(tuned(Device::new_cuda(0).unwrap_or(Device::Cpu)))
             } else {
                 Ok(Device::Cpu)
             }
@@ -400,9 +400,16 @@ pub fn select_device(name: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("device `{name}`: this binary was built without the `cuda` feature or no GPU is visible");
             }
-            Ok(Device::new_cuda(ordinal)?)
+            Ok(tuned(Device::new_cuda(ordinal)?))
         }
     }
+}
+
+/// The device with mo-align's CUDA settings (see `kernels::cuda::tune_device`).
+fn tuned(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    crate::kernels::cuda::tune_device(&device);
+    device
 }
 
 /// A model ready for inference or training: weights, tokenizer, and optional adapter.

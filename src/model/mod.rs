@@ -16,6 +16,7 @@ pub mod lora;
 pub mod matmul;
 pub mod peft;
 pub mod qwen;
+pub mod stack;
 pub mod tiny;
 
 pub use config::QwenConfig;

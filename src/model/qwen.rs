@@ -92,6 +92,15 @@ impl Rope {
         })
     }
 
+    /// cos(position * inv_freq) [max positions, head_dim / 2].
+    pub fn cos(&self) -> &Tensor {
+        &self.cos
+    }
+
+    pub fn sin(&self) -> &Tensor {
+        &self.sin
+    }
+
     /// Rotate-half RoPE of `x` [B, H, T, hd] at `positions` [B, T].
     fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let (b, _h, t, hd) = x.dims4()?;
@@ -120,6 +129,9 @@ pub struct Attention {
     /// Qwen3's per-head RMSNorm of queries and keys (scale [head_dim]); None for Qwen2.
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
+    /// q|k|v weights (and biases) as one tensor that the three projections view, so the fused
+    /// decoder makes one GEMM of three (`None` for a model assembled otherwise).
+    pub(crate) fused: Option<Fused>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -183,6 +195,97 @@ pub struct Mlp {
     pub gate_proj: LoraLinear,
     pub up_proj: LoraLinear,
     pub down_proj: LoraLinear,
+    /// gate|up as one tensor the two projections view (see `Attention::fused`).
+    pub(crate) fused: Option<Fused>,
+}
+
+/// Projections' weights (and biases) concatenated along the output dimension, with the ids of
+/// the views the projections hold: a projection whose weight was replaced since (a merge, a
+/// test) no longer matches, and the fused decoder multiplies the parts one by one.
+#[derive(Clone)]
+pub(crate) struct Fused {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    parts: Vec<candle_core::TensorId>,
+}
+
+impl Fused {
+    /// Concatenates the linears' weights and makes each linear hold a view of the result.
+    fn build(linears: &mut [&mut LoraLinear]) -> Result<Option<Self>> {
+        let weights: Vec<&Tensor> = linears.iter().map(|l| &l.weight).collect();
+        if weights.iter().any(|w| w.is_variable()) {
+            return Ok(None);
+        }
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if linears.iter().all(|l| l.bias.is_some()) {
+            let b: Vec<&Tensor> = linears.iter().filter_map(|l| l.bias.as_ref()).collect();
+            Some(Tensor::cat(&b, 0)?)
+        } else if linears.iter().all(|l| l.bias.is_none()) {
+            None
+        } else {
+            return Ok(None);
+        };
+        let mut parts = vec![];
+        let mut row = 0;
+        for lin in linears.iter_mut() {
+            let rows = lin.weight.dims()[0];
+            lin.weight = weight.narrow(0, row, rows)?;
+            if let Some(b) = &bias {
+                lin.bias = Some(b.narrow(0, row, rows)?);
+            }
+            parts.push(lin.weight.id());
+            if let Some(b) = &lin.bias {
+                parts.push(b.id());
+            }
+            row += rows;
+        }
+        Ok(Some(Fused {
+            weight,
+            bias,
+            parts,
+        }))
+    }
+
+    /// The concatenation, while the linears still hold its views.
+    fn current(&self, linears: &[&LoraLinear]) -> Option<&Self> {
+        let ids: Vec<candle_core::TensorId> = linears
+            .iter()
+            .flat_map(|l| std::iter::once(l.weight.id()).chain(l.bias.as_ref().map(|b| b.id())))
+            .collect();
+        (ids == self.parts).then_some(self)
+    }
+}
+
+impl Attention {
+    /// The q|k|v weight [q + 2 kv, H] when the projections still view it.
+    pub(crate) fn fused_qkv(&self) -> Option<&Tensor> {
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        self.fused
+            .as_ref()
+            .and_then(|f| f.current(&parts))
+            .map(|f| &f.weight)
+    }
+
+    /// The q|k|v bias, concatenated (made on the fly when the projections' views changed).
+    pub(crate) fn fused_qkv_bias(&self) -> Option<Tensor> {
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if let Some(f) = self.fused.as_ref().and_then(|f| f.current(&parts)) {
+            return f.bias.clone();
+        }
+        let b: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
+        (b.len() == 3).then(|| Tensor::cat(&b, 0).ok()).flatten()
+    }
+}
+
+impl Mlp {
+    /// The gate|up weight [2I, H] when the projections still view it.
+    pub(crate) fn fused_gate_up(&self) -> Option<&Tensor> {
+        let parts = [&self.gate_proj, &self.up_proj];
+        self.fused
+            .as_ref()
+            .and_then(|f| f.current(&parts))
+            .map(|f| &f.weight)
+    }
 }
 
 impl Mlp {
@@ -283,7 +386,7 @@ impl DecoderLayer {
 
 /// Per-layer key/value cache for decoding.
 pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
+    pub(crate) layers: Vec<(Tensor, Tensor)>,
 }
 
 impl KvCache {
@@ -310,6 +413,7 @@ impl KvCache {
     }
 }
 
+#[derive(Clone)]
 pub struct Qwen {
     pub config: QwenConfig,
     /// [V, H]; also the LM head when embeddings are tied (held once in memory).
@@ -372,14 +476,19 @@ impl Qwen {
                 Ok(LoraLinear::new(format!("{p}.{name}"), w, b))
             };
             let bias = cfg.attention_bias;
-            let q_proj = lin("self_attn.q_proj", bias)?;
-            let k_proj = lin("self_attn.k_proj", bias)?;
-            let v_proj = lin("self_attn.v_proj", bias)?;
+            let mut q_proj = lin("self_attn.q_proj", bias)?;
+            let mut k_proj = lin("self_attn.k_proj", bias)?;
+            let mut v_proj = lin("self_attn.v_proj", bias)?;
             let o_proj = lin("self_attn.o_proj", false)?;
+            let (mut gate_proj, mut up_proj) =
+                (lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?);
+            let fused_qkv = Fused::build(&mut [&mut q_proj, &mut k_proj, &mut v_proj])?;
+            let fused_gu = Fused::build(&mut [&mut gate_proj, &mut up_proj])?;
             let mlp = Mlp {
-                gate_proj: lin("mlp.gate_proj", false)?,
-                up_proj: lin("mlp.up_proj", false)?,
+                gate_proj,
+                up_proj,
                 down_proj: lin("mlp.down_proj", false)?,
+                fused: fused_gu,
             };
             let mut t = |leaf: &str| get(&format!("{p}.{leaf}"), &cfg.tensor_shape(leaf));
             let (q_norm, k_norm) = if cfg.family.has_qk_norm() {
@@ -398,6 +507,7 @@ impl Qwen {
                 o_proj,
                 q_norm,
                 k_norm,
+                fused: fused_qkv,
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
@@ -435,6 +545,9 @@ impl Qwen {
         ctx: ForwardCtx,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        if let Some(hidden) = super::stack::forward(self, input, ctx, cache.as_deref_mut())? {
+            return Ok(hidden);
+        }
         let (b, t) = input.ids.dims2()?;
         // A trainable embedding (full fine-tuning) records its gradient only when one is wanted.
         let embed = if ctx.grad {
@@ -448,8 +561,8 @@ impl Qwen {
             .to_dtype(super::residual_dtype(self.dtype))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = match ctx.recompute {
-                Some(sink) if ctx.grad => {
+            x = match ctx.sink {
+                Some(sink) if ctx.grad && ctx.recompute => {
                     let (layer, input, rope) = (layer.clone(), input.clone(), self.rope.clone());
                     let params = layer.trainable_vars();
                     checkpointed(&x, ctx, sink, params, move |x, ctx| {
@@ -460,6 +573,12 @@ impl Qwen {
             };
         }
         self.norm.forward(&x, ctx.grad)
+    }
+
+    /// The dtype of the adapters, their gradients and the optimizer state: f32 (f64 for an f64
+    /// model), whatever the base dtype.
+    pub fn lora_dtype(&self) -> DType {
+        super::compute_dtype(self.dtype)
     }
 
     /// The output projection [V, H] (the embedding when tied).

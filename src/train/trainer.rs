@@ -13,6 +13,7 @@ use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
 use crate::model::ctx::ForwardCtx;
 use crate::model::ctx::GradSink;
+use crate::profile::{self, Phase};
 use crate::rng::{mix_seed, DropoutRng};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -95,34 +96,40 @@ pub fn train_step<O: Objective>(
         .flatten()
         .map(|&i| run.objective.weight(&run.examples[i]))
         .sum();
+    let device = opt
+        .vars()
+        .first()
+        .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
     let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
     let (mut loss_sum, mut tokens, mut metrics) = (0.0, 0, BTreeMap::<String, f64>::new());
     let mut phase_s = [0.0; 3];
+    // One sink for the whole step: the fused decoder accumulates every micro-batch's adapter
+    // gradients into its one flat buffer.
+    let sink = GradSink::new();
     for (k, idxs) in group.iter().enumerate() {
         let t0 = Instant::now();
         let batch: Vec<&O::Example> = idxs.iter().map(|&i| &run.examples[i]).collect();
         let dropout = DropoutRng::new(mix_seed(run.cfg.seed, state.step, k as u64));
-        let sink = GradSink::new();
-        let ctx = ForwardCtx::train(&dropout);
+        let ctx = ForwardCtx::train(&dropout).with_sink(&sink);
         let ctx = if run.cfg.recompute_layers {
             ctx.with_recompute(&sink)
         } else {
             ctx
         };
+        let forward = profile::phase(Phase::Forward);
+        let scope = profile::scope("step.forward", &device);
         let out = run.objective.loss(&batch, ctx)?;
         // Reading the loss waits for the forward, so the phases time what they say.
         loss_sum += out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        drop((scope, forward));
         let t1 = Instant::now();
+        let backward = profile::phase(Phase::Backward);
+        let scope = profile::scope("step.backward", &device);
         // Dividing by the whole step's weight makes k micro-batches sum to one big batch.
         let scaled = (&out.loss_sum * (state.loss_scale / weight.max(f64::MIN_POSITIVE)))?;
         let step_grads = scaled.backward()?;
         for (slot, (_, var)) in grads.iter_mut().zip(opt.vars()) {
-            // Recomputed layers deposit their adapter gradients in the sink.
-            let parts = [
-                step_grads.get(var.as_tensor()).cloned(),
-                sink.take(var.as_tensor().id()),
-            ];
-            for g in parts.into_iter().flatten() {
+            if let Some(g) = step_grads.get(var.as_tensor()).cloned() {
                 *slot = Some(match slot.take() {
                     Some(acc) => (acc + g)?,
                     None => g,
@@ -130,6 +137,7 @@ pub fn train_step<O: Objective>(
             }
         }
         drop(step_grads);
+        drop((scope, backward));
         tokens += batch.iter().map(|e| run.objective.tokens(e)).sum::<usize>();
         for (name, v) in out.metrics {
             *metrics.entry(name).or_default() += v;
@@ -138,26 +146,48 @@ pub fn train_step<O: Objective>(
         phase_s[1] += t1.elapsed().as_secs_f64();
     }
     let t2 = Instant::now();
+    let norm_phase = (
+        profile::phase(Phase::GradNorm),
+        profile::scope("grad_norm", &device),
+    );
+    // The fused decoder's gradients are views of the sink's flat buffer; the unfused blocks'
+    // (and a reward head's) come from the gradient store or the sink's deposits.
+    let flat = sink.flat_buffer();
+    let only_flat = flat.is_some() && grads.iter().all(Option::is_none);
     let grads: Vec<Tensor> = grads
         .into_iter()
         .zip(opt.vars())
-        .map(|(g, (_, var))| match g {
-            Some(g) => Ok(g),
-            None => Ok(var.zeros_like()?),
+        .map(|(g, (_, var))| {
+            let parts = [g, sink.take(var.as_tensor().id())];
+            match parts {
+                [Some(a), Some(b)] => Ok((a + b)?),
+                [Some(a), None] | [None, Some(a)] => Ok(a),
+                [None, None] => Ok(var.zeros_like()?),
+            }
         })
         .collect::<Result<_>>()?;
-    // One device-to-host read for the norm: per-tensor sums stay on the device until stacked.
-    // (It also waits for the last backward.)
-    let sums = grads
-        .iter()
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let sq = Tensor::stack(&sums, 0)?
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
+    // One device-to-host read for the norm (it also waits for the last backward): over the
+    // flat buffer when it holds every gradient, else per-tensor sums stacked on the device.
+    let sq = match flat {
+        Some(f) if only_flat && covers(&f, opt) => squared_norm(&f.buffer)?,
+        _ => {
+            let sums = grads
+                .iter()
+                .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&sums, 0)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?
+        }
+    };
+    drop(norm_phase);
     let t3 = Instant::now();
     phase_s[1] += (t3 - t2).as_secs_f64();
+    let _optimizer = (
+        profile::phase(Phase::Optimizer),
+        profile::scope("optimizer", &device),
+    );
     let grad_norm = sq.sqrt() / state.loss_scale;
     let loss = loss_sum / weight;
     let applied = loss.is_finite() && grad_norm.is_finite();
@@ -184,6 +214,23 @@ pub fn train_step<O: Objective>(
         applied,
         phase_s,
     })
+}
+
+/// Whether the flat buffer holds a gradient slot for every trained tensor.
+fn covers(flat: &crate::model::ctx::FlatGrads, opt: &AdamW) -> bool {
+    opt.vars()
+        .iter()
+        .all(|(_, v)| flat.slots.contains_key(&v.as_tensor().id()))
+        && flat.slots.len() == opt.vars().len()
+}
+
+/// Sum of squares of a flat buffer, as f64 on the host.
+fn squared_norm(buffer: &Tensor) -> candle_core::Result<f64> {
+    buffer
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()
 }
 
 /// Mean loss and metrics over `examples` without gradients (adapters on, no dropout).
