@@ -96,7 +96,17 @@ const fn case(
     }
 }
 
-const CASES: [Case; 41] = [
+const CASES: [Case; 47] = [
+    // Op counting (`scripts/count-ops.sh`): Qwen2.5-0.5B's structure (24 layers, 14/2 heads,
+    // vocabulary 151,936, LoRA r 8 with dropout on all seven projections) at a narrow width, so
+    // every op of the real step runs, each on small data; one timed step.
+    case("count-sft-b4-t1024", false, "sft", 4, 1024, 1),
+    case("count-dpo-b2-t1024", false, "dpo", 2, 1024, 1),
+    case("count-generate-b16-t128", false, "generate", 16, 128, 2),
+    // Byte accounting at the GPU step's real size (run with MO_ALIGN_TALLY_BF16=1 on the CPU to
+    // count activations as bf16): `kernel_gbytes` of one step.
+    case("bytes-sft-b4-t1024", true, "sft", 4, 1024, 1),
+    case("bytes-dpo-b2-t1024", true, "dpo", 2, 1024, 1),
     case("micro-gemm-t256", true, "gemm", 1, 256, 5),
     case("micro-dropout-t256", true, "dropout", 1, 256, 5),
     case("micro-decode", true, "decode", 1, 1, 20),
@@ -139,6 +149,7 @@ const CASES: [Case; 41] = [
     case("gpu-sft-ckpt-b8-t1024", true, "sft", 8, 1024, 10),
     case("gpu-generate-b16-t128", true, "generate", 16, 128, 64),
     case("gpu-grpo-b4-t512", true, "grpo", 4, 512, 2),
+    case("gpu-fullsft-b1-t1024", true, "fullsft", 1, 1024, 6),
 ];
 
 /// The value after `flag` on the command line.
@@ -294,6 +305,17 @@ fn nominal_flops_per_token(cfg: &QwenConfig, mode: &str, t: usize) -> f64 {
     }
 }
 
+/// Qwen2.5-0.5B's structure (layers, heads, vocabulary, tied embeddings) at a narrow width:
+/// the same ops as the real step, each on small data (op counting).
+fn narrow_config() -> QwenConfig {
+    QwenConfig {
+        hidden_size: 56,
+        intermediate_size: 64,
+        head_dim: 4,
+        ..real_config()
+    }
+}
+
 fn real_config() -> QwenConfig {
     QwenConfig {
         family: mo_align::model::config::Family::Qwen2,
@@ -363,12 +385,42 @@ fn bench_step<O: Objective>(
         ..TrainerState::default()
     };
     let group = vec![(0..examples.len()).collect::<Vec<_>>()];
+    // `count-*` cases: the debugger counts the ops of the first step after the warm-up.
+    let window = COUNTING.load(std::sync::atomic::Ordering::Relaxed) && step == 1;
+    if window {
+        mo_align::profile::count_window(1);
+    }
+    mo_align::profile::take_tally();
+    mo_align::profile::take_times();
     let stats = train_step(&inputs, opt, &state, &group, 1e-5)?;
+    if window {
+        mo_align::profile::count_window(0);
+    }
+    // The step's kernel launches and bytes per scope, and (MO_ALIGN_SCOPE_TIMERS=1) its
+    // scope timings: the last step's are reported.
+    LAST_STEP.with(|l| {
+        *l.borrow_mut() = Some((
+            mo_align::profile::take_tally(),
+            mo_align::profile::take_times(),
+        ))
+    });
     if std::env::var("BENCH_RSS_TRACE").is_ok() {
         eprintln!("after step: peak {:.0} MiB", peak_rss_mib());
     }
     Ok((stats.loss, stats.phase_s))
 }
+
+type StepProfile = (
+    std::collections::BTreeMap<String, mo_align::profile::Tally>,
+    Vec<mo_align::profile::ScopeRow>,
+);
+
+thread_local! {
+    static LAST_STEP: std::cell::RefCell<Option<StepProfile>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Set for the `count-*` cases (see `bench_step`).
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn random_ids(rng: &mut impl Rng, n: usize, vocab: u32) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab)).collect()
@@ -619,8 +671,36 @@ fn run_case(
     if case.mode == "decode" {
         return decode_case(case, target);
     }
+    let counting = case.name.starts_with("count-");
+    COUNTING.store(counting, std::sync::atomic::Ordering::Relaxed);
+    // BENCH_STEPS overrides a training case's timed steps (the GPU profile runs 6).
+    let steps_override = std::env::var("BENCH_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let owned;
+    let case = match (steps_override, case.mode) {
+        (Some(steps), m) if !matches!(m, "generate" | "generate_sample") => {
+            owned = Case { steps, ..*case };
+            &owned
+        }
+        _ => case,
+    };
+    // Full fine-tuning keeps f32 masters: its cases run f32 whatever --dtype says.
+    let fullsft_target;
+    let target = if case.mode == "fullsft" && target.dtype != DType::F32 {
+        fullsft_target = Target {
+            device: target.device.clone(),
+            device_name: target.device_name.clone(),
+            dtype: DType::F32,
+        };
+        &fullsft_target
+    } else {
+        target
+    };
     let cfg = if case.real {
         real_config()
+    } else if counting {
+        narrow_config()
     } else {
         tiny_config()
     };
@@ -783,6 +863,20 @@ fn run_case(
                 }
             };
             tokens = b * case.steps;
+            if counting {
+                // Window 1: the prompt pass and one pick; window 2: the same plus one decoding
+                // step. The difference is one decoding step.
+                for (window, new) in [(1, 1), (2, 2)] {
+                    let cfg = SamplingConfig {
+                        max_new_tokens: new,
+                        ..cfg.clone()
+                    };
+                    generate(&model, &prompts, &streams, &cfg, &[], 0, ForwardCtx::EVAL)?;
+                    mo_align::profile::count_window(window);
+                    generate(&model, &prompts, &streams, &cfg, &[], 0, ForwardCtx::EVAL)?;
+                    mo_align::profile::count_window(0);
+                }
+            }
             for step in 0..3 {
                 let t0 = Instant::now();
                 let out = generate(&model, &prompts, &streams, &cfg, &[], 0, ForwardCtx::EVAL)?;
@@ -924,6 +1018,26 @@ fn run_case(
     }
     for (k, v) in extra {
         out[k] = v;
+    }
+    if let Some((tally, times)) = LAST_STEP.with(|l| l.borrow_mut().take()) {
+        let (ops, bytes) = tally
+            .values()
+            .fold((0, 0), |(o, b), t| (o + t.ops, b + t.bytes));
+        // Launches and bytes of mo-align's own kernels in one step (candle's own ops, such
+        // as the loss arithmetic, are not in it: scripts/count-ops.sh counts every op).
+        out["kernel_launches"] = ops.into();
+        out["kernel_gbytes"] = (bytes as f64 / 1e9).into();
+        out["kernel_tally"] = serde_json::json!(tally
+            .iter()
+            .map(|(k, t)| (
+                k.clone(),
+                serde_json::json!({"launches": t.ops, "gbytes": t.bytes as f64 / 1e9})
+            ))
+            .collect::<serde_json::Map<_, _>>());
+        if !times.is_empty() {
+            eprint!("{}", mo_align::profile::format_times(&times));
+            out["scopes"] = serde_json::to_value(&times)?;
+        }
     }
     Ok(out)
 }

@@ -143,6 +143,20 @@ def run_one(a):
     if dev.type == "cuda":
         out["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
         out["peak_device_reserved_mib"] = torch.cuda.max_memory_reserved(dev) / 2**20
+    if a.profile:
+        # One more step under torch.profiler: device kernels launched, and the table of ops by
+        # device time (scripts/gpu-profile.sh's counterpart of mo-align's scope timers).
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+            sync()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["cuda_kernel_launches"] = len(kernels)
+        out["cuda_kernel_ms"] = sum(e.device_time_total for e in kernels) / 1e3
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        with open(a.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=60))
     print(json.dumps(out), flush=True)
 
 
@@ -200,6 +214,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a tiny random Qwen2 (smoke test)")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--suite", action="store_true", help="the standard cases, each in its own process")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="after timing, one step under torch.profiler: kernel launches in the JSON, the op table in FILE")
     a = ap.parse_args()
     if not a.suite:
         return run_one(a)
