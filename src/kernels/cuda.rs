@@ -146,6 +146,10 @@ fn group<'a>(
         ..Default::default()
     };
     for (i, a) in adapters.iter().enumerate() {
+        let f32s = [Some(a.a), Some(a.b), a.gate];
+        if f32s.iter().flatten().any(|t| t.dtype() != DType::F32) {
+            candle_core::bail!("mo-align CUDA kernels: adapters and gates must be f32");
+        }
         if a.rank() > MAX_RANK {
             candle_core::bail!(
                 "mo-align CUDA kernels: adapter rank {} above {MAX_RANK}",
@@ -194,7 +198,8 @@ pub(crate) fn lora_down(
     let out = alloc(dev, x.dtype(), n * sum_r)?;
     let po = address(&out, 0)?;
     let name = format!("mo_lora_down_{}", suffix(x.dtype())?);
-    let cfg = super::grid(rows(n), 256, smem(g.inp as usize));
+    // fused.cuh stages at most MO_DOWN_CHUNK (4096) input columns at a time.
+    let cfg = super::grid(rows(n), 256, smem((g.inp as usize).min(4096)));
     launch_kernel_cfg!(dev, &name, cfg, &px, &po, &g)?;
     Ok(out)
 }
@@ -387,7 +392,7 @@ pub(crate) fn qkv(
 pub(crate) fn swiglu(
     dev: &CudaDevice,
     gu: &GateUp,
-    backward: Option<(&Tensor, Option<(&Tensor, &[Adapter])>)>,
+    backward: Option<(&Tensor, Option<super::lora::GroupRef>)>,
     n: usize,
     i: usize,
 ) -> Result<CudaStorage> {
@@ -663,8 +668,8 @@ pub(crate) fn gemm_raw(
     let (op_a, lda) = operand(av, "lhs")?;
     let ldc = d.rs.max(d.cols).max(1) as i32;
     let blas = dev.cublas_handle();
-    let (alpha, beta) = (alpha as f32, if accumulate { 1.0f32 } else { 0.0f32 });
-    let (alpha64, beta64) = (alpha as f64, beta as f64);
+    let (alpha64, beta64) = (alpha, if accumulate { 1.0f64 } else { 0.0f64 });
+    let (alpha, beta) = (alpha64 as f32, beta64 as f32);
     let f64_ = dst.1 == DType::F64;
     let (pa, pb) = if f64_ {
         (

@@ -6,6 +6,9 @@
 #include <stdint.h>
 #include "counter_rng.h"
 
+// -inf without math.h (NVRTC and strict toolchains lack the host macro).
+#define MO_NEG_INF (-__int_as_float(0x7f800000))
+
 __device__ __forceinline__ float mo_ld(const float *p, size_t i) { return p[i]; }
 __device__ __forceinline__ float mo_ld(const __nv_bfloat16 *p, size_t i) {
     return __bfloat162float(p[i]);
@@ -44,7 +47,7 @@ __device__ float mo_block_max(float v, float *scratch) {
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = lane < warps ? scratch[lane] : -INFINITY;
+    float t = lane < warps ? scratch[lane] : MO_NEG_INF;
     return mo_warp_max(t);
 }
 
@@ -116,7 +119,9 @@ __device__ __forceinline__ void mo_load_row(float *dst, const T *src, long long 
 }
 
 // u[row, u_off + j] = s_j * sum_c A[j, c] drop(x[row, c]). One block per row; the dropped
-// row is staged in shared memory per adapter, one warp per output.
+// row is staged in shared memory (MO_DOWN_CHUNK columns at a time, so any width fits the
+// default 48 KiB) per adapter, one warp per output, partial sums kept across chunks.
+#define MO_DOWN_CHUNK 4096
 template <typename T>
 __device__ void mo_lora_down(const T *x, T *u, MoGroup g) {
     extern __shared__ float sm[];
@@ -124,18 +129,27 @@ __device__ void mo_lora_down(const T *x, T *u, MoGroup g) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int i = 0; i < g.n; i++) {
         const MoAdapter &a = g.ad[i];
-        __syncthreads();
-        for (int c = threadIdx.x; c < g.inp; c += blockDim.x) {
-            float v = mo_ld(x, (size_t)row * g.inp + c);
-            float k = mo_keep(a, g.inp, row, c);
-            sm[c] = k == 0.0f ? 0.0f : v * k;
+        // Outputs j = warp, warp + warps, ...: at most MO_MAX_RANK / 1 per warp.
+        float part[MO_MAX_RANK];
+        for (int q = 0; q < MO_MAX_RANK; q++) part[q] = 0.0f;
+        for (int c0 = 0; c0 < g.inp; c0 += MO_DOWN_CHUNK) {
+            int len = min(MO_DOWN_CHUNK, g.inp - c0);
+            __syncthreads();
+            for (int c = threadIdx.x; c < len; c += blockDim.x) {
+                float v = mo_ld(x, (size_t)row * g.inp + c0 + c);
+                float k = mo_keep(a, g.inp, row, c0 + c);
+                sm[c] = k == 0.0f ? 0.0f : v * k;
+            }
+            __syncthreads();
+            for (int j = warp, q = 0; j < a.r; j += warps, q++) {
+                const float *arow = a.a + (size_t)j * g.inp + c0;
+                float s = 0.0f;
+                for (int c = lane; c < len; c += 32) s += arow[c] * sm[c];
+                part[q] += s;
+            }
         }
-        __syncthreads();
-        for (int j = warp; j < a.r; j += warps) {
-            float s = 0.0f;
-            const float *arow = a.a + (size_t)j * g.inp;
-            for (int c = lane; c < g.inp; c += 32) s += arow[c] * sm[c];
-            s = mo_warp_sum(s);
+        for (int j = warp, q = 0; j < a.r; j += warps, q++) {
+            float s = mo_warp_sum(part[q]);
             if (lane == 0) mo_st(u, (size_t)row * g.sum_r + a.u_off + j, s * mo_rank_scale(a, j));
         }
     }
@@ -452,7 +466,7 @@ __device__ void mo_attn_fwd(const T *q, const T *k, const T *v, const unsigned i
     float qr[DPT], acc[DPT];
     const T *qrow = q + (((long long)b * p.heads + h) * p.seq + (live ? i : 0)) * D + part * DPT;
     for (int e = 0; e < DPT; e++) { qr[e] = live ? mo_ld(qrow, e) : 0.0f; acc[e] = 0.0f; }
-    float m = -INFINITY, l = 0.0f;
+    float m = MO_NEG_INF, l = 0.0f;
     long long last_q = p.past + min((long long)(blockIdx.x + 1) * ROWS, (long long)p.seq) - 1;
     long long kmax = min(min(last_q, (long long)sp.end - 1), (long long)p.keys - 1);
     const T *kb = k + ((long long)b * p.kv_heads + g) * p.keys * D;
@@ -483,7 +497,7 @@ __device__ void mo_attn_fwd(const T *q, const T *k, const T *v, const unsigned i
     float inv = l > 0.0f ? 1.0f / l : 0.0f;
     T *orow = o + (((long long)b * p.seq + i) * p.heads + h) * D + part * DPT;
     for (int e = 0; e < DPT; e++) mo_st(orow, e, acc[e] * inv);
-    if (part == 0) lse[((long long)b * p.heads + h) * p.seq + i] = l > 0.0f ? m + __logf(l) : -INFINITY;
+    if (part == 0) lse[((long long)b * p.heads + h) * p.seq + i] = l > 0.0f ? m + __logf(l) : MO_NEG_INF;
 }
 
 // Backward, step 1 (one block per token row): dO += the o-projection adapters' input
@@ -643,7 +657,7 @@ __device__ void mo_xent_row(const float *logits, const unsigned int *targets, fl
     __shared__ float scratch[32];
     long long i = blockIdx.x;
     const float *x = logits + i * v;
-    float m = -INFINITY;
+    float m = MO_NEG_INF;
     for (int c = threadIdx.x; c < v; c += blockDim.x) m = fmaxf(m, x[c]);
     m = mo_block_max(m, scratch);
     float s = 0.0f;

@@ -240,6 +240,10 @@ impl Update for IntoProduct<'_> {
             MatView::of(hb.layout)?,
             MatView::of(l)?,
         );
+        let (batch, m, n, _) = product_dims(&av, &bv)?;
+        if (batch, m, n) != (d.batch, d.rows, d.cols) {
+            candle_core::bail!("mo-align gemm: destination {d:?} for a {batch}x{m}x{n} product");
+        }
         let dev = dst.device.clone();
         super::cuda::gemm(
             &dev,

@@ -63,8 +63,9 @@ macro_rules! launch_kernel_cfg {
         let func = $dev.get_or_load_custom_func($name, module, ptx)?;
         let mut builder = func.builder();
         $( builder.arg($arg); )+
+        let cfg = $cfg;
         // SAFETY: the caller passes the arguments in the order and types ops.cu declares.
-        unsafe { builder.launch($cfg) }
+        unsafe { builder.launch(cfg) }
             .w()
             .map(|_| ())
     }};

@@ -271,9 +271,12 @@ pub fn write_gguf(loaded: &Loaded, path: &Path, kind: GgufType) -> Result<()> {
     let mut tensors: Vec<(String, QTensor)> = vec![];
     for (hf, t) in loaded.model.named_weights() {
         let name = gguf_name(&hf).with_context(|| format!("weight `{hf}` has no GGUF name"))?;
+        // A standalone copy: quantize reads the whole storage, and a projection's weight is a
+        // view of its layer's concatenated q|k|v or gate|up weight.
         let t = t
             .to_dtype(DType::F32)?
-            .to_device(&candle_core::Device::Cpu)?;
+            .to_device(&candle_core::Device::Cpu)?
+            .force_contiguous()?;
         let q = QTensor::quantize(&t, kind.storage(t.dims()))
             .with_context(|| format!("{hf}: cannot store as {}", kind.name()))?;
         tensors.push((name, q));

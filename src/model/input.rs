@@ -92,6 +92,9 @@ pub struct ModelInput {
     /// [B, T] u32 rotary positions
     pub positions: Tensor,
     pub mask: AttentionMask,
+    /// The largest position (the fused kernels index rotary tables by it, so it is checked
+    /// against the model's on the host).
+    pub max_position: u32,
 }
 
 impl ModelInput {
@@ -129,6 +132,7 @@ impl ModelInput {
         };
         Ok(Self {
             ids: Tensor::from_vec(flat_ids, (b, t), device)?,
+            max_position: flat_pos.iter().copied().max().unwrap_or(0),
             positions: Tensor::from_vec(flat_pos, (b, t), device)?,
             mask,
         })
@@ -153,6 +157,7 @@ impl ModelInput {
         }
         Ok(Self {
             ids: Tensor::from_vec(ids, (1, t), device)?,
+            max_position: positions.iter().copied().max().unwrap_or(0),
             positions: Tensor::from_vec(positions, (1, t), device)?,
             mask: AttentionMask::Bias(Tensor::from_vec(bias, (1, 1, t, t), device)?),
         })
@@ -189,6 +194,7 @@ impl ModelInput {
         };
         Ok(Self {
             ids: Tensor::from_vec(ids, (1, t), device)?,
+            max_position: positions.iter().copied().max().unwrap_or(0),
             positions: Tensor::from_vec(positions, (1, t), device)?,
             mask: AttentionMask::spans(vec![span], 0, device)?,
         })
@@ -205,6 +211,7 @@ impl ModelInput {
         let spans = seqs.iter().map(|s| RowSpan::causal(s.len())).collect();
         Ok(Self {
             ids: Tensor::from_vec(ids, (seqs.len(), t), device)?,
+            max_position: t.saturating_sub(1) as u32,
             positions: Tensor::from_vec(positions, (seqs.len(), t), device)?,
             mask: AttentionMask::spans(spans, 0, device)?,
         })

@@ -135,6 +135,11 @@ impl Qwen {
         let acc = compute_dtype(self.dtype);
         let w = self.output_weight().detach();
         let hc = hidden.detach().contiguous()?;
+        // The kernels index the vocabulary by target: check here, once, on the host.
+        let vocab = w.dim(0)?;
+        if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
+            candle_core::bail!("token_logprobs: target id {t} is outside the vocabulary ({vocab})");
+        }
         let targets_t = Tensor::from_slice(targets, n, &self.device)?;
         let out = crate::kernels::uninit((n, h + 1), acc, &hc)?;
         let chunk = self.logits_chunk.max(1);

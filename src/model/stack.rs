@@ -559,6 +559,14 @@ pub(crate) fn forward(
     let (b, t) = input.ids.dims2()?;
     let h = model.config.hidden_size;
     let dev = &model.device;
+    // The qkv kernel reads the rotary tables at each position; past them it would read beyond.
+    if input.max_position as usize >= model.config.max_position_embeddings {
+        candle_core::bail!(
+            "position {} is beyond the model's {} positions (max_position_embeddings)",
+            input.max_position,
+            model.config.max_position_embeddings
+        );
+    }
     let gate = match ctx.gate {
         Some(g) if g.dtype() != model.lora_dtype() => Some(g.to_dtype(model.lora_dtype())?),
         Some(g) => Some(g.clone()),
