@@ -123,48 +123,47 @@ fn peft_adapter_logprobs_loss_and_gradients_match(tiny: Tiny) {
         let ids = &seqs[0];
         let from = g[key]["sft_label_from"].as_u64().unwrap() as usize;
         let input = ModelInput::right_padded(std::slice::from_ref(ids), 0, &Device::Cpu).unwrap();
-        let hidden = m.forward(&input, train_ctx(), None).unwrap();
-        let rows: Vec<u32> = (from as u32 - 1..ids.len() as u32 - 1).collect();
-        let lp = m
-            .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[from..], true)
-            .unwrap();
-        let loss = lp.mean_all().unwrap().neg().unwrap();
-        let got = loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let want = g[key]["sft_loss"].as_f64().unwrap();
-        assert!(
-            (got - want).abs() < tol,
-            "{tiny:?} {key}: SFT loss {got} vs PEFT {want}"
-        );
-        if dtype == DType::F64 {
-            let grads = loss.backward().unwrap();
-            let want = candle_core::safetensors::load(
-                tiny.golden_dir().join("grads.safetensors"),
-                &Device::Cpu,
-            )
-            .unwrap();
-            let vars = m.lora_vars();
-            assert_eq!(vars.len(), want.len());
-            for (name, var) in vars {
-                let ours = grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("{name}: no gradient"));
-                let theirs = &want[&format!("base_model.model.{name}")];
-                let d = tensor_max_diff(ours, theirs);
-                let scale = theirs
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                assert!(
-                    d <= 1e-9 * scale.max(1.0),
-                    "{tiny:?} {name}: gradient differs from PyTorch by {d}"
-                );
+        for decoder in Decoder::BOTH {
+            let run = GradRun::new(decoder);
+            let hidden = m.forward(&input, run.ctx(), None).unwrap();
+            let rows: Vec<u32> = (from as u32 - 1..ids.len() as u32 - 1).collect();
+            let lp = m
+                .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[from..], true)
+                .unwrap();
+            let loss = lp.mean_all().unwrap().neg().unwrap();
+            let got = loss
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let want = g[key]["sft_loss"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < tol,
+                "{tiny:?} {key} {decoder:?}: SFT loss {got} vs PEFT {want}"
+            );
+            if dtype == DType::F64 {
+                let grads = run.lora_grads(&loss, &m);
+                let want = candle_core::safetensors::load(
+                    tiny.golden_dir().join("grads.safetensors"),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                assert_eq!(grads.len(), want.len());
+                for (name, ours) in &grads {
+                    let theirs = &want[&format!("base_model.model.{name}")];
+                    let d = tensor_max_diff(ours, theirs);
+                    let scale = theirs
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    assert!(
+                        d <= 1e-9 * scale.max(1.0),
+                        "{tiny:?} {name} {decoder:?}: gradient differs from PyTorch by {d}"
+                    );
+                }
             }
         }
     }
@@ -248,9 +247,9 @@ fn f64_model_with_random_lora() -> Qwen {
     m
 }
 
-fn scalar_loss(m: &Qwen, ids: &[u32]) -> Tensor {
+fn scalar_loss(m: &Qwen, ids: &[u32], ctx: ForwardCtx) -> Tensor {
     let input = ModelInput::right_padded(&[ids.to_vec()], 0, &Device::Cpu).unwrap();
-    let hidden = m.forward(&input, train_ctx(), None).unwrap();
+    let hidden = m.forward(&input, ctx, None).unwrap();
     let rows: Vec<u32> = (0..ids.len() as u32 - 1).collect();
     let lp = m
         .token_logprobs(&gather_rows(&hidden, &rows).unwrap(), &ids[1..], true)
@@ -260,15 +259,19 @@ fn scalar_loss(m: &Qwen, ids: &[u32]) -> Tensor {
 
 #[test]
 fn every_lora_tensor_gets_a_gradient_that_matches_finite_differences() {
+    for decoder in Decoder::BOTH {
+        lora_gradients_match_finite_differences(decoder);
+    }
+}
+
+fn lora_gradients_match_finite_differences(decoder: Decoder) {
     let m = f64_model_with_random_lora();
     let ids = golden_seqs()[1].clone();
-    let grads = scalar_loss(&m, &ids).backward().unwrap();
+    let run = GradRun::new(decoder);
+    let grads = run.lora_grads(&scalar_loss(&m, &ids, run.ctx()), &m);
     let vars = m.lora_vars();
     assert_eq!(vars.len(), 2 * 7 * m.config.num_hidden_layers);
-    for (k, (name, var)) in vars.iter().enumerate() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
+    for (k, ((name, var), (_, g))) in vars.iter().zip(&grads).enumerate() {
         let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
         assert!(
             gv.iter().any(|x| x.abs() > 1e-12),
@@ -286,7 +289,9 @@ fn every_lora_tensor_gets_a_gradient_that_matches_finite_differences() {
                 v[idx] += delta;
                 var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
                     .unwrap();
-                scalar_loss(&m, &ids).to_scalar::<f64>().unwrap()
+                scalar_loss(&m, &ids, ForwardCtx::EVAL)
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             let fd = (8.0 * (eval_at(eps) - eval_at(-eps))
                 - (eval_at(2.0 * eps) - eval_at(-2.0 * eps)))
@@ -296,7 +301,7 @@ fn every_lora_tensor_gets_a_gradient_that_matches_finite_differences() {
             let tol = 1e-6 * fd.abs().max(1.0);
             assert!(
                 (fd - gv[idx]).abs() < tol,
-                "{name}[{idx}]: autograd {} vs finite difference {fd}",
+                "{name}[{idx}] {decoder:?}: gradient {} vs finite difference {fd}",
                 gv[idx]
             );
         }
@@ -306,7 +311,9 @@ fn every_lora_tensor_gets_a_gradient_that_matches_finite_differences() {
 #[test]
 fn frozen_weights_get_no_gradient_at_all() {
     let m = f64_model_with_random_lora();
-    let grads = scalar_loss(&m, &golden_seqs()[0]).backward().unwrap();
+    let grads = scalar_loss(&m, &golden_seqs()[0], train_ctx())
+        .backward()
+        .unwrap();
     let mut frozen: Vec<&Tensor> = vec![&m.embed_tokens];
     for lin in m.linears() {
         frozen.push(&lin.weight);

@@ -217,11 +217,13 @@ fn e_rate(dir: &Path, weights: &[f64]) -> f64 {
 fn a_block_conditioned_policy_follows_the_weights_it_is_given() {
     let root = scratch("grpo-conditioned");
     let rules = opposed_rules(&root);
-    let dir = run(
-        &root,
-        "cond",
-        &rules,
-        &[
+    // Three training seeds: at this learning rate a run now and then wanders for most of its 60
+    // steps (on one of five seeds tried, either decoder), so the claim is the mean over seeds,
+    // with the direction on every one.
+    let mut gaps = vec![];
+    for seed in [None, Some(1), Some(2)] {
+        let seed_set = seed.map(|s| format!("train.seed={s}"));
+        let mut extra = vec![
             "grpo.max_new_tokens=3",
             "grpo.num_generations=8",
             "train.max_steps=60",
@@ -230,17 +232,26 @@ fn a_block_conditioned_policy_follows_the_weights_it_is_given() {
             "train.warmup_ratio=0.0",
             "conditioning.enabled=true",
             "conditioning.mode=\"adapter\"",
-        ],
-    );
-    let info = mo_align::objectives::conditioning::ConditioningInfo::require(&dir).unwrap();
-    assert_eq!(info.objectives, ["has_e", "no_e"]);
-    for b in info.block_dirs(&dir) {
-        assert!(b.join("adapter_model.safetensors").is_file(), "{b:?}");
+        ];
+        extra.extend(seed_set.as_deref());
+        let name = format!("cond-{}", seed.unwrap_or(0));
+        let dir = run(&root, &name, &rules, &extra);
+        let info = mo_align::objectives::conditioning::ConditioningInfo::require(&dir).unwrap();
+        assert_eq!(info.objectives, ["has_e", "no_e"]);
+        for b in info.block_dirs(&dir) {
+            assert!(b.join("adapter_model.safetensors").is_file(), "{b:?}");
+        }
+        let (at_e, at_no_e) = (e_rate(&dir, &[1.0, 0.0]), e_rate(&dir, &[0.0, 1.0]));
+        assert!(
+            at_e > at_no_e,
+            "seed {seed:?}: the policy at w = has_e writes an \"e\" in {at_e:.2} of completions, at w = no_e in {at_no_e:.2}"
+        );
+        gaps.push(at_e - at_no_e);
     }
-    let (at_e, at_no_e) = (e_rate(&dir, &[1.0, 0.0]), e_rate(&dir, &[0.0, 1.0]));
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
     assert!(
-        at_e > at_no_e + 0.3,
-        "the policy at w = has_e writes an \"e\" in {at_e:.2} of completions, at w = no_e in {at_no_e:.2}"
+        mean > 0.3,
+        "the share of completions with an \"e\" at w = has_e exceeds w = no_e's by {gaps:?} (mean {mean:.2})"
     );
     // Stated in the prompt instead: the run trains and records the line to state, no blocks.
     let dir = run(

@@ -133,7 +133,13 @@ fn at_step_zero_the_policy_is_the_reference() {
         explicit: false,
     };
     let dropout = DropoutRng::new(3);
-    for ctx in [ForwardCtx::EVAL, ForwardCtx::train(&dropout)] {
+    // As the trainer runs it: adapter gradients into a sink (the fused decoder, which also
+    // computed the reference log-probs, so a zero adapter gives exactly the reference).
+    let sink = mo_align::model::ctx::GradSink::new();
+    for ctx in [
+        ForwardCtx::EVAL,
+        ForwardCtx::train(&dropout).with_sink(&sink),
+    ] {
         let out = dpo.loss(&batch, ctx).unwrap();
         let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
         for k in [

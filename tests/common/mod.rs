@@ -147,6 +147,65 @@ pub fn train_ctx() -> ForwardCtx<'static> {
     }
 }
 
+/// Which decoder a gradient test runs: the fused one (`model::stack`, adapter gradients in a
+/// sink, as the trainer runs it) or the unfused blocks (candle's gradient store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    Fused,
+    Unfused,
+}
+
+impl Decoder {
+    pub const BOTH: [Decoder; 2] = [Decoder::Fused, Decoder::Unfused];
+}
+
+/// One backward of a test on either decoder.
+pub struct GradRun {
+    pub decoder: Decoder,
+    sink: std::sync::Arc<mo_align::model::ctx::GradSink>,
+}
+
+impl GradRun {
+    pub fn new(decoder: Decoder) -> Self {
+        GradRun {
+            decoder,
+            sink: mo_align::model::ctx::GradSink::new(),
+        }
+    }
+
+    /// Adapters on, gradients recorded, no dropout, on this run's decoder.
+    pub fn ctx(&self) -> ForwardCtx<'_> {
+        match self.decoder {
+            Decoder::Fused => train_ctx().with_sink(&self.sink),
+            Decoder::Unfused => train_ctx(),
+        }
+    }
+
+    /// Every adapter tensor's gradient after `loss.backward()`, in `lora_vars` order; a
+    /// tensor without one is a test failure.
+    pub fn lora_grads(
+        &self,
+        loss: &candle_core::Tensor,
+        m: &mo_align::Qwen,
+    ) -> Vec<(String, candle_core::Tensor)> {
+        let store = loss.backward().unwrap();
+        m.lora_vars()
+            .into_iter()
+            .map(|(name, v)| {
+                let g = match (
+                    store.get(v.as_tensor()).cloned(),
+                    self.sink.take(v.as_tensor().id()),
+                ) {
+                    (Some(g), None) | (None, Some(g)) => g,
+                    (Some(_), Some(_)) => panic!("{name}: a gradient from both decoders"),
+                    (None, None) => panic!("{name}: no gradient ({:?})", self.decoder),
+                };
+                (name, g)
+            })
+            .collect()
+    }
+}
+
 /// How a recipe is run from a test.
 pub fn flags(resume: bool, quiet: bool) -> mo_align::recipes::RunFlags {
     mo_align::recipes::RunFlags {
