@@ -79,9 +79,18 @@ pub enum Command {
         /// The model family: qwen2 (Qwen2.5's layout) or qwen3.
         #[arg(long, default_value = "qwen2")]
         arch: String,
+        /// Replace an existing, non-empty --out.
+        #[arg(long)]
+        force: bool,
     },
     /// Convert a JSON Lines data file to Parquet (schema inferred from the records).
-    ConvertData { input: PathBuf, output: PathBuf },
+    ConvertData {
+        input: PathBuf,
+        output: PathBuf,
+        /// Replace an existing output file (never the input).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -98,6 +107,10 @@ pub struct StageArgs {
     /// Log lines only, no progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Replace the run the output directory holds (it is removed once the new run has loaded
+    /// and validated everything and starts; never a directory the run reads).
+    #[arg(long)]
+    pub force: bool,
     /// With --resume: continue although schedule or cadence settings changed (lr, max_steps,
     /// eval/save/log cadence, ...); the change is recorded in config.changes.jsonl.
     #[arg(long)]
@@ -112,6 +125,7 @@ impl StageArgs {
     fn flags(&self) -> RunFlags {
         RunFlags {
             resume: self.resume,
+            force: self.force,
             quiet: self.quiet,
             allow_config_change: self.allow_config_change,
         }
@@ -142,7 +156,16 @@ pub fn run(cli: Cli) -> Result<()> {
             gguf,
         } => merge::run(&model, &adapter, &out, &dtype, force, gguf.as_deref()),
         Command::Plot { run_dir, png } => utility::plot(&run_dir, png),
-        Command::InitTiny { out, seed, arch } => utility::init_tiny(&out, seed, &arch),
-        Command::ConvertData { input, output } => utility::convert_data(&input, &output),
+        Command::InitTiny {
+            out,
+            seed,
+            arch,
+            force,
+        } => utility::init_tiny(&out, seed, &arch, force),
+        Command::ConvertData {
+            input,
+            output,
+            force,
+        } => utility::convert_data(&input, &output, force),
     }
 }

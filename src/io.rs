@@ -202,46 +202,6 @@ pub fn resolved_path(path: &Path) -> PathBuf {
     }
 }
 
-/// Refuses an output directory that is, contains or lies inside one of `inputs` (named for
-/// the message): writing it would overwrite or delete what the command reads.
-pub fn refuse_overlap(out: &Path, flag: &str, inputs: &[(&str, &Path)]) -> Result<()> {
-    let o = resolved_path(out);
-    for (name, input) in inputs {
-        let i = resolved_path(input);
-        let how = if o == i {
-            "is"
-        } else if i.starts_with(&o) {
-            "contains"
-        } else if o.starts_with(&i) {
-            "lies inside"
-        } else {
-            continue;
-        };
-        bail!(
-            "{flag} {}: {how} the {name} {}; choose a directory of its own",
-            out.display(),
-            input.display()
-        );
-    }
-    Ok(())
-}
-
-/// Refuses an existing, non-empty output directory unless `force` (nothing is replaced that a
-/// user did not ask to replace).
-pub fn refuse_nonempty(out: &Path, flag: &str, force: bool) -> Result<()> {
-    let nonempty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
-    if out.exists() && !out.is_dir() {
-        bail!("{flag} {}: exists and is not a directory", out.display());
-    }
-    if nonempty && !force {
-        bail!(
-            "{flag} {}: exists and is not empty; pass --force to replace it, or choose another directory",
-            out.display()
-        );
-    }
-    Ok(())
-}
-
 /// Appends JSON lines to a file (metrics). Each line is flushed as written, so a killed run
 /// keeps every completed line; a partial last line is never produced by a single write.
 pub struct JsonlWriter {

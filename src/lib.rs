@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod objectives;
+pub mod outputs;
 pub mod pareto;
 pub mod plot;
 pub mod profile;

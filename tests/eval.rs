@@ -830,7 +830,8 @@ fn eval_cli_combines_modes_in_one_run() {
 #[test]
 fn rule_judge_scores_from_the_prompt_records() {
     let root = scratch("rules-judge");
-    let run = |prompts: &Path| {
+    // Each run writes its own report: eval refuses to overwrite one it did not write.
+    let run = |prompts: &Path, report: &str| {
         Command::new(bin())
             .args(["eval", "--device", "cpu", "--model"])
             .arg(tiny_dir())
@@ -839,11 +840,14 @@ fn rule_judge_scores_from_the_prompt_records() {
             .args(["--max-prompts", "4", "--max-new-tokens", "6", "--baseline"])
             .arg(tiny_dir())
             .args(["--judge", "rules:configs/demo/rules.toml", "--report"])
-            .arg(root.join("report.json"))
+            .arg(root.join(report))
             .output()
             .unwrap()
     };
-    let out = run(Path::new("data/ultrafeedback_binarized/test_prefs.jsonl"));
+    let out = run(
+        Path::new("data/ultrafeedback_binarized/test_prefs.jsonl"),
+        "report.json",
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -864,7 +868,7 @@ fn rule_judge_scores_from_the_prompt_records() {
     assert_eq!(r["win_rate"]["overall"]["ties"], 4);
     let bare = root.join("bare.jsonl");
     std::fs::write(&bare, "{\"prompt\": \"What color is coal?\"}\n").unwrap();
-    let out = run(&bare);
+    let out = run(&bare, "bare-report.json");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

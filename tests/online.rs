@@ -238,7 +238,7 @@ fn a_block_conditioned_policy_follows_the_weights_it_is_given() {
         let dir = run(&root, &name, &rules, &extra);
         let info = mo_align::objectives::conditioning::ConditioningInfo::require(&dir).unwrap();
         assert_eq!(info.objectives, ["has_e", "no_e"]);
-        for b in info.block_dirs(&dir) {
+        for b in info.block_dirs(&dir).unwrap() {
             assert!(b.join("adapter_model.safetensors").is_file(), "{b:?}");
         }
         let (at_e, at_no_e) = (e_rate(&dir, &[1.0, 0.0]), e_rate(&dir, &[0.0, 1.0]));

@@ -99,7 +99,7 @@ fn pareto_reports_every_policy_and_reuses_its_generations() {
     let adapters: Vec<PathBuf> = (0..4)
         .map(|i| random_adapter(&root, &format!("a{i}"), 10 + i))
         .collect();
-    let info = ConditioningInfo::new(names.clone(), &ConditioningConfig::default());
+    let info = ConditioningInfo::new(names.clone(), &ConditioningConfig::default()).unwrap();
     std::fs::write(
         adapters[0].join(INFO_FILE),
         serde_json::to_string(&info).unwrap(),

@@ -74,6 +74,7 @@ fn resume_refuses_a_changed_config_and_records_an_allowed_change() {
         resume: true,
         quiet: true,
         allow_config_change: true,
+        ..Default::default()
     };
     // Unsafe changes are refused even with --allow-config-change, and name old -> new.
     for (extra, key) in [
@@ -169,4 +170,192 @@ fn resume_falls_back_past_a_damaged_checkpoint_and_clears_interrupted_saves() {
                 == std::fs::read(out.join("adapter_model.safetensors")).unwrap()
         );
     }
+}
+
+/// Rule 1: no command writes over what it reads. A DPO run whose output is its own SFT
+/// adapter, and a full fine-tuning whose output is its base model, are refused before anything
+/// is written; both inputs stay as they were.
+#[test]
+fn an_output_directory_that_is_an_input_is_refused() {
+    let root = scratch("output-is-input");
+    let adapter = root.join("sft");
+    sft_run(&adapter, &["train.max_steps=2"], flags(false, true)).unwrap();
+    let before = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let sets = vec![
+        format!("model.path={:?}", tiny_dir().to_str().unwrap()),
+        format!("model.adapter={:?}", adapter.to_str().unwrap()),
+        format!("train.output_dir={:?}", adapter.to_str().unwrap()),
+        "train.max_steps=2".to_string(),
+    ];
+    let e = mo_align::recipes::dpo::run_dpo(
+        Some(Path::new("configs/demo/dpo.toml")),
+        &sets,
+        flags(false, true),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("train.output_dir") && e.contains("is the"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(adapter.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+    // Full fine-tuning into the base model's own directory.
+    let base = root.join("base");
+    copy_dir(tiny_dir(), &base);
+    let weights = std::fs::read(base.join("model.safetensors")).unwrap();
+    let sets = overrides(&base, &["train.max_steps=2", "train.finetune=\"full\""])
+        .into_iter()
+        .map(|s| s.replace(tiny_dir().to_str().unwrap(), base.to_str().unwrap()))
+        .collect::<Vec<_>>();
+    let e = sft::run(
+        Some(Path::new("configs/demo/sft-lora.toml")),
+        &sets,
+        flags(false, true),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("is the") && e.contains("which this command reads"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(base.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert!(!base.join("config.resolved.toml").exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Rules 3 and 4: a refused run writes nothing (not even its resolved config over the run it
+/// was refused by), a run that fails on its data leaves no directory behind, and a finished run
+/// is not trained over, also without its checkpoints, unless --force, which replaces it only
+/// once the new run has started.
+#[test]
+fn a_refused_or_failed_run_writes_nothing_and_a_finished_run_is_kept() {
+    let out = scratch("finished");
+    sft_run(
+        &out,
+        &["train.max_steps=2", "train.save_every=1000"],
+        flags(false, true),
+    )
+    .unwrap();
+    let files = [
+        "config.resolved.toml",
+        "data_report.json",
+        "metrics.jsonl",
+        "adapter_model.safetensors",
+    ];
+    let snapshot = || -> Vec<Vec<u8>> {
+        files
+            .iter()
+            .map(|f| std::fs::read(out.join(f)).unwrap())
+            .collect()
+    };
+    let before = snapshot();
+    // Its checkpoints removed: a new run with another lr, with or without --resume, is refused.
+    let _ = std::fs::remove_dir_all(out.join("checkpoints"));
+    for resume in [false, true] {
+        let e = sft_run(
+            &out,
+            &["train.max_steps=2", "train.lr=0.5"],
+            flags(resume, true),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("finished run") && e.contains("--force"), "{e}");
+        assert!(
+            snapshot() == before,
+            "a refused run (resume {resume}) modified the finished run"
+        );
+    }
+    // --force, but the new run fails on its data: the old run is still whole.
+    let bad = scratch("finished-bad-data").with_extension("jsonl");
+    std::fs::write(&bad, "{\"messages\": 3}\n").unwrap();
+    let force = RunFlags {
+        force: true,
+        quiet: true,
+        ..Default::default()
+    };
+    let data = format!("data.train_files=[{:?}]", bad.to_str().unwrap());
+    assert!(sft_run(&out, &["train.max_steps=2", &data], force).is_err());
+    assert!(
+        snapshot() == before,
+        "a failed --force run removed the run it was to replace"
+    );
+    // --force with good data replaces it.
+    sft_run(&out, &["train.max_steps=2", "train.lr=0.5"], force).unwrap();
+    assert!(std::fs::read_to_string(out.join("config.resolved.toml"))
+        .unwrap()
+        .contains("lr = 0.5"));
+    // A first run that fails on its data leaves no directory.
+    let fresh = scratch("failed-first-run").join("run");
+    assert!(sft_run(&fresh, &["train.max_steps=2", &data], flags(false, true)).is_err());
+    assert!(
+        !fresh.exists(),
+        "a failed run left {} behind",
+        fresh.display()
+    );
+}
+
+/// Rule 5: --resume checks the data it resumes on, not only the config: a training file whose
+/// records changed, or a glob that now matches one more file, is refused with the input named.
+#[test]
+fn resume_refuses_changed_data_and_a_glob_that_matches_more() {
+    let root = scratch("resume-data");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string("data/smoltalk/train.jsonl")
+        .unwrap()
+        .lines()
+        .take(40)
+        .map(String::from)
+        .collect();
+    std::fs::write(data.join("part-1.jsonl"), lines[..20].join("\n")).unwrap();
+    let glob = format!(
+        "data.train_files=[{:?}]",
+        data.join("part-*.jsonl").to_str().unwrap()
+    );
+    let out = root.join("run");
+    let base = ["train.max_steps=4", "train.save_every=1", glob.as_str()];
+    sft_run(&out, &base, flags(false, true)).unwrap();
+    // Back to a mid-run checkpoint, as after a kill.
+    std::fs::remove_dir_all(out.join("checkpoints/checkpoint-0000004")).unwrap();
+    std::fs::remove_file(out.join("adapter_model.safetensors")).unwrap();
+    // A new file matches the glob: refused, naming it.
+    std::fs::write(data.join("part-2.jsonl"), lines[20..].join("\n")).unwrap();
+    let e = sft_run(&out, &base, flags(true, true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("part-2.jsonl") && e.contains("did not start from"),
+        "{e}"
+    );
+    std::fs::remove_file(data.join("part-2.jsonl")).unwrap();
+    // The one file's records swapped for others: refused.
+    std::fs::write(data.join("part-1.jsonl"), lines[20..].join("\n")).unwrap();
+    let e = sft_run(&out, &base, flags(true, true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("part-1.jsonl") && e.contains("has changed"),
+        "{e}"
+    );
+    // Restored: it resumes.
+    std::fs::write(data.join("part-1.jsonl"), lines[..20].join("\n")).unwrap();
+    sft_run(&out, &base, flags(true, true)).unwrap();
+    assert!(out.join("adapter_model.safetensors").is_file());
 }

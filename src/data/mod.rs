@@ -162,7 +162,9 @@ pub struct Splits<T> {
 
 impl<T> Splits<T> {
     /// Logs the data reports and writes them to `data_report.json` in `out`.
-    pub fn report(&self, out: &std::path::Path) -> Result<()> {
+    /// Prints the report and returns the data report file (name, bytes) for the run
+    /// directory.
+    pub fn report(&self) -> Result<(&'static str, Vec<u8>)> {
         eprintln!("train data: {}", self.train_report.summary());
         for e in &self.train_report.bad_examples {
             eprintln!("  skipped: {e}");
@@ -175,10 +177,10 @@ impl<T> Splits<T> {
             self.train.len(),
             self.val.len()
         );
-        crate::io::write_json_atomic(
-            &out.join("data_report.json"),
+        let text = serde_json::to_string_pretty(
             &serde_json::json!({"train": self.train_report, "validation": self.val_report}),
-        )
+        )?;
+        Ok(("data_report.json", format!("{text}\n").into_bytes()))
     }
 }
 

@@ -191,14 +191,28 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
             .collect());
     }
     let mut out = vec![];
-    for (i, line) in reader.lines().enumerate() {
+    let mut index = 0;
+    loop {
+        index += 1;
         let loc = Location {
             file: file.clone(),
-            index: i + 1,
+            index,
             is_line: true,
         };
-        let line = match line {
-            Ok(l) => l,
+        let line = match read_capped_line(&mut reader, MAX_RECORD_BYTES) {
+            Ok(Line::End) => break,
+            Ok(Line::Text(l)) => l,
+            Ok(Line::TooLong(n)) => {
+                out.push(RawRecord {
+                    loc,
+                    value: Err(format!(
+                        "a record of {:.1} MB, over the {} MB a record may hold",
+                        n as f64 / 1e6,
+                        MAX_RECORD_BYTES / 1_000_000
+                    )),
+                });
+                continue;
+            }
             Err(e) => {
                 out.push(RawRecord {
                     loc,
@@ -214,6 +228,55 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
         out.push(RawRecord { loc, value });
     }
     Ok(out)
+}
+
+/// The longest line a JSON Lines record may be: a longer one is reported and skipped while
+/// reading, never held (a 30 MB record used to take gigabytes on its way to being dropped as
+/// too long for the model).
+pub const MAX_RECORD_BYTES: usize = 8_000_000;
+
+enum Line {
+    Text(String),
+    TooLong(usize),
+    End,
+}
+
+/// The next line without its newline, keeping at most `cap` bytes of it in memory.
+fn read_capped_line(reader: &mut impl BufRead, cap: usize) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    let mut seen_any = false;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            break;
+        }
+        seen_any = true;
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if total + take <= cap {
+            buf.extend_from_slice(&chunk[..take]);
+        }
+        total += take;
+        reader.consume(take + usize::from(done));
+        if done {
+            break;
+        }
+    }
+    if !seen_any {
+        return Ok(Line::End);
+    }
+    if total > cap {
+        return Ok(Line::TooLong(total));
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    String::from_utf8(buf)
+        .map(Line::Text)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 fn read_parquet(path: &Path, file: Arc<str>) -> Result<Vec<RawRecord>> {
@@ -253,19 +316,60 @@ fn batch_to_json(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
     text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
 }
 
-/// Converts JSON Lines to Parquet (schema inferred from the records), written atomically.
+/// Converts a JSON Lines file (or a JSON array; a UTF-8 byte-order mark is skipped, as training
+/// skips it) to Parquet, schema inferred from the records, written atomically. Every record must
+/// be a JSON object; the first that is not (or a record whose fields conflict with the others'
+/// types) is named by its line. An input without records is refused, not written as 0 rows.
 pub fn jsonl_to_parquet(input: &Path, output: &Path) -> Result<usize> {
-    use std::io::Seek;
-    let f =
-        std::fs::File::open(input).with_context(|| format!("{}: cannot open", input.display()))?;
-    let mut reader = BufReader::new(f);
-    let (schema, _) = arrow_json::reader::infer_json_schema(&mut reader, None)
-        .map_err(|e| anyhow::anyhow!("{}: cannot infer a schema ({e})", input.display()))?;
-    reader.rewind()?;
+    let records = read_records(input)?;
+    let mut values = Vec::with_capacity(records.len());
+    let mut locs = Vec::with_capacity(records.len());
+    for r in records {
+        match r.value {
+            Ok(serde_json::Value::Object(m)) => values.push(serde_json::Value::Object(m)),
+            Ok(other) => bail!(
+                "{}: a record must be a JSON object, not {}",
+                r.loc,
+                json_kind(&other)
+            ),
+            Err(e) => bail!("{}: {e}", r.loc),
+        }
+        locs.push(r.loc);
+    }
+    if values.is_empty() {
+        bail!("{}: holds no records; nothing to convert", input.display());
+    }
+    let schema = arrow_json::reader::infer_json_schema_from_iterator(values.iter().map(Ok))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot infer a schema ({})",
+                input.display(),
+                short(&e.to_string())
+            )
+        })?;
     let schema = Arc::new(schema);
-    let json = arrow_json::ReaderBuilder::new(schema.clone())
-        .build(reader)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+    let decode = |rows: &[serde_json::Value]| -> std::result::Result<Vec<RecordBatch>, String> {
+        let mut d = arrow_json::ReaderBuilder::new(schema.clone())
+            .build_decoder()
+            .map_err(|e| e.to_string())?;
+        d.serialize(rows).map_err(|e| e.to_string())?;
+        Ok(d.flush().map_err(|e| e.to_string())?.into_iter().collect())
+    };
+    let batches = match decode(&values) {
+        Ok(b) => b,
+        Err(e) => {
+            // Name the first record that does not fit the inferred schema.
+            let bad = (0..values.len()).find(|&i| decode(&values[i..i + 1]).is_err());
+            match bad {
+                Some(i) => bail!(
+                    "{}: does not fit the fields' types in the other records ({})",
+                    locs[i],
+                    short(&e)
+                ),
+                None => bail!("{}: {}", input.display(), short(&e)),
+            }
+        }
+    };
     let mut buf = Vec::new();
     let mut rows = 0;
     {
@@ -273,15 +377,36 @@ pub fn jsonl_to_parquet(input: &Path, output: &Path) -> Result<usize> {
             .set_compression(parquet::basic::Compression::SNAPPY)
             .build();
         let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(props))?;
-        for batch in json {
-            let batch = batch.map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+        for batch in &batches {
             rows += batch.num_rows();
-            w.write(&batch)?;
+            w.write(batch)?;
         }
         w.close()?;
     }
     crate::io::write_atomic(output, &buf)?;
     Ok(rows)
+}
+
+/// A JSON value's kind, for messages (never the value itself, which may be a whole file).
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The first line of a message, at most 200 characters (library errors can quote whole records).
+pub(crate) fn short(msg: &str) -> String {
+    let line = msg.lines().next().unwrap_or_default();
+    if line.chars().count() > 200 {
+        format!("{}...", line.chars().take(200).collect::<String>())
+    } else {
+        line.to_string()
+    }
 }
 
 #[cfg(test)]

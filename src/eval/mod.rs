@@ -152,7 +152,7 @@ pub fn load_policy_at(
     let line = info.line(&w)?;
     let loaded = match info.mode() {
         ConditioningMode::Adapter => {
-            let blocks = info.block_dirs(dir);
+            let blocks = info.block_dirs(dir)?;
             let blocks: Vec<&Path> = blocks.iter().map(|b| b.as_path()).collect();
             let w = crate::objectives::conditioning::quantise(&w);
             crate::model::loader::load_soup(path, base_adapter, &blocks, &w, dtype, device)?

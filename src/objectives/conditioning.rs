@@ -144,10 +144,15 @@ pub struct ConditioningInfo {
 }
 
 impl ConditioningInfo {
-    pub fn new(objectives: Vec<String>, sampling: &ConditioningConfig) -> Self {
+    /// The record of a conditioned run over `objectives`; an objective's name becomes its
+    /// block's directory name, so each must be one safe path component.
+    pub fn new(objectives: Vec<String>, sampling: &ConditioningConfig) -> Result<Self> {
+        for o in &objectives {
+            crate::outputs::safe_component(o, "objective name")?;
+        }
         let k = objectives.len();
         let example = format_line(&objectives, &quantise(&vec![1.0; k]));
-        Self {
+        Ok(Self {
             format: "mo-align-conditioning/1".to_string(),
             template: format!("{PREFIX}<objective>=<weight>, ... (every objective in order, weights with two decimals summing to 1.00)"),
             placement: sampling.placement,
@@ -166,12 +171,17 @@ impl ConditioningInfo {
             },
             objectives,
             sampling: sampling.clone(),
-        }
+        })
     }
 
-    /// `mode = "adapter"`: the per-objective adapters of the conditioned run in `dir`.
-    pub fn block_dirs(&self, dir: &Path) -> Vec<std::path::PathBuf> {
-        self.blocks.iter().map(|b| dir.join(b)).collect()
+    /// `mode = "adapter"`: the per-objective adapters of the conditioned run in `dir`, each
+    /// refused unless it resolves inside `dir` (the paths come from a file).
+    pub fn block_dirs(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+        let what = format!("{}: blocks", dir.join(INFO_FILE).display());
+        self.blocks
+            .iter()
+            .map(|b| crate::outputs::inside(dir, b, &what))
+            .collect()
     }
 
     pub fn mode(&self) -> ConditioningMode {
@@ -380,6 +390,30 @@ pub fn parse_line(line: &str, objectives: &[String]) -> Result<Vec<f64>> {
 
 #[cfg(test)]
 mod tests {
+    /// conditioning.json is a file: block paths in it resolve inside its run, or are refused.
+    #[test]
+    fn block_paths_from_the_file_stay_inside_the_run() {
+        let cfg = ConditioningConfig {
+            mode: ConditioningMode::Adapter,
+            ..ConditioningConfig::default()
+        };
+        let mut info = ConditioningInfo::new(vec!["a".into(), "b".into()], &cfg).unwrap();
+        let run = std::path::Path::new("/tmp/some-run");
+        assert_eq!(
+            info.block_dirs(run).unwrap()[1],
+            run.join(BLOCKS_DIR).join("b")
+        );
+        for bad in ["../../etc", "/etc", "objectives/../../x"] {
+            info.blocks[0] = bad.to_string();
+            let e = info.block_dirs(run).unwrap_err().to_string();
+            assert!(
+                e.contains("not a path inside") && e.contains("conditioning.json"),
+                "{e}"
+            );
+        }
+        assert!(ConditioningInfo::new(vec!["../x".into()], &cfg).is_err());
+    }
+
     use super::*;
 
     fn names() -> Vec<String> {

@@ -133,8 +133,9 @@ pub fn prepare(
         return Ok(None);
     }
     cond.validate(objectives.len())?;
-    let info = ConditioningInfo::new(line_names(objectives), cond);
-    crate::io::write_json_atomic(&run.out.join(INFO_FILE), &info)?;
+    let info = ConditioningInfo::new(line_names(objectives), cond)?;
+    let text = serde_json::to_string_pretty(&info)?;
+    run.queue(INFO_FILE, format!("{text}\n").into_bytes());
     Ok(Some(info))
 }
 

@@ -98,6 +98,73 @@ pub struct EvalOptions {
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Replace existing --output, --generations-out and --report files (never a file the
+    /// evaluation reads).
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl EvalOptions {
+    /// What the evaluation reads: the models and adapters, data and prompt files, the reward
+    /// model and the judge.
+    fn inputs(&self) -> crate::outputs::Inputs {
+        let mut i = crate::outputs::Inputs::new();
+        i.add("model", self.model.spec());
+        for (what, p) in [
+            ("base adapter", &self.base_adapter),
+            ("adapter", &self.model.adapter),
+            ("perplexity text", &self.perplexity),
+            ("chat data", &self.sft_data),
+            ("preference data", &self.preferences),
+            ("reward model", &self.reward_model),
+            ("records to score", &self.score),
+            ("prompts", &self.prompts),
+        ] {
+            if let Some(p) = p {
+                i.add(what, p);
+            }
+        }
+        if let Some(b) = &self.baseline {
+            let (m, a) = parse_model_spec(b);
+            i.add("baseline", m);
+            if let Some(a) = a {
+                i.add("baseline adapter", a);
+            }
+        }
+        if let Some(j) = &self.judge {
+            i.add("judge", j.strip_prefix("rules:").unwrap_or(j));
+        }
+        i
+    }
+
+    /// Checks every output file against the inputs and, without --force, against existing
+    /// files (`outputs::check`), before anything is loaded.
+    fn check_outputs(&self) -> Result<()> {
+        let inputs = self.inputs();
+        let outs = [
+            ("--output", &self.output),
+            ("--generations-out", &self.generations_out),
+            ("--report", &self.report),
+        ];
+        for (flag, p) in outs {
+            if let Some(p) = p {
+                crate::outputs::check(
+                    p,
+                    flag,
+                    crate::outputs::Existing::File,
+                    &inputs,
+                    self.force,
+                )?;
+            }
+        }
+        let named: Vec<&PathBuf> = outs.iter().filter_map(|(_, p)| p.as_ref()).collect();
+        for (i, a) in named.iter().enumerate() {
+            if named[i + 1..].contains(a) {
+                bail!("eval: {} is named for two outputs", a.display());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `PATH` or `PATH+ADAPTER`.
@@ -120,6 +187,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
     if !any {
         bail!("eval: nothing to evaluate (give --perplexity, --sft-data, --preferences, --score or --win-rate)");
     }
+    args.check_outputs()?;
     let device = select_device(&args.model.device)?;
     let dtype = parse_dtype(&args.model.dtype)?;
     // `--score` alone with no model named scores with the reward model's own backbone.

@@ -2,10 +2,11 @@
 //! config, tokenizer files) that transformers, vLLM and mo-align load as a plain model, and
 //! with `--gguf` a GGUF file beside it for llama.cpp, Ollama and LM Studio.
 
-use crate::io::{refuse_nonempty, refuse_overlap, AtomicDir};
+use crate::io::AtomicDir;
 use crate::model::gguf::{write_gguf, GgufType};
 use crate::model::loader::{load_pretrained, save_pretrained};
 use crate::model::parse_dtype;
+use crate::outputs::{check, Existing, Inputs};
 use anyhow::Result;
 use candle_core::{DType, Device};
 use std::path::Path;
@@ -22,17 +23,14 @@ pub fn run(
 ) -> Result<()> {
     let dtype = parse_dtype(dtype)?;
     let gguf = gguf.map(GgufType::parse).transpose()?;
-    let mut inputs = vec![("adapter", adapter)];
-    let model_dir = Path::new(model);
-    if model_dir.exists() {
-        inputs.push(("model", model_dir));
-    }
-    refuse_overlap(out, "--out", &inputs)?;
-    refuse_nonempty(out, "--out", force)?;
+    let mut inputs = Inputs::new();
+    inputs.add("adapter", adapter).add("model", model);
+    check(out, "--out", Existing::Dir, &inputs, force)?;
     // Merge in f32 whatever the output dtype: W + s * B A is then rounded once.
     let mut loaded = load_pretrained(model, Some(adapter), DType::F32, &Device::Cpu)?;
     // A Hub id resolves to the cache: check that too.
-    refuse_overlap(out, "--out", &[("model", loaded.files.dir())])?;
+    inputs.add("model", loaded.files.dir());
+    check(out, "--out", Existing::Dir, &inputs, force)?;
     loaded.model.merge_lora()?;
     let dir = AtomicDir::new(out)?;
     save_pretrained(&loaded, dir.path(), dtype)?;

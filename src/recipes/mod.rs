@@ -19,7 +19,6 @@ pub mod utility;
 
 pub use stage::{AdapterStage, RewardBackbone, RunFlags, StageRun};
 
-use crate::io::RunLock;
 use crate::model::loader::{apply_adapter, load_merged, select_device, Loaded};
 use crate::model::lora::LoraConfig;
 use crate::model::parse_dtype;
@@ -163,11 +162,7 @@ pub fn load_policy(model: &ModelConfig, lora: &LoraConfig, train: &TrainConfig) 
     Ok(loaded)
 }
 
-/// A run's output directory, locked against a second run for as long as this value lives.
-pub struct RunDir {
-    pub path: PathBuf,
-    _lock: RunLock,
-}
+pub use crate::outputs::RunDir;
 
 /// Settings a resumed run may change with `--allow-config-change`: the schedule and the
 /// cadence of logs, evaluations and checkpoints, and where and how fast it runs. Everything
@@ -195,22 +190,39 @@ const CHANGEABLE_ON_RESUME: [&str; 19] = [
     "train.recompute_layers",
 ];
 
-/// Locks the output directory (before anything is written), and writes the resolved config
-/// into it. A training run (`training` given) that resumes a checkpoint must resume the same
+/// Claims the output directory (`outputs::RunDir`: checked against every path the config
+/// reads, locked, and judged against the run it may already hold) and queues the resolved
+/// config for it; nothing is written until the caller commits, once the run is validated and
+/// starts. A training run (`training` given) that resumes a checkpoint must resume the same
 /// config: changed keys are refused with their old and new values, unless every one is in
 /// `CHANGEABLE_ON_RESUME` and `--allow-config-change` was given, which records the change in
-/// `config.changes.jsonl`.
+/// `config.changes.jsonl`. Without `training` the directory holds a report, rewritten each run.
 pub fn prepare_output(
     output_dir: &str,
     resolved: &impl Serialize,
     training: Option<RunFlags>,
 ) -> Result<RunDir> {
     let path = PathBuf::from(output_dir);
-    let lock = RunLock::acquire(&path)?;
-    let config_path = path.join("config.resolved.toml");
     let text = crate::config::to_toml(resolved)?;
-    let resuming = training.filter(|f| f.resume).is_some()
-        && crate::train::checkpoint::latest(&path)?.is_some();
+    let inputs = crate::outputs::Inputs::from_config(&text)?;
+    let mode = crate::outputs::RunMode {
+        resume: training.is_some_and(|f| f.resume),
+        force: training.is_some_and(|f| f.force),
+        report: training.is_none(),
+    };
+    let flag = if training.is_some() {
+        "train.output_dir"
+    } else {
+        "output_dir"
+    };
+    let mut dir = RunDir::claim(&path, flag, &inputs, mode)?;
+    let config_path = path.join(crate::outputs::RUN_RECORD);
+    let resuming = dir.state == crate::outputs::RunState::Resume;
+    if resuming {
+        crate::outputs::check_inputs_unchanged(&path, &text)?;
+    } else if training.is_some() {
+        dir.record_inputs(text.clone());
+    }
     if let (true, Ok(old)) = (resuming, std::fs::read_to_string(&config_path)) {
         let changes = crate::config::changed_keys(&old, &text)?;
         if !changes.is_empty() {
@@ -238,7 +250,6 @@ pub fn prepare_output(
                     config_path.display()
                 );
             }
-            let mut log = crate::io::JsonlWriter::append(&path.join("config.changes.jsonl"))?;
             let entry: serde_json::Map<String, serde_json::Value> = changes
                 .iter()
                 .map(|(k, a, b)| (k.clone(), serde_json::json!({"old": a, "new": b})))
@@ -247,12 +258,15 @@ pub fn prepare_output(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            log.write(&serde_json::json!({"unix_time": since, "changes": entry}))?;
+            dir.queue_line(
+                "config.changes.jsonl",
+                serde_json::json!({"unix_time": since, "changes": entry}),
+            );
             eprintln!("resuming with changed settings: {list} (recorded in config.changes.jsonl)");
         }
     }
-    crate::io::write_atomic(&config_path, text.as_bytes())?;
-    Ok(RunDir { path, _lock: lock })
+    dir.queue(crate::outputs::RUN_RECORD, text.into_bytes());
+    Ok(dir)
 }
 
 /// What `base_model_name_or_path` says in adapter files.

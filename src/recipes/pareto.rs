@@ -219,7 +219,9 @@ pub fn run(
     }
     let reference = reference_point(p, &judge, judged.len())?;
     let prompts = read_prompt_records(&p.prompts, p.max_prompts)?;
-    let run_dir = prepare_output(&p.output_dir, &cfg, None)?;
+    let mut run_dir = prepare_output(&p.output_dir, &cfg, None)?;
+    // Everything is validated: the report starts writing (cached generations, then results).
+    run_dir.commit()?;
     let out = run_dir.path.clone();
 
     // Every (policy, weighting) to evaluate, in order.
@@ -251,7 +253,7 @@ pub fn run(
         let pol = &cfg.policy[*i];
         let variant = if let Some(info) = &infos[*i] {
             if info.mode() == ConditioningMode::Adapter {
-                let blocks = info.block_dirs(Path::new(&pol.conditioned));
+                let blocks = info.block_dirs(Path::new(&pol.conditioned))?;
                 Variant::Soup(blocks.iter().map(|b| b.display().to_string()).collect())
             } else {
                 Variant::Conditioned {

@@ -7,7 +7,6 @@
 
 use super::summary::{judge_stages, markdown, TrainedStage};
 use super::{dpo, sft, train_rm, RunFlags};
-use crate::cache::Digest;
 use crate::generate::SamplingArgs;
 use crate::train::Finetune;
 use anyhow::{bail, Context, Result};
@@ -109,50 +108,10 @@ pub struct PipelineConfig {
 const INPUTS_FILE: &str = "pipeline_inputs.digest";
 
 /// A digest of what a stage reads: every file or directory its resolved config names (data
-/// files, the model, adapters, reward model, rules), except its own outputs and caches.
-/// Directories count by their top-level weights and JSON files, so a retrained upstream stage
-/// or an edited data file changes it.
+/// files with globs expanded, the model, adapters, reward model, rules), except its own
+/// outputs and caches (`outputs::inputs_digest`).
 fn inputs_digest(resolved: &str) -> Result<String> {
-    fn walk(v: &toml::Value, key: &str, paths: &mut Vec<PathBuf>) {
-        match v {
-            toml::Value::String(s) if !matches!(key, "output_dir" | "cache_dir") => {
-                let p = Path::new(s);
-                if !s.is_empty() && p.exists() {
-                    paths.push(p.to_path_buf());
-                }
-            }
-            toml::Value::Array(a) => a.iter().for_each(|x| walk(x, key, paths)),
-            toml::Value::Table(t) => t.iter().for_each(|(k, x)| walk(x, k, paths)),
-            _ => {}
-        }
-    }
-    let value: toml::Value = toml::from_str(resolved).context("reading a resolved config")?;
-    let mut paths = vec![];
-    walk(&value, "", &mut paths);
-    let mut d = Digest::default();
-    for p in paths {
-        d.str(&p.display().to_string());
-        if p.is_file() {
-            d.file(&p)?;
-            continue;
-        }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
-            .with_context(|| format!("{}: cannot list", p.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|f| {
-                f.is_file()
-                    && matches!(
-                        f.extension().and_then(|x| x.to_str()),
-                        Some("safetensors" | "json")
-                    )
-            })
-            .collect();
-        files.sort();
-        for f in files {
-            d.file(&f)?;
-        }
-    }
-    Ok(d.hex())
+    crate::outputs::inputs_digest(resolved)
 }
 
 /// The resolved config a stage would write (returned), and whether its output already holds a
@@ -295,7 +254,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     }
     let ov = &p.overrides;
     check_curves(&cfg, ov)?;
-    let run_dir = super::prepare_output(&p.output_dir, &cfg, None)?;
+    let mut run_dir = super::prepare_output(&p.output_dir, &cfg, None)?;
     let out = run_dir.path.clone();
     let mut timings: Vec<(String, f64, bool)> = vec![];
     let mut stage = |name: &str,
@@ -434,6 +393,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         e.judge.clone()
     };
     judges.push(("reward_model".to_string(), rm_judge));
+    // The stages ran: the pipeline's own directory starts being written.
+    run_dir.commit()?;
     let judged = judge_stages(e, (&sm.path, sm.adapter_path()), &judges, &stages, &out)?;
     let rm_seconds = timings
         .iter()

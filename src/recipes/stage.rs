@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 pub struct RunFlags {
     /// Continue from the newest complete checkpoint in the output directory.
     pub resume: bool,
+    /// Replace the run the output directory holds (once the new run has started).
+    pub force: bool,
     /// Log lines only, no progress bar.
     pub quiet: bool,
     /// On resume, accept changed schedule and cadence settings (recorded in the run directory).
@@ -50,8 +52,9 @@ pub struct StageRun<'a> {
     pub flags: RunFlags,
     /// Full fine-tuning: the model's trainable weights (`None`: a LoRA adapter trains).
     full: Option<Vec<(String, Var)>>,
-    /// Holds the output directory's lock until the run ends.
-    _dir: RunDir,
+    /// Holds the output directory's lock until the run ends; written into only from
+    /// `train` on (`commit`), once the model and data are loaded and valid.
+    dir: std::cell::RefCell<RunDir>,
 }
 
 impl AdapterStage {
@@ -88,7 +91,7 @@ impl AdapterStage {
             stage: self,
             loaded,
             out: run_dir.path.clone(),
-            _dir: run_dir,
+            dir: std::cell::RefCell::new(run_dir),
             model_key,
             cache_dir: cache_dir(self.train.cache_dir.as_deref()),
             flags,
@@ -98,14 +101,28 @@ impl AdapterStage {
 }
 
 impl StageRun<'_> {
-    /// Loads, validates, tokenises and splits `[data]` with `parse`, and writes the data report.
+    /// Loads, validates, tokenises and splits `[data]` with `parse`, and queues the data
+    /// report for the output directory.
     pub fn load_data<T>(
         &self,
         parse: impl Fn(&serde_json::Value, &mut DataReport) -> Parsed<T>,
     ) -> Result<Splits<T>> {
         let splits = load_splits(&self.stage.data, parse)?;
-        splits.report(&self.out)?;
+        let (name, bytes) = splits.report()?;
+        self.dir.borrow_mut().queue(name, bytes);
         Ok(splits)
+    }
+
+    /// A file for the output directory, written when the run starts (`commit`).
+    pub fn queue(&self, name: &str, bytes: Vec<u8>) {
+        self.dir.borrow_mut().queue(name, bytes);
+    }
+
+    /// Starts writing the run: the resolved config, the data report and whatever else was
+    /// queued (`outputs::RunDir::commit`). `train` calls it; a recipe that writes before
+    /// training (a cache inside the run) calls it first.
+    pub fn commit(&self) -> Result<()> {
+        self.dir.borrow_mut().commit()
     }
 
     /// The reward model at `rm_dir` and a backbone to score with: the policy's own frozen
@@ -158,6 +175,7 @@ impl StageRun<'_> {
             Some(f) => f,
             None => &adapter,
         };
+        self.commit()?;
         let outcome = trainer::train(trainer::TrainRun {
             objective,
             trainable,

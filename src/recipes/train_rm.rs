@@ -87,7 +87,10 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     );
     cfg.train.validate()?;
     anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
-    let run_dir = prepare_output(&cfg.train.output_dir, &cfg, Some(flags))?;
+    for o in &cfg.rm.objectives {
+        crate::outputs::safe_component(o, "rm.objectives:")?;
+    }
+    let mut run_dir = prepare_output(&cfg.train.output_dir, &cfg, Some(flags))?;
     let out = run_dir.path.clone();
     let loaded = load_base(&cfg.model, &cfg.train)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
@@ -95,7 +98,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let data: Splits<Vec<RatedResponse>> = load_splits(&cfg.data, |v, r| {
         rated_responses(v, tok, &cfg.rm.objectives, &cfg.data, r)
     })?;
-    data.report(&out)?;
+    let (name, bytes) = data.report()?;
+    run_dir.queue(name, bytes);
     let train_rows: Vec<RatedResponse> = data.train.into_iter().flatten().collect();
     let val_rows: Vec<RatedResponse> = data.val.into_iter().flatten().collect();
     anyhow::ensure!(!train_rows.is_empty(), "no rated responses to train on");
@@ -168,6 +172,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         head: &head,
         features: &features,
     };
+    run_dir.commit()?;
     let outcome = train(TrainRun {
         objective: &objective,
         trainable: &head,

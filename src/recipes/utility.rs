@@ -11,15 +11,21 @@ pub fn plot(run_dir: &Path, png: bool) -> Result<()> {
     Ok(())
 }
 
-/// `mo-align init-tiny --out DIR [--seed N] [--arch qwen2|qwen3]`.
-pub fn init_tiny(out: &Path, seed: u64, arch: &str) -> Result<()> {
+/// `mo-align init-tiny --out DIR [--seed N] [--arch qwen2|qwen3] [--force]`: an existing,
+/// non-empty --out is replaced only with --force, and then as a whole (written beside it and
+/// renamed into place).
+pub fn init_tiny(out: &Path, seed: u64, arch: &str, force: bool) -> Result<()> {
     use crate::model::config::Family;
     use crate::model::tiny::TinySpec;
     let spec = match Family::parse(arch)? {
         Family::Qwen2 => TinySpec::default(),
         Family::Qwen3 => TinySpec::qwen3(),
     };
-    crate::model::tiny::write_tiny_checkpoint_of(out, seed, &spec)?;
+    let outputs = crate::outputs::Existing::Dir;
+    crate::outputs::check(out, "--out", outputs, &crate::outputs::Inputs::new(), force)?;
+    let dir = crate::io::AtomicDir::new(out)?;
+    crate::model::tiny::write_tiny_checkpoint_of(dir.path(), seed, &spec)?;
+    dir.commit()?;
     eprintln!(
         "wrote a tiny {} checkpoint to {}",
         spec.arch.causal_lm(),
@@ -28,8 +34,17 @@ pub fn init_tiny(out: &Path, seed: u64, arch: &str) -> Result<()> {
     Ok(())
 }
 
-/// `mo-align convert-data IN.jsonl OUT.parquet`.
-pub fn convert_data(input: &Path, output: &Path) -> Result<()> {
+/// `mo-align convert-data IN.jsonl OUT.parquet [--force]`.
+pub fn convert_data(input: &Path, output: &Path, force: bool) -> Result<()> {
+    let mut inputs = crate::outputs::Inputs::new();
+    inputs.add("input", input);
+    crate::outputs::check(
+        output,
+        "OUTPUT",
+        crate::outputs::Existing::File,
+        &inputs,
+        force,
+    )?;
     let rows = crate::data::source::jsonl_to_parquet(input, output)?;
     eprintln!("wrote {rows} rows to {}", output.display());
     Ok(())

@@ -270,6 +270,8 @@ fn parse_objective(spec: toml::Value, index: usize, origin: &str) -> Result<Rule
     if spec.name.trim().is_empty() {
         return Err(at("empty name".into()));
     }
+    // A name ends up in file names (a conditioned policy's per-objective adapters).
+    crate::outputs::safe_component(&spec.name, "name").map_err(|e| at(e.to_string()))?;
     for (key, value) in [("base", spec.base), ("min", spec.min), ("max", spec.max)] {
         if !value.is_finite() {
             return Err(at(format!("`{key}` must be finite, got {value}")));
@@ -752,6 +754,18 @@ score = 1
             assert!(msg.contains(want), "{msg:?} lacks {want:?}");
         }
         msg
+    }
+
+    /// A name becomes a directory name (a conditioned policy's per-objective adapter): one
+    /// safe path component only.
+    #[test]
+    fn an_objective_name_that_is_not_one_path_component_is_refused() {
+        for bad in ["../../x", "a/b", ".hidden"] {
+            load_error(
+                &format!("[[objective]]\nname = {bad:?}\nmin = 0\nmax = 1\n{GOOD_RULE}"),
+                &[&format!("objective \"{bad}\""), "letters, digits"],
+            );
+        }
     }
 
     const HEAD: &str = "[[objective]]\nname = \"truthfulness\"\nmin = 1\nmax = 5\n";

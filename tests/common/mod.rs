@@ -211,7 +211,7 @@ pub fn flags(resume: bool, quiet: bool) -> mo_align::recipes::RunFlags {
     mo_align::recipes::RunFlags {
         resume,
         quiet,
-        allow_config_change: false,
+        ..Default::default()
     }
 }
 
