@@ -41,11 +41,13 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(
             format!("{source} (with --set overrides)"),
         )
     };
-    let as_written = toml::from_str::<T>(&doc)
-        .map_err(|e| anyhow::anyhow!("{where_}: {}", one_line(&e, &doc)))?;
+    let as_written = match toml::from_str::<T>(&doc) {
+        Ok(v) => v,
+        Err(e) => bail!("{where_}: {}", locate::<T>(&e, &table, &doc, overrides)),
+    };
     let known = toml::Table::try_from(&as_written)?;
     let mut merged = toml::Table::try_from(T::default())?;
-    check_keys(&table, &known, &merged, "").map_err(|e| anyhow::anyhow!("{where_}: {e}"))?;
+    check_keys(&table, &known, &merged, "", &doc).map_err(|e| anyhow::anyhow!("{where_}: {e}"))?;
     merge(&mut merged, table);
     Ok(merged.try_into()?)
 }
@@ -57,6 +59,7 @@ fn check_keys(
     known: &toml::Table,
     defaults: &toml::Table,
     at: &str,
+    doc: &str,
 ) -> Result<()> {
     for (key, value) in given {
         let Some(k) = known.get(key) else {
@@ -70,7 +73,10 @@ fn check_keys(
             } else {
                 format!("in [{at}]")
             };
-            bail!("unknown key `{key}` {place}{hint}");
+            match key_line(doc, at, key) {
+                Some((n, line)) => bail!("line {n} {place}: `{line}`: unknown key `{key}`{hint}"),
+                None => bail!("unknown key `{key}` {place}{hint}"),
+            }
         };
         if let (toml::Value::Table(g), toml::Value::Table(kt)) = (value, k) {
             let empty = toml::Table::new();
@@ -83,7 +89,7 @@ fn check_keys(
             } else {
                 format!("{at}.{key}")
             };
-            check_keys(g, kt, d, &path)?;
+            check_keys(g, kt, d, &path, doc)?;
         }
     }
     Ok(())
@@ -155,6 +161,114 @@ fn one_line(e: &toml::de::Error, doc: &str) -> String {
         }
         None => format!("{msg}{hint}"),
     }
+}
+
+/// A deserialisation error of a document that parsed, placed at the key it is about.
+///
+/// Errors inside `#[serde(flatten)]` sections lose their position (serde buffers the section
+/// before deserialising it), and toml then points at line 1. Each leaf value is tried alone,
+/// laid over `T`'s defaults; the first that fails with the same message is the culprit, and
+/// its line is found in the document by section and key.
+fn locate<T: DeserializeOwned + Serialize + Default>(
+    e: &toml::de::Error,
+    table: &toml::Table,
+    doc: &str,
+    overrides: &[String],
+) -> String {
+    fn leaves(t: &toml::Table, at: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+        for (k, v) in t {
+            at.push(k.clone());
+            match v {
+                toml::Value::Table(inner) => leaves(inner, at, out),
+                other => out.push((at.clone(), other.clone())),
+            }
+            at.pop();
+        }
+    }
+    let Ok(defaults) = toml::Table::try_from(T::default()) else {
+        return one_line(e, doc);
+    };
+    let mut all = vec![];
+    leaves(table, &mut vec![], &mut all);
+    let culprit = all.into_iter().find(|(path, value)| {
+        let mut t = defaults.clone();
+        let mut cur = &mut t;
+        for k in &path[..path.len() - 1] {
+            let entry = cur
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry.as_table_mut() {
+                Some(inner) => cur = inner,
+                None => return false,
+            }
+        }
+        cur.insert(path[path.len() - 1].clone(), value.clone());
+        matches!(t.try_into::<T>(), Err(e2) if e2.message() == e.message())
+    });
+    let Some((path, _)) = culprit else {
+        return one_line(e, doc);
+    };
+    let msg = e.message().trim().replace('\n', " ");
+    let hint = did_you_mean(&msg)
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default();
+    let dotted = path.join(".");
+    if let Some(o) = overrides
+        .iter()
+        .find(|o| o.split_once('=').map(|(k, _)| k.trim()) == Some(dotted.as_str()))
+    {
+        return format!("--set {o}: {msg}{hint}");
+    }
+    let (section, key) = path.split_at(path.len() - 1);
+    let section = section.join(".");
+    let place = if section.is_empty() {
+        "at the top level".to_string()
+    } else {
+        format!("in [{section}]")
+    };
+    match key_line(doc, &section, &key[0]) {
+        Some((n, line)) => format!("line {n} {place}: `{line}`: {msg}{hint}"),
+        None => format!("`{}` {place}: {msg}{hint}", key[0]),
+    }
+}
+
+/// The line (1-based) and text where `key` is set under `[section]` ("" for the top level),
+/// written either in the section or as a dotted key.
+fn key_line(doc: &str, section: &str, key: &str) -> Option<(usize, String)> {
+    let mut current = String::new();
+    for (i, raw) in doc.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix('[') {
+            current = h
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .split('.')
+                .map(|p| p.trim().trim_matches('"'))
+                .collect::<Vec<_>>()
+                .join(".");
+            continue;
+        }
+        let Some((k, _)) = line.split_once('=') else {
+            continue;
+        };
+        let k: Vec<&str> = k.split('.').map(|p| p.trim().trim_matches('"')).collect();
+        let full = if current.is_empty() {
+            k.join(".")
+        } else {
+            format!("{current}.{}", k.join("."))
+        };
+        let want = if section.is_empty() {
+            key.to_string()
+        } else {
+            format!("{section}.{key}")
+        };
+        if full == want {
+            return Some((i + 1, line.to_string()));
+        }
+    }
+    None
 }
 
 /// From serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a` or `b`"), the
@@ -361,6 +475,34 @@ mod tests {
         assert!(parse("", &["lr=3"]).is_err());
     }
 
+    /// Inside a flattened section serde loses the position; the error still names the line
+    /// and section of the key it is about.
+    #[test]
+    fn errors_in_flattened_sections_name_their_line() {
+        let e = parse_as::<Outer>(
+            "# comment\n[eval]\nprompts = \"p\"\ntop_k = 3\ntemperatur = 0.2\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 5 in [eval]: `temperatur = 0.2`: unknown key `temperatur`")
+                && e.contains("`temperature`"),
+            "{e}"
+        );
+        let e = parse_as::<Outer>("# c\n[eval]\ntop_k = 3\ntemperature = \"hot\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 4 in [eval]: `temperature = \"hot\"`"),
+            "{e}"
+        );
+        let e = parse_as::<Outer>("# c\n[eval]\ntop_k = -1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3 in [eval]"), "{e}");
+    }
+
     #[test]
     fn flattened_sections_keep_the_outer_defaults_and_refuse_unknown_keys() {
         let o: Outer = parse_as("[eval]\ntemperature = 0.2\n", &[]).unwrap();
@@ -374,7 +516,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("unknown key `temperatur` in [eval]") && e.contains("`temperature`"),
+            e.contains("in [eval]: `temperatur = 0.2`: unknown key `temperatur`")
+                && e.contains("`temperature`"),
             "{e}"
         );
         let e = parse_as::<Outer>("[evl]\n", &[]).unwrap_err().to_string();

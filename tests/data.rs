@@ -265,3 +265,47 @@ fn validation_split_and_max_samples_are_deterministic() {
     let (train2, val2, _, _) = load_sft_data(&c, &t).unwrap();
     assert_eq!((train, val), (train2, val2));
 }
+
+/// A pair whose replies are the same, as written or once truncated, carries no preference:
+/// it is skipped and counted, and the other pairs are kept.
+#[test]
+fn identical_preference_pairs_are_skipped_and_counted() {
+    use mo_align::data::load_splits;
+    use mo_align::data::preference::preference_pair;
+    let t = tok();
+    let dir = scratch("identical-pairs");
+    let pair = |c: &str, r: &str| {
+        serde_json::json!({
+            "prompt": "Name a colour.",
+            "chosen": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": c}],
+            "rejected": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": r}],
+        })
+        .to_string()
+    };
+    let long_a = format!("{} red", "very ".repeat(200));
+    let long_b = format!("{} blue", "very ".repeat(200));
+    let f = dir.join("pairs.jsonl");
+    std::fs::write(
+        &f,
+        [
+            pair("Red.", "Blue."),
+            pair("Red.", "Red."),
+            pair(&long_a, &long_b),
+            pair("Green.", "Green?"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let mut c = cfg(&[&f], OnBadRecord::Error);
+    c.max_length = 64;
+    c.truncation = Truncation::Truncate;
+    let s = load_splits(&c, |v, r| preference_pair(v, &t, &c, r)).unwrap();
+    // "Red."/"Red." as written; the long pair differs only past the cut.
+    assert_eq!(s.train_report.identical_skipped, 2, "{:?}", s.train_report);
+    assert_eq!(s.train.len(), 2);
+    assert!(s.train.iter().all(|p| p.chosen != p.rejected));
+    assert!(s
+        .train_report
+        .summary()
+        .contains("2 with chosen = rejected"));
+}

@@ -876,3 +876,54 @@ fn rule_judge_scores_from_the_prompt_records() {
         "{err}"
     );
 }
+
+/// A prompt the model cannot answer within its context is skipped with a warning naming its
+/// record; the other prompts are judged, and the report counts the skipped one.
+#[test]
+fn a_prompt_beyond_the_context_is_skipped_and_named() {
+    let root = scratch("long-prompt");
+    let prompts = root.join("prompts.jsonl");
+    let long = "word ".repeat(6000);
+    std::fs::write(
+        &prompts,
+        [
+            serde_json::json!({"prompt": "Say hi."}),
+            serde_json::json!({"prompt": long}),
+            serde_json::json!({"prompt": "Say bye."}),
+        ]
+        .iter()
+        .map(|v| format!("{v}\n"))
+        .collect::<String>(),
+    )
+    .unwrap();
+    let rules = root.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[objective]]\nname = \"has_e\"\nbase = 0.0\nmin = 0.0\nmax = 1.0\n[[objective.rule]]\nwhen = \"regex\"\npattern = \"e\"\nscore = 1.0\n",
+    )
+    .unwrap();
+    let report = root.join("report.json");
+    let out = Command::new(bin())
+        .args(["eval", "--device", "cpu", "--model"])
+        .arg(tiny_dir())
+        .args(["--win-rate", "--prompts"])
+        .arg(&prompts)
+        .args(["--max-new-tokens", "4", "--baseline"])
+        .arg(tiny_dir())
+        .arg("--judge")
+        .arg(format!("rules:{}", rules.display()))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("prompts.jsonl line 2: the prompt is") && err.contains("skipped"),
+        "{err}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["prompts_skipped_too_long"], 1);
+    assert_eq!(r["win_rate"]["overall"]["n"], 2);
+}

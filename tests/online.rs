@@ -46,15 +46,36 @@ fn toy_rules(root: &Path) -> std::path::PathBuf {
 }
 
 #[test]
-fn one_completion_per_prompt_has_zero_advantage_and_leaves_the_adapter_where_it_was() {
+fn a_group_that_cannot_differ_has_zero_advantage_and_leaves_the_adapter_where_it_was() {
     let root = scratch("grpo-zero");
     let rules = toy_rules(&root);
+    // A group of one has nothing to be compared with: refused before anything is written.
+    let refused = mo_align::recipes::grpo::run(
+        Some(Path::new("configs/demo/grpo.toml")),
+        &[
+            format!("model.path={:?}", tiny_dir().to_str().unwrap()),
+            format!("train.output_dir={:?}", root.join("one").to_str().unwrap()),
+            format!("grpo.rules={:?}", rules.to_str().unwrap()),
+            "grpo.num_generations=1".to_string(),
+        ],
+        flags(false, true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("grpo.num_generations"), "{refused}");
+    assert!(!root.join("one").exists(), "a refused run left a directory");
+    // A reward every completion earns alike: every advantage is 0.
+    let flat = root.join("flat.toml");
+    std::fs::write(
+        &flat,
+        "[[objective]]\nname = \"flat\"\nbase = 0.0\nmin = 0.0\nmax = 1.0\n[[objective.rule]]\nwhen = \"regex\"\npattern = \"^\"\nscore = 0.5\n",
+    )
+    .unwrap();
     let dir = run(
         &root,
-        "one",
-        &rules,
+        "flat",
+        &flat,
         &[
-            "grpo.num_generations=1",
             "grpo.max_new_tokens=6",
             "train.max_steps=3",
             "train.eval_every=3",

@@ -12,7 +12,9 @@ use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::input::ModelInput;
 use mo_align::model::lora::LoraConfig;
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
-use mo_align::objectives::hybrid::{explicit_terms, Direction, Formulation, HybridConfig};
+use mo_align::objectives::hybrid::{
+    explicit_terms, explicit_terms_with, Direction, Formulation, HybridConfig,
+};
 use mo_align::objectives::pair::pair_logprobs;
 use mo_align::reward::{FeatureSet, ScoredSequence};
 use mo_align::rng::DropoutRng;
@@ -176,9 +178,10 @@ fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
         .to_scalar::<f32>()
         .unwrap();
     let scores = [vec![0.9f32, 0.2, 0.7, 0.4], vec![0.1f32, 0.8, 0.3, 0.6]];
+    // All-zero weights are refused in configs (the run would be plain DPO); the algebra
+    // behind that message is checked here, below the config check.
     let modpo = HybridConfig {
         formulation: Formulation::Modpo,
-        weights: vec![0.0; 4],
         preference_weight: 1.0,
         ..HybridConfig::default()
     };
@@ -187,9 +190,9 @@ fn modpo_with_unit_preference_weight_and_zero_lambda_hybrid_are_plain_dpo() {
         lambda: 0.0,
         ..HybridConfig::default()
     };
-    for h in [modpo, hybrid] {
+    for (h, w) in [(modpo, [0.0; 4]), (hybrid, [0.25; 4])] {
         for e in ex.iter_mut() {
-            (e.offset, e.scale) = explicit_terms(&h, &scores[0], &scores[1]).unwrap();
+            (e.offset, e.scale) = explicit_terms_with(&h, &w, &scores[0], &scores[1]).unwrap();
         }
         let batch: Vec<&DpoExample> = ex.iter().collect();
         let got = dpo

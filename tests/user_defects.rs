@@ -115,6 +115,21 @@ fn values_that_train_the_wrong_way_are_refused_at_config_load() {
             "reward.weights=[1.0, nan]",
             vec!["reward.weights"],
         ),
+        (
+            "hybrid-dpo",
+            "hybrid-dpo",
+            "hybrid.weights=[0.0, 0.0, 0.0, 0.0]",
+            vec!["hybrid.weights", "all zero"],
+        ),
+        ("dpo", "dpo", "train.max_steps=0", vec!["train.max_steps"]),
+        ("dpo", "dpo", "lora.alpha=0", vec!["lora.alpha", "> 0"]),
+        ("dpo", "dpo", "lora.alpha=nan", vec!["lora.alpha"]),
+        (
+            "grpo",
+            "grpo",
+            "grpo.num_generations=1",
+            vec!["num_generations"],
+        ),
     ] {
         let mut args = vec![
             stage.to_string(),
@@ -463,4 +478,170 @@ fn an_adapter_trained_on_another_base_is_named_in_a_warning() {
     };
     assert!(warned("Qwen/Qwen2.5-7B"));
     assert!(!warned(tiny()));
+}
+
+/// An adapter holding NaN (a diverged run), or whose config says alpha is NaN or 0, is refused
+/// by every command that reads adapters, before anything is written.
+#[test]
+fn a_nan_adapter_is_refused_by_eval_and_merge() {
+    let root = scratch("nan-adapter");
+    let src = golden_dir().join("adapter");
+    let text = root.join("t.txt");
+    std::fs::write(&text, "Hello there, how are you today?").unwrap();
+    let nan = root.join("nan");
+    std::fs::create_dir_all(&nan).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        nan.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut t = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let key = t.keys().find(|k| k.contains("lora_B")).unwrap().clone();
+    let w = &t[&key];
+    let mut v = w
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    v[0] = f32::NAN;
+    let poisoned = candle_core::Tensor::from_vec(v, w.shape(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(w.dtype())
+        .unwrap();
+    t.insert(key, poisoned);
+    candle_core::safetensors::save(&t, nan.join("adapter_model.safetensors")).unwrap();
+    let eval = |adapter: &Path| {
+        run(&[
+            "eval",
+            "--device",
+            "cpu",
+            "--model",
+            tiny(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--perplexity",
+            text.to_str().unwrap(),
+        ])
+    };
+    refused(&eval(&nan), &["adapter_model.safetensors", "NaN"]);
+    let out = root.join("merged");
+    let o = run(&[
+        "merge",
+        "--model",
+        tiny(),
+        "--adapter",
+        nan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    refused(&o, &["adapter_model.safetensors", "NaN"]);
+    assert!(!out.exists(), "a refused merge wrote its output");
+    // alpha NaN or 0 in adapter_config.json.
+    for alpha in ["NaN", "0"] {
+        let dir = root.join(format!("alpha-{alpha}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            dir.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let c = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+        let mut c: serde_json::Value = serde_json::from_str(&c).unwrap();
+        c["lora_alpha"] = serde_json::json!(0);
+        let mut c = c.to_string();
+        if alpha == "NaN" {
+            // JSON has no NaN; Python's json writes it bare, and serde_json refuses to read it.
+            c = c.replace("\"lora_alpha\":0", "\"lora_alpha\":NaN");
+        }
+        std::fs::write(dir.join("adapter_config.json"), c).unwrap();
+        refused(&eval(&dir), &["adapter_config.json"]);
+    }
+}
+
+/// A model's config.json with sizes or constants that cannot be right is refused with the
+/// file and field, before anything is allocated for it (a huge size used to abort the process
+/// in the allocator).
+#[test]
+fn an_absurd_model_config_is_refused_before_allocating() {
+    let root = scratch("absurd-config");
+    let text = root.join("t.txt");
+    std::fs::write(&text, "Hello there.").unwrap();
+    for (key, value, needle) in [
+        (
+            "max_position_embeddings",
+            serde_json::json!(1_000_000_000_000u64),
+            "max_position_embeddings",
+        ),
+        (
+            "num_hidden_layers",
+            serde_json::json!(1_000_000_000u64),
+            "num_hidden_layers is 1000000000",
+        ),
+        ("rope_theta", serde_json::json!(-5.0), "rope_theta"),
+        ("rms_norm_eps", serde_json::json!(-1e-6), "rms_norm_eps"),
+        ("vocab_size", serde_json::json!(0), "vocab_size"),
+    ] {
+        let dir = root.join(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in std::fs::read_dir(tiny_dir()).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+        let c = dir.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+        v[key] = value;
+        std::fs::write(&c, v.to_string()).unwrap();
+        let o = run(&[
+            "eval",
+            "--device",
+            "cpu",
+            "--model",
+            dir.to_str().unwrap(),
+            "--perplexity",
+            text.to_str().unwrap(),
+        ]);
+        refused(&o, &["config.json", needle]);
+    }
+}
+
+/// eval flags that would measure nothing.
+#[test]
+fn eval_refuses_flags_that_measure_nothing() {
+    let root = scratch("eval-flags");
+    let report = root.join("r.json");
+    for (args, needle) in [
+        (
+            vec![
+                "--preferences",
+                "data/ultrafeedback_binarized/test_prefs.jsonl",
+                "--beta",
+                "0",
+            ],
+            "--beta",
+        ),
+        (
+            vec![
+                "--win-rate",
+                "--prompts",
+                "data/ultrafeedback_binarized/test_prefs.jsonl",
+                "--max-prompts",
+                "0",
+                "--baseline",
+                tiny(),
+                "--judge",
+                "rules:configs/demo/rules.toml",
+            ],
+            "--max-prompts",
+        ),
+    ] {
+        let mut all = vec!["eval", "--device", "cpu", "--model", tiny(), "--report"];
+        all.push(report.to_str().unwrap());
+        all.extend(args);
+        refused(&run(&all), &[needle]);
+        assert!(!report.exists());
+    }
 }

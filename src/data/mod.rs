@@ -78,14 +78,26 @@ pub struct DataReport {
     pub bad_skipped: usize,
     pub too_long_dropped: usize,
     pub truncated: usize,
+    /// Preference pairs whose chosen and rejected replies are the same tokens (as written or
+    /// once truncated): their DPO logit is 0 whatever the model, so they only dilute a batch.
+    #[serde(default)]
+    pub identical_skipped: usize,
     /// The first few skipped records' reasons.
     pub bad_examples: Vec<String>,
 }
 
 impl DataReport {
     pub fn summary(&self) -> String {
+        let identical = if self.identical_skipped > 0 {
+            format!(
+                ", {} with chosen = rejected (skipped)",
+                self.identical_skipped
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "{} records: {} used, {} bad (skipped), {} too long (dropped), {} truncated",
+            "{} records: {} used, {} bad (skipped), {} too long (dropped), {} truncated{identical}",
             self.records, self.used, self.bad_skipped, self.too_long_dropped, self.truncated
         )
     }
@@ -112,6 +124,8 @@ pub enum Parsed<T> {
     Ok(T),
     /// Valid but longer than max_length (dropped and counted).
     TooLong,
+    /// A preference pair whose two replies are the same (skipped and counted).
+    Identical,
     Bad(FieldError),
 }
 
@@ -134,6 +148,7 @@ pub fn load_records<T>(
                 match result {
                     Parsed::Ok(t) => out.push((loc, t)),
                     Parsed::TooLong => report.too_long_dropped += 1,
+                    Parsed::Identical => report.identical_skipped += 1,
                     Parsed::Bad(e) => {
                         let msg = format!("{loc}: field `{}`: {}", e.field, e.problem);
                         if policy == OnBadRecord::Error {

@@ -128,6 +128,9 @@ pub fn preference_pair(
         rejected.truncate(room);
         report.truncated += 1;
     }
+    if chosen == rejected {
+        return Parsed::Identical;
+    }
     Parsed::Ok(PreferencePair {
         prompt,
         chosen,

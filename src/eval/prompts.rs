@@ -59,6 +59,9 @@ pub fn read_prompts(spec: &str, max: Option<usize>) -> Result<Vec<Vec<Message>>>
 
 /// `read_prompts`, keeping each prompt's record.
 pub fn read_prompt_records(spec: &str, max: Option<usize>) -> Result<Vec<PromptRecord>> {
+    if max == Some(0) {
+        bail!("{spec}: max_prompts is 0: there would be nothing to answer");
+    }
     let mut out = vec![];
     'files: for path in crate::data::source::resolve_files(spec)? {
         for rec in read_records(&path)? {
@@ -81,4 +84,52 @@ pub fn read_prompt_records(spec: &str, max: Option<usize>) -> Result<Vec<PromptR
         bail!("{spec}: no prompts");
     }
     Ok(out)
+}
+
+/// Positions kept free after a prompt: room for a conditioned policy's weights line and the
+/// start of an answer.
+pub const ANSWER_ROOM: usize = 64;
+
+/// The prompts every model in `models` (directories or Hub ids) can answer: a prompt whose
+/// encoding leaves fewer than `ANSWER_ROOM` of the smallest context's positions free is
+/// skipped with a warning naming its record, rather than failing the whole run inside the
+/// model. Returns the kept prompts and how many were skipped; refuses when none is left.
+pub fn prompts_that_fit(
+    prompts: Vec<PromptRecord>,
+    models: &[&str],
+) -> Result<(Vec<PromptRecord>, usize)> {
+    let mut context = usize::MAX;
+    let mut tokenizer = None;
+    for m in models {
+        let files = crate::model::loader::resolve(m)?;
+        let cfg = crate::model::QwenConfig::from_file(&files.config)?;
+        context = context.min(cfg.max_position_embeddings);
+        if tokenizer.is_none() {
+            tokenizer = Some(crate::tokenizer::ChatTokenizer::from_file(
+                &files.tokenizer,
+            )?);
+        }
+    }
+    let Some(tok) = tokenizer else {
+        return Ok((prompts, 0));
+    };
+    let limit = context.saturating_sub(ANSWER_ROOM);
+    let total = prompts.len();
+    let mut kept = Vec::with_capacity(total);
+    for p in prompts {
+        let n = tok.encode_prompt(&p.messages)?.len();
+        if n > limit {
+            eprintln!(
+                "warning: {}: the prompt is {n} tokens, more than the {limit} a model with {context} positions can answer after: skipped",
+                p.loc
+            );
+            continue;
+        }
+        kept.push(p);
+    }
+    if kept.is_empty() {
+        bail!("none of the {total} prompts fits in {context} positions with room for an answer");
+    }
+    let skipped = total - kept.len();
+    Ok((kept, skipped))
 }

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
+/// The most positions a config may declare (see `QwenConfig::validate`).
+pub const MAX_POSITIONS: usize = 1 << 21;
+
 /// The decoder family. Qwen3 is Qwen2's decoder with an RMSNorm over each query and key head
 /// before the rotary embedding, no q/k/v biases, and a `head_dim` of its own (Qwen3-0.6B:
 /// 16 heads of 128 on a 1024-wide model).
@@ -224,7 +227,7 @@ impl QwenConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
             || !self
@@ -239,6 +242,37 @@ impl QwenConfig {
         }
         if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             bail!("head_dim {} must be even and positive", self.head_dim);
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        // The rotary tables hold every position: bounded so that a mistyped size is an error,
+        // not an allocation abort. Qwen2.5's longest (the 1M-token models) is 1,010,000.
+        if self.max_position_embeddings > MAX_POSITIONS {
+            bail!(
+                "max_position_embeddings {} is beyond the {MAX_POSITIONS} positions mo-align supports",
+                self.max_position_embeddings
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "rope_theta must be a finite number > 0, got {}",
+                self.rope_theta
+            );
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            bail!(
+                "rms_norm_eps must be a finite number > 0, got {}",
+                self.rms_norm_eps
+            );
         }
         Ok(())
     }

@@ -230,6 +230,33 @@ impl WeightFiles {
         })
     }
 
+    /// Refuses a config that declares more layers than the weights hold, before anything is
+    /// allocated for them (the layer list is sized from the config).
+    pub fn check_layers(&self, cfg: &super::QwenConfig, config: &Path) -> Result<()> {
+        let held = self
+            .owner
+            .keys()
+            .filter_map(|n| {
+                n.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0);
+        if cfg.num_hidden_layers > held {
+            bail!(
+                "{}: num_hidden_layers is {}, but {} holds {held} layers",
+                config.display(),
+                cfg.num_hidden_layers,
+                self.label.display()
+            );
+        }
+        Ok(())
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.owner.contains_key(name)
     }
@@ -278,6 +305,7 @@ pub fn load_with_config(
     device: &Device,
 ) -> Result<Qwen> {
     let w = WeightFiles::open(&files.weights)?;
+    w.check_layers(&cfg, &files.config)?;
     Qwen::build(cfg, |name, shape| w.load(name, shape, dtype, device))
 }
 

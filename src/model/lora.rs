@@ -65,6 +65,10 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("lora.r must be at least 1");
         }
+        // alpha = 0 trains an adapter that is multiplied by zero; NaN poisons the first step.
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("lora.alpha must be a finite number > 0, got {}", self.alpha);
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("lora.dropout must be in [0, 1), got {}", self.dropout);
         }

@@ -139,6 +139,21 @@ pub fn read_peft_tensors(
     let mut a_map = HashMap::new();
     let mut b_map = HashMap::new();
     for (key, t) in tensors {
+        // x * 0 is 0 for every finite x and NaN otherwise: one reduction finds NaN and inf,
+        // which would otherwise flow silently into merged weights and reported scores.
+        let finite = t
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|d| d.affine(0.0, 0.0))
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .map(|v| v == 0.0)
+            .with_context(|| format!("{}: tensor `{key}`", path.display()))?;
+        if !finite {
+            bail!(
+                "{}: tensor `{key}` holds NaN or infinite values (a diverged run?); refusing to use it",
+                path.display()
+            );
+        }
         let k = key.replace(".default.weight", ".weight");
         let k = k.strip_prefix("base_model.model.").unwrap_or(&k);
         if let Some(m) = k.strip_suffix(".lora_A.weight") {

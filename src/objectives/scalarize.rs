@@ -62,11 +62,15 @@ impl Scalarizer for SmoothChebyshevScalarizer {
     }
 }
 
-/// Refuses objective weights that are not finite or negative (named `what`); an empty list
-/// means equal weights. All zeros are allowed: MODPO and hybrid DPO then reduce to plain DPO.
+/// Refuses objective weights (named `what`) that are not finite, negative, or all zero; an
+/// empty list means equal weights. All zeros would weigh every objective out: the reward is 0
+/// (nothing learned), and MODPO and hybrid DPO reduce to plain DPO while claiming otherwise.
 pub fn check_weights(weights: &[f64], what: &str) -> Result<()> {
     if let Some(w) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
         bail!("{what} must be finite and >= 0, got {w} in {weights:?}");
+    }
+    if !weights.is_empty() && weights.iter().all(|w| *w == 0.0) {
+        bail!("{what} are all zero: every objective would be weighed out (leave the list empty for equal weights; for plain DPO run `mo-align dpo`)");
     }
     Ok(())
 }

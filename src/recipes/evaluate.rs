@@ -6,7 +6,7 @@
 use super::ModelOptions;
 use crate::eval::load_policy_at;
 use crate::eval::preferences::{preference_eval, score_file, sft_nll};
-use crate::eval::prompts::read_prompt_records;
+use crate::eval::prompts::{prompts_that_fit, read_prompt_records};
 use crate::eval::win_rate::{win_rate_eval, write_generations};
 use crate::eval::{load_for_eval, perplexity};
 use crate::generate::SamplingArgs;
@@ -105,6 +105,34 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
+    /// Refuses values that would evaluate nothing or report a meaningless number, before
+    /// anything is loaded.
+    fn validate(&self) -> Result<()> {
+        if self.preferences.is_some() && !(self.beta.is_finite() && self.beta > 0.0) {
+            bail!(
+                "eval: --beta must be a finite number > 0 (the implicit reward is beta times a log-ratio), got {}",
+                self.beta
+            );
+        }
+        for (flag, v) in [
+            ("--max-prompts", self.max_prompts),
+            ("--context", self.context),
+            ("--max-length", Some(self.max_length)),
+            ("--gen-batch-size", Some(self.gen_batch_size)),
+        ] {
+            if v == Some(0) {
+                bail!("eval: {flag} must be at least 1");
+            }
+        }
+        if !(self.tie_margin.is_finite() && self.tie_margin >= 0.0) {
+            bail!(
+                "eval: --tie-margin must be a finite number >= 0, got {}",
+                self.tie_margin
+            );
+        }
+        Ok(())
+    }
+
     /// What the evaluation reads: the models and adapters, data and prompt files, the reward
     /// model and the judge.
     fn inputs(&self) -> crate::outputs::Inputs {
@@ -187,6 +215,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
     if !any {
         bail!("eval: nothing to evaluate (give --perplexity, --sft-data, --preferences, --score or --win-rate)");
     }
+    args.validate()?;
     args.check_outputs()?;
     let device = select_device(&args.model.device)?;
     let dtype = parse_dtype(&args.model.dtype)?;
@@ -313,7 +342,11 @@ pub fn run(args: EvalOptions) -> Result<()> {
             &device,
         )?;
         let baseline = load_for_eval(&bpath, badapter.as_deref(), None, dtype, &device)?;
-        let prompts = read_prompt_records(&prompts_file, args.max_prompts)?;
+        let (prompts, too_long) = prompts_that_fit(
+            read_prompt_records(&prompts_file, args.max_prompts)?,
+            &[args.model.spec(), &bpath],
+        )?;
+        report.insert("prompts_skipped_too_long".into(), too_long.into());
         // One setting for both models: the flags over the evaluated model's defaults.
         let sampling = args.sampling.resolve(main()?.generation_config().as_ref());
         sampling.validate()?;

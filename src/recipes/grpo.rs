@@ -92,8 +92,13 @@ impl GrpoConfig {
         if self.reward_model.is_empty() && self.rules.is_empty() {
             bail!("grpo.reward_model and grpo.rules are both empty: give a directory written by train-rm, a rule-objectives file, or both");
         }
-        if self.num_generations == 0 {
-            bail!("grpo.num_generations must be at least 1");
+        // Both estimators score a completion against the others of its group: a group of one
+        // has advantage 0 and trains nothing.
+        if self.num_generations < 2 {
+            bail!(
+                "grpo.num_generations must be at least 2 (the advantage compares completions of one prompt), got {}",
+                self.num_generations
+            );
         }
         if self.num_iterations == 0 {
             bail!("grpo.num_iterations must be at least 1");

@@ -10,7 +10,7 @@
 use super::prepare_output;
 use crate::cache::Digest;
 use crate::eval::load_for_eval;
-use crate::eval::prompts::{read_prompt_records, PromptRecord};
+use crate::eval::prompts::{prompts_that_fit, read_prompt_records, PromptRecord};
 use crate::eval::win_rate::{answer_prompts, judge_answers};
 use crate::generate::{SamplingArgs, SamplingConfig};
 use crate::judge::Judge;
@@ -218,7 +218,10 @@ pub fn run(
         bail!("pareto.judge {} gives one score, not one per objective: use rules:FILE or a train-rm directory", p.judge);
     }
     let reference = reference_point(p, &judge, judged.len())?;
-    let prompts = read_prompt_records(&p.prompts, p.max_prompts)?;
+    let (prompts, _) = prompts_that_fit(
+        read_prompt_records(&p.prompts, p.max_prompts)?,
+        &[p.model.as_str()],
+    )?;
     let mut run_dir = prepare_output(&p.output_dir, &cfg, None)?;
     // Everything is validated: the report starts writing (cached generations, then results).
     run_dir.commit()?;

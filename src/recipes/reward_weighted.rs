@@ -71,9 +71,6 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     }
     cfg.stage.require_lora("reward-weighted")?;
     check_weights(&rw.weights, "reward.weights")?;
-    if !rw.weights.is_empty() && rw.weights.iter().all(|w| *w == 0.0) {
-        bail!("reward.weights are all zero: every reward would be 0 and nothing would be learned");
-    }
     if let Some(t) = rw.targets.iter().find(|t| !t.is_finite()) {
         bail!("reward.targets must be finite, got {t}");
     }

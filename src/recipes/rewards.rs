@@ -51,6 +51,7 @@ pub fn scored_pairs(
         let pair = match preference_pair(v, tok, data, r) {
             Parsed::Ok(p) => p,
             Parsed::TooLong => return Parsed::TooLong,
+            Parsed::Identical => return Parsed::Identical,
             Parsed::Bad(e) => return Parsed::Bad(e),
         };
         let Some(rules) = &rules else {

@@ -74,6 +74,9 @@ impl AdapterStage {
     /// trainable.
     pub fn start(&self, resolved: &impl Serialize, flags: RunFlags) -> Result<StageRun<'_>> {
         self.train.validate()?;
+        if self.train.finetune == Finetune::Lora {
+            self.lora.validate()?;
+        }
         let run_dir = prepare_output(&self.train.output_dir, resolved, Some(flags))?;
         let (loaded, full) = match self.train.finetune {
             Finetune::Lora => (load_policy(&self.model, &self.lora, &self.train)?, None),

@@ -4,7 +4,7 @@
 //! started from. One row per stage and judge goes into the JSON and markdown summary.
 
 use super::pipeline::PipelineEvalConfig;
-use crate::eval::prompts::{read_prompt_records, PromptRecord};
+use crate::eval::prompts::{prompts_that_fit, read_prompt_records, PromptRecord};
 use crate::eval::win_rate::{answer_prompts, compare, judge_answers, write_generations};
 use crate::eval::{load_for_eval, load_policy_at};
 use crate::judge::{win_rate, Judge, Verdict, WinRate};
@@ -137,7 +137,8 @@ pub fn judge_stages(
             ))
         })
         .collect::<Result<_>>()?;
-    let prompts: Vec<PromptRecord> = read_prompt_records(&e.prompts, e.max_prompts)?;
+    let (prompts, _): (Vec<PromptRecord>, _) =
+        prompts_that_fit(read_prompt_records(&e.prompts, e.max_prompts)?, &[base.0])?;
     let messages: Vec<_> = prompts.iter().map(|p| p.messages.clone()).collect();
     let baseline = load_for_eval(base.0, base.1, None, dtype, &device)?;
     let sampling = e.sampling.resolve(baseline.generation_config().as_ref());

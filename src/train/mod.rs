@@ -184,6 +184,10 @@ impl TrainConfig {
             self.max_steps.is_some() || self.epochs > 0,
             "train.epochs must be at least 1"
         );
+        anyhow::ensure!(
+            self.max_steps != Some(0),
+            "train.max_steps must be at least 1 (leave it out to train for train.epochs)"
+        );
         let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
         anyhow::ensure!(
             finite_nonneg(self.max_grad_norm),
