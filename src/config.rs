@@ -307,8 +307,14 @@ fn levenshtein(a: &str, b: &str) -> usize {
 }
 
 /// The keys whose values differ between two resolved configs, as (`section.key`, old, new)
-/// with TOML-written values; keys present on one side only count as changed.
-pub fn changed_keys(old: &str, new: &str) -> Result<Vec<(String, String, String)>> {
+/// with TOML-written values; keys present on one side only count as changed, except a key the
+/// old record lacks whose new value is its value in `defaults` (a resolved default config):
+/// a setting added by an upgrade, at the value that reproduces the old behaviour.
+pub fn changed_keys(
+    old: &str,
+    new: &str,
+    defaults: Option<&str>,
+) -> Result<Vec<(String, String, String)>> {
     fn flatten(
         prefix: &str,
         t: &toml::Table,
@@ -328,14 +334,22 @@ pub fn changed_keys(old: &str, new: &str) -> Result<Vec<(String, String, String)
             }
         }
     }
-    let (mut a, mut b) = (Default::default(), Default::default());
+    let (mut a, mut b, mut d) = (
+        Default::default(),
+        Default::default(),
+        std::collections::BTreeMap::new(),
+    );
     flatten("", &toml::from_str(old)?, &mut a);
     flatten("", &toml::from_str(new)?, &mut b);
+    if let Some(defaults) = defaults {
+        flatten("", &toml::from_str(defaults)?, &mut d);
+    }
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let none = "(unset)".to_string();
     Ok(keys
         .into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
+        .filter(|k| !(!a.contains_key(*k) && b.contains_key(*k) && b.get(*k) == d.get(*k)))
         .map(|k| {
             let old = a.get(k).unwrap_or(&none).clone();
             let new = b.get(k).unwrap_or(&none).clone();
@@ -452,6 +466,22 @@ mod tests {
             e.contains("did you mean `lr`") && e.contains("--set"),
             "{e}"
         );
+    }
+
+    /// A key an upgrade added is no change when the new record holds its default; at
+    /// another value, or a key removed, it is.
+    #[test]
+    fn a_key_added_at_its_default_is_no_change() {
+        let old = "[train]\nlr = 1.0\n";
+        let defaults = "[train]\nlr = 0.5\nnew_knob = 3\n";
+        let same = changed_keys(old, "[train]\nlr = 1.0\nnew_knob = 3\n", Some(defaults)).unwrap();
+        assert!(same.is_empty(), "{same:?}");
+        let moved = changed_keys(old, "[train]\nlr = 1.0\nnew_knob = 4\n", Some(defaults)).unwrap();
+        assert_eq!(moved.len(), 1);
+        let without = changed_keys(old, "[train]\nlr = 1.0\nnew_knob = 3\n", None).unwrap();
+        assert_eq!(without.len(), 1);
+        let removed = changed_keys("[train]\nlr = 1.0\ngone = 1\n", old, Some(defaults)).unwrap();
+        assert_eq!(removed.len(), 1);
     }
 
     #[test]

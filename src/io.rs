@@ -72,8 +72,77 @@ pub struct AtomicDir {
     committed: bool,
 }
 
+/// Whether process `pid` is running (Linux: `/proc/PID` exists). Elsewhere every process
+/// counts as running, so nothing is cleaned up on a guess.
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") && Path::new("/proc/self").exists() {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+/// Cleans up after an `AtomicDir` for `dest` whose process was killed: its temporary
+/// directory (`.NAME.tmp-PID`) is removed, and an old destination it had moved aside
+/// (`.NAME.old-PID`) is put back when nothing replaced it, removed when something did. Only
+/// names of this form whose process is gone are touched: they are mo-align's own.
+pub fn clean_stale_siblings(dest: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return Ok(());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    let name = name.to_string_lossy();
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&format!(".{name}.")) else {
+            continue;
+        };
+        let (kind, pid) = match rest.split_once('-') {
+            Some((k @ ("tmp" | "old"), pid)) => match pid.parse::<u32>() {
+                Ok(pid) => (k, pid),
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        if kind == "old" && !dest.exists() {
+            std::fs::rename(&path, dest).with_context(|| {
+                format!("{}: cannot restore to {}", path.display(), dest.display())
+            })?;
+            eprintln!(
+                "note: {}: restored from {} (left by a killed process {pid})",
+                dest.display(),
+                path.display()
+            );
+        } else {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("{}: cannot remove", path.display()))?;
+            eprintln!(
+                "note: removed {} (left by a killed process {pid})",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 impl AtomicDir {
     pub fn new(dest: &Path) -> Result<Self> {
+        clean_stale_siblings(dest)?;
         let tmp = temp_path(dest);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
@@ -268,7 +337,8 @@ pub fn safetensors_bytes(
     Ok(safetensors::serialize(views, metadata)?)
 }
 
-fn tensor_le_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
+/// The tensor's elements as little-endian bytes (safetensors' data layout).
+pub(crate) fn tensor_le_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
         DType::F32 => t

@@ -211,3 +211,134 @@ fn an_unknown_gguf_type_is_refused_with_the_choices() {
     assert!(e.contains("q4_k") && e.contains("q8_0"), "{e}");
     assert!(!out.exists());
 }
+
+/// The merge's plan (`QwenConfig::weight_shapes`) is every weight the model holds, in
+/// `named_weights` order, for both families.
+#[test]
+fn the_weight_plan_lists_every_weight_of_the_model() {
+    for tiny in [Tiny::Qwen2, Tiny::Qwen3] {
+        let loaded = tiny.load(DType::F32);
+        let got: Vec<(String, Vec<usize>)> = loaded
+            .model
+            .named_weights()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        assert_eq!(loaded.model.config.weight_shapes(), got);
+    }
+}
+
+/// A merged checkpoint split into shards (with transformers' index) holds the same weights as
+/// one file, and both equal base + adapter merged in memory.
+#[test]
+fn a_sharded_merge_equals_the_single_file_merge() {
+    let root = scratch("merge-shards");
+    let model = tiny_dir().to_str().unwrap().to_string();
+    let adapter = golden_dir().join("adapter");
+    let one = root.join("one");
+    let sharded = root.join("sharded");
+    mo_align::recipes::merge::run(&model, &adapter, &one, "f32", false, None).unwrap();
+    mo_align::recipes::merge::run_sharded(&model, &adapter, &sharded, "f32", false, None, 200_000)
+        .unwrap();
+    let shards: Vec<_> = std::fs::read_dir(&sharded)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.starts_with("model-").then_some(n)
+        })
+        .collect();
+    assert!(shards.len() > 2, "{shards:?}");
+    assert!(sharded.join("model.safetensors.index.json").is_file());
+    assert!(!sharded.join("model.safetensors").exists());
+    let load = |p: &Path| {
+        mo_align::model::loader::load_pretrained(
+            p.to_str().unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let mut in_memory =
+        mo_align::model::loader::load_pretrained(&model, Some(&adapter), DType::F32, &Device::Cpu)
+            .unwrap();
+    in_memory.model.merge_lora().unwrap();
+    let want = in_memory.model.named_weights();
+    for got in [load(&one), load(&sharded)] {
+        for ((n, a), (_, b)) in want.iter().zip(got.model.named_weights()) {
+            let d = (a - &b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{n}");
+        }
+    }
+}
+
+/// merge streams: its peak memory stays well under one f32 copy of the model (the merge
+/// that loaded the model whole needed several copies).
+#[test]
+fn merge_memory_stays_under_one_copy_of_the_model() {
+    let root = scratch("merge-memory");
+    let base = root.join("base");
+    let spec = mo_align::model::tiny::TinySpec {
+        hidden_size: 512,
+        intermediate_size: 2048,
+        num_hidden_layers: 12,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        ..Default::default()
+    };
+    mo_align::model::tiny::write_tiny_checkpoint_of(&base, 0, &spec).unwrap();
+    let cfg = spec.config().unwrap();
+    let f32_bytes = cfg
+        .weight_shapes()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() * 4)
+        .sum::<usize>();
+    // A rank-4 adapter on every q_proj and down_proj.
+    let lora = mo_align::model::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: vec!["q_proj".into(), "down_proj".into()],
+        ..Default::default()
+    };
+    let mut tensors = vec![];
+    for i in 0..cfg.num_hidden_layers {
+        for (m, out, inp) in [("self_attn.q_proj", 512, 512), ("mlp.down_proj", 512, 2048)] {
+            let a = candle_core::Tensor::randn(0f32, 0.1, (4, inp), &Device::Cpu).unwrap();
+            let b = candle_core::Tensor::randn(0f32, 0.1, (out, 4), &Device::Cpu).unwrap();
+            tensors.push((format!("model.layers.{i}.{m}"), a, b));
+        }
+    }
+    let adapter = root.join("adapter");
+    mo_align::model::peft::write_peft_adapter(&adapter, &lora, base.to_str().unwrap(), &tensors)
+        .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["merge", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(root.join("merged"))
+        .args(["--gguf", "q8_0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let peak_mb: f64 = err
+        .split("peak memory ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory reported: {err}"));
+    let model_mb = f32_bytes as f64 / 1e6;
+    assert!(
+        peak_mb < model_mb / 2.0,
+        "merge peaked at {peak_mb} MB for a model of {model_mb:.0} MB in f32"
+    );
+}

@@ -359,3 +359,73 @@ fn resume_refuses_changed_data_and_a_glob_that_matches_more() {
     sft_run(&out, &base, flags(true, true)).unwrap();
     assert!(out.join("adapter_model.safetensors").is_file());
 }
+
+/// Rule 8: a run recorded before an upgrade added a setting resumes when the setting is at its
+/// default (what the old version did); at another value it is a change like any other.
+#[test]
+fn a_run_recorded_before_a_setting_existed_resumes_at_its_default() {
+    let out = scratch("resume-upgrade");
+    let base = ["train.max_steps=4", "train.save_every=2"];
+    sft_run(&out, &base, flags(false, true)).unwrap();
+    // The record as an older version wrote it (no lora.use_rslora), and the run killed before
+    // its final adapter was written.
+    let record = out.join("config.resolved.toml");
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(text.contains("use_rslora = false"), "{text}");
+    let older: String = text
+        .lines()
+        .filter(|l| !l.starts_with("use_rslora"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&record, older).unwrap();
+    std::fs::remove_file(out.join("adapter_model.safetensors")).unwrap();
+    let e = sft_run(
+        &out,
+        &[base[0], base[1], "lora.use_rslora=true"],
+        flags(true, true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lora.use_rslora: (unset) -> true"), "{e}");
+    sft_run(&out, &base, flags(true, true)).unwrap();
+    assert!(out.join("adapter_model.safetensors").is_file());
+}
+
+/// Rule 8: a merge killed mid-write leaves a hidden temporary directory; the next merge into
+/// the same place removes it. One killed while replacing an output had moved the old output
+/// aside: it is put back, and a merge without --force then refuses to replace it.
+#[test]
+fn a_killed_merges_leftovers_are_cleaned_or_restored() {
+    let root = scratch("merge-leftovers");
+    let adapter = golden_dir().join("adapter");
+    let model = tiny_dir().to_str().unwrap().to_string();
+    // A process id that is surely gone: a child that has exited.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let out = root.join("merged");
+    let stale = root.join(format!(".merged.tmp-{dead}"));
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"half").unwrap();
+    // One of a running process (init) is left alone.
+    let live = root.join(".merged.tmp-1");
+    std::fs::create_dir_all(&live).unwrap();
+    mo_align::recipes::merge::run(&model, &adapter, &out, "f32", false, None).unwrap();
+    assert!(
+        !stale.exists(),
+        "the killed merge's temporary directory is still there"
+    );
+    assert!(live.exists(), "a running process's directory was removed");
+    // Killed between moving the old output aside and moving the new one in.
+    let aside = root.join(format!(".merged.old-{dead}"));
+    std::fs::rename(&out, &aside).unwrap();
+    let e = mo_align::recipes::merge::run(&model, &adapter, &out, "f32", false, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--force"), "{e}");
+    assert!(
+        out.join("model.safetensors").is_file(),
+        "the old output was not put back"
+    );
+    assert!(!aside.exists());
+}

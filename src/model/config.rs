@@ -329,6 +329,52 @@ impl QwenConfig {
         }
     }
 
+    /// Every weight of the model as (Hugging Face name, shape), in the order
+    /// `Qwen::named_weights` lists them: what a checkpoint of this config holds.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (v, h) = (self.vocab_size, self.hidden_size);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        let mut leaves: Vec<String> = vec![
+            "input_layernorm.weight".into(),
+            "post_attention_layernorm.weight".into(),
+        ];
+        if self.family.has_qk_norm() {
+            leaves.extend([
+                "self_attn.q_norm.weight".into(),
+                "self_attn.k_norm.weight".into(),
+            ]);
+        }
+        // The order of `DecoderLayer::linears`, each weight followed by its bias.
+        for module in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            leaves.push(format!("{module}.weight"));
+            let qkv = matches!(
+                module,
+                "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+            );
+            if self.attention_bias && qkv {
+                leaves.push(format!("{module}.bias"));
+            }
+        }
+        for i in 0..self.num_hidden_layers {
+            for leaf in &leaves {
+                out.push((format!("model.layers.{i}.{leaf}"), self.tensor_shape(leaf)));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        out
+    }
+
     /// Number of base-model parameters (the tied embedding counted once).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;

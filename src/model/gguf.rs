@@ -1,19 +1,21 @@
 //! GGUF export for llama.cpp, Ollama and LM Studio: a merged model's weights under llama.cpp's
 //! tensor names, with the metadata its `qwen2` / `qwen3` loaders read (shape, rope, norm
 //! epsilon) and the byte-level BPE tokenizer (tokens, token types, merges, special ids, chat
-//! template), written with candle's GGUF writer.
+//! template), written tensor by tensor (`GgufWriter`) so memory holds one tensor at a time.
 //!
 //! Tensor names and keys follow llama.cpp's `convert_hf_to_gguf.py` for Qwen2 / Qwen3:
 //! `token_embd`, `blk.N.attn_{q,k,v,output}`, `blk.N.attn_{q,k}_norm` (Qwen3),
 //! `blk.N.ffn_{gate,up,down}`, `blk.N.{attn,ffn}_norm`, `output_norm`, `output` (untied only).
 
-use super::config::Family;
-use super::loader::Loaded;
+use super::config::{Family, QwenConfig};
+use super::loader::ModelFiles;
+use crate::tokenizer::ChatTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use serde_json::Value as Json;
+use std::io::Write;
 use std::path::Path;
 
 /// The weight type of an export. Norms and biases stay f32 in every type, as llama.cpp's
@@ -104,14 +106,14 @@ fn read_json(path: &Path) -> Result<Json> {
 }
 
 /// The tokenizer as llama.cpp's `gpt2` (byte-level BPE) model reads it.
-fn tokenizer_metadata(loaded: &Loaded) -> Result<Vec<(String, Value)>> {
-    let path = &loaded.files.tokenizer;
+fn tokenizer_metadata(src: &GgufSource) -> Result<Vec<(String, Value)>> {
+    let path = &src.files.tokenizer;
     let tok = read_json(path)?;
     let field = |what: &str| format!("{}: {what}", path.display());
     let vocab = tok["model"]["vocab"]
         .as_object()
         .with_context(|| field("model.vocab is missing (not a BPE tokenizer?)"))?;
-    let n = loaded.model.config.vocab_size;
+    let n = src.config.vocab_size;
     // (text, type): 1 normal, 3 control (special added), 4 user-defined (other added),
     // 5 unused (the padding rows a checkpoint's embedding has beyond its tokenizer).
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; n];
@@ -163,8 +165,8 @@ fn tokenizer_metadata(loaded: &Loaded) -> Result<Vec<(String, Value)>> {
             ))),
         })
         .collect::<Result<_>>()?;
-    let t = &loaded.tokenizer;
-    let config = match &loaded.files.tokenizer_config {
+    let t = src.tokenizer;
+    let config = match &src.files.tokenizer_config {
         Some(p) => read_json(p)?,
         None => Json::Null,
     };
@@ -178,15 +180,9 @@ fn tokenizer_metadata(loaded: &Loaded) -> Result<Vec<(String, Value)>> {
     };
     let eos = id_of(
         "eos_token",
-        loaded
-            .model
-            .config
-            .eos_token_id
-            .first()
-            .copied()
-            .unwrap_or(t.im_end),
+        src.config.eos_token_id.first().copied().unwrap_or(t.im_end),
     );
-    let bos = loaded.model.config.bos_token_id.unwrap_or(t.endoftext);
+    let bos = src.config.bos_token_id.unwrap_or(t.endoftext);
     let mut out = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("qwen2".into())),
@@ -201,7 +197,7 @@ fn tokenizer_metadata(loaded: &Loaded) -> Result<Vec<(String, Value)>> {
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
     ];
-    let jinja = loaded.files.dir().join("chat_template.jinja");
+    let jinja = src.files.dir().join("chat_template.jinja");
     let template = match config["chat_template"].as_str() {
         Some(t) => Some(t.to_string()),
         None if jinja.is_file() => Some(
@@ -216,23 +212,26 @@ fn tokenizer_metadata(loaded: &Loaded) -> Result<Vec<(String, Value)>> {
     Ok(out)
 }
 
-/// Writes `loaded` (adapters merged) as one GGUF file at `path`, atomically.
-pub fn write_gguf(loaded: &Loaded, path: &Path, kind: GgufType) -> Result<()> {
-    anyhow::ensure!(
-        !loaded.model.has_lora(),
-        "merge the adapters before writing GGUF"
-    );
-    let c = &loaded.model.config;
+/// What a GGUF file's metadata is made of: the model's config, its files and tokenizer.
+pub struct GgufSource<'a> {
+    pub config: &'a QwenConfig,
+    pub files: &'a ModelFiles,
+    pub tokenizer: &'a ChatTokenizer,
+}
+
+/// The metadata llama.cpp's loaders read, for a model exported as `kind`.
+fn metadata(src: &GgufSource, kind: GgufType) -> Result<Vec<(String, Value)>> {
+    let c = src.config;
     let arch = match c.family {
         Family::Qwen2 => "qwen2",
         Family::Qwen3 => "qwen3",
     };
-    let name = loaded
+    let name = src
         .files
         .dir()
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| loaded.files.name.clone());
+        .unwrap_or_else(|| src.files.name.clone());
     let key = |k: &str| format!("{arch}.{k}");
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
@@ -266,27 +265,206 @@ pub fn write_gguf(loaded: &Loaded, path: &Path, kind: GgufType) -> Result<()> {
             Value::F32(c.rms_norm_eps as f32),
         ),
     ];
-    meta.extend(tokenizer_metadata(loaded)?);
+    meta.extend(tokenizer_metadata(src)?);
+    Ok(meta)
+}
 
-    let mut tensors: Vec<(String, QTensor)> = vec![];
-    for (hf, t) in loaded.model.named_weights() {
-        let name = gguf_name(&hf).with_context(|| format!("weight `{hf}` has no GGUF name"))?;
-        // A standalone copy: quantize reads the whole storage, and a projection's weight is a
-        // view of its layer's concatenated q|k|v or gate|up weight.
+/// GGUF's numbers for its value types (the spec's `gguf_metadata_value_type`).
+fn value_type_id(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+/// One metadata value as GGUF lays it out (candle's writer does the same, privately).
+fn write_value(w: &mut impl Write, v: &Value) -> Result<()> {
+    match v {
+        Value::U8(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I8(x) => w.write_all(&x.to_le_bytes())?,
+        Value::U16(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I16(x) => w.write_all(&x.to_le_bytes())?,
+        Value::U32(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I32(x) => w.write_all(&x.to_le_bytes())?,
+        Value::U64(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I64(x) => w.write_all(&x.to_le_bytes())?,
+        Value::F32(x) => w.write_all(&x.to_le_bytes())?,
+        Value::F64(x) => w.write_all(&x.to_le_bytes())?,
+        Value::Bool(x) => w.write_all(&[u8::from(*x)])?,
+        Value::String(x) => write_str(w, x)?,
+        Value::Array(items) => {
+            let id = items.first().map_or(4, value_type_id);
+            if items.iter().any(|x| value_type_id(x) != id) {
+                bail!("GGUF metadata: an array mixes value types");
+            }
+            w.write_all(&id.to_le_bytes())?;
+            w.write_all(&(items.len() as u64).to_le_bytes())?;
+            for x in items {
+                write_value(w, x)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// ggml's numbers for the tensor types an export stores.
+fn ggml_type_id(t: GgmlDType) -> Result<u32> {
+    Ok(match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q8_0 => 8,
+        other => bail!("GGUF export: tensor type {other:?} is not written"),
+    })
+}
+
+const ALIGNMENT: u64 = 32;
+
+fn padding(n: u64) -> u64 {
+    (ALIGNMENT - n % ALIGNMENT) % ALIGNMENT
+}
+
+/// Writes a GGUF file tensor by tensor. Every tensor's type and size are known from its shape,
+/// so the header (metadata and tensor table with offsets) is written first and each tensor's
+/// data follows as it is produced: memory holds one tensor, never the model. Written into a
+/// temporary sibling and renamed by `finish`.
+pub struct GgufWriter {
+    w: std::io::BufWriter<std::fs::File>,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    /// (Hugging Face name, stored type, dims) in file order.
+    tensors: Vec<(String, GgmlDType, Vec<usize>)>,
+    next: usize,
+    finished: bool,
+}
+
+impl GgufWriter {
+    /// `weights`: every (Hugging Face name, shape) in the order `write` will be given them.
+    pub fn create(
+        path: &Path,
+        src: &GgufSource,
+        kind: GgufType,
+        weights: &[(String, Vec<usize>)],
+    ) -> Result<Self> {
+        let meta = metadata(src, kind)?;
+        let mut tensors = vec![];
+        for (hf, dims) in weights {
+            let gg = gguf_name(hf).with_context(|| format!("weight `{hf}` has no GGUF name"))?;
+            tensors.push((hf.clone(), gg, kind.storage(dims), dims.clone()));
+        }
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        let mut head = vec![];
+        head.extend(0x4655_4747u32.to_le_bytes()); // "GGUF"
+        head.extend(2u32.to_le_bytes()); // version 2, as candle writes it
+        head.extend((tensors.len() as u64).to_le_bytes());
+        head.extend((meta.len() as u64).to_le_bytes());
+        for (k, v) in &meta {
+            write_str(&mut head, k)?;
+            head.extend(value_type_id(v).to_le_bytes());
+            write_value(&mut head, v)?;
+        }
+        let mut offset = 0u64;
+        for (_, gg, ty, dims) in &tensors {
+            write_str(&mut head, gg)?;
+            head.extend((dims.len() as u32).to_le_bytes());
+            for d in dims.iter().rev() {
+                head.extend((*d as u64).to_le_bytes());
+            }
+            head.extend(ggml_type_id(*ty)?.to_le_bytes());
+            head.extend(offset.to_le_bytes());
+            let elems: usize = dims.iter().product();
+            let size = (elems / ty.block_size() * ty.type_size()) as u64;
+            offset += size + padding(size);
+        }
+        let pad = padding(head.len() as u64) as usize;
+        head.extend(std::iter::repeat_n(0u8, pad));
+        w.write_all(&head)
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        Ok(Self {
+            w,
+            tmp,
+            path: path.to_path_buf(),
+            tensors: tensors
+                .into_iter()
+                .map(|(hf, _, ty, d)| (hf, ty, d))
+                .collect(),
+            next: 0,
+            finished: false,
+        })
+    }
+
+    /// Stores the next weight (`hf`, f32 on the CPU) in its planned type.
+    pub fn write(&mut self, hf: &str, t: &Tensor) -> Result<()> {
+        let Some((want, ty, dims)) = self.tensors.get(self.next) else {
+            bail!("GGUF writer: `{hf}` is beyond the planned tensors");
+        };
+        if want != hf || t.dims() != dims.as_slice() {
+            bail!(
+                "GGUF writer: got `{hf}` {:?}, expected `{want}` {dims:?}",
+                t.dims()
+            );
+        }
+        // A standalone copy: quantize reads the whole storage.
         let t = t
             .to_dtype(DType::F32)?
             .to_device(&candle_core::Device::Cpu)?
             .force_contiguous()?;
-        let q = QTensor::quantize(&t, kind.storage(t.dims()))
-            .with_context(|| format!("{hf}: cannot store as {}", kind.name()))?;
-        tensors.push((name, q));
-    }
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::io::write_atomic_with(path, |w| {
-        candle_core::quantized::gguf_file::write(w, &meta_refs, &tensor_refs)?;
+        let q =
+            QTensor::quantize(&t, *ty).with_context(|| format!("{hf}: cannot store as {ty:?}"))?;
+        let data = q.data()?;
+        let pad = padding(data.len() as u64) as usize;
+        self.w
+            .write_all(&data)
+            .and_then(|_| self.w.write_all(&vec![0u8; pad]))
+            .with_context(|| format!("{}: cannot write", self.tmp.display()))?;
+        self.next += 1;
         Ok(())
-    })
+    }
+
+    /// Checks every tensor was written, syncs and moves the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        if let Some((missing, _, _)) = self.tensors.get(self.next) {
+            bail!("GGUF writer: `{missing}` was never written");
+        }
+        self.w.flush()?;
+        self.w.get_ref().sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("{}: cannot move into place", self.path.display()))?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for GgufWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -189,6 +189,55 @@ fn read_index(index: &Path) -> Result<HashMap<String, String>> {
         .collect()
 }
 
+/// The safetensors files of `weights`: the file itself, or the shards its index lists (each
+/// checked to exist).
+pub fn weight_paths(weights: &Path) -> Result<Vec<PathBuf>> {
+    if weights.extension().is_none_or(|e| e != "json") {
+        if !weights.is_file() {
+            bail!("{}: missing", weights.display());
+        }
+        return Ok(vec![weights.to_path_buf()]);
+    }
+    let dir = weights.parent().unwrap_or(Path::new("."));
+    let paths: Vec<PathBuf> = shard_names(weights)?
+        .into_iter()
+        .map(|s| dir.join(s))
+        .collect();
+    if let Some(p) = paths.iter().find(|p| !p.is_file()) {
+        bail!("{}: missing (listed in {})", p.display(), weights.display());
+    }
+    Ok(paths)
+}
+
+/// The number of decoder layers among tensor `names` (`model.layers.N.*`).
+pub fn layer_count<'a>(names: impl Iterator<Item = &'a String>) -> usize {
+    names
+        .filter_map(|n| {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Refuses a config that declares more layers than the weights hold (`held`), before anything
+/// is allocated for them (the layer list is sized from the config).
+pub fn check_layers(cfg: &super::QwenConfig, files: &ModelFiles, held: usize) -> Result<()> {
+    if cfg.num_hidden_layers > held {
+        bail!(
+            "{}: num_hidden_layers is {}, but {} holds {held} layers",
+            files.config.display(),
+            cfg.num_hidden_layers,
+            files.weights.display()
+        );
+    }
+    Ok(())
+}
+
 /// Memory-mapped weights, remembering which file holds each tensor for error messages.
 pub struct WeightFiles {
     files: Vec<(PathBuf, MmapedSafetensors)>,
@@ -199,21 +248,10 @@ pub struct WeightFiles {
 
 impl WeightFiles {
     pub fn open(weights: &Path) -> Result<Self> {
-        let paths: Vec<PathBuf> = if weights.extension().is_some_and(|e| e == "json") {
-            let dir = weights.parent().unwrap_or(Path::new("."));
-            shard_names(weights)?
-                .into_iter()
-                .map(|s| dir.join(s))
-                .collect()
-        } else {
-            vec![weights.to_path_buf()]
-        };
+        let paths = weight_paths(weights)?;
         let mut files = vec![];
         let mut owner = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            if !p.is_file() {
-                bail!("{}: missing (listed in {})", p.display(), weights.display());
-            }
             // SAFETY: the file is only read; mo-align never writes a checkpoint it has mapped.
             let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| {
                 anyhow::anyhow!("{}: not a valid safetensors file ({e})", p.display())
@@ -230,31 +268,9 @@ impl WeightFiles {
         })
     }
 
-    /// Refuses a config that declares more layers than the weights hold, before anything is
-    /// allocated for them (the layer list is sized from the config).
-    pub fn check_layers(&self, cfg: &super::QwenConfig, config: &Path) -> Result<()> {
-        let held = self
-            .owner
-            .keys()
-            .filter_map(|n| {
-                n.strip_prefix("model.layers.")?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .map(|i| i + 1)
-            .max()
-            .unwrap_or(0);
-        if cfg.num_hidden_layers > held {
-            bail!(
-                "{}: num_hidden_layers is {}, but {} holds {held} layers",
-                config.display(),
-                cfg.num_hidden_layers,
-                self.label.display()
-            );
-        }
-        Ok(())
+    /// The number of decoder layers the weights hold (`model.layers.N.*`).
+    pub fn layer_count(&self) -> usize {
+        layer_count(self.owner.keys())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -305,7 +321,7 @@ pub fn load_with_config(
     device: &Device,
 ) -> Result<Qwen> {
     let w = WeightFiles::open(&files.weights)?;
-    w.check_layers(&cfg, &files.config)?;
+    check_layers(&cfg, files, w.layer_count())?;
     Qwen::build(cfg, |name, shape| w.load(name, shape, dtype, device))
 }
 
@@ -514,9 +530,15 @@ pub fn save_pretrained(loaded: &Loaded, dir: &Path, dtype: DType) -> Result<()> 
         &dir.join("model.safetensors"),
         &safetensors_bytes(&tensors, Some(meta))?,
     )?;
+    write_model_files(&loaded.files, dir, dtype)
+}
+
+/// A checkpoint's files other than its weights: config.json with `dtype` recorded, and the
+/// tokenizer and generation files copied, each atomically.
+pub fn write_model_files(files: &ModelFiles, dir: &Path, dtype: DType) -> Result<()> {
     // The original config with the new dtype (both the 4.x and 5.x keys).
-    let text = std::fs::read_to_string(&loaded.files.config)
-        .with_context(|| format!("{}: cannot read", loaded.files.config.display()))?;
+    let text = std::fs::read_to_string(&files.config)
+        .with_context(|| format!("{}: cannot read", files.config.display()))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&text)?;
     let torch_dtype = match super::dtype_name(dtype) {
         "bf16" => "bfloat16",
@@ -531,7 +553,7 @@ pub fn save_pretrained(loaded: &Loaded, dir: &Path, dtype: DType) -> Result<()> 
         &dir.join("config.json"),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
-    let src = loaded.files.dir();
+    let src = files.dir();
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -541,7 +563,7 @@ pub fn save_pretrained(loaded: &Loaded, dir: &Path, dtype: DType) -> Result<()> 
         "merges.txt",
     ] {
         let p = if f == "tokenizer.json" {
-            loaded.files.tokenizer.clone()
+            files.tokenizer.clone()
         } else {
             src.join(f)
         };

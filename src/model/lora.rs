@@ -231,12 +231,16 @@ impl LoraLinear {
     /// W <- W + s * B A, computed in f32, then the adapter is removed.
     pub fn merge(&mut self) -> Result<()> {
         if let Some(l) = self.lora.take() {
-            let dtype = self.weight.dtype();
-            let delta =
-                super::matmul::matmul(l.b.as_tensor(), l.a.as_tensor())?.affine(l.scale, 0.0)?;
-            let acc = delta.dtype();
-            self.weight = (self.weight.to_dtype(acc)? + delta)?.to_dtype(dtype)?;
+            self.weight = merged_weight(&self.weight, l.a.as_tensor(), l.b.as_tensor(), l.scale)?;
         }
         Ok(())
     }
+}
+
+/// W + s * B A in the adapter's dtype (f32 at least), returned in W's dtype: the one merge
+/// formula, shared by a loaded model and the streaming `merge` export.
+pub fn merged_weight(weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let delta = super::matmul::matmul(b, a)?.affine(scale, 0.0)?;
+    let acc = delta.dtype();
+    (weight.to_dtype(acc)? + delta)?.to_dtype(weight.dtype())
 }

@@ -17,6 +17,7 @@ pub mod matmul;
 pub mod peft;
 pub mod qwen;
 pub mod stack;
+pub mod streaming;
 pub mod tiny;
 
 pub use config::QwenConfig;

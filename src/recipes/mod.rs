@@ -197,9 +197,9 @@ const CHANGEABLE_ON_RESUME: [&str; 19] = [
 /// config: changed keys are refused with their old and new values, unless every one is in
 /// `CHANGEABLE_ON_RESUME` and `--allow-config-change` was given, which records the change in
 /// `config.changes.jsonl`. Without `training` the directory holds a report, rewritten each run.
-pub fn prepare_output(
+pub fn prepare_output<R: Serialize + Default>(
     output_dir: &str,
-    resolved: &impl Serialize,
+    resolved: &R,
     training: Option<RunFlags>,
 ) -> Result<RunDir> {
     let path = PathBuf::from(output_dir);
@@ -224,7 +224,10 @@ pub fn prepare_output(
         dir.record_inputs(text.clone());
     }
     if let (true, Ok(old)) = (resuming, std::fs::read_to_string(&config_path)) {
-        let changes = crate::config::changed_keys(&old, &text)?;
+        // A run recorded before an upgrade lacks the keys added since; at their defaults
+        // they are what the run used.
+        let defaults = crate::config::to_toml(&R::default())?;
+        let changes = crate::config::changed_keys(&old, &text, Some(&defaults))?;
         if !changes.is_empty() {
             let list = changes
                 .iter()

@@ -72,7 +72,11 @@ impl AdapterStage {
     /// Validates, writes `resolved` into the output directory, and loads the policy: the base
     /// with a fresh (or continued) LoRA, or under full fine-tuning the base with every weight
     /// trainable.
-    pub fn start(&self, resolved: &impl Serialize, flags: RunFlags) -> Result<StageRun<'_>> {
+    pub fn start<R: Serialize + Default>(
+        &self,
+        resolved: &R,
+        flags: RunFlags,
+    ) -> Result<StageRun<'_>> {
         self.train.validate()?;
         if self.train.finetune == Finetune::Lora {
             self.lora.validate()?;
