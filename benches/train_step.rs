@@ -907,6 +907,8 @@ fn run_case(
                 rating_normalisation: "bench".into(),
                 backbone_model: "random".into(),
                 backbone_adapter: None,
+                backbone_model_abs: None,
+                backbone_adapter_abs: None,
                 backbone_fingerprint: None,
                 backbone_fingerprint_bf16: None,
                 backbone_dtype: None,

@@ -645,3 +645,81 @@ fn eval_refuses_flags_that_measure_nothing() {
         assert!(!report.exists());
     }
 }
+
+/// convert-data names the line of a bad record, reads a byte-order mark as training does,
+/// refuses an empty input instead of writing an empty Parquet file, and writes nothing when
+/// it refuses.
+#[test]
+fn convert_data_errors_name_the_line_and_write_nothing() {
+    let root = scratch("convert-data");
+    let convert = |name: &str, text: &[u8]| {
+        let input = root.join(format!("{name}.jsonl"));
+        std::fs::write(&input, text).unwrap();
+        let output = root.join(format!("{name}.parquet"));
+        let o = run(&[
+            "convert-data",
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+        ]);
+        (o, output)
+    };
+    let (o, out) = convert("bad2", b"{\"prompt\": \"a\"}\n{\"prompt\": broken\n");
+    refused(&o, &["bad2.jsonl line 2", "invalid JSON"]);
+    assert!(!out.exists());
+    let (o, out) = convert("empty", b"");
+    refused(&o, &["empty.jsonl", "no records"]);
+    assert!(!out.exists());
+    let (o, out) = convert(
+        "bom",
+        b"\xef\xbb\xbf{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = mo_align::data::source::read_records(&out).unwrap().len();
+    assert_eq!(rows, 2);
+}
+
+/// A reward model whose backbone was recorded as a relative path (train-rm run from another
+/// directory) is found through the absolute path recorded beside it; where neither exists,
+/// the error names reward_model.json and the path.
+#[test]
+fn a_relative_backbone_path_resolves_from_any_directory() {
+    let root = scratch("rm-relative");
+    let rm = trained_rm(&root);
+    let info_path = rm.join("reward_model.json");
+    let mut info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&info_path).unwrap()).unwrap();
+    assert!(info["backbone_model_abs"].is_string(), "{info}");
+    // As train-rm writes it when run from `root` with model.path = "base".
+    let base = root.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in std::fs::read_dir(tiny_dir()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, base.join(f.file_name().unwrap())).unwrap();
+    }
+    info["backbone_model"] = "base".into();
+    info["backbone_model_abs"] = base.canonicalize().unwrap().to_str().unwrap().into();
+    std::fs::write(&info_path, info.to_string()).unwrap();
+    let input = root.join("answers.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"What color is coal?\", \"response\": \"Coal is black.\"}\n",
+    )
+    .unwrap();
+    let score = || {
+        run(&[
+            "eval",
+            "--device",
+            "cpu",
+            "--score",
+            input.to_str().unwrap(),
+            "--reward-model",
+            rm.to_str().unwrap(),
+        ])
+    };
+    let o = score();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Recorded before absolute paths were: the relative path alone is not found from here.
+    info.as_object_mut().unwrap().remove("backbone_model_abs");
+    std::fs::write(&info_path, info.to_string()).unwrap();
+    refused(&score(), &["reward_model.json", "backbone_model `base`"]);
+}

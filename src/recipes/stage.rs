@@ -147,9 +147,10 @@ impl StageRun<'_> {
         let backbone = if same {
             RewardBackbone::Policy(self)
         } else {
+            let (path, adapter) = head.info.backbone_paths(rm_dir)?;
             let cfg = ModelConfig {
-                path: head.info.backbone_model.clone(),
-                adapter: head.info.backbone_adapter.clone(),
+                path,
+                adapter,
                 ..model.clone()
             };
             let loaded = load_base(&cfg, &self.stage.train)?;

@@ -160,6 +160,11 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         rating_normalisation: "(rating - 1) / 4".to_string(),
         backbone_model: cfg.model.path.clone(),
         backbone_adapter: cfg.model.adapter_path().map(|p| p.display().to_string()),
+        backbone_model_abs: crate::reward::absolute_if_local(&cfg.model.path),
+        backbone_adapter_abs: cfg
+            .model
+            .adapter_path()
+            .and_then(|p| crate::reward::absolute_if_local(&p.display().to_string())),
         backbone_fingerprint: Some(model.fingerprint(false)?),
         backbone_fingerprint_bf16: Some(model.fingerprint(true)?),
         backbone_dtype: Some(crate::model::dtype_name(model.dtype).to_string()),

@@ -35,6 +35,12 @@ pub struct RewardModelInfo {
     /// The backbone the head was trained on: model path or Hub id, and adapter merged into it.
     pub backbone_model: String,
     pub backbone_adapter: Option<String>,
+    /// The same paths made absolute when train-rm ran (local paths only), so the reward model
+    /// is found from any working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_model_abs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_adapter_abs: Option<String>,
     /// `Qwen2::fingerprint` of the backbone (base + adapter merged) the head was trained on,
     /// exact in `backbone_dtype`, and rounded to bf16 (for a backbone run in another dtype).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +176,61 @@ impl Trainable for RewardHead {
     }
 }
 
+impl RewardModelInfo {
+    /// The backbone to load, as (model, adapter): each recorded path as written when it exists
+    /// from here, else its absolute form recorded at training; a model that is neither may be
+    /// a Hub id. A local path found in neither form is an error naming `reward_model.json`.
+    pub fn backbone_paths(&self, dir: &Path) -> Result<(String, Option<String>)> {
+        let info = dir.join(INFO_FILE);
+        let find = |field: &str, recorded: &str, abs: Option<&str>, may_be_hub: bool| {
+            if Path::new(recorded).exists() {
+                return Ok(recorded.to_string());
+            }
+            if let Some(a) = abs.filter(|a| Path::new(a).exists()) {
+                return Ok(a.to_string());
+            }
+            let p = Path::new(recorded);
+            let hub_like =
+                p.is_relative() && p.components().count() == 2 && !recorded.starts_with('.');
+            if may_be_hub && hub_like {
+                return Ok(recorded.to_string());
+            }
+            let cwd = std::env::current_dir().unwrap_or_default();
+            let also = abs
+                .map(|a| format!(", nor its absolute form {a}"))
+                .unwrap_or_default();
+            bail!(
+                "{}: {field} `{recorded}` is not found from {}{also} (a relative path is relative to where train-rm ran); run from there or correct the path",
+                info.display(),
+                cwd.display()
+            )
+        };
+        let model = find(
+            "backbone_model",
+            &self.backbone_model,
+            self.backbone_model_abs.as_deref(),
+            true,
+        )?;
+        let adapter = match self.backbone_adapter.as_deref().filter(|a| !a.is_empty()) {
+            Some(a) => Some(find(
+                "backbone_adapter",
+                a,
+                self.backbone_adapter_abs.as_deref(),
+                false,
+            )?),
+            None => None,
+        };
+        Ok((model, adapter))
+    }
+}
+
+/// `path` made absolute when it names something local, for `RewardModelInfo`'s `_abs` fields.
+pub fn absolute_if_local(path: &str) -> Option<String> {
+    std::fs::canonicalize(path)
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
 impl RewardHead {
     /// Refuses a backbone other than the one the head was trained on: its features would be
     /// meaningless to the head. `what` names the model for the message. Heads written before
@@ -236,17 +297,14 @@ impl RewardHead {
         dtype: DType,
         device: &Device,
     ) -> Result<crate::model::loader::Loaded> {
-        let adapter = self
-            .info
-            .backbone_adapter
-            .as_deref()
-            .filter(|a| !a.is_empty());
+        let (model, adapter) = self.info.backbone_paths(dir)?;
         let loaded = crate::model::loader::load_merged(
-            &self.info.backbone_model,
-            adapter.map(Path::new),
+            &model,
+            adapter.as_deref().map(Path::new),
             dtype,
             device,
-        )?;
+        )
+        .with_context(|| format!("{}: its backbone", dir.join(INFO_FILE).display()))?;
         self.check_backbone(dir, &loaded.model, "its recorded backbone as found now")?;
         Ok(loaded)
     }
