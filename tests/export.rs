@@ -121,6 +121,11 @@ fn gguf_export_holds_the_merged_model_and_its_tokenizer() {
 
         // Metadata llama.cpp reads, and the tokenizer in full.
         let (content, _) = read(&root.join("merged-f32/model-f32.gguf"));
+        // Version 3, as llama.cpp's own converter writes.
+        assert!(matches!(
+            content.magic,
+            candle_core::quantized::gguf_file::VersionedMagic::GgufV3
+        ));
         let m = &content.metadata;
         let s = |k: &str| m[k].to_string().unwrap().clone();
         let u = |k: &str| m[k].to_u32().unwrap();
@@ -161,6 +166,16 @@ fn gguf_export_holds_the_merged_model_and_its_tokenizer() {
         };
         assert_eq!(kind(tok.im_end), 3, "<|im_end|> is a control token");
         assert_eq!(kind(tok.encode("the").unwrap()[0]), 1);
+        // Embedding rows beyond the tokenizer are padding: UNUSED, as llama.cpp's converter
+        // types them.
+        assert!(
+            c.vocab_size > tok.vocab_size(),
+            "the tiny model has padding rows"
+        );
+        for (id, t) in tokens.iter().enumerate().skip(tok.vocab_size()) {
+            assert_eq!(kind(id as u32), 5, "padding token {id}");
+            assert_eq!(t.to_string().unwrap(), &format!("[PAD{id}]"));
+        }
         assert!(!m["tokenizer.ggml.merges"].to_vec().unwrap().is_empty());
         assert_eq!(u("tokenizer.ggml.eos_token_id"), tok.im_end);
         assert_eq!(u("tokenizer.ggml.padding_token_id"), tok.pad_id);

@@ -379,7 +379,7 @@ impl GgufWriter {
         let mut w = std::io::BufWriter::new(file);
         let mut head = vec![];
         head.extend(0x4655_4747u32.to_le_bytes()); // "GGUF"
-        head.extend(2u32.to_le_bytes()); // version 2, as candle writes it
+        head.extend(3u32.to_le_bytes()); // version 3, as llama.cpp's own converter writes it
         head.extend((tensors.len() as u64).to_le_bytes());
         head.extend((meta.len() as u64).to_le_bytes());
         for (k, v) in &meta {
