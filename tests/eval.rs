@@ -326,7 +326,24 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
             .count();
         assert!(drawn > 3, "{p}: nothing drawn");
     }
-    // A second run trains nothing again: every stage is up to date.
+    // A second run trains nothing again: every stage is up to date, and reports the time it
+    // took when it trained.
+    let seconds = |summary: &serde_json::Value| -> Vec<(String, f64)> {
+        summary["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["stage"].as_str().unwrap().to_string(),
+                    s["train_seconds"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let first: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/summary.json")).unwrap())
+            .unwrap();
     let before = std::fs::read(root.join("dpo/adapter_model.safetensors")).unwrap();
     mo_align::recipes::pipeline::run(Some(&cfg.join("pipeline.toml")), &[], flags(false, true))
         .unwrap();
@@ -342,6 +359,12 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
         .unwrap()
         .iter()
         .all(|s| s["skipped"] == true));
+    for ((stage, was), (_, now)) in seconds(&first).into_iter().zip(seconds(&summary)) {
+        assert!(
+            was > 0.5 && (was - now).abs() < 2e-3,
+            "{stage}: trained in {was} s, reported {now} s"
+        );
+    }
     // A curve naming no stage is refused before anything runs, naming the stages there are.
     let err = mo_align::recipes::pipeline::run(
         Some(&cfg.join("pipeline.toml")),

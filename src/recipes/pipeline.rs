@@ -107,6 +107,10 @@ pub struct PipelineConfig {
 /// Where the pipeline records the digest of a stage's inputs, in the stage's output directory.
 const INPUTS_FILE: &str = "pipeline_inputs.digest";
 
+/// Where a stage's training time is kept, so a later run that finds it up to date reports
+/// the time it took rather than the time it took to skip.
+const SECONDS_FILE: &str = "pipeline_train_seconds";
+
 /// A digest of what a stage reads: every file or directory its resolved config names (data
 /// files with globs expanded, the model, adapters, reward model, rules), except its own
 /// outputs and caches (`outputs::inputs_digest`).
@@ -263,16 +267,25 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
                      f: &mut dyn FnMut() -> Result<()>|
      -> Result<(f64, bool)> {
         let t = Instant::now();
-        if done {
+        let seconds_file = out_dir.join(SECONDS_FILE);
+        let seconds = if done {
             eprintln!("== {name}: up to date in {}", out_dir.display());
+            // The time it took when it trained (a stage from before this file: none known).
+            std::fs::read_to_string(&seconds_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
         } else {
             eprintln!("== {name}");
             f()?;
+            let seconds = t.elapsed().as_secs_f64();
             // Taken after the run: a stage may create its own input (`create_tiny_if_missing`).
             let digest = inputs_digest(resolved)?;
+            crate::io::write_atomic(&seconds_file, format!("{seconds:.3}\n").as_bytes())?;
             crate::io::write_atomic(&out_dir.join(INPUTS_FILE), digest.as_bytes())?;
-        }
-        let took = (t.elapsed().as_secs_f64(), done);
+            seconds
+        };
+        let took = (seconds, done);
         timings.push((name.to_string(), took.0, took.1));
         Ok(took)
     };

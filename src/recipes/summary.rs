@@ -378,10 +378,14 @@ pub fn markdown(summary: &serde_json::Value, judged: &Judged) -> String {
             for x in v["mean_objectives"].as_array().into_iter().flatten() {
                 s.push_str(&format!(" {:.3} |", x.as_f64().unwrap_or(f64::NAN)));
             }
+            let seconds = if r.train_seconds.is_finite() {
+                format!("{:.1}", r.train_seconds)
+            } else {
+                "?".to_string()
+            };
             s.push_str(&format!(
-                " {:.1}{} |\n",
-                r.train_seconds,
-                if r.skipped { " (cached)" } else { "" }
+                " {seconds}{} |\n",
+                if r.skipped { " (trained earlier)" } else { "" }
             ));
         }
         s.push('\n');
