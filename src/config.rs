@@ -117,10 +117,18 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
         bail!("--set {spec}: the key must name a section and a key, like train.lr=1e-5");
     }
-    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        .and_then(|mut t| t.remove("v"));
+    // Digits TOML cannot hold are a number out of range, not a string.
+    let digits = raw.trim().trim_start_matches(['+', '-']);
+    if parsed.is_none() && !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) {
+        bail!(
+            "--set {spec}: {} is out of range for a 64-bit integer",
+            raw.trim()
+        );
+    }
+    let value = parsed.unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let mut cur = table;
     for k in &keys[..keys.len() - 1] {
         let entry = cur
@@ -215,6 +223,7 @@ fn locate<T: DeserializeOwned + Serialize + Default>(
     let dotted = path.join(".");
     if let Some(o) = overrides
         .iter()
+        .rev()
         .find(|o| o.split_once('=').map(|(k, _)| k.trim()) == Some(dotted.as_str()))
     {
         return format!("--set {o}: {msg}{hint}");

@@ -212,8 +212,12 @@ pub fn generate(
             valid.push(!d);
         }
         let pos: Vec<Vec<u32>> = next_pos.iter().map(|&p| vec![p]).collect();
-        for p in next_pos.iter_mut() {
-            *p += 1;
+        // A finished row stays where it stopped: its padding must not walk past the model's
+        // last position while longer rows go on.
+        for (p, &d) in next_pos.iter_mut().zip(&done) {
+            if !d {
+                *p += 1;
+            }
         }
         let step: Vec<Vec<u32>> = step_ids.iter().map(|&t| vec![t]).collect();
         input = ModelInput::new(&step, &pos, &key_valid, &model.device)?;

@@ -171,15 +171,9 @@ impl Judge {
             .iter()
             .zip(responses)
             .map(|(p, r)| {
-                let raw = rules.score(&p.record, r).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: field `{}`: {} ({})",
-                        p.loc,
-                        e.field,
-                        e.problem,
-                        rules.path()
-                    )
-                })?;
+                let raw = rules
+                    .score(&p.record, r)
+                    .map_err(|e| anyhow::anyhow!("{}: {e} ({})", p.loc, rules.path()))?;
                 Ok(Verdict {
                     total: weights.iter().zip(&raw).map(|(w, x)| w * x).sum(),
                     objectives: raw.iter().map(|&x| x as f32).collect(),

@@ -171,6 +171,36 @@ pub fn check_inputs_unchanged(dir: &Path, resolved: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a cache directory (`cache_dir` keys of a resolved config) that is, or lies inside,
+/// something the command reads: caches are written there. A cache holding an input is fine
+/// (a model kept under the cache root).
+pub fn check_cache_dirs(resolved: &str, inputs: &Inputs) -> Result<()> {
+    fn walk(v: &toml::Value, key: &str, out: &mut Vec<(String, String)>) {
+        match v {
+            toml::Value::String(s) if key.ends_with("cache_dir") && !s.is_empty() => {
+                out.push((key.to_string(), s.clone()))
+            }
+            toml::Value::Table(t) => t.iter().for_each(|(k, x)| walk(x, k, out)),
+            _ => {}
+        }
+    }
+    let mut dirs = vec![];
+    walk(&toml::from_str(resolved)?, "", &mut dirs);
+    for (key, dir) in dirs {
+        let c = resolved_path(Path::new(&dir));
+        for (name, input) in &inputs.0 {
+            let i = resolved_path(input);
+            if c == i || c.starts_with(&i) {
+                bail!(
+                    "{key} {dir}: is or lies inside the {name} {}, which this command reads; choose a cache directory of its own",
+                    input.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How an output may already exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
@@ -241,6 +271,72 @@ pub const FINAL_ARTIFACTS: [&str; 3] = [
 /// The file every started run writes first; its presence means the directory holds a run.
 pub const RUN_RECORD: &str = "config.resolved.toml";
 
+/// Whether an entry of a run directory is one a run writes (its record, logs, plots,
+/// checkpoints, final artifacts, caches and temporary files). `--force` replaces only these:
+/// a file the user put there is never deleted.
+pub fn run_made(name: &str) -> bool {
+    const NAMES: [&str; 31] = [
+        ".mo-align.lock",
+        RUN_RECORD,
+        INPUTS_RECORD,
+        "metrics.jsonl",
+        "config.changes.jsonl",
+        "data_report.json",
+        "eval_report.json",
+        "rm_report.json",
+        "trainer_state.json",
+        "timing.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "optimizer.safetensors",
+        "reward_head.safetensors",
+        "reward_model.json",
+        "conditioning.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "summary.json",
+        "summary.md",
+        "pareto.json",
+        "pareto.md",
+        "pipeline_inputs.digest",
+        "pipeline_train_seconds",
+    ];
+    NAMES.contains(&name)
+        || matches!(
+            name,
+            "checkpoints" | crate::objectives::conditioning::BLOCKS_DIR
+        )
+        || name.ends_with(".svg")
+        || name.starts_with("events.out.tfevents")
+        || name.starts_with("generations")
+        || (name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")))
+        || (name.ends_with(".safetensors")
+            && (name.starts_with("reference-")
+                || name.starts_with("rm-")
+                || name.starts_with("model-")))
+}
+
+/// The entries of `dir` a run does not write (`run_made`), sorted.
+fn foreign_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !run_made(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// How a command runs in its run directory.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunMode {
@@ -274,7 +370,8 @@ pub enum RunState {
 pub struct RunDir {
     pub path: PathBuf,
     pub state: RunState,
-    created: bool,
+    created_root: Option<PathBuf>,
+    lock_existed: bool,
     committed: bool,
     /// Files to write at `commit` (name, bytes), and JSON lines to append (name, line).
     pending: Vec<(String, Vec<u8>)>,
@@ -288,13 +385,28 @@ impl RunDir {
     /// Rules 1, 3 and 4: checks `output_dir` against `inputs`, locks it, and decides what the
     /// run may do there.
     pub fn claim(output_dir: &Path, flag: &str, inputs: &Inputs, mode: RunMode) -> Result<Self> {
+        if output_dir.as_os_str().is_empty() {
+            bail!("{flag} is empty: name the directory the run writes to");
+        }
         check(output_dir, flag, Existing::RunDir, inputs, mode.force)?;
-        let created = !output_dir.exists();
+        // The topmost directory this claim creates (the output or an ancestor), removed again
+        // if the run never starts; and whether the lock file is new.
+        let created_root = {
+            let mut root = None;
+            let mut cur = Some(output_dir);
+            while let Some(c) = cur.filter(|c| !c.as_os_str().is_empty() && !c.exists()) {
+                root = Some(c.to_path_buf());
+                cur = c.parent();
+            }
+            root
+        };
+        let lock_existed = output_dir.join(".mo-align.lock").exists();
         let lock = RunLock::acquire(output_dir)?;
         let mut dir = RunDir {
             path: output_dir.to_path_buf(),
             state: RunState::Fresh,
-            created,
+            created_root,
+            lock_existed,
             committed: false,
             pending: vec![],
             appends: vec![],
@@ -314,6 +426,18 @@ impl RunDir {
         let holds_run = p.join(RUN_RECORD).is_file()
             || FINAL_ARTIFACTS.iter().any(|f| p.join(f).is_file())
             || p.join("metrics.jsonl").is_file();
+        // A directory of someone else's files is never trained into, with or without --force:
+        // the run would mix into them, and a later --force would have to tell them apart.
+        let foreign = foreign_entries(p);
+        if !holds_run && !foreign.is_empty() {
+            let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
+            bail!(
+                "{flag} {}: holds files mo-align did not write ({}{}); choose an empty or new directory",
+                p.display(),
+                shown.join(", "),
+                if foreign.len() > 3 { ", ..." } else { "" }
+            );
+        }
         let checkpoint = crate::train::checkpoint::latest(p)?.is_some();
         let finished = FINAL_ARTIFACTS.iter().find(|f| p.join(f).is_file());
         Ok(match (mode.force, mode.resume, checkpoint, finished, holds_run) {
@@ -357,17 +481,26 @@ impl RunDir {
         self.appends.push((name.to_string(), line));
     }
 
-    /// Starts writing: with `Replace`, removes the old run's contents first (everything but the
-    /// lock, which this process holds); then writes the queued files atomically and appends
-    /// the queued lines. Call once everything the run needs is loaded and validated; a second
-    /// call writes what was queued since.
+    /// Starts writing: with `Replace`, removes the old run's files first (what a run writes,
+    /// `run_made`, but the lock this process holds; anything else stays, named in a note); then
+    /// writes the queued files atomically and appends the queued lines. Call once everything
+    /// the run needs is loaded and validated; a second call writes what was queued since.
     pub fn commit(&mut self) -> Result<()> {
         if self.state == RunState::Replace {
+            let kept = foreign_entries(&self.path);
+            if !kept.is_empty() {
+                eprintln!(
+                    "note: {}: kept {} (not written by mo-align)",
+                    self.path.display(),
+                    kept.join(", ")
+                );
+            }
             for entry in std::fs::read_dir(&self.path)
                 .with_context(|| format!("{}: cannot list", self.path.display()))?
             {
                 let entry = entry?;
-                if entry.file_name() == ".mo-align.lock" {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name == ".mo-align.lock" || !run_made(&name) {
                     continue;
                 }
                 let p = entry.path();
@@ -401,15 +534,30 @@ impl RunDir {
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        // A run that never committed wrote nothing but the lock: a directory it made goes.
-        if !self.committed && self.created {
-            let only_lock = std::fs::read_dir(&self.path).is_ok_and(|d| {
-                d.filter_map(|e| e.ok())
-                    .all(|e| e.file_name() == ".mo-align.lock")
-            });
-            if only_lock {
+        // A run that never committed wrote nothing but the lock: a directory it made goes (with
+        // the parents it made), and a lock file it added to an existing directory goes.
+        if self.committed {
+            return;
+        }
+        let only_lock = std::fs::read_dir(&self.path).is_ok_and(|d| {
+            d.filter_map(|e| e.ok())
+                .all(|e| e.file_name() == ".mo-align.lock")
+        });
+        match &self.created_root {
+            Some(root) if only_lock => {
                 let _ = std::fs::remove_dir_all(&self.path);
+                let mut cur = self.path.parent();
+                while let Some(c) = cur.filter(|c| c.starts_with(root)) {
+                    if std::fs::remove_dir(c).is_err() {
+                        break;
+                    }
+                    cur = c.parent();
+                }
             }
+            None if !self.lock_existed => {
+                let _ = std::fs::remove_file(self.path.join(".mo-align.lock"));
+            }
+            _ => {}
         }
     }
 }

@@ -391,6 +391,16 @@ pub fn plot_run(dir: &Path, png: bool) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// The name of the bar chart drawn for an eval report: `REPORT_objectives` beside
+/// `REPORT.json`, so two reports in one directory keep a chart each.
+pub fn objectives_chart_name(report: &Path) -> String {
+    let stem = report
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "eval".into());
+    format!("{stem}_objectives")
+}
+
 /// Bar chart of per-objective reward-model scores, model vs baseline, from an eval report
 /// (`win_rate` object) or a pipeline summary (`stages` list).
 pub fn plot_objective_scores(report: &Path, dir: &Path, png: bool) -> Result<Vec<PathBuf>> {
@@ -426,7 +436,12 @@ pub fn plot_objective_scores(report: &Path, dir: &Path, png: bool) -> Result<Vec
                     ("baseline", floats(&w["mean_objectives_baseline"])),
                 ],
             };
-            out.extend(write_chart(dir, "eval_objectives", &chart, png)?);
+            out.extend(write_chart(
+                dir,
+                &objectives_chart_name(report),
+                &chart,
+                png,
+            )?);
         }
     }
     if let (Some(stages), Some(judges)) = (

@@ -843,7 +843,7 @@ fn eval_cli_combines_modes_in_one_run() {
     );
     assert_eq!(std::fs::read_to_string(&gens).unwrap().lines().count(), 4);
     assert!(
-        root.join("eval_objectives.svg").is_file(),
+        root.join("report_objectives.svg").is_file(),
         "the eval bar chart is drawn next to the report"
     );
 }
@@ -949,4 +949,32 @@ fn a_prompt_beyond_the_context_is_skipped_and_named() {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["prompts_skipped_too_long"], 1);
     assert_eq!(r["win_rate"]["overall"]["n"], 2);
+}
+
+/// A batch whose long prompt reaches the end of the context while a short one is still
+/// answering: the long answer stops at the last position and the short one goes on (the
+/// finished row's padding used to walk past the context and fail the whole batch).
+#[test]
+fn an_answer_stops_at_the_end_of_the_context_without_failing_the_batch() {
+    let loaded = load_tiny(DType::F32);
+    let context = loaded.model.config.max_position_embeddings;
+    let short = vec![5u32, 6, 7];
+    let long: Vec<u32> = (0..context - 8).map(|i| 10 + (i % 50) as u32).collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 20,
+        temperature: 0.0,
+        ..SamplingConfig::default()
+    };
+    let out = mo_align::generate::generate(
+        &loaded.model,
+        &[short, long],
+        &[0, 1],
+        &cfg,
+        &[],
+        loaded.tokenizer.pad_id,
+        ForwardCtx::EVAL,
+    )
+    .unwrap();
+    assert_eq!(out[0].len(), 20, "the short prompt answers in full");
+    assert_eq!(out[1].len(), 8, "the long one fills the context and stops");
 }

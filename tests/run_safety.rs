@@ -429,3 +429,118 @@ fn a_killed_merges_leftovers_are_cleaned_or_restored() {
     );
     assert!(!aside.exists());
 }
+
+/// Rules 1-3 on directories that hold someone else's files: a run is never started among
+/// them (with or without --force), a refused run leaves neither its directory, nor the parents
+/// it made, nor a lock file behind, and --force replacing a run keeps a file the user added.
+#[test]
+fn foreign_files_are_never_trained_into_or_deleted() {
+    let root = scratch("foreign");
+    let notes = root.join("notes");
+    std::fs::create_dir_all(&notes).unwrap();
+    std::fs::write(notes.join("notes.txt"), "mine").unwrap();
+    for force in [false, true] {
+        let e = sft_run(&notes, &["train.max_steps=2"], flags(false, true))
+            .err()
+            .or_else(|| {
+                force
+                    .then(|| {
+                        sft_run(
+                            &notes,
+                            &["train.max_steps=2"],
+                            RunFlags {
+                                force: true,
+                                quiet: true,
+                                ..Default::default()
+                            },
+                        )
+                        .err()
+                    })
+                    .flatten()
+            })
+            .expect("a run among foreign files was started")
+            .to_string();
+        assert!(
+            e.contains("did not write") && e.contains("notes.txt"),
+            "{e}"
+        );
+    }
+    let names: Vec<_> = std::fs::read_dir(&notes)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["notes.txt"],
+        "a refused run left files (a lock?)"
+    );
+    // A refused run that made its directory and parents removes them all.
+    let deep = root.join("x/a/b");
+    let e = sft_run(
+        &deep,
+        &[
+            "train.max_steps=2",
+            "data.train_files=[\"/nonexistent.jsonl\"]",
+        ],
+        flags(false, true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no such data file"), "{e}");
+    assert!(!root.join("x").exists(), "a refused run left its parents");
+    // An empty output directory is refused rather than taken as the current directory.
+    let e = sft::run(
+        Some(Path::new("configs/demo/sft-lora.toml")),
+        &[
+            format!("model.path={:?}", tiny_dir().to_str().unwrap()),
+            "train.output_dir=\"\"".to_string(),
+        ],
+        flags(false, true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("train.output_dir is empty"), "{e}");
+    // A finished run the user added a file to: --force replaces the run, keeps the file.
+    let run = root.join("run");
+    sft_run(&run, &["train.max_steps=2"], flags(false, true)).unwrap();
+    std::fs::write(run.join("my-notes.txt"), "mine").unwrap();
+    let force = RunFlags {
+        force: true,
+        quiet: true,
+        ..Default::default()
+    };
+    sft_run(&run, &["train.max_steps=2"], force).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(run.join("my-notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(run.join("adapter_model.safetensors").is_file());
+}
+
+/// Rule 1 for caches: train.cache_dir may not be or lie inside what the run reads (the
+/// reference caches would be written into the model's directory).
+#[test]
+fn a_cache_directory_inside_an_input_is_refused() {
+    let root = scratch("cache-in-input");
+    let model = root.join("model");
+    copy_dir(tiny_dir(), &model);
+    let before = std::fs::read_dir(&model).unwrap().count();
+    let e = mo_align::recipes::dpo::run_dpo(
+        Some(Path::new("configs/demo/dpo.toml")),
+        &[
+            format!("model.path={:?}", model.to_str().unwrap()),
+            "model.adapter=\"\"".to_string(),
+            format!("train.output_dir={:?}", root.join("dpo").to_str().unwrap()),
+            format!(
+                "train.cache_dir={:?}",
+                model.join("cache").to_str().unwrap()
+            ),
+        ],
+        flags(false, true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cache_dir") && e.contains("lies inside"), "{e}");
+    assert_eq!(std::fs::read_dir(&model).unwrap().count(), before);
+    assert!(!root.join("dpo").exists());
+}

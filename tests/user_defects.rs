@@ -130,6 +130,20 @@ fn values_that_train_the_wrong_way_are_refused_at_config_load() {
             "grpo.num_generations=1",
             vec!["num_generations"],
         ),
+        (
+            "grpo",
+            "grpo",
+            "grpo.num_generations=1000000000",
+            vec!["num_generations", "at most"],
+        ),
+        ("dpo", "dpo", "train.threads=100000", vec!["train.threads"]),
+        ("dpo", "dpo", "lora.r=4294967296", vec!["lora.r", "at most"]),
+        (
+            "dpo",
+            "dpo",
+            "train.batch_size=99999999999999999999",
+            vec!["out of range"],
+        ),
     ] {
         let mut args = vec![
             stage.to_string(),
@@ -722,4 +736,73 @@ fn a_relative_backbone_path_resolves_from_any_directory() {
     info.as_object_mut().unwrap().remove("backbone_model_abs");
     std::fs::write(&info_path, info.to_string()).unwrap();
     refused(&score(), &["reward_model.json", "backbone_model `base`"]);
+}
+
+/// eval's outputs are checked against everything it reads, the reward model's own backbone
+/// included, and the chart drawn next to a win-rate report is an output like the report.
+#[test]
+fn eval_outputs_never_land_in_what_it_reads() {
+    let root = scratch("eval-outputs");
+    let rm = trained_rm(&root);
+    let input = root.join("answers.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"What color is coal?\", \"response\": \"Coal is black.\"}\n",
+    )
+    .unwrap();
+    // No --model: the reward model loads its recorded backbone (the tiny model).
+    let inside = tiny_dir().join("scored.jsonl");
+    let o = run(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--score",
+        input.to_str().unwrap(),
+        "--reward-model",
+        rm.to_str().unwrap(),
+        "--output",
+        inside.to_str().unwrap(),
+        "--force",
+    ]);
+    refused(&o, &["lies inside the reward model's backbone"]);
+    assert!(!inside.exists());
+    // A chart already where the report's chart goes.
+    let dir = root.join("reports");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("new_objectives.svg"), "PRECIOUS").unwrap();
+    let win_rate = |force: bool| {
+        let mut args = vec![
+            "eval",
+            "--device",
+            "cpu",
+            "--model",
+            tiny(),
+            "--win-rate",
+            "--prompts",
+            "data/ultrafeedback_binarized/test_prefs.jsonl",
+            "--max-prompts",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--baseline",
+            tiny(),
+            "--judge",
+            "rules:configs/demo/rules.toml",
+            "--report",
+        ];
+        let report = dir.join("new.json");
+        let report = report.to_str().unwrap().to_string();
+        args.push(&report);
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    };
+    refused(&win_rate(false), &["new_objectives.svg", "--force"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("new_objectives.svg")).unwrap(),
+        "PRECIOUS"
+    );
+    let o = win_rate(true);
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -119,6 +119,13 @@ impl FieldError {
     }
 }
 
+/// `field `F`: problem`, the form every message about a record uses after its location.
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "field `{}`: {}", self.field, self.problem)
+    }
+}
+
 /// How a record parser handled one record.
 pub enum Parsed<T> {
     Ok(T),
@@ -150,7 +157,7 @@ pub fn load_records<T>(
                     Parsed::TooLong => report.too_long_dropped += 1,
                     Parsed::Identical => report.identical_skipped += 1,
                     Parsed::Bad(e) => {
-                        let msg = format!("{loc}: field `{}`: {}", e.field, e.problem);
+                        let msg = format!("{loc}: {e}");
                         if policy == OnBadRecord::Error {
                             bail!("{msg} (set data.on_bad_record = \"skip\" to skip bad records)");
                         }

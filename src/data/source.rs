@@ -46,6 +46,9 @@ pub fn resolve_files(spec: &str) -> Result<Vec<PathBuf>> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     if !name.contains('*') {
+        if path.is_dir() {
+            bail!("{spec}: is a directory; name a data file (or a glob such as {spec}/*.jsonl)");
+        }
         if !path.is_file() {
             bail!("{spec}: no such data file");
         }

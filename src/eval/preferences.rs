@@ -124,8 +124,8 @@ pub fn score_file(
         let v = rec
             .value
             .map_err(|why| anyhow::anyhow!("{}: {why}", rec.loc))?;
-        let (prompt, response) = prompt_and_response(&v)
-            .map_err(|e| anyhow::anyhow!("{}: field `{}`: {}", rec.loc, e.field, e.problem))?;
+        let (prompt, response) =
+            prompt_and_response(&v).map_err(|e| anyhow::anyhow!("{}: {e}", rec.loc))?;
         let mut ids = loaded.tokenizer.encode_prompt(&prompt)?;
         let start = ids.len();
         ids.extend(loaded.tokenizer.encode_response(&response)?);

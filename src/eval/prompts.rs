@@ -68,8 +68,7 @@ pub fn read_prompt_records(spec: &str, max: Option<usize>) -> Result<Vec<PromptR
             let v = rec
                 .value
                 .map_err(|why| anyhow::anyhow!("{}: {why}", rec.loc))?;
-            let messages = prompt_of(&v)
-                .map_err(|e| anyhow::anyhow!("{}: field `{}`: {}", rec.loc, e.field, e.problem))?;
+            let messages = prompt_of(&v).map_err(|e| anyhow::anyhow!("{}: {e}", rec.loc))?;
             out.push(PromptRecord {
                 messages,
                 record: v,
@@ -86,17 +85,19 @@ pub fn read_prompt_records(spec: &str, max: Option<usize>) -> Result<Vec<PromptR
     Ok(out)
 }
 
-/// Positions kept free after a prompt: room for a conditioned policy's weights line and the
-/// start of an answer.
+/// The most positions kept free after a prompt: room for a conditioned policy's weights line
+/// and the start of an answer.
 pub const ANSWER_ROOM: usize = 64;
 
 /// The prompts every model in `models` (directories or Hub ids) can answer: a prompt whose
-/// encoding leaves fewer than `ANSWER_ROOM` of the smallest context's positions free is
-/// skipped with a warning naming its record, rather than failing the whole run inside the
-/// model. Returns the kept prompts and how many were skipped; refuses when none is left.
+/// encoding leaves fewer than `room` (at most `ANSWER_ROOM`, at least 1) of the smallest
+/// context's positions free is skipped with a warning naming its record, rather than failing
+/// the whole run inside the model; answers stop at the context's end. Returns the kept prompts
+/// and how many were skipped; refuses when none is left.
 pub fn prompts_that_fit(
     prompts: Vec<PromptRecord>,
     models: &[&str],
+    room: usize,
 ) -> Result<(Vec<PromptRecord>, usize)> {
     let mut context = usize::MAX;
     let mut tokenizer = None;
@@ -113,7 +114,7 @@ pub fn prompts_that_fit(
     let Some(tok) = tokenizer else {
         return Ok((prompts, 0));
     };
-    let limit = context.saturating_sub(ANSWER_ROOM);
+    let limit = context.saturating_sub(room.clamp(1, ANSWER_ROOM));
     let total = prompts.len();
     let mut kept = Vec::with_capacity(total);
     for p in prompts {

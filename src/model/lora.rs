@@ -65,6 +65,14 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("lora.r must be at least 1");
         }
+        // Checked against the model's matrices when the adapter is attached; this bound stops
+        // a mistyped rank before anything is loaded.
+        if self.r > 65_536 {
+            bail!(
+                "lora.r must be at most 65536 (and at most a target matrix's smaller side), got {}",
+                self.r
+            );
+        }
         // alpha = 0 trains an adapter that is multiplied by zero; NaN poisons the first step.
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!("lora.alpha must be a finite number > 0, got {}", self.alpha);

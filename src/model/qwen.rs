@@ -590,6 +590,18 @@ impl Qwen {
 
     /// Adds fresh adapters (A Kaiming-uniform, B zero) to the targeted projections.
     pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        // A rank beyond a matrix's smaller side is not low-rank (and a mistyped huge one would
+        // abort in the allocator): refused before anything is allocated.
+        for lin in self.linears() {
+            let side = lin.in_features().min(lin.out_features());
+            if cfg.targets(module_name(&lin.path)) && cfg.r > side {
+                candle_core::bail!(
+                    "lora.r = {} exceeds {}'s smaller dimension {side}: choose a rank at most that",
+                    cfg.r,
+                    module_name(&lin.path)
+                );
+            }
+        }
         for (li, layer) in self.layers.iter_mut().enumerate() {
             for (mi, lin) in layer.linears_mut().into_iter().enumerate() {
                 if cfg.targets(module_name(&lin.path)) {

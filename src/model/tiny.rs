@@ -152,7 +152,7 @@ impl TinySpec {
             head_dim > 0 && head_dim.is_multiple_of(2),
             "model.tiny.head_dim {head_dim} must be even and positive"
         );
-        Ok(QwenConfig {
+        let cfg = QwenConfig {
             family: self.arch,
             attention_bias: self.arch == Family::Qwen2,
             vocab_size: self.vocab_size,
@@ -163,7 +163,23 @@ impl TinySpec {
             num_key_value_heads: self.num_key_value_heads,
             head_dim,
             ..tiny_config()
-        })
+        };
+        anyhow::ensure!(
+            self.num_hidden_layers <= 1000,
+            "model.tiny.num_hidden_layers {} is no tiny model (at most 1000)",
+            self.num_hidden_layers
+        );
+        // Sizes are multiplied in f64 so a mistyped one cannot overflow before it is refused.
+        let params: f64 = cfg
+            .weight_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().map(|&d| d as f64).product::<f64>())
+            .sum();
+        anyhow::ensure!(
+            params <= 2e9,
+            "model.tiny: {params:.3e} parameters is no tiny model (at most 2e9): check its sizes"
+        );
+        Ok(cfg)
     }
 
     /// The tokenizer's training text: every string in every record of the corpus files, one

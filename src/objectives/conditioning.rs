@@ -7,6 +7,7 @@
 //! Draws are a pure function of (seed, epoch, example index): batching, resumption and the
 //! number of workers do not change which weights an example gets.
 
+use crate::objectives::scalarize::check_weighting;
 use crate::rng::{mix_seed, stream_rng};
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
@@ -94,19 +95,15 @@ impl ConditioningConfig {
                 self.alpha
             );
         }
+        // Each draw is one more scored copy of every pair, held in memory.
+        if self.draws > 64 {
+            bail!("conditioning.draws must be at most 64, got {}", self.draws);
+        }
         if self.draws == 0 {
             bail!("conditioning.draws must be at least 1");
         }
         for (i, w) in self.weights.iter().enumerate() {
-            if w.len() != k {
-                bail!(
-                    "conditioning.weights[{i}] has {} values for {k} objectives",
-                    w.len()
-                );
-            }
-            if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
-                bail!("conditioning.weights[{i}] must be finite, >= 0 and not all zero, got {w:?}");
-            }
+            check_weighting(w, k, &[], &format!("conditioning.weights[{i}]"))?;
         }
         Ok(())
     }
@@ -178,6 +175,14 @@ impl ConditioningInfo {
     /// refused unless it resolves inside `dir` (the paths come from a file).
     pub fn block_dirs(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         let what = format!("{}: blocks", dir.join(INFO_FILE).display());
+        if self.mode() == ConditioningMode::Adapter && self.blocks.len() != self.objectives.len() {
+            bail!(
+                "{what}: {} blocks for {} objectives {:?}",
+                self.blocks.len(),
+                self.objectives.len(),
+                self.objectives
+            );
+        }
         self.blocks
             .iter()
             .map(|b| crate::outputs::inside(dir, b, &what))
@@ -222,18 +227,7 @@ impl ConditioningInfo {
 
     /// The line stating `weights` (normalised and quantised), refusing a wrong count.
     pub fn line(&self, weights: &[f64]) -> Result<String> {
-        let k = self.objectives.len();
-        if weights.len() != k {
-            bail!(
-                "{} weights given for {k} objectives {:?}",
-                weights.len(),
-                self.objectives
-            );
-        }
-        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f64>() <= 0.0
-        {
-            bail!("weights must be finite, >= 0 and not all zero, got {weights:?}");
-        }
+        check_weighting(weights, self.objectives.len(), &self.objectives, "weights")?;
         Ok(format_line(&self.objectives, &quantise(weights)))
     }
 

@@ -70,9 +70,23 @@ pub fn check_weights(weights: &[f64], what: &str) -> Result<()> {
         bail!("{what} must be finite and >= 0, got {w} in {weights:?}");
     }
     if !weights.is_empty() && weights.iter().all(|w| *w == 0.0) {
-        bail!("{what} are all zero: every objective would be weighed out (leave the list empty for equal weights; for plain DPO run `mo-align dpo`)");
+        bail!("{what} are all zero: every objective would be weighed out (leave the list empty for equal weights)");
     }
     Ok(())
+}
+
+/// One explicit weighting (`what` names it): exactly `k` weights over `objectives`, finite,
+/// >= 0 and not all zero. Every command that takes a weighting checks it here.
+pub fn check_weighting(w: &[f64], k: usize, objectives: &[String], what: &str) -> Result<()> {
+    if w.len() != k {
+        let names = if objectives.is_empty() {
+            String::new()
+        } else {
+            format!(" {objectives:?}")
+        };
+        bail!("{what} has {} values for {k} objectives{names}", w.len());
+    }
+    check_weights(w, what)
 }
 
 /// The objective weights a config gives (`weights`, named `what` in errors), or equal weights

@@ -124,6 +124,10 @@ impl EvalOptions {
                 bail!("eval: {flag} must be at least 1");
             }
         }
+        // A window of one token predicts nothing (each window's first token has no context).
+        if self.context == Some(1) {
+            bail!("eval: --context must be at least 2");
+        }
         if !(self.tie_margin.is_finite() && self.tie_margin >= 0.0) {
             bail!(
                 "eval: --tie-margin must be a finite number >= 0, got {}",
@@ -162,6 +166,25 @@ impl EvalOptions {
         if let Some(j) = &self.judge {
             i.add("judge", j.strip_prefix("rules:").unwrap_or(j));
         }
+        // A reward model (scorer or judge) may load its own recorded backbone.
+        for rm in [
+            self.reward_model.clone(),
+            self.judge.clone().map(PathBuf::from),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let backbone = std::fs::read_to_string(rm.join(crate::reward::INFO_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<crate::reward::RewardModelInfo>(&t).ok())
+                .and_then(|info| info.backbone_paths(&rm).ok());
+            if let Some((model, adapter)) = backbone {
+                i.add("reward model's backbone", model);
+                if let Some(a) = adapter {
+                    i.add("reward model's backbone adapter", a);
+                }
+            }
+        }
         i
     }
 
@@ -185,6 +208,16 @@ impl EvalOptions {
                 )?;
             }
         }
+        // The bar chart written next to a win-rate report is an output too.
+        if let (Some(report), true) = (&self.report, self.win_rate) {
+            crate::outputs::check(
+                &report_chart(report),
+                "--report's chart",
+                crate::outputs::Existing::File,
+                &inputs,
+                self.force,
+            )?;
+        }
         let named: Vec<&PathBuf> = outs.iter().filter_map(|(_, p)| p.as_ref()).collect();
         for (i, a) in named.iter().enumerate() {
             if named[i + 1..].contains(a) {
@@ -193,6 +226,18 @@ impl EvalOptions {
         }
         Ok(())
     }
+}
+
+/// The per-objective bar chart `plot_objective_scores` draws next to a win-rate report.
+fn report_chart(report: &std::path::Path) -> PathBuf {
+    report
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .join(format!(
+            "{}.svg",
+            crate::plot::objectives_chart_name(report)
+        ))
 }
 
 /// `PATH` or `PATH+ADAPTER`.
@@ -342,14 +387,15 @@ pub fn run(args: EvalOptions) -> Result<()> {
             &device,
         )?;
         let baseline = load_for_eval(&bpath, badapter.as_deref(), None, dtype, &device)?;
-        let (prompts, too_long) = prompts_that_fit(
-            read_prompt_records(&prompts_file, args.max_prompts)?,
-            &[args.model.spec(), &bpath],
-        )?;
-        report.insert("prompts_skipped_too_long".into(), too_long.into());
         // One setting for both models: the flags over the evaluated model's defaults.
         let sampling = args.sampling.resolve(main()?.generation_config().as_ref());
         sampling.validate()?;
+        let (prompts, too_long) = prompts_that_fit(
+            read_prompt_records(&prompts_file, args.max_prompts)?,
+            &[args.model.spec(), &bpath],
+            sampling.max_new_tokens,
+        )?;
+        report.insert("prompts_skipped_too_long".into(), too_long.into());
         // A weight-conditioned policy answers at --weights.
         let conditioned = match &args.weights {
             Some(w) => {

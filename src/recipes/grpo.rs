@@ -94,6 +94,12 @@ impl GrpoConfig {
         }
         // Both estimators score a completion against the others of its group: a group of one
         // has advantage 0 and trains nothing.
+        if self.num_generations > 1024 {
+            bail!(
+                "grpo.num_generations must be at most 1024 (completions per prompt held at once), got {}",
+                self.num_generations
+            );
+        }
         if self.num_generations < 2 {
             bail!(
                 "grpo.num_generations must be at least 2 (the advantage compares completions of one prompt), got {}",
@@ -224,8 +230,7 @@ impl OnlineConditioning<'_> {
         if self.info.mode() != ConditioningMode::Prompt {
             return Ok(ex.prompt.clone());
         }
-        let messages = prompt_of(&ex.record)
-            .map_err(|e| anyhow::anyhow!("field `{}`: {}", e.field, e.problem))?;
+        let messages = prompt_of(&ex.record).map_err(|e| anyhow::anyhow!("{e}"))?;
         let line = self.info.line(weights)?;
         self.tokenizer
             .encode_prompt(&self.info.place(&messages, &line))
@@ -322,7 +327,7 @@ impl<'a> OnlinePolicyGradient<'a> {
                 let text = tokenizer.decode(c, true)?;
                 let s = rules
                     .score_normalized(&batch[i / k].record, &text)
-                    .map_err(|e| anyhow::anyhow!("field `{}`: {}", e.field, e.problem))?;
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
                 o.extend(s);
             }
         }
@@ -619,17 +624,19 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let rules = (!g.rules.is_empty())
         .then(|| RuleObjectives::load(Path::new(&g.rules)))
         .transpose()?;
+    let context = run.loaded.model.config.max_position_embeddings;
+    if g.max_new_tokens >= context {
+        bail!(
+            "grpo.max_new_tokens = {} leaves no room for a prompt in the model's {context} positions",
+            g.max_new_tokens
+        );
+    }
     if let Some(rules) = &rules {
         // Every prompt record must carry what the rules read, before any step is taken.
         for (i, ex) in splits.train.iter().chain(&splits.val).enumerate() {
-            rules.score(&ex.record, "").map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: prompt {i}: field `{}`: {}",
-                    g.rules,
-                    e.field,
-                    e.problem
-                )
-            })?;
+            rules
+                .score(&ex.record, "")
+                .map_err(|e| anyhow::anyhow!("{}: prompt {i}: {e}", g.rules))?;
         }
     }
     let head = if g.reward_model.is_empty() {

@@ -46,7 +46,10 @@ pub fn run_sharded(
     gguf: Option<&str>,
     shard_bytes: u64,
 ) -> Result<()> {
-    let dtype = parse_dtype(dtype)?;
+    let dtype = match parse_dtype(dtype)? {
+        DType::F64 => bail!("--dtype f64: a checkpoint is written in f32, bf16 or f16"),
+        d => d,
+    };
     let gguf = gguf.map(GgufType::parse).transpose()?;
     // A merge killed earlier may have left its temporary directory, or the old output moved
     // aside: tidied (or put back) before --out is judged.

@@ -205,6 +205,7 @@ pub fn prepare_output<R: Serialize + Default>(
     let path = PathBuf::from(output_dir);
     let text = crate::config::to_toml(resolved)?;
     let inputs = crate::outputs::Inputs::from_config(&text)?;
+    crate::outputs::check_cache_dirs(&text, &inputs)?;
     let mode = crate::outputs::RunMode {
         resume: training.is_some_and(|f| f.resume),
         force: training.is_some_and(|f| f.force),

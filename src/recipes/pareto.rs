@@ -17,6 +17,7 @@ use crate::judge::Judge;
 use crate::model::loader::{load_soup, select_device, Loaded};
 use crate::model::parse_dtype;
 use crate::objectives::conditioning::{format_line, quantise, ConditioningInfo, ConditioningMode};
+use crate::objectives::scalarize::check_weighting;
 use crate::pareto::{hypervolume, non_dominated, simplex_grid, spacing, sparsity, spearman};
 use crate::plot::{write_pareto_plots, ParetoPoint};
 use crate::tokenizer::Message;
@@ -199,15 +200,19 @@ pub fn run(
         if p.grid == 0 {
             bail!("pareto.grid must be at least 1 (or give pareto.weights)");
         }
+        // C(grid + k - 1, k - 1) weightings, each answered and judged: bounded before the grid
+        // is built.
+        let points = (1..k).fold(1.0f64, |c, j| c * (p.grid + j) as f64 / j as f64);
+        if points > 10_000.0 {
+            bail!(
+                "pareto.grid = {} gives {points:.0} weightings of {k} objectives; at most 10000 are evaluated",
+                p.grid
+            );
+        }
         simplex_grid(k, p.grid)
     } else {
         for (i, w) in p.weights.iter().enumerate() {
-            if w.len() != k
-                || w.iter().any(|x| !x.is_finite() || *x < 0.0)
-                || w.iter().sum::<f64>() <= 0.0
-            {
-                bail!("pareto.weights[{i}] must be {k} finite weights >= 0, not all zero, over {objectives:?}; got {w:?}");
-            }
+            check_weighting(w, k, &objectives, &format!("pareto.weights[{i}]"))?;
         }
         p.weights.clone()
     };
@@ -221,6 +226,7 @@ pub fn run(
     let (prompts, _) = prompts_that_fit(
         read_prompt_records(&p.prompts, p.max_prompts)?,
         &[p.model.as_str()],
+        crate::eval::prompts::ANSWER_ROOM,
     )?;
     let mut run_dir = prepare_output(&p.output_dir, &cfg, None)?;
     // Everything is validated: the report starts writing (cached generations, then results).
@@ -498,12 +504,7 @@ fn check_policy(p: &PolicySpec, i: usize, k: usize) -> Result<()> {
             );
         }
         for (j, w) in p.adapter_weights.iter().enumerate() {
-            if w.len() != k
-                || w.iter().any(|x| !x.is_finite() || *x < 0.0)
-                || w.iter().sum::<f64>() <= 0.0
-            {
-                bail!("{here}: adapter_weights[{j}] must be {k} finite weights >= 0, not all zero; got {w:?}");
-            }
+            check_weighting(w, k, &[], &format!("{here}: adapter_weights[{j}]"))?;
         }
     }
     if !p.soup.is_empty() && p.soup.len() != k {

@@ -266,6 +266,17 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
                      out_dir: &Path,
                      f: &mut dyn FnMut() -> Result<()>|
      -> Result<(f64, bool)> {
+        // The pipeline's own directory may not be, hold or lie inside what a stage reads or
+        // writes (a stage's run, the model it starts from).
+        let mut reads = crate::outputs::Inputs::from_config(resolved)?;
+        reads.add(&format!("{name} stage's output"), out_dir);
+        crate::outputs::check(
+            &out,
+            "output_dir",
+            crate::outputs::Existing::RunDir,
+            &reads,
+            false,
+        )?;
         let t = Instant::now();
         let seconds_file = out_dir.join(SECONDS_FILE);
         let seconds = if done {

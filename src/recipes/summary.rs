@@ -137,8 +137,11 @@ pub fn judge_stages(
             ))
         })
         .collect::<Result<_>>()?;
-    let (prompts, _): (Vec<PromptRecord>, _) =
-        prompts_that_fit(read_prompt_records(&e.prompts, e.max_prompts)?, &[base.0])?;
+    let (prompts, _): (Vec<PromptRecord>, _) = prompts_that_fit(
+        read_prompt_records(&e.prompts, e.max_prompts)?,
+        &[base.0],
+        crate::eval::prompts::ANSWER_ROOM,
+    )?;
     let messages: Vec<_> = prompts.iter().map(|p| p.messages.clone()).collect();
     let baseline = load_for_eval(base.0, base.1, None, dtype, &device)?;
     let sampling = e.sampling.resolve(baseline.generation_config().as_ref());

@@ -5,7 +5,14 @@ use std::path::Path;
 
 /// `mo-align plot RUN_DIR [--png]`.
 pub fn plot(run_dir: &Path, png: bool) -> Result<()> {
-    for p in crate::plot::plot_run(run_dir, png)? {
+    let written = crate::plot::plot_run(run_dir, png)?;
+    if written.is_empty() {
+        anyhow::bail!(
+            "{}: nothing to plot (no metrics.jsonl, summary.json or pareto.json here)",
+            run_dir.display()
+        );
+    }
+    for p in written {
         eprintln!("wrote {}", p.display());
     }
     Ok(())

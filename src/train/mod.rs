@@ -223,6 +223,12 @@ impl TrainConfig {
             "train.loss_scale_init must be >= 1, got {}",
             self.loss_scale_init
         );
+        if let Some(t) = self.threads {
+            anyhow::ensure!(
+                (1..=1024).contains(&t),
+                "train.threads must be between 1 and 1024, got {t}"
+            );
+        }
         crate::model::parse_dtype(&self.dtype)?;
         Ok(())
     }
