@@ -144,7 +144,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::HybridDpo(a) => dpo::run_hybrid(a.config(), &a.set, a.flags()).map(drop),
         Command::Grpo(a) => crate::recipes::grpo::run(a.config(), &a.set, a.flags()).map(drop),
         Command::RewardWeighted(a) => reward_weighted::run(a.config(), &a.set, a.flags()).map(drop),
-        Command::Pareto(a) => crate::recipes::pareto::run(a.config(), &a.set, a.quiet).map(drop),
+        Command::Pareto(a) => {
+            crate::recipes::pareto::run(a.config(), &a.set, a.quiet, a.force).map(drop)
+        }
         Command::Eval(args) => evaluate::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Merge {

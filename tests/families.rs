@@ -167,7 +167,7 @@ soup = [{dpo:?}, {rw:?}]
         ),
     )
     .unwrap();
-    mo_align::recipes::pareto::run(Some(&pareto_cfg), &[], true).unwrap();
+    mo_align::recipes::pareto::run(Some(&pareto_cfg), &[], true, false).unwrap();
     let front: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("pareto/pareto.json")).unwrap())
             .unwrap();
@@ -176,6 +176,20 @@ soup = [{dpo:?}, {rw:?}]
         2,
         "grid 1 over two objectives: the two vertices"
     );
+    // The same config again rewrites its own report; another config needs --force to
+    // replace it, and a refused run leaves the report as it was.
+    mo_align::recipes::pareto::run(Some(&pareto_cfg), &[], true, false).unwrap();
+    let before = std::fs::read(root.join("pareto/pareto.json")).unwrap();
+    let e = mo_align::recipes::pareto::run(
+        Some(&pareto_cfg),
+        &["pareto.grid=2".into()],
+        true,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("pareto.grid: 1 -> 2") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(root.join("pareto/pareto.json")).unwrap(), before);
 
     // Merge: a Qwen3 checkpoint whose NLL equals base + adapter's.
     cli(&[

@@ -202,6 +202,26 @@ pub fn prepare_output<R: Serialize + Default>(
     resolved: &R,
     training: Option<RunFlags>,
 ) -> Result<RunDir> {
+    prepare(output_dir, resolved, training, false)
+}
+
+/// `prepare_output` for a report (pipeline summary, Pareto report): a directory holding the
+/// report of another config is replaced only with `force` (the same config rewrites its own
+/// report, reusing its caches).
+pub fn prepare_report<R: Serialize + Default>(
+    output_dir: &str,
+    resolved: &R,
+    force: bool,
+) -> Result<RunDir> {
+    prepare(output_dir, resolved, None, force)
+}
+
+fn prepare<R: Serialize + Default>(
+    output_dir: &str,
+    resolved: &R,
+    training: Option<RunFlags>,
+    report_force: bool,
+) -> Result<RunDir> {
     let path = PathBuf::from(output_dir);
     let text = crate::config::to_toml(resolved)?;
     let inputs = crate::outputs::Inputs::from_config(&text)?;
@@ -218,6 +238,24 @@ pub fn prepare_output<R: Serialize + Default>(
     };
     let mut dir = RunDir::claim(&path, flag, &inputs, mode)?;
     let config_path = path.join(crate::outputs::RUN_RECORD);
+    if training.is_none() && !report_force {
+        if let Ok(old) = std::fs::read_to_string(&config_path) {
+            let changes = crate::config::changed_keys(&old, &text, None)?;
+            if !changes.is_empty() {
+                let list: Vec<String> = changes
+                    .iter()
+                    .take(3)
+                    .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
+                    .collect();
+                bail!(
+                    "{}: holds the report of another config ({}{}); pass --force to replace it, or choose another output_dir",
+                    path.display(),
+                    list.join(", "),
+                    if changes.len() > 3 { ", ..." } else { "" }
+                );
+            }
+        }
+    }
     let resuming = dir.state == crate::outputs::RunState::Resume;
     if resuming {
         crate::outputs::check_inputs_unchanged(&path, &text)?;

@@ -7,7 +7,7 @@
 //! Rewarded soup of per-objective adapters. Generations are cached per (policy, weighting) on
 //! what they depend on, so a re-run only scores.
 
-use super::prepare_output;
+use super::prepare_report;
 use crate::cache::Digest;
 use crate::eval::load_for_eval;
 use crate::eval::prompts::{prompts_that_fit, read_prompt_records, PromptRecord};
@@ -147,6 +147,7 @@ pub fn run(
     config: Option<&Path>,
     overrides: &[String],
     quiet: bool,
+    force: bool,
 ) -> Result<(PathBuf, serde_json::Value)> {
     let started = Instant::now();
     let cfg: ParetoConfig = crate::config::load(config, overrides)?;
@@ -228,7 +229,7 @@ pub fn run(
         &[p.model.as_str()],
         crate::eval::prompts::ANSWER_ROOM,
     )?;
-    let mut run_dir = prepare_output(&p.output_dir, &cfg, None)?;
+    let mut run_dir = prepare_report(&p.output_dir, &cfg, force)?;
     // Everything is validated: the report starts writing (cached generations, then results).
     run_dir.commit()?;
     let out = run_dir.path.clone();

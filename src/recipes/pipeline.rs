@@ -258,7 +258,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     }
     let ov = &p.overrides;
     check_curves(&cfg, ov)?;
-    let mut run_dir = super::prepare_output(&p.output_dir, &cfg, None)?;
+    let mut run_dir = super::prepare_report(&p.output_dir, &cfg, flags.force)?;
     let out = run_dir.path.clone();
     let mut timings: Vec<(String, f64, bool)> = vec![];
     let mut stage = |name: &str,
@@ -452,7 +452,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             format!("pareto.device={:?}", e.device),
             format!("pareto.dtype={:?}", e.dtype),
         ];
-        let (dir, report) = super::pareto::run(Some(Path::new(&p.pareto)), &sets, flags.quiet)?;
+        let (dir, report) =
+            super::pareto::run(Some(Path::new(&p.pareto)), &sets, flags.quiet, flags.force)?;
         md.push_str(&super::pareto::summary_section(&report, &dir, &out));
         summary["pareto"] = serde_json::json!({
             "output_dir": dir,
