@@ -423,20 +423,32 @@ impl RunDir {
             // A report rewrites its own files (and keeps its caches for the next run).
             return Ok(RunState::Fresh);
         }
-        let holds_run = p.join(RUN_RECORD).is_file()
-            || FINAL_ARTIFACTS.iter().any(|f| p.join(f).is_file())
-            || p.join("metrics.jsonl").is_file();
-        // A directory of someone else's files is never trained into, with or without --force:
-        // the run would mix into them, and a later --force would have to tell them apart.
-        let foreign = foreign_entries(p);
-        if !holds_run && !foreign.is_empty() {
-            let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
-            bail!(
-                "{flag} {}: holds files mo-align did not write ({}{}); choose an empty or new directory",
-                p.display(),
-                shown.join(", "),
-                if foreign.len() > 3 { ", ..." } else { "" }
-            );
+        // A run is known by its record (written first when a run starts), not by its files: a
+        // model or adapter directory from elsewhere has the same file names.
+        let holds_run = p.join(RUN_RECORD).is_file() || p.join("metrics.jsonl").is_file();
+        // A directory of anything else is never trained into, with or without --force: the
+        // run would mix into it, and --force would delete what it cannot tell apart.
+        if !holds_run {
+            let mut present: Vec<String> = std::fs::read_dir(p)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| {
+                            n != ".mo-align.lock" && !(n.starts_with('.') && n.contains(".tmp-"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            present.sort();
+            if !present.is_empty() {
+                let shown: Vec<&str> = present.iter().take(3).map(String::as_str).collect();
+                bail!(
+                    "{flag} {}: holds files that are not a mo-align run ({}{}); choose an empty or new directory",
+                    p.display(),
+                    shown.join(", "),
+                    if present.len() > 3 { ", ..." } else { "" }
+                );
+            }
         }
         let checkpoint = crate::train::checkpoint::latest(p)?.is_some();
         let finished = FINAL_ARTIFACTS.iter().find(|f| p.join(f).is_file());

@@ -180,16 +180,18 @@ soup = [{dpo:?}, {rw:?}]
     // replace it, and a refused run leaves the report as it was.
     mo_align::recipes::pareto::run(Some(&pareto_cfg), &[], true, false).unwrap();
     let before = std::fs::read(root.join("pareto/pareto.json")).unwrap();
-    let e = mo_align::recipes::pareto::run(
-        Some(&pareto_cfg),
-        &["pareto.grid=2".into()],
-        true,
-        false,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("pareto.grid: 1 -> 2") && e.contains("--force"), "{e}");
-    assert_eq!(std::fs::read(root.join("pareto/pareto.json")).unwrap(), before);
+    let e =
+        mo_align::recipes::pareto::run(Some(&pareto_cfg), &["pareto.grid=2".into()], true, false)
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("pareto.grid: 1 -> 2") && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(root.join("pareto/pareto.json")).unwrap(),
+        before
+    );
 
     // Merge: a Qwen3 checkpoint whose NLL equals base + adapter's.
     cli(&[

@@ -461,7 +461,7 @@ fn foreign_files_are_never_trained_into_or_deleted() {
             .expect("a run among foreign files was started")
             .to_string();
         assert!(
-            e.contains("did not write") && e.contains("notes.txt"),
+            e.contains("not a mo-align run") && e.contains("notes.txt"),
             "{e}"
         );
     }
@@ -543,4 +543,24 @@ fn a_cache_directory_inside_an_input_is_refused() {
     assert!(e.contains("cache_dir") && e.contains("lies inside"), "{e}");
     assert_eq!(std::fs::read_dir(&model).unwrap().count(), before);
     assert!(!root.join("dpo").exists());
+}
+
+/// Rule 3: a directory holding a model or adapter that no mo-align run wrote (same file names
+/// as a run's outputs, but no run record) is never trained into, even with --force.
+#[test]
+fn a_model_directory_is_not_a_run_to_replace() {
+    let root = scratch("model-not-run");
+    let model = root.join("model");
+    copy_dir(tiny_dir(), &model);
+    let force = RunFlags {
+        force: true,
+        quiet: true,
+        ..Default::default()
+    };
+    let e = sft_run(&model, &["train.max_steps=2"], force)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a mo-align run"), "{e}");
+    assert!(model.join("model.safetensors").is_file());
+    assert!(!model.join(".mo-align.lock").exists());
 }

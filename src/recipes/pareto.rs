@@ -196,6 +196,13 @@ pub fn run(
     let k = objectives.len();
     for (i, pol) in cfg.policy.iter().enumerate() {
         check_policy(pol, i, k)?;
+        // A gated adapter's blocks are checked here, before the report directory is claimed.
+        if let Some(info) = infos[i]
+            .as_ref()
+            .filter(|info| info.mode() == ConditioningMode::Adapter)
+        {
+            info.block_dirs(Path::new(&pol.conditioned))?;
+        }
     }
     let grid = if p.weights.is_empty() {
         if p.grid == 0 {

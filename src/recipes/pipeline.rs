@@ -186,6 +186,64 @@ fn preference_stages(p: &StagesConfig) -> Vec<(&'static str, &str)> {
         .collect()
 }
 
+/// The pipeline's own directory may not be, hold or lie inside a stage's output (trained yet
+/// or not) or what a stage reads: checked from the stage configs (with the pipeline's
+/// overrides) before any stage trains.
+fn check_stage_overlap(p: &StagesConfig) -> Result<()> {
+    let out = crate::io::resolved_path(Path::new(&p.output_dir));
+    let configs = [&p.base, &p.sft, &p.train_rm, &p.dpo, &p.pareto]
+        .into_iter()
+        .chain(&p.hybrid_dpo)
+        .chain(&p.grpo)
+        .filter(|c| !c.is_empty());
+    for config in configs {
+        let Ok(text) = std::fs::read_to_string(config) else {
+            continue; // a missing stage config is reported when its stage loads
+        };
+        let Ok(mut table) = toml::from_str::<toml::Table>(&text) else {
+            continue;
+        };
+        for o in &p.overrides {
+            crate::config::apply_override(&mut table, o)?;
+        }
+        let stage_out = ["train", "pareto"].iter().find_map(|s| {
+            table
+                .get(*s)
+                .and_then(|t| t.get("output_dir"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        });
+        if let Some(s) = stage_out.filter(|s| !s.is_empty()) {
+            let so = crate::io::resolved_path(Path::new(&s));
+            let how = if so == out {
+                Some("is")
+            } else if so.starts_with(&out) {
+                Some("contains")
+            } else if out.starts_with(&so) {
+                Some("lies inside")
+            } else {
+                None
+            };
+            if let Some(how) = how {
+                bail!(
+                    "pipeline.output_dir {}: {how} the output {s} of the stage {config}; choose a directory of its own",
+                    p.output_dir
+                );
+            }
+        }
+        let reads = crate::outputs::Inputs::from_config(&toml::to_string(&table)?)?;
+        crate::outputs::check(
+            Path::new(&p.output_dir),
+            "pipeline.output_dir",
+            crate::outputs::Existing::RunDir,
+            &reads,
+            false,
+        )
+        .with_context(|| format!("stage {config}"))?;
+    }
+    Ok(())
+}
+
 /// `eval.curves` must name stages of this pipeline; checked before anything trains, since the
 /// curves are drawn only after every stage has.
 fn check_curves(cfg: &PipelineConfig, ov: &[String]) -> Result<()> {
@@ -258,6 +316,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     }
     let ov = &p.overrides;
     check_curves(&cfg, ov)?;
+    check_stage_overlap(p)?;
     let mut run_dir = super::prepare_report(&p.output_dir, &cfg, flags.force)?;
     let out = run_dir.path.clone();
     let mut timings: Vec<(String, f64, bool)> = vec![];

@@ -5,6 +5,9 @@ use std::path::Path;
 
 /// `mo-align plot RUN_DIR [--png]`.
 pub fn plot(run_dir: &Path, png: bool) -> Result<()> {
+    if !run_dir.is_dir() {
+        anyhow::bail!("{}: no such directory", run_dir.display());
+    }
     let written = crate::plot::plot_run(run_dir, png)?;
     if written.is_empty() {
         anyhow::bail!(
