@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 #[command(
     name = "mo-align",
     version,
-    about = "Multi-objective alignment of Qwen2.5 with LoRA, in pure Rust"
+    about = "Multi-objective alignment of Qwen2.5 / Qwen3 models (SFT, reward models, DPO family, GRPO), in pure Rust"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,7 +34,7 @@ pub enum Command {
     HybridDpo(StageArgs),
     /// Online multi-objective policy optimisation: GRPO or RLOO scored by the reward vector.
     Grpo(StageArgs),
-    /// Reward-weighted likelihood training (report 2).
+    /// Reward-weighted likelihood: each response's log-likelihood weighted by its reward.
     RewardWeighted(StageArgs),
     /// The Pareto front of policies across objective weightings (conditioned adapters,
     /// one adapter per weighting, or Rewarded soups), with hypervolume and plots.

@@ -1,7 +1,13 @@
-//! mo-align: multi-objective alignment of Qwen2.5 with LoRA, on Candle.
+//! mo-align: multi-objective alignment of Qwen2.5 / Qwen3 models, on Candle.
 //!
-//! The module tree mirrors the pipeline: `model` (Qwen2 + LoRA, loading, the LM head),
-//! `tokenizer` (ChatML), `generate`, `eval`, and the shared utilities they stand on.
+//! The module tree mirrors the pipeline. Domain: `model` (the decoder, LoRA, loading, exports),
+//! `kernels` (the fused decoder's CPU and CUDA kernels), `tokenizer` (ChatML), `data`
+//! (records, batches), `objectives` (one loss per stage, scalarisers, weight conditioning),
+//! `reward` (reward heads, rule objectives), `train` (the one trainer: step, optimizer,
+//! checkpoints, logs), `generate`, `eval`, `judge`, `pareto` (front measures), `recipes` (one
+//! per subcommand, wiring the rest), `cli` (parses and dispatches). Shared utilities: `config`,
+//! `outputs` (where commands may write), `io`, `cache`, `rng`, `plot`, `profile`, `cpu`,
+//! `memory`, `switch`.
 
 pub mod cache;
 pub mod cli;

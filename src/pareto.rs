@@ -1,6 +1,6 @@
 //! Measures of a set of points in objective space (every objective maximised): which points are
 //! on the Pareto front, the hypervolume they dominate above a reference point, and how evenly
-//! they cover the front (sparsity, spacing). The Pareto report (issue 14) is built on these.
+//! they cover the front (sparsity, spacing). `mo-align pareto` is built on these.
 
 /// Whether `a` Pareto-dominates `b`: at least as good on every objective, better on one.
 pub fn dominates(a: &[f64], b: &[f64]) -> bool {

@@ -1,4 +1,4 @@
-//! Weight conditioning (issue 14): each example draws its own objective weights, the policy
+//! Weight conditioning: each example draws its own objective weights, the policy
 //! sees them in a fixed line of text, and the loss uses exactly the weights that line states.
 //!
 //! The line is `Objective weights: helpfulness=0.40, honesty=0.10, ...` with two decimals, in

@@ -2,7 +2,7 @@
 //!
 //! Per pair, with summed response log-probs and h = beta * [(pi_c - ref_c) - (pi_r - ref_r)]:
 //!     logit = (h + offset) * scale
-//! Plain DPO: offset 0, scale 1. Hybrid (report 1): offset = lambda * (s(r_c) - s(r_r)), a
+//! Plain DPO: offset 0, scale 1. Hybrid: offset = lambda * (s(r_c) - s(r_r)), a
 //! constant from the frozen reward model. MODPO: offset = -w_rest . (r_c - r_r), scale = 1 / w_k.
 //! Losses: sigmoid -log sig(logit) (with label smoothing eps: the cDPO form), robust (= the cDPO
 //! form), ipo (logit / beta - 1 / (2 beta))^2, hinge max(0, 1 - logit).

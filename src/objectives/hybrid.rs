@@ -25,9 +25,9 @@ pub enum Direction {
     /// explicit reward as well as the preference, so training moves the policy toward what the
     /// weights favour (the same direction as MODPO). What a user weighting an objective expects.
     Steer,
-    /// logit = h + lambda * (s(r_c) - s(r_r)): report 1's formula read literally. The explicit
+    /// logit = h + lambda * (s(r_c) - s(r_r)): the hybrid formula read literally. The explicit
     /// reward explains part of each preference, so the policy learns only the rest and moves
-    /// away from what the weights favour. Kept to reproduce the report.
+    /// away from what the weights favour. Kept to reproduce that reading.
     Offset,
 }
 

@@ -1,8 +1,8 @@
-//! Reward-weighted likelihood (report 2): each response's mean token log-likelihood weighted by
+//! Reward-weighted likelihood: each response's mean token log-likelihood weighted by
 //! an advantage A from the reward model, loss = -A * mean log p(y | x).
 //!
-//! The reward is r = -sum_i w_i |s_i - target_i|. With `advantage = "raw"`, A = r (report 2's
-//! form): r <= 0, so every response is pushed down, the worst hardest, and nothing is pulled up.
+//! The reward is r = -sum_i w_i |s_i - target_i|. With `advantage = "raw"`, A = r (the
+//! literal form): r <= 0, so every response is pushed down, the worst hardest, and nothing is pulled up.
 //! With `advantage = "mean_baseline"` (the default), A = r minus the mean reward of the responses
 //! to the same prompt: better-than-average responses are made likelier and worse ones less
 //! likely - REINFORCE with a baseline (RLOO with the pair as the group).

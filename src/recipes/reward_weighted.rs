@@ -1,4 +1,4 @@
-//! `mo-align reward-weighted`: report 2's reward-weighted likelihood. Each response of a pair is
+//! `mo-align reward-weighted`: reward-weighted likelihood. Each response of a pair is
 //! weighted by its advantage under the frozen reward model (scores computed once and cached).
 
 use super::conditioned::{self, Split, WeightedScoredPair};

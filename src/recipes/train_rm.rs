@@ -31,7 +31,7 @@ pub struct RmConfig {
     pub ranking_weights: Vec<f64>,
     /// Sequences per backbone forward when extracting features.
     pub feature_batch_size: usize,
-    /// What the head reads: `last_token` (report 1) or `last_mean_logprob`.
+    /// What the head reads: `last_token` (the final hidden state) or `last_mean_logprob`.
     pub features: FeatureSet,
 }
 

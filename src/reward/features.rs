@@ -19,7 +19,7 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FeatureSet {
-    /// The final hidden state at the last token of prompt + response (report 1): [H].
+    /// The final hidden state at the last token of prompt + response (the usual reward-model feature): [H].
     #[default]
     LastToken,
     /// That, the mean final hidden state over the response tokens, and the backbone's own
