@@ -30,6 +30,8 @@ pub mod recipes;
 pub mod reward;
 pub mod rng;
 pub mod switch;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod tokenizer;
 pub mod train;
 

@@ -313,20 +313,8 @@ fn into(dst: &Tensor, a: &Tensor, b: &Tensor, alpha: f64, accumulate: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_diff;
     use candle_core::Device;
-
-    fn close(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn products_of_strided_views_match_candle() -> Result<()> {
@@ -337,25 +325,25 @@ mod tests {
         let a = x.narrow(1, 3, 9)?;
         let b = w.t()?;
         let want = a.contiguous()?.matmul(&b.contiguous()?)?;
-        assert!(close(&mm(&a, &b)?, &want) < 1e-12);
+        assert!(max_diff(&mm(&a, &b)?, &want) < 1e-12);
         // Scaled, and accumulated into a column block of a wider buffer.
         let dst = Tensor::ones((7, 8), DType::F64, &dev)?;
         mm_acc(&dst.narrow(1, 2, 5)?, &a, &b, -0.5)?;
         let got = dst.narrow(1, 2, 5)?;
-        assert!(close(&got, &(&want * -0.5)?.affine(1.0, 1.0)?) < 1e-12);
+        assert!(max_diff(&got, &(&want * -0.5)?.affine(1.0, 1.0)?) < 1e-12);
         assert!(
-            close(
+            max_diff(
                 &dst.narrow(1, 0, 2)?,
                 &Tensor::ones((7, 2), DType::F64, &dev)?
             ) < 1e-15
         );
         mm_into(&dst.narrow(1, 2, 5)?, &a, &b, 2.0)?;
-        assert!(close(&dst.narrow(1, 2, 5)?, &(&want * 2.0)?) < 1e-12);
+        assert!(max_diff(&dst.narrow(1, 2, 5)?, &(&want * 2.0)?) < 1e-12);
         // Batched, with a shared right operand.
         let q = Tensor::randn(0f64, 1.0, (3, 4, 6), &dev)?;
         let r = Tensor::randn(0f64, 1.0, (6, 2), &dev)?;
         let want = q.broadcast_matmul(&r)?;
-        assert!(close(&mm(&q, &r)?, &want) < 1e-12);
+        assert!(max_diff(&mm(&q, &r)?, &want) < 1e-12);
         Ok(())
     }
 }

@@ -490,14 +490,8 @@ pub fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_diff;
     use candle_core::{DType, Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64))
-            .and_then(|d| d.to_scalar::<f64>())
-            .expect("same shapes")
-    }
 
     fn var(shape: &[usize]) -> Var {
         Var::randn(0f64, 1.0, shape, &Device::Cpu).expect("randn")

@@ -747,6 +747,7 @@ mod tests {
     use crate::model::lora::LoraConfig;
     use crate::model::tiny::{random_model, tiny_config};
     use crate::rng::DropoutRng;
+    use crate::test_support::max_diff;
     use candle_core::Device;
 
     fn model(family: Family) -> Qwen {
@@ -770,19 +771,6 @@ mod tests {
             }
         }
         m
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// The fused stack's hidden states and every adapter gradient equal the unfused blocks'
