@@ -191,6 +191,17 @@ fn a_run_whose_every_step_was_skipped_does_not_end_as_done() {
     assert!(!out.join("adapter_model.safetensors").exists());
 }
 
+/// One (prompt, response) record for `eval --score`, in `<root>/answers.jsonl`.
+fn answers_to_score(root: &Path) -> PathBuf {
+    let input = root.join("answers.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"What color is coal?\", \"response\": \"Coal is black.\"}\n",
+    )
+    .unwrap();
+    input
+}
+
 /// A reward model trained on the tiny base (no adapter), in `<root>/rm`.
 fn trained_rm(root: &Path) -> PathBuf {
     let rm = root.join("rm");
@@ -213,12 +224,7 @@ fn trained_rm(root: &Path) -> PathBuf {
 fn reward_scores_come_from_the_reward_models_own_backbone() {
     let root = scratch("rm-backbone");
     let rm = trained_rm(&root);
-    let input = root.join("answers.jsonl");
-    std::fs::write(
-        &input,
-        "{\"prompt\": \"What color is coal?\", \"response\": \"Coal is black.\"}\n",
-    )
-    .unwrap();
+    let input = answers_to_score(&root);
     let score = |extra: &[&str]| {
         let out = root.join(format!("scored-{}.jsonl", extra.len()));
         let mut args = vec![
@@ -713,12 +719,7 @@ fn a_relative_backbone_path_resolves_from_any_directory() {
     info["backbone_model"] = "base".into();
     info["backbone_model_abs"] = base.canonicalize().unwrap().to_str().unwrap().into();
     std::fs::write(&info_path, info.to_string()).unwrap();
-    let input = root.join("answers.jsonl");
-    std::fs::write(
-        &input,
-        "{\"prompt\": \"What color is coal?\", \"response\": \"Coal is black.\"}\n",
-    )
-    .unwrap();
+    let input = answers_to_score(&root);
     let score = || {
         run(&[
             "eval",
@@ -744,12 +745,7 @@ fn a_relative_backbone_path_resolves_from_any_directory() {
 fn eval_outputs_never_land_in_what_it_reads() {
     let root = scratch("eval-outputs");
     let rm = trained_rm(&root);
-    let input = root.join("answers.jsonl");
-    std::fs::write(
-        &input,
-        "{\"prompt\": \"What color is coal?\", \"response\": \"Coal is black.\"}\n",
-    )
-    .unwrap();
+    let input = answers_to_score(&root);
     // No --model: the reward model loads its recorded backbone (the tiny model).
     let inside = tiny_dir().join("scored.jsonl");
     let o = run(&[
