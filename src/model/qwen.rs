@@ -370,6 +370,19 @@ impl DecoderLayer {
         out
     }
 
+    /// Concatenates q|k|v and gate|up again where a projection's weight was replaced.
+    fn refuse(&mut self) -> Result<()> {
+        let a = &mut self.self_attn;
+        if a.fused_qkv().is_none() {
+            a.fused = Fused::build(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+        }
+        let m = &mut self.mlp;
+        if m.fused_gate_up().is_none() {
+            m.fused = Fused::build(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        }
+        Ok(())
+    }
+
     pub fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
@@ -648,8 +661,13 @@ impl Qwen {
 
     /// Folds every adapter into its base weight and removes the adapters.
     pub fn merge_lora(&mut self) -> Result<()> {
-        for lin in self.linears_mut() {
-            lin.merge()?;
+        for layer in self.layers.iter_mut() {
+            for lin in layer.linears_mut() {
+                lin.merge()?;
+            }
+            // A merge replaces the weights the q|k|v and gate|up concatenations were made of:
+            // they are made again, so a merged base keeps one GEMM per group in every step.
+            layer.refuse()?;
         }
         Ok(())
     }

@@ -750,6 +750,24 @@ mod tests {
     use crate::test_support::max_diff;
     use candle_core::Device;
 
+    /// A merged adapter replaces the projections' weights: the q|k|v and gate|up
+    /// concatenations are made again, so a merged base keeps the one-GEMM path.
+    #[test]
+    fn merging_keeps_the_concatenated_weights() {
+        for family in [Family::Qwen2, Family::Qwen3] {
+            let mut m = model(family);
+            m.merge_lora().unwrap();
+            for layer in &m.layers {
+                let a = &layer.self_attn;
+                let qkv = a.fused_qkv().expect("q|k|v concatenated after a merge");
+                let q = &a.q_proj.weight;
+                assert_eq!(max_diff(&qkv.narrow(0, 0, q.dims()[0]).unwrap(), q), 0.0);
+                assert!(layer.mlp.fused_gate_up().is_some());
+                assert_eq!(a.fused_qkv_bias().is_some(), a.q_proj.bias.is_some());
+            }
+        }
+    }
+
     fn model(family: Family) -> Qwen {
         let mut cfg = tiny_config();
         if family == Family::Qwen3 {
