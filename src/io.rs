@@ -35,29 +35,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Streams a file to `path` atomically: `fill` writes into a temporary sibling (buffered,
-/// seekable), which is synced and renamed; on any error the temporary file is removed. For
-/// outputs too large to build in memory first (a GGUF export).
-pub fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
-) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| -> Result<()> {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        fill(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
-    }
-    Ok(())
-}
-
 /// Serialises `value` as pretty JSON and writes it atomically.
 pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
@@ -202,6 +179,9 @@ impl Drop for AtomicDir {
     }
 }
 
+/// The lock file of a run directory (`RunLock`).
+pub const LOCK_FILE: &str = ".mo-align.lock";
+
 /// An exclusive advisory lock on a run's output directory (`.mo-align.lock`), held for the
 /// life of the run and released by the OS if the process dies. The holder's PID is written
 /// into the lock file so a second run can name it.
@@ -213,7 +193,7 @@ impl RunLock {
     pub fn acquire(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create output directory", dir.display()))?;
-        let path = dir.join(".mo-align.lock");
+        let path = dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -171,6 +171,21 @@ pub fn check_inputs_unchanged(dir: &Path, resolved: &str) -> Result<()> {
     Ok(())
 }
 
+/// How `out` overlaps `input` once both are resolved: it "is", "contains" or "lies inside"
+/// it, or neither (`None`). Paths that do not exist yet compare by their resolved ancestors.
+pub fn overlap(out: &Path, input: &Path) -> Option<&'static str> {
+    let (o, i) = (resolved_path(out), resolved_path(input));
+    if o == i {
+        Some("is")
+    } else if i.starts_with(&o) {
+        Some("contains")
+    } else if o.starts_with(&i) {
+        Some("lies inside")
+    } else {
+        None
+    }
+}
+
 /// Refuses a cache directory (`cache_dir` keys of a resolved config) that is, or lies inside,
 /// something the command reads: caches are written there. A cache holding an input is fine
 /// (a model kept under the cache root).
@@ -187,10 +202,8 @@ pub fn check_cache_dirs(resolved: &str, inputs: &Inputs) -> Result<()> {
     let mut dirs = vec![];
     walk(&toml::from_str(resolved)?, "", &mut dirs);
     for (key, dir) in dirs {
-        let c = resolved_path(Path::new(&dir));
         for (name, input) in &inputs.0 {
-            let i = resolved_path(input);
-            if c == i || c.starts_with(&i) {
+            if matches!(overlap(Path::new(&dir), input), Some("is" | "lies inside")) {
                 bail!(
                     "{key} {dir}: is or lies inside the {name} {}, which this command reads; choose a cache directory of its own",
                     input.display()
@@ -222,16 +235,8 @@ pub fn check(
     inputs: &Inputs,
     force: bool,
 ) -> Result<()> {
-    let o = resolved_path(out);
     for (name, input) in &inputs.0 {
-        let i = resolved_path(input);
-        let how = if o == i {
-            "is"
-        } else if i.starts_with(&o) {
-            "contains"
-        } else if o.starts_with(&i) {
-            "lies inside"
-        } else {
+        let Some(how) = overlap(out, input) else {
             continue;
         };
         bail!(
@@ -276,7 +281,7 @@ pub const RUN_RECORD: &str = "config.resolved.toml";
 /// a file the user put there is never deleted.
 pub fn run_made(name: &str) -> bool {
     const NAMES: [&str; 31] = [
-        ".mo-align.lock",
+        crate::io::LOCK_FILE,
         RUN_RECORD,
         INPUTS_RECORD,
         "metrics.jsonl",
@@ -400,7 +405,7 @@ impl RunDir {
             }
             root
         };
-        let lock_existed = output_dir.join(".mo-align.lock").exists();
+        let lock_existed = output_dir.join(crate::io::LOCK_FILE).exists();
         let lock = RunLock::acquire(output_dir)?;
         let mut dir = RunDir {
             path: output_dir.to_path_buf(),
@@ -434,7 +439,8 @@ impl RunDir {
                     d.filter_map(|e| e.ok())
                         .map(|e| e.file_name().to_string_lossy().into_owned())
                         .filter(|n| {
-                            n != ".mo-align.lock" && !(n.starts_with('.') && n.contains(".tmp-"))
+                            n != crate::io::LOCK_FILE
+                                && !(n.starts_with('.') && n.contains(".tmp-"))
                         })
                         .collect()
                 })
@@ -512,7 +518,7 @@ impl RunDir {
             {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name == ".mo-align.lock" || !run_made(&name) {
+                if name == crate::io::LOCK_FILE || !run_made(&name) {
                     continue;
                 }
                 let p = entry.path();
@@ -553,7 +559,7 @@ impl Drop for RunDir {
         }
         let only_lock = std::fs::read_dir(&self.path).is_ok_and(|d| {
             d.filter_map(|e| e.ok())
-                .all(|e| e.file_name() == ".mo-align.lock")
+                .all(|e| e.file_name() == crate::io::LOCK_FILE)
         });
         match &self.created_root {
             Some(root) if only_lock => {
@@ -567,7 +573,7 @@ impl Drop for RunDir {
                 }
             }
             None if !self.lock_existed => {
-                let _ = std::fs::remove_file(self.path.join(".mo-align.lock"));
+                let _ = std::fs::remove_file(self.path.join(crate::io::LOCK_FILE));
             }
             _ => {}
         }

@@ -341,16 +341,14 @@ fn padding(n: u64) -> u64 {
 
 /// Writes a GGUF file tensor by tensor. Every tensor's type and size are known from its shape,
 /// so the header (metadata and tensor table with offsets) is written first and each tensor's
-/// data follows as it is produced: memory holds one tensor, never the model. Written into a
-/// temporary sibling and renamed by `finish`.
+/// data follows as it is produced: memory holds one tensor, never the model. The caller makes
+/// the file atomic (merge writes it inside its `AtomicDir`).
 pub struct GgufWriter {
     w: std::io::BufWriter<std::fs::File>,
-    tmp: std::path::PathBuf,
     path: std::path::PathBuf,
     /// (Hugging Face name, stored type, dims) in file order.
     tensors: Vec<(String, GgmlDType, Vec<usize>)>,
     next: usize,
-    finished: bool,
 }
 
 impl GgufWriter {
@@ -367,15 +365,8 @@ impl GgufWriter {
             let gg = gguf_name(hf).with_context(|| format!("weight `{hf}` has no GGUF name"))?;
             tensors.push((hf.clone(), gg, kind.storage(dims), dims.clone()));
         }
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp-{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let file = std::fs::File::create(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("{}: cannot create", path.display()))?;
         let mut w = std::io::BufWriter::new(file);
         let mut head = vec![];
         head.extend(0x4655_4747u32.to_le_bytes()); // "GGUF"
@@ -403,17 +394,15 @@ impl GgufWriter {
         let pad = padding(head.len() as u64) as usize;
         head.extend(std::iter::repeat_n(0u8, pad));
         w.write_all(&head)
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+            .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(Self {
             w,
-            tmp,
             path: path.to_path_buf(),
             tensors: tensors
                 .into_iter()
                 .map(|(hf, _, ty, d)| (hf, ty, d))
                 .collect(),
             next: 0,
-            finished: false,
         })
     }
 
@@ -440,30 +429,22 @@ impl GgufWriter {
         self.w
             .write_all(&data)
             .and_then(|_| self.w.write_all(&vec![0u8; pad]))
-            .with_context(|| format!("{}: cannot write", self.tmp.display()))?;
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
         self.next += 1;
         Ok(())
     }
 
-    /// Checks every tensor was written, syncs and moves the file into place.
+    /// Checks every tensor was written and syncs the file.
     pub fn finish(mut self) -> Result<()> {
         if let Some((missing, _, _)) = self.tensors.get(self.next) {
             bail!("GGUF writer: `{missing}` was never written");
         }
         self.w.flush()?;
-        self.w.get_ref().sync_all()?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("{}: cannot move into place", self.path.display()))?;
-        self.finished = true;
+        self.w
+            .get_ref()
+            .sync_all()
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
         Ok(())
-    }
-}
-
-impl Drop for GgufWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }
 

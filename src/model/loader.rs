@@ -57,16 +57,20 @@ pub fn load_merged(
 }
 
 /// Resolves `spec` (a directory, or `org/name` on the Hub) to local files.
+/// Whether `spec` has the form of a Hub repo id (`org/name`) rather than a local path.
+pub fn looks_like_repo(spec: &str) -> bool {
+    spec.split('/').count() == 2
+        && !spec.starts_with('.')
+        && !spec.starts_with('/')
+        && spec.split('/').all(|p| !p.is_empty())
+}
+
 pub fn resolve(spec: &str) -> Result<ModelFiles> {
     let path = Path::new(spec);
     if path.is_dir() {
         return local_files(spec, path);
     }
-    let looks_like_repo = spec.split('/').count() == 2
-        && !spec.starts_with('.')
-        && !spec.starts_with('/')
-        && spec.split('/').all(|p| !p.is_empty());
-    if !looks_like_repo {
+    if !looks_like_repo(spec) {
         bail!("{spec}: no such model directory (and not a Hub repo id like `Qwen/Qwen2.5-0.5B`)");
     }
     hub_files(spec)
@@ -479,6 +483,23 @@ impl Loaded {
     }
 }
 
+/// The model's tokenizer, refused when it has more tokens than the embedding has rows.
+pub fn load_tokenizer(
+    files: &ModelFiles,
+    config: &super::QwenConfig,
+) -> Result<crate::tokenizer::ChatTokenizer> {
+    let tokenizer = crate::tokenizer::ChatTokenizer::from_file(&files.tokenizer)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but config.json vocab_size is {}",
+            files.tokenizer.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+    }
+    Ok(tokenizer)
+}
+
 pub fn load_pretrained(
     spec: &str,
     adapter: Option<&Path>,
@@ -487,15 +508,7 @@ pub fn load_pretrained(
 ) -> Result<Loaded> {
     let files = resolve(spec)?;
     let mut model = load_model(&files, dtype, device)?;
-    let tokenizer = crate::tokenizer::ChatTokenizer::from_file(&files.tokenizer)?;
-    if tokenizer.vocab_size() > model.config.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but config.json vocab_size is {}",
-            files.tokenizer.display(),
-            tokenizer.vocab_size(),
-            model.config.vocab_size
-        );
-    }
+    let tokenizer = load_tokenizer(&files, &model.config)?;
     let adapter = match adapter {
         Some(dir) => {
             warn_if_other_base(spec, dir);

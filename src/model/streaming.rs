@@ -33,24 +33,9 @@ pub struct StreamedWeights {
     entries: HashMap<String, Entry>,
 }
 
-fn dtype_of(name: &str) -> Option<DType> {
-    Some(match name {
-        "F64" => DType::F64,
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        _ => return None,
-    })
-}
-
-fn dtype_name(d: DType) -> Result<&'static str> {
-    Ok(match d {
-        DType::F64 => "F64",
-        DType::F32 => "F32",
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        d => bail!("cannot write dtype {d:?}"),
-    })
+/// The bytes of a tensor of `dtype` and `shape`.
+fn nbytes(dtype: DType, shape: &[usize]) -> u64 {
+    shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64
 }
 
 impl StreamedWeights {
@@ -77,31 +62,28 @@ impl StreamedWeights {
             }
             let mut header = vec![0u8; n as usize];
             f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-            let header: serde_json::Map<String, serde_json::Value> =
+            // The safetensors crate's own header type checks that the offsets are contiguous
+            // and fit each tensor's dtype and shape, without overflow.
+            let header: safetensors::tensor::Metadata =
                 serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
             let data_start = 8 + n;
-            for (name, v) in header {
-                if name == "__metadata__" {
-                    continue;
-                }
-                let dtype = v["dtype"].as_str().unwrap_or("?");
-                let dtype = dtype_of(dtype).ok_or_else(|| {
-                    bad(format!("tensor `{name}` has dtype {dtype}, not a float"))
-                })?;
-                let shape: Option<Vec<usize>> = v["shape"]
-                    .as_array()
-                    .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect());
-                let offsets: Option<Vec<u64>> = v["data_offsets"]
-                    .as_array()
-                    .and_then(|a| a.iter().map(serde_json::Value::as_u64).collect());
-                let (Some(shape), Some(offsets)) = (shape, offsets) else {
-                    return Err(bad(format!("tensor `{name}`: bad shape or data_offsets")));
-                };
-                let want = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
-                let (start, end) = (data_start + offsets[0], data_start + offsets[1]);
-                if offsets.len() != 2 || end < start || end - start != want || end > size {
+            for (name, info) in header.tensors() {
+                let dtype = DType::try_from(info.dtype)
+                    .ok()
+                    .filter(|d| d.is_float())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "tensor `{name}` has dtype {:?}, not a float",
+                            info.dtype
+                        ))
+                    })?;
+                let (start, end) = (
+                    data_start + info.data_offsets.0 as u64,
+                    data_start + info.data_offsets.1 as u64,
+                );
+                if end > size {
                     return Err(bad(format!(
-                        "tensor `{name}`: data_offsets do not fit its shape and the file"
+                        "tensor `{name}` lies beyond the end of the file"
                     )));
                 }
                 entries.insert(
@@ -109,7 +91,7 @@ impl StreamedWeights {
                     Entry {
                         file: i,
                         dtype,
-                        shape,
+                        shape: info.shape.clone(),
                         start,
                         end,
                     },
@@ -162,8 +144,8 @@ struct Shard {
     tensors: Vec<(String, DType, Vec<usize>)>,
 }
 
-/// Writes a checkpoint's safetensors file(s) into `dir` tensor by tensor, in the order
-/// `order` gives (names sorted, as `safetensors_bytes` writes them). The caller makes `dir`
+/// Writes a checkpoint's safetensors file(s) into `dir` tensor by tensor, in name order (as
+/// `safetensors_bytes` writes them; `write` refuses another). The caller makes `dir`
 /// atomic (an `AtomicDir`); `finish` checks that every planned tensor was written.
 pub struct CheckpointWriter {
     dir: PathBuf,
@@ -181,13 +163,10 @@ impl CheckpointWriter {
     ) -> Result<Self> {
         let mut sorted = tensors.to_vec();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let bytes = |t: &(String, DType, Vec<usize>)| {
-            t.2.iter().product::<usize>() as u64 * t.1.size_in_bytes() as u64
-        };
         let mut groups: Vec<Vec<(String, DType, Vec<usize>)>> = vec![vec![]];
         let mut in_group = 0u64;
         for t in sorted {
-            let b = bytes(&t);
+            let b = nbytes(t.1, &t.2);
             if in_group > 0 && in_group + b > shard_bytes {
                 groups.push(vec![]);
                 in_group = 0;
@@ -217,14 +196,6 @@ impl CheckpointWriter {
         })
     }
 
-    /// The names in the order `write` takes them.
-    pub fn order(&self) -> Vec<String> {
-        self.shards
-            .iter()
-            .flat_map(|s| s.tensors.iter().map(|t| t.0.clone()))
-            .collect()
-    }
-
     fn open_shard(&mut self) -> Result<()> {
         let shard = &self.shards[self.shard];
         let path = self.dir.join(&shard.file);
@@ -232,10 +203,11 @@ impl CheckpointWriter {
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
         let mut offset = 0u64;
         for (name, dtype, shape) in &shard.tensors {
-            let len = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+            let len = nbytes(*dtype, shape);
+            let st_dtype = safetensors::Dtype::from(*dtype);
             header.insert(
                 name.clone(),
-                serde_json::json!({"dtype": dtype_name(*dtype)?, "shape": shape, "data_offsets": [offset, offset + len]}),
+                serde_json::json!({"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
             );
             offset += len;
         }
@@ -311,7 +283,7 @@ impl CheckpointWriter {
             let mut total = 0u64;
             for s in &self.shards {
                 for (name, dtype, shape) in &s.tensors {
-                    total += shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+                    total += nbytes(*dtype, shape);
                     map.insert(name.clone(), s.file.clone());
                 }
             }

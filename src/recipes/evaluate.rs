@@ -452,11 +452,8 @@ pub fn run(args: EvalOptions) -> Result<()> {
     if let Some(p) = &args.report {
         crate::io::write_json_atomic(p, &report)?;
         // The per-objective bar chart (model vs baseline) goes next to the report.
-        let dir = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        crate::plot::plot_objective_scores(p, dir, false)?;
+        let chart = report_chart(p);
+        crate::plot::plot_objective_scores(p, chart.parent().unwrap_or(p), false)?;
     }
     if args.json {
         println!("{report}");

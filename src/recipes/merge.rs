@@ -8,14 +8,15 @@
 
 use crate::io::AtomicDir;
 use crate::model::gguf::{GgufSource, GgufType, GgufWriter};
-use crate::model::loader::{check_layers, resolve, warn_if_other_base, write_model_files};
+use crate::model::loader::{
+    check_layers, load_tokenizer, resolve, warn_if_other_base, write_model_files,
+};
 use crate::model::lora::merged_weight;
 use crate::model::peft::{read_peft_config, read_peft_tensors};
 use crate::model::qwen::module_name;
 use crate::model::streaming::{peak_rss_bytes, CheckpointWriter, StreamedWeights};
 use crate::model::{parse_dtype, QwenConfig};
 use crate::outputs::{check, Existing, Inputs};
-use crate::tokenizer::ChatTokenizer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use std::path::Path;
@@ -66,15 +67,7 @@ pub fn run_sharded(
     let config = QwenConfig::from_file(&files.config)?;
     let weights = StreamedWeights::open(&files.weights)?;
     check_layers(&config, &files, weights.layer_count())?;
-    let tokenizer = ChatTokenizer::from_file(&files.tokenizer)?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but config.json vocab_size is {}",
-            files.tokenizer.display(),
-            tokenizer.vocab_size(),
-            config.vocab_size
-        );
-    }
+    let tokenizer = load_tokenizer(&files, &config)?;
     warn_if_other_base(model, adapter);
     let lora = read_peft_config(adapter)?;
     let mut deltas = read_peft_tensors(adapter, &Device::Cpu)?;
@@ -126,13 +119,6 @@ pub fn run_sharded(
         .map(|(n, s)| (n.clone(), dtype, s.clone()))
         .collect();
     let mut checkpoint = CheckpointWriter::create(dir.path(), &typed, shard_bytes)?;
-    let order = checkpoint.order();
-    let shapes: std::collections::HashMap<&str, &Vec<usize>> =
-        plan.iter().map(|(n, s)| (n.as_str(), s)).collect();
-    let ordered: Vec<(String, Vec<usize>)> = order
-        .iter()
-        .map(|n| (n.clone(), shapes[n.as_str()].clone()))
-        .collect();
     let mut gguf_writer = match gguf {
         Some(kind) => Some(GgufWriter::create(
             &dir.path().join(gguf_file_name(kind)),
@@ -142,11 +128,12 @@ pub fn run_sharded(
                 tokenizer: &tokenizer,
             },
             kind,
-            &ordered,
+            &plan,
         )?),
         None => None,
     };
-    for (name, shape) in &ordered {
+    // In name order: the order both writers planned.
+    for (name, shape) in &plan {
         // Merged in f32 whatever the output dtype: W + s * B A is then rounded once.
         let w = weights.read(name, shape)?.to_dtype(DType::F32)?;
         let delta = name.strip_suffix(".weight").and_then(|m| deltas.remove(m));

@@ -190,7 +190,7 @@ fn preference_stages(p: &StagesConfig) -> Vec<(&'static str, &str)> {
 /// or not) or what a stage reads: checked from the stage configs (with the pipeline's
 /// overrides) before any stage trains.
 fn check_stage_overlap(p: &StagesConfig) -> Result<()> {
-    let out = crate::io::resolved_path(Path::new(&p.output_dir));
+    let out = Path::new(&p.output_dir);
     let configs = [&p.base, &p.sft, &p.train_rm, &p.dpo, &p.pareto]
         .into_iter()
         .chain(&p.hybrid_dpo)
@@ -214,17 +214,7 @@ fn check_stage_overlap(p: &StagesConfig) -> Result<()> {
                 .map(str::to_string)
         });
         if let Some(s) = stage_out.filter(|s| !s.is_empty()) {
-            let so = crate::io::resolved_path(Path::new(&s));
-            let how = if so == out {
-                Some("is")
-            } else if so.starts_with(&out) {
-                Some("contains")
-            } else if out.starts_with(&so) {
-                Some("lies inside")
-            } else {
-                None
-            };
-            if let Some(how) = how {
+            if let Some(how) = crate::outputs::overlap(out, Path::new(&s)) {
                 bail!(
                     "pipeline.output_dir {}: {how} the output {s} of the stage {config}; choose a directory of its own",
                     p.output_dir
@@ -233,7 +223,7 @@ fn check_stage_overlap(p: &StagesConfig) -> Result<()> {
         }
         let reads = crate::outputs::Inputs::from_config(&toml::to_string(&table)?)?;
         crate::outputs::check(
-            Path::new(&p.output_dir),
+            out,
             "pipeline.output_dir",
             crate::outputs::Existing::RunDir,
             &reads,

@@ -189,10 +189,7 @@ impl RewardModelInfo {
             if let Some(a) = abs.filter(|a| Path::new(a).exists()) {
                 return Ok(a.to_string());
             }
-            let p = Path::new(recorded);
-            let hub_like =
-                p.is_relative() && p.components().count() == 2 && !recorded.starts_with('.');
-            if may_be_hub && hub_like {
+            if may_be_hub && crate::model::loader::looks_like_repo(recorded) {
                 return Ok(recorded.to_string());
             }
             let cwd = std::env::current_dir().unwrap_or_default();
