@@ -592,7 +592,7 @@ fn sample_case(case: &Case) -> anyhow::Result<serde_json::Value> {
 /// and one [T, 4864] per layer, 24 layers): masks drawn by the counter-based op, against a
 /// host ChaCha mask plus a multiply (what mo-align did before masks moved to the device).
 fn dropout_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> {
-    use mo_align::model::dropout::DropoutMask;
+    use mo_align::kernels::dropout::DropoutMask;
     let cfg = real_config();
     let t = case.seq;
     let shapes: Vec<(usize, usize)> = (0..cfg.num_hidden_layers)

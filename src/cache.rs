@@ -1,73 +1,16 @@
-//! On-disk caches for work that depends only on frozen things: reference log-probs (here),
-//! reward features and reward-model scores (`reward::features`). Entries are safetensors files
+//! On-disk caches for work that depends only on frozen things: reference log-probs
+//! (`objectives::pair`), reward features and reward-model scores (`reward::features`). Entries are safetensors files
 //! named by a digest of everything the values depend on (the model's files, the merged adapter,
 //! the exact token ids, the settings), so a rerun or a later epoch skips the computation and any
 //! change misses the cache.
 
-use crate::data::preference::PreferencePair;
+use crate::digest::Digest;
 use crate::io::{safetensors_bytes, write_atomic};
 use crate::model::loader::ModelFiles;
-use crate::model::Qwen;
-use crate::objectives::pair::{reference_logprobs, PairIds};
-use crate::train::progress::Progress;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// FNV-1a, 64-bit: stable across platforms and Rust versions (unlike std's hasher).
-#[derive(Clone)]
-pub struct Digest(u64);
-
-impl Default for Digest {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Digest {
-    pub fn bytes(&mut self, data: &[u8]) -> &mut Self {
-        for b in data {
-            self.0 ^= *b as u64;
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-        self
-    }
-
-    pub fn str(&mut self, s: &str) -> &mut Self {
-        self.bytes(&(s.len() as u64).to_le_bytes())
-            .bytes(s.as_bytes())
-    }
-
-    pub fn ids(&mut self, ids: &[u32]) -> &mut Self {
-        self.bytes(&(ids.len() as u64).to_le_bytes());
-        for i in ids {
-            self.bytes(&i.to_le_bytes());
-        }
-        self
-    }
-
-    /// A file's identity: its name, size and modification time (contents of small files).
-    pub fn file(&mut self, path: &Path) -> Result<&mut Self> {
-        let meta =
-            std::fs::metadata(path).with_context(|| format!("{}: cannot stat", path.display()))?;
-        self.str(&path.file_name().unwrap_or_default().to_string_lossy());
-        self.bytes(&meta.len().to_le_bytes());
-        if meta.len() <= 64 << 20 {
-            let data =
-                std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-            self.bytes(&data);
-        } else if let Ok(m) = meta.modified() {
-            let t = m.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            self.bytes(&t.as_nanos().to_le_bytes());
-        }
-        Ok(self)
-    }
-
-    pub fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
 
 /// Digest of a checkpoint (config, weights, tokenizer) plus an optional adapter merged into it.
 pub fn model_digest(files: &ModelFiles, adapter: Option<&Path>, dtype: &str) -> Result<Digest> {
@@ -136,41 +79,4 @@ pub fn load_or_compute(
         .collect::<Result<_>>()?;
     write_atomic(&path, &safetensors_bytes(&cpu, Some(meta))?)?;
     Ok((tensors, false))
-}
-
-/// Reference (adapters off) summed log-probs of every pair's chosen and rejected response, from
-/// the cache or one no-grad pass (`model_key` identifies the frozen weights).
-pub fn cached_reference(
-    model: &Qwen,
-    model_key: &Digest,
-    pairs: &[PreferencePair],
-    dir: &Path,
-    quiet: bool,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let mut key = model_key.clone();
-    key.str("dpo-reference-packed-v1");
-    for p in pairs {
-        key.ids(&p.prompt).ids(&p.chosen).ids(&p.rejected);
-    }
-    let (t, hit) = load_or_compute(dir, "reference", &key, &model.device, || {
-        let bar = Progress::new(pairs.len() as u64, 0, quiet, "reference log-probs");
-        let ids: Vec<PairIds<'_>> = pairs.iter().map(PreferencePair::ids).collect();
-        let (c, r) = reference_logprobs(model, &ids, &|n| bar.set(n as u64, String::new()))?;
-        bar.finish();
-        let n = pairs.len();
-        Ok(HashMap::from([
-            ("chosen".to_string(), Tensor::from_vec(c, n, &model.device)?),
-            (
-                "rejected".to_string(),
-                Tensor::from_vec(r, n, &model.device)?,
-            ),
-        ]))
-    })?;
-    if hit {
-        eprintln!(
-            "reference log-probs of {} pairs from the cache",
-            pairs.len()
-        );
-    }
-    Ok((t["chosen"].to_vec1()?, t["rejected"].to_vec1()?))
 }

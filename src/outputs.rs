@@ -85,7 +85,7 @@ pub fn config_inputs(resolved: &str) -> Result<Vec<(String, PathBuf)>> {
 /// Feeds input `p` into `d`: a file by its contents (name, size and modification time above
 /// 64 MB), a directory by its top-level weights and JSON files, so a retrained upstream stage
 /// or an edited data file changes it.
-fn digest_input(d: &mut crate::cache::Digest, p: &Path) -> Result<()> {
+fn digest_input(d: &mut crate::digest::Digest, p: &Path) -> Result<()> {
     if p.is_file() {
         d.file(p)?;
         return Ok(());
@@ -113,7 +113,7 @@ fn digest_input(d: &mut crate::cache::Digest, p: &Path) -> Result<()> {
 pub fn input_digests(resolved: &str) -> Result<Vec<(String, String, String)>> {
     let mut out = vec![];
     for (key, p) in config_inputs(resolved)? {
-        let mut d = crate::cache::Digest::default();
+        let mut d = crate::digest::Digest::default();
         digest_input(&mut d, &p)?;
         out.push((key, p.display().to_string(), d.hex()));
     }
@@ -124,7 +124,7 @@ pub fn input_digests(resolved: &str) -> Result<Vec<(String, String, String)>> {
 /// config without globs it is the digest earlier versions recorded, so their finished stages
 /// still count as up to date.
 pub fn inputs_digest(resolved: &str) -> Result<String> {
-    let mut d = crate::cache::Digest::default();
+    let mut d = crate::digest::Digest::default();
     for (_, p) in config_inputs(resolved)? {
         d.str(&p.display().to_string());
         digest_input(&mut d, &p)?;

@@ -3,13 +3,11 @@
 //! Every random draw in training comes from a seeded stream, never from a thread RNG: data
 //! order, LoRA init and sampling from ChaCha streams derived from (seed, purpose, counter);
 //! dropout masks from a counter-based hash of (seed, call, element) computed where the tensor
-//! lives (`model::dropout`). A resumed run replays exactly the same draws from a step number
+//! lives (`kernels::dropout`). A resumed run replays exactly the same draws from a step number
 //! alone, with no RNG state to save.
 
-use crate::model::dropout::DropoutMask;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cell::Cell;
 
 /// A ChaCha generator for `(seed, stream)`; distinct streams never overlap.
 pub fn stream_rng(seed: u64, stream: u64) -> ChaCha8Rng {
@@ -37,58 +35,6 @@ pub fn normal_vec(rng: &mut impl Rng, n: usize, std: f32) -> Vec<f32> {
     out.truncate(n);
     out
 }
-
-/// Dropout masks for one forward pass. Each call takes the next counter value, so the masks
-/// depend only on (seed, order of calls) and a forward replays identically.
-pub struct DropoutRng {
-    seed: u64,
-    calls: Cell<u64>,
-}
-
-impl DropoutRng {
-    pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            calls: Cell::new(0),
-        }
-    }
-
-    pub fn seed(&self) -> u64 {
-        self.seed
-    }
-
-    /// A generator whose next call id is `calls` (replays a forward from that point).
-    pub fn starting_at(seed: u64, calls: u64) -> Self {
-        Self {
-            seed,
-            calls: Cell::new(calls),
-        }
-    }
-
-    /// The next call id, without taking it.
-    pub fn calls(&self) -> u64 {
-        self.calls.get()
-    }
-
-    /// Takes the next call id (one per dropout site in a forward).
-    pub fn next_call(&self) -> u64 {
-        let call = self.calls.get();
-        self.calls.set(call + 1);
-        call
-    }
-
-    /// The mask of dropout call `call` with drop probability `p`. The same (seed, call) always
-    /// gives the same mask on every device, so a backward regenerates it instead of keeping it.
-    pub fn mask(&self, call: u64, p: f32) -> DropoutMask {
-        DropoutMask {
-            key: mix_seed(self.seed, call, DROPOUT_STREAM),
-            p,
-        }
-    }
-}
-
-/// Separates dropout keys from every other use of `mix_seed`.
-const DROPOUT_STREAM: u64 = 0x0064_726f_706f_7574; // "dropout"
 
 /// Mixes a few integers into one seed (SplitMix64 finaliser over each), e.g. (seed, step,
 /// micro-batch) for a step's dropout stream.

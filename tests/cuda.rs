@@ -15,8 +15,8 @@ use common::readiness::{
 };
 use common::{golden_dir, golden_seqs, max_abs_diff, repo_root as repo, train_ctx};
 use mo_align::generate::{generate, SamplingConfig};
+use mo_align::kernels::dropout::DropoutMask;
 use mo_align::model::ctx::ForwardCtx;
-use mo_align::model::dropout::DropoutMask;
 use mo_align::model::input::ModelInput;
 use mo_align::model::lm_head::gather_rows;
 use mo_align::model::loader::{apply_adapter, load_pretrained};
@@ -362,12 +362,12 @@ mod kernels {
     use super::gpu;
     use candle_core::{DType, Device, Tensor};
     use mo_align::kernels::attention::{self, AttnSpec, RowSpan};
+    use mo_align::kernels::dropout::DropoutMask;
     use mo_align::kernels::lora::{self, Adapter, GradSlots};
     use mo_align::kernels::norm::{self, Projection};
     use mo_align::kernels::qkv::{self, QkvSpec};
     use mo_align::kernels::swiglu::{self, GateUp};
     use mo_align::kernels::{gemm, xent};
-    use mo_align::model::dropout::DropoutMask;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();

@@ -463,8 +463,8 @@ fn forwards_without_a_gradient_record_no_graph() {
 
 #[test]
 fn recomputed_layers_give_the_same_gradients_with_dropout() {
+    use mo_align::kernels::dropout::DropoutRng;
     use mo_align::model::ctx::GradSink;
-    use mo_align::rng::DropoutRng;
     let mut m = f64_model_with_random_lora();
     for lin in m.linears_mut() {
         lin.lora.as_mut().unwrap().dropout = 0.2;

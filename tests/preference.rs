@@ -5,9 +5,9 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use mo_align::cache::cached_reference;
 use mo_align::data::preference::{preference_pair, PreferencePair};
 use mo_align::data::{load_splits, DataConfig, DataReport, Parsed};
+use mo_align::kernels::dropout::DropoutRng;
 use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::input::ModelInput;
 use mo_align::model::lora::LoraConfig;
@@ -15,9 +15,9 @@ use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::hybrid::{
     explicit_terms, explicit_terms_with, Direction, Formulation, HybridConfig,
 };
+use mo_align::objectives::pair::cached_reference;
 use mo_align::objectives::pair::pair_logprobs;
 use mo_align::reward::{FeatureSet, ScoredSequence};
-use mo_align::rng::DropoutRng;
 use mo_align::train::Objective;
 use std::path::Path;
 
@@ -40,7 +40,7 @@ fn policy() -> mo_align::model::loader::Loaded {
     l
 }
 
-fn model_key() -> mo_align::cache::Digest {
+fn model_key() -> mo_align::digest::Digest {
     mo_align::cache::model_digest(
         &mo_align::model::loader::resolve(tiny_dir().to_str().unwrap()).unwrap(),
         None,

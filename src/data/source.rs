@@ -101,7 +101,7 @@ fn resolve_hub(spec: &str, rest: &str) -> Result<Vec<PathBuf>> {
         _ => bail!("{spec}: expected hf://datasets/<org>/<name>/<path in the repo>"),
     };
     let repo_id = format!("{org}/{name}");
-    let offline = crate::model::loader::hub_offline();
+    let offline = crate::hub::offline();
     let cache = hf_hub::Cache::from_env();
     if offline {
         if file.contains('*') {
@@ -115,11 +115,7 @@ fn resolve_hub(spec: &str, rest: &str) -> Result<Vec<PathBuf>> {
         })?;
         return Ok(vec![p]);
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-        .with_progress(true)
-        .build()
-        .with_context(|| format!("{spec}: cannot start the Hub client"))?;
-    let repo = api.dataset(repo_id);
+    let repo = crate::hub::client(cache, spec)?.dataset(repo_id);
     let files: Vec<String> = if file.contains('*') {
         let info = repo
             .info()

@@ -1,5 +1,5 @@
 /* Counter-based random bits shared by the CUDA kernels (ops.cu) and checked against their Rust
- * twin (src/model/dropout.rs) by a unit test that compiles this header with the host C compiler.
+ * twin (src/kernels/dropout.rs) by a unit test that compiles this header with the host C compiler.
  *
  * Element i of dropout call `key` keeps its value when bits(key, i) >= threshold, where
  *   bits(key, i) = high 32 bits of splitmix64(key + (i + 1) * 0x9E3779B97F4A7C15),

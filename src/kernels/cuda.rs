@@ -162,7 +162,7 @@ fn group<'a>(
             b: ptrs.of(a.b)?,
             gate: ptrs.opt(a.gate)?,
             key: mask.map_or(0, |m| m.key),
-            threshold: mask.map_or(0, |m| crate::model::dropout::threshold(m.p)),
+            threshold: mask.map_or(0, |m| super::dropout::threshold(m.p)),
             has_mask: mask.is_some() as i32,
             keep: mask.map_or(1.0, |m| 1.0f32 / (1.0f32 - m.p)),
             scale: a.scale as f32,

@@ -9,14 +9,14 @@
 //!             dB_i = dy_i^T u_i,  dA_i = du_i^T drop_i(x)           (`grads`)
 //!             dx  += drop_i(du_i A_i)                    (in the consumer: `dx_row`)
 //! The dropout mask is never stored: element (row, c) of x is kept when
-//! `counter_bits(key, row * in + c) >= threshold` (`model::dropout`), and survivors are scaled by
+//! `counter_bits(key, row * in + c) >= threshold` (`dropout`), and survivors are scaled by
 //! 1 / (1 - p), exactly the mask the unfused path draws for the same call.
 //! The u of all adapters of a group sit side by side in one [n, sum r_i] buffer.
 
 use super::cpu::{hold, Held, Real};
+use super::dropout::{counter_bits, threshold, DropoutMask};
 use super::gemm::{cpu_gemm, MatView};
 use super::{nbytes, produce, update, Produce, Update};
-use crate::model::dropout::{counter_bits, threshold, DropoutMask};
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 #[allow(unused_imports)]
 use num_traits::{Float as _, One as _, Zero as _};
@@ -485,8 +485,8 @@ mod tests {
             Var::randn(0f64, 1.0, (6, 4), &dev)?,
         );
         let gate = Tensor::new(&[0.5f64, 0.5, 1.5, 1.5], &dev)?;
-        let m1 = crate::rng::DropoutRng::new(3).mask(0, 0.3);
-        let m2 = crate::rng::DropoutRng::new(3).mask(1, 0.2);
+        let m1 = crate::kernels::dropout::DropoutRng::new(3).mask(0, 0.3);
+        let m2 = crate::kernels::dropout::DropoutRng::new(3).mask(1, 0.2);
         let ads = [
             Adapter {
                 a: a1.as_tensor(),

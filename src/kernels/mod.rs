@@ -13,7 +13,8 @@
 //!   backward, keeping the row log-sum-exp instead of the probabilities.
 //! - `swiglu`: the MLP epilogue (LoRA up, silu(gate) * up) and its backward.
 //! - `xent`: the LM head's row kernel (log-sum-exp, target log-prob, softmax minus one-hot).
-//! - `adamw`, `dropout` (in `model::dropout`): per-parameter updates and masks.
+//! - `dropout`: the masks (drawn per call from a counter-based hash) and the op applying them.
+//! - `adamw` (in `train::optim`): per-parameter updates.
 //!
 //! `src/build.rs` compiles `ops.cu` to PTX for compute capability 8.0 when the `cuda` feature is
 //! on; the driver JIT-compiles that PTX for the card at hand (sm_80, sm_86, sm_89 = RTX 4090,
@@ -26,6 +27,7 @@ pub mod attention;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dropout;
 pub mod gemm;
 pub mod lora;
 pub mod norm;

@@ -1,6 +1,6 @@
 // mo-align's own CUDA kernels, compiled to PTX by src/build.rs with `--features cuda` and
 // loaded through candle's custom-kernel cache. Each kernel has a CPU twin in Rust that computes
-// the same values (src/model/dropout.rs, src/train/optim.rs); the twins are what CI tests.
+// the same values (src/kernels/dropout.rs, src/train/optim.rs); the twins are what CI tests.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>

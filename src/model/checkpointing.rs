@@ -9,7 +9,7 @@
 
 use super::ctx::{ForwardCtx, GradSink};
 use super::fused::attach1;
-use crate::rng::DropoutRng;
+use crate::kernels::dropout::DropoutRng;
 use candle_core::{Result, Tensor, Var};
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! will be taken, where dropout masks come from, and whether decoder layers are recomputed in
 //! the backward (with the sink that collects the gradients found there).
 
-use crate::rng::DropoutRng;
+use crate::kernels::dropout::DropoutRng;
 use candle_core::{Result, Tensor, TensorId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -10,9 +10,9 @@
 //! below) and, through the whole model, against PyTorch and finite differences.
 
 use super::compute_dtype;
-use super::dropout::DropoutMask;
 use super::input::AttentionMask;
 use super::matmul::{matmul, matmul_t};
+use crate::kernels::dropout::DropoutMask;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
@@ -609,7 +609,7 @@ mod tests {
         let w = Tensor::randn(0f64, 1.0, (5, 6), &Device::Cpu)?;
         let bias = Tensor::randn(0f64, 1.0, 5, &Device::Cpu)?;
         let (la, lb) = (var(&[2, 6]), var(&[5, 2]));
-        let mask = crate::rng::DropoutRng::new(9).mask(0, 0.3);
+        let mask = crate::kernels::dropout::DropoutRng::new(9).mask(0, 0.3);
         let parts = LoraParts {
             a: la.as_tensor(),
             b: lb.as_tensor(),

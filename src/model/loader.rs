@@ -5,6 +5,7 @@
 
 use super::config::QwenConfig;
 use super::qwen::Qwen;
+use crate::hub;
 use crate::io::{safetensors_bytes, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -33,14 +34,6 @@ impl ModelFiles {
     }
 }
 
-/// Whether `HF_HUB_OFFLINE` asks for the Hub cache only (1/true/yes/on, any case), for models and
-/// datasets alike.
-pub fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-        .unwrap_or(false)
-}
-
 /// Loads `spec` and folds `merged_adapter` (if any) into its weights: the frozen base of a later
 /// stage, a reward model's backbone, an evaluation's reference.
 pub fn load_merged(
@@ -56,7 +49,6 @@ pub fn load_merged(
     Ok(loaded)
 }
 
-/// Resolves `spec` (a directory, or `org/name` on the Hub) to local files.
 /// Whether `spec` has the form of a Hub repo id (`org/name`) rather than a local path.
 pub fn looks_like_repo(spec: &str) -> bool {
     spec.split('/').count() == 2
@@ -65,6 +57,7 @@ pub fn looks_like_repo(spec: &str) -> bool {
         && spec.split('/').all(|p| !p.is_empty())
 }
 
+/// Resolves `spec` (a directory, or `org/name` on the Hub) to local files.
 pub fn resolve(spec: &str) -> Result<ModelFiles> {
     let path = Path::new(spec);
     if path.is_dir() {
@@ -104,7 +97,7 @@ fn local_files(spec: &str, dir: &Path) -> Result<ModelFiles> {
 
 fn hub_files(repo_id: &str) -> Result<ModelFiles> {
     let cache = hf_hub::Cache::from_env();
-    if hub_offline() {
+    if hub::offline() {
         let repo = cache.model(repo_id.to_string());
         let need = |name: &str| -> Result<PathBuf> {
             repo.get(name).with_context(|| {
@@ -133,11 +126,7 @@ fn hub_files(repo_id: &str) -> Result<ModelFiles> {
             generation_config: repo.get("generation_config.json"),
         });
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-        .with_progress(true)
-        .build()
-        .with_context(|| format!("{repo_id}: cannot start the Hub client"))?;
-    let repo = api.model(repo_id.to_string());
+    let repo = hub::client(cache, repo_id)?.model(repo_id.to_string());
     let get = |name: &str| -> Result<PathBuf> {
         repo.get(name).with_context(|| {
             format!(

@@ -5,7 +5,6 @@ pub mod checkpointing;
 pub mod config;
 pub mod ctx;
 pub mod decode;
-pub mod dropout;
 pub mod frozen;
 pub mod fused;
 pub mod gguf;

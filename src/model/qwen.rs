@@ -706,7 +706,7 @@ impl Qwen {
     /// rounded to bf16 first, so an f32 and a bf16 copy of one checkpoint agree (f32 -> bf16
     /// rounding is the one the loader does).
     pub fn fingerprint(&self, bf16: bool) -> Result<String> {
-        let mut d = crate::cache::Digest::default();
+        let mut d = crate::digest::Digest::default();
         for (name, t) in self.named_weights() {
             d.str(&name);
             for dim in t.dims() {

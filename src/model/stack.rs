@@ -34,12 +34,12 @@ use super::input::{AttentionMask, ModelInput};
 use super::lora::LoraLinear;
 use super::qwen::{DecoderLayer, KvCache, Qwen};
 use crate::kernels::attention::{self, AttnSpec};
+use crate::kernels::dropout::DropoutMask;
 use crate::kernels::lora::{self as klora, Adapter, GradSlots};
 use crate::kernels::norm::{self, Projection};
 use crate::kernels::qkv::{self, QkvSpec};
 use crate::kernels::swiglu::{self, GateUp};
 use crate::kernels::{cpu::cpu_supported, gemm};
-use crate::model::dropout::DropoutMask;
 use crate::profile;
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -742,11 +742,11 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::dropout::DropoutRng;
     use crate::model::config::Family;
     use crate::model::ctx::GradSink;
     use crate::model::lora::LoraConfig;
     use crate::model::tiny::{random_model, tiny_config};
-    use crate::rng::DropoutRng;
     use crate::test_support::max_diff;
     use candle_core::Device;
 

@@ -1,13 +1,20 @@
 //! Summed response log-probs of preference pairs, one packed `[prompt | chosen | rejected]`
 //! forward per pair: the prompt is computed once and both responses run on its keys/values
 //! (gradients flow through the shared prefix). Each pair is computed the same way whatever
-//! batch it is in, so precomputed reference log-probs equal an inline reference bit for bit.
+//! batch it is in, so precomputed reference log-probs equal an inline reference bit for bit,
+//! and `cached_reference` keeps them on disk.
 
+use crate::cache::load_or_compute;
+use crate::data::preference::PreferencePair;
+use crate::digest::Digest;
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
 use crate::model::Qwen;
+use crate::train::progress::Progress;
 use candle_core::{DType, Result, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
 
 /// Per-pair sums of response-token log-probs, [B] f32 each, and token counts.
 pub struct PairLogps {
@@ -79,4 +86,41 @@ pub fn reference_logprobs(
         progress(i + 1);
     }
     Ok((c, r))
+}
+
+/// Reference (adapters off) summed log-probs of every pair's chosen and rejected response, from
+/// the cache or one no-grad pass (`model_key` identifies the frozen weights).
+pub fn cached_reference(
+    model: &Qwen,
+    model_key: &Digest,
+    pairs: &[PreferencePair],
+    dir: &Path,
+    quiet: bool,
+) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let mut key = model_key.clone();
+    key.str("dpo-reference-packed-v1");
+    for p in pairs {
+        key.ids(&p.prompt).ids(&p.chosen).ids(&p.rejected);
+    }
+    let (t, hit) = load_or_compute(dir, "reference", &key, &model.device, || {
+        let bar = Progress::new(pairs.len() as u64, 0, quiet, "reference log-probs");
+        let ids: Vec<PairIds<'_>> = pairs.iter().map(PreferencePair::ids).collect();
+        let (c, r) = reference_logprobs(model, &ids, &|n| bar.set(n as u64, String::new()))?;
+        bar.finish();
+        let n = pairs.len();
+        Ok(HashMap::from([
+            ("chosen".to_string(), Tensor::from_vec(c, n, &model.device)?),
+            (
+                "rejected".to_string(),
+                Tensor::from_vec(r, n, &model.device)?,
+            ),
+        ]))
+    })?;
+    if hit {
+        eprintln!(
+            "reference log-probs of {} pairs from the cache",
+            pairs.len()
+        );
+    }
+    Ok((t["chosen"].to_vec1()?, t["rejected"].to_vec1()?))
 }

@@ -8,13 +8,13 @@
 use super::conditioned::{self, Split, WeightedScoredPair};
 use super::rewards::scored_pairs;
 use super::{AdapterStage, RunFlags, StageRun};
-use crate::cache::cached_reference;
 use crate::data::preference::{preference_pair, PreferencePair};
 use crate::objectives::conditioning::ConditioningConfig;
 use crate::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use crate::objectives::hybrid::{
     explicit_terms_with, scalarized_pair, HybridConfig, PreferenceLabel,
 };
+use crate::objectives::pair::cached_reference;
 use crate::objectives::scalarize::equal_weights_or;
 use crate::train::trainer::TrainOutcome;
 use crate::train::TrainConfig;

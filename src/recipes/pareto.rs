@@ -8,7 +8,7 @@
 //! what they depend on, so a re-run only scores.
 
 use super::prepare_report;
-use crate::cache::Digest;
+use crate::digest::Digest;
 use crate::eval::load_for_eval;
 use crate::eval::prompts::{prompts_that_fit, read_prompt_records, PromptRecord};
 use crate::eval::win_rate::{answer_prompts, judge_answers};

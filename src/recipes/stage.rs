@@ -2,8 +2,9 @@
 //! policy, the data and the reward model and hands them to the trainer.
 
 use super::{base_name, load_base, load_policy, prepare_output, ModelConfig, RunDir};
-use crate::cache::{cache_dir, model_digest, Digest};
+use crate::cache::{cache_dir, model_digest};
 use crate::data::{load_splits, DataConfig, DataReport, Parsed, Splits};
+use crate::digest::Digest;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::model::lora::LoraConfig;

@@ -3,8 +3,9 @@
 //! only, so a rerun or a later stage reads them back instead of recomputing).
 
 use super::RewardHead;
-use crate::cache::{load_or_compute, Digest};
+use crate::cache::load_or_compute;
 use crate::data::preference::PreferencePair;
+use crate::digest::Digest;
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;

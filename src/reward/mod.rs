@@ -142,8 +142,8 @@ impl RewardHead {
     }
 
     /// A digest of the head's files, for caches of its scores.
-    pub fn digest(dir: &Path) -> Result<crate::cache::Digest> {
-        let mut d = crate::cache::Digest::default();
+    pub fn digest(dir: &Path) -> Result<crate::digest::Digest> {
+        let mut d = crate::digest::Digest::default();
         d.file(&dir.join(INFO_FILE))?.file(&dir.join(HEAD_FILE))?;
         Ok(d)
     }

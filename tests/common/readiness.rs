@@ -4,6 +4,7 @@
 //! and one training step that returns every adapter gradient.
 
 use candle_core::{DType, Device, Tensor};
+use mo_align::kernels::dropout::DropoutRng;
 use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::ctx::GradSink;
 use mo_align::model::input::ModelInput;
@@ -11,7 +12,7 @@ use mo_align::model::lm_head::gather_rows;
 use mo_align::model::lora::LoraConfig;
 use mo_align::model::tiny::random_model;
 use mo_align::model::{Qwen, QwenConfig};
-use mo_align::rng::{normal_vec, stream_rng, DropoutRng};
+use mo_align::rng::{normal_vec, stream_rng};
 
 /// Two vocabulary blocks in the LM head's backward (16,384 + 3,616 rows).
 pub const READINESS_VOCAB: usize = 20_000;

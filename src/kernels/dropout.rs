@@ -6,8 +6,62 @@
 //! same function to their tensors, the CUDA kernel and this file's CPU loop give the same mask
 //! bit for bit, and a resumed run replays a step's masks from (seed, step, call) alone.
 
+use crate::rng::mix_seed;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
+use std::cell::Cell;
+
+/// Dropout masks for one forward pass. Each call takes the next counter value, so the masks
+/// depend only on (seed, order of calls) and a forward replays identically.
+pub struct DropoutRng {
+    seed: u64,
+    calls: Cell<u64>,
+}
+
+impl DropoutRng {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            calls: Cell::new(0),
+        }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// A generator whose next call id is `calls` (replays a forward from that point).
+    pub fn starting_at(seed: u64, calls: u64) -> Self {
+        Self {
+            seed,
+            calls: Cell::new(calls),
+        }
+    }
+
+    /// The next call id, without taking it.
+    pub fn calls(&self) -> u64 {
+        self.calls.get()
+    }
+
+    /// Takes the next call id (one per dropout site in a forward).
+    pub fn next_call(&self) -> u64 {
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        call
+    }
+
+    /// The mask of dropout call `call` with drop probability `p`. The same (seed, call) always
+    /// gives the same mask on every device, so a backward regenerates it instead of keeping it.
+    pub fn mask(&self, call: u64, p: f32) -> DropoutMask {
+        DropoutMask {
+            key: mix_seed(self.seed, call, DROPOUT_STREAM),
+            p,
+        }
+    }
+}
+
+/// Separates dropout keys from every other use of `mix_seed`.
+const DROPOUT_STREAM: u64 = 0x0064_726f_706f_7574; // "dropout"
 
 /// `counter_rng.h`'s `mo_counter_bits`: the high half of SplitMix64's output at `index`.
 #[inline]
