@@ -198,6 +198,10 @@ impl StageRun<'_> {
             quiet: self.flags.quiet,
             label,
         })?;
+        // Plots are a convenience: a drawing failure must not fail a finished run.
+        if let Err(e) = crate::plot::plot_run(&self.out, false) {
+            eprintln!("warning: plots not drawn: {e:#}");
+        }
         let eval: String = ["eval_loss", "eval_rewards/accuracies"]
             .iter()
             .filter_map(|k| outcome.eval.get(*k).map(|v| format!(", {k} {v:.4}")))

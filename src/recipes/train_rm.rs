@@ -225,7 +225,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         report["ranking"] = ranking_report(&head.info.objectives, &scores, &w)?;
     }
     crate::io::write_json_atomic(&out.join("rm_report.json"), &report)?;
-    // Redraw now that the report exists (adds the per-objective chart).
+    // Drawn once the report exists (it adds the per-objective chart).
     if let Err(e) = crate::plot::plot_run(&out, false) {
         eprintln!("warning: plots not drawn: {e:#}");
     }

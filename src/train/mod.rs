@@ -1,11 +1,15 @@
 //! The one training loop every stage shares: objectives plug in, the loop stays the same.
 
 pub mod checkpoint;
+pub mod early_stopping;
 pub mod events;
+pub mod loss_scale;
 pub mod metrics_log;
 pub mod optim;
 pub mod progress;
+pub mod run_log;
 pub mod schedule;
+pub mod stats;
 pub mod trainable;
 pub mod trainer;
 pub mod window;

@@ -1,14 +1,17 @@
 //! The training loop. `train_step` is the whole optimizer step on one screen; `train` around it
-//! handles the data cursor, precision, evaluation, early stopping, checkpoints, logging, resume
-//! and signals.
+//! walks the data (`Cursor`), and after each step hands the step's outcome to the loss scaler,
+//! the run log, evaluation with early stopping, and the checkpoint cadence (`Plan`). Resume and
+//! signals are at its two ends.
 
 use super::checkpoint::{self, TrainerState};
-use super::metrics_log::MetricsLog;
+use super::early_stopping::EarlyStopping;
+use super::loss_scale::LossScaler;
 use super::optim::{AdamW, AdamWParams};
 use super::progress::Progress;
+use super::run_log::RunLog;
 use super::schedule::LrSchedule;
+use super::stats::StepStats;
 use super::trainable::Trainable;
-use super::window::fmt_num;
 use super::{Objective, TrainConfig};
 use crate::data::batching::epoch_batches;
 use crate::kernels::dropout::DropoutRng;
@@ -55,24 +58,6 @@ pub struct TrainOutcome {
     /// Seconds in training steps over the whole run (resumed runs included; evaluation and
     /// checkpointing excluded).
     pub train_s: f64,
-}
-
-/// Result of one optimizer step.
-#[derive(Debug, Clone)]
-pub struct StepStats {
-    /// Mean loss over the step (summed loss / summed example weight).
-    pub loss: f64,
-    /// Global gradient norm before clipping (loss scale removed).
-    pub grad_norm: f64,
-    pub weight: f64,
-    pub tokens: usize,
-    pub metrics: Vec<(String, f64)>,
-    /// False when the loss or gradient was not finite and the update was skipped.
-    pub applied: bool,
-    /// Wall seconds of the forward passes, the backward passes (through the gradient-norm read,
-    /// which is where the device finishes them), and the update (clipping, AdamW), summed over
-    /// the step's micro-batches.
-    pub phase_s: [f64; 3],
 }
 
 /// What one optimizer step reads: the objective, its examples, and the `[train]` settings.
@@ -260,6 +245,60 @@ pub fn evaluate<O: Objective>(
     Ok(out)
 }
 
+/// The run's length and cadences, fixed before the first step.
+struct Plan<'a> {
+    cfg: &'a TrainConfig,
+    /// Optimizer steps each batch serves (`Objective::steps_per_batch`).
+    reuse: u64,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    schedule: LrSchedule,
+}
+
+impl<'a> Plan<'a> {
+    fn new<O: Objective>(run: &TrainRun<'a, O>) -> Self {
+        let cfg = run.cfg;
+        let batches_per_epoch = run.train.len().div_ceil(cfg.batch_size) as u64;
+        let reuse = run.objective.steps_per_batch().max(1);
+        let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64) * reuse;
+        let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
+        let schedule = LrSchedule::new(
+            cfg.lr,
+            cfg.scheduler,
+            total_steps,
+            cfg.warmup_ratio,
+            cfg.warmup_steps,
+            cfg.min_lr_ratio,
+        );
+        Plan {
+            cfg,
+            reuse,
+            steps_per_epoch,
+            total_steps,
+            schedule,
+        }
+    }
+
+    fn epoch(&self, step: u64) -> f64 {
+        step as f64 / self.steps_per_epoch as f64
+    }
+
+    fn log_due(&self, step: u64) -> bool {
+        step.is_multiple_of(self.cfg.log_every) || step == self.total_steps
+    }
+
+    fn eval_due(&self, step: u64) -> bool {
+        self.cfg.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == self.total_steps
+    }
+
+    fn save_due(&self, state: &TrainerState) -> bool {
+        let step = state.step;
+        self.cfg.save_every.is_some_and(|n| step.is_multiple_of(n))
+            || step == self.total_steps
+            || state.early_stopped
+    }
+}
+
 /// Walks the epoch plans: `take` hands out up to n batches, never crossing an epoch boundary.
 struct Cursor {
     epoch: u64,
@@ -317,6 +356,54 @@ fn stop_flag() -> Arc<AtomicBool> {
 #[error("interrupted: checkpoint saved at step {0}; continue with --resume")]
 pub struct Interrupted(pub u64);
 
+/// The AdamW optimizer over what the run trains.
+fn optimizer<O: Objective>(run: &TrainRun<O>) -> Result<AdamW> {
+    let vars = run.trainable.vars();
+    anyhow::ensure!(
+        !vars.is_empty(),
+        "nothing to train: no trainable parameters"
+    );
+    let cfg = run.cfg;
+    let params = AdamWParams {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
+    AdamW::new(vars, params)
+}
+
+/// A fresh state starting at `loss_scale`, or with `--resume` the newest usable checkpoint's
+/// (the step it resumes at comes with it). Without `--resume`, an earlier run's checkpoint in
+/// the output directory is an error rather than something to overwrite.
+fn start_or_resume<O: Objective>(
+    run: &TrainRun<O>,
+    opt: &mut AdamW,
+    progress: &Progress,
+    loss_scale: f64,
+) -> Result<(TrainerState, Option<u64>)> {
+    checkpoint::clear_partial(run.output_dir)?;
+    match checkpoint::latest(run.output_dir)? {
+        Some(_) if run.resume => {
+            let state = resume_from_newest_usable(run, opt, progress)?;
+            run.objective.restore(state.objective.as_ref())?;
+            let step = state.step;
+            Ok((state, Some(step)))
+        }
+        Some(dir) => bail!(
+            "{}: an earlier run's checkpoint is here; pass --resume to continue it, or choose another train.output_dir",
+            dir.display()
+        ),
+        None => Ok((
+            TrainerState {
+                loss_scale,
+                ..TrainerState::default()
+            },
+            None,
+        )),
+    }
+}
+
 /// Loads the newest checkpoint that loads cleanly, newest first: a truncated or non-finite
 /// checkpoint (a kill mid-write on a filesystem without atomic rename, a disk error) is named
 /// in a warning and the previous one is used.
@@ -351,6 +438,20 @@ fn resume_from_newest_usable<O: Objective>(
     )
 }
 
+/// Checkpoints the run as it stands, the objective's own resume state included.
+fn save_checkpoint<O: Objective>(
+    run: &TrainRun<O>,
+    opt: &AdamW,
+    state: &mut TrainerState,
+) -> Result<()> {
+    state.objective = run.objective.state();
+    checkpoint::save(run.output_dir, run.trainable, opt, state)?;
+    Ok(())
+}
+
+/// Trains `run.trainable` to the end of the plan (or early stopping), checkpointing on the way,
+/// and saves it. A signal checkpoints and returns `Interrupted`; `run.resume` continues from
+/// the newest checkpoint exactly as if the run had not stopped.
 pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     let cfg = run.cfg;
     let started = Instant::now();
@@ -358,164 +459,62 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         !run.train.is_empty(),
         "no training examples left after filtering"
     );
-    let f16 = crate::model::parse_dtype(&cfg.dtype)? == DType::F16;
-    let batches_per_epoch = run.train.len().div_ceil(cfg.batch_size) as u64;
-    let reuse = run.objective.steps_per_batch().max(1);
-    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64) * reuse;
-    let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
-    let schedule = LrSchedule::new(
-        cfg.lr,
-        cfg.scheduler,
-        total_steps,
-        cfg.warmup_ratio,
-        cfg.warmup_steps,
-        cfg.min_lr_ratio,
-    );
-    let vars = run.trainable.vars();
-    anyhow::ensure!(
-        !vars.is_empty(),
-        "nothing to train: no trainable parameters"
-    );
-    let params = AdamWParams {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_eps,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = AdamW::new(vars, params)?;
-    let mut state = TrainerState {
-        loss_scale: if f16 { cfg.loss_scale_init } else { 1.0 },
-        ..TrainerState::default()
-    };
-    let progress = Progress::new(total_steps, 0, run.quiet, run.label);
-    checkpoint::clear_partial(run.output_dir)?;
-    let resumed_at = match checkpoint::latest(run.output_dir)? {
-        Some(_) if run.resume => {
-            state = resume_from_newest_usable(&run, &mut opt, &progress)?;
-            run.objective.restore(state.objective.as_ref())?;
-            Some(state.step)
-        }
-        Some(dir) => bail!(
-            "{}: an earlier run's checkpoint is here; pass --resume to continue it, or choose another train.output_dir",
-            dir.display()
-        ),
-        None => None,
-    };
-    let mut metrics_out = MetricsLog::open(run.output_dir, resumed_at)?;
+    let scaler = LossScaler::new(cfg)?;
+    let stopping = EarlyStopping::new(cfg);
+    let plan = Plan::new(&run);
+    let mut opt = optimizer(&run)?;
+    let progress = Progress::new(plan.total_steps, 0, run.quiet, run.label);
+    let (mut state, resumed_at) = start_or_resume(&run, &mut opt, &progress, scaler.initial())?;
+    let mut log = RunLog::open(progress, run.output_dir, resumed_at, scaler.dynamic())?;
     let mut cursor = Cursor::new(&run, state.epoch, state.batch_in_epoch);
     let stop = stop_flag();
+    let inputs = StepInputs {
+        objective: run.objective,
+        examples: run.train,
+        cfg,
+    };
     let eval_bs = cfg.eval_batch_size.unwrap_or(cfg.batch_size * 2);
-    let mut outcome = TrainOutcome::default();
-    // A resumed run continues the log window the checkpoint saved, so its log lines cover the
-    // same steps as an uninterrupted run's.
-    let mut window = state.window.clone();
-    outcome.first_loss = state.first_loss;
-    progress.set(state.step, String::new());
+    let mut last_eval = BTreeMap::new();
+    log.progress.set(state.step, String::new());
 
-    while state.step < total_steps && !state.early_stopped {
+    while state.step < plan.total_steps && !state.early_stopped {
         if stop.load(Ordering::SeqCst) {
-            (state.window, state.first_loss) = (window.clone(), outcome.first_loss);
-            state.objective = run.objective.state();
-            checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
-            progress.finish();
+            save_checkpoint(&run, &opt, &mut state)?;
+            log.progress.finish();
             return Err(Interrupted(state.step).into());
         }
         // A batch serves `reuse` consecutive steps; the cursor moves at the first of them.
-        if state.step.is_multiple_of(reuse) || state.group.is_empty() {
+        if state.step.is_multiple_of(plan.reuse) || state.group.is_empty() {
             state.group = cursor.take(&run, cfg.grad_accum);
         }
         let group = state.group.clone();
         run.objective.begin_step(state.step);
-        let lr = schedule.lr(state.step);
+        let lr = plan.schedule.lr(state.step);
         let t0 = Instant::now();
-        let inputs = StepInputs {
-            objective: run.objective,
-            examples: run.train,
-            cfg,
-        };
         let stats = train_step(&inputs, &mut opt, &state, &group, lr)?;
         (state.epoch, state.batch_in_epoch) = (cursor.epoch, cursor.batch);
         state.step += 1;
         state.tokens_seen += stats.tokens as u64;
-        if stats.applied {
-            state.bad_streak = 0;
-            state.clean_steps += 1;
-            if f16 && state.clean_steps >= cfg.loss_scale_growth_interval {
-                state.loss_scale *= 2.0;
-                state.clean_steps = 0;
-            }
-            outcome.first_loss.get_or_insert(stats.loss);
-        } else {
-            state.skipped_steps += 1;
-            state.bad_streak += 1;
-            state.clean_steps = 0;
-            progress.log(&format!(
-                "step {}: non-finite loss {} or gradient norm {}; step skipped",
-                state.step, stats.loss, stats.grad_norm
-            ));
-            if f16 {
-                state.loss_scale /= 2.0;
-                anyhow::ensure!(state.loss_scale >= 1.0, "f16 loss scale fell below 1 at step {}: the loss itself is not finite; use bf16 or f32, or lower train.lr", state.step);
-            } else if state.bad_streak >= cfg.max_bad_steps {
-                bail!("{} consecutive steps had a non-finite loss or gradient (last at step {}); lower train.lr, or use f32", state.bad_streak, state.step);
-            }
-        }
+        scaler.record(&mut state, &stats, &log.progress)?;
         let step_s = t0.elapsed().as_secs_f64();
         state.elapsed_s += step_s;
-        window.add(&stats, lr, step_s);
-        let epoch = state.step as f64 / steps_per_epoch as f64;
-        progress.set(state.step, window.bar_message());
-        if state.step.is_multiple_of(cfg.log_every) || state.step == total_steps {
-            let mut line = window.flush(state.step, epoch);
-            line["skipped_steps"] = state.skipped_steps.into();
-            line["elapsed_s"] = state.elapsed_s.into();
-            if f16 {
-                line["loss_scale"] = state.loss_scale.into();
-            }
-            outcome.last_loss = line["loss"].as_f64().or(outcome.last_loss);
-            progress.log(&log_line(&line));
-            metrics_out.write(&line)?;
+        log.step(&mut state, &stats, lr, step_s);
+        let epoch = plan.epoch(state.step);
+        if plan.log_due(state.step) {
+            log.window(&mut state, epoch)?;
         }
-        let eval_due = cfg.eval_every.is_some_and(|n| state.step.is_multiple_of(n));
-        if !run.val.is_empty() && (eval_due || state.step == total_steps) {
+        if !run.val.is_empty() && plan.eval_due(state.step) {
             let eval = evaluate(run.objective, run.val, eval_bs)?;
-            let mut line = serde_json::json!({"step": state.step, "epoch": epoch, "elapsed_s": state.elapsed_s});
-            for (k, v) in &eval {
-                line[k] = (*v).into();
-            }
-            progress.log(&log_line(&line));
-            metrics_out.write(&line)?;
-            let loss = eval["eval_loss"];
-            if state
-                .best_eval_loss
-                .is_none_or(|b| loss < b - cfg.early_stopping_min_delta)
-            {
-                state.best_eval_loss = Some(loss);
-                state.evals_without_improvement = 0;
-            } else {
-                state.evals_without_improvement += 1;
-                if cfg
-                    .early_stopping_patience
-                    .is_some_and(|p| state.evals_without_improvement >= p)
-                {
-                    state.early_stopped = true;
-                    progress.log(&format!(
-                        "early stopping at step {}: eval_loss has not improved for {} evaluations",
-                        state.step, state.evals_without_improvement
-                    ));
-                }
-            }
-            outcome.eval = eval;
+            log.eval(&state, epoch, &eval)?;
+            stopping.record(&mut state, eval["eval_loss"], &log.progress);
+            last_eval = eval;
         }
-        let save_due = cfg.save_every.is_some_and(|n| state.step.is_multiple_of(n));
-        if save_due || state.step == total_steps || state.early_stopped {
-            (state.window, state.first_loss) = (window.clone(), outcome.first_loss);
-            state.objective = run.objective.state();
-            checkpoint::save(run.output_dir, run.trainable, &opt, &state)?;
+        if plan.save_due(&state) {
+            save_checkpoint(&run, &opt, &mut state)?;
             checkpoint::prune(run.output_dir, cfg.keep_checkpoints)?;
         }
     }
-    progress.finish();
+    log.progress.finish();
     if state.step > 0 && state.skipped_steps >= state.step {
         bail!(
             "all {} steps were skipped for a non-finite loss or gradient: nothing was learned and no adapter was written; check the data and train.lr, or use f32",
@@ -523,27 +522,14 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         );
     }
     run.trainable.save(run.output_dir)?;
-    // Plots are a convenience: a drawing failure must not fail a finished run.
-    if let Err(e) = crate::plot::plot_run(run.output_dir, false) {
-        eprintln!("warning: plots not drawn: {e:#}");
-    }
-    outcome.steps = state.step;
-    outcome.early_stopped = state.early_stopped;
-    outcome.skipped_steps = state.skipped_steps;
-    outcome.wall_s = started.elapsed().as_secs_f64();
-    outcome.train_s = state.elapsed_s;
-    Ok(outcome)
-}
-
-fn log_line(v: &serde_json::Value) -> String {
-    let obj = v.as_object().map(|o| {
-        o.iter()
-            .map(|(k, v)| match v.as_f64() {
-                Some(x) if v.is_f64() => format!("{k}={}", fmt_num(x)),
-                _ => format!("{k}={v}"),
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    });
-    obj.unwrap_or_default()
+    Ok(TrainOutcome {
+        steps: state.step,
+        last_loss: log.last_loss,
+        first_loss: state.first_loss,
+        eval: last_eval,
+        early_stopped: state.early_stopped,
+        skipped_steps: state.skipped_steps,
+        wall_s: started.elapsed().as_secs_f64(),
+        train_s: state.elapsed_s,
+    })
 }

@@ -2,7 +2,7 @@
 //! loss, gradient norms, tokens and seconds). It is saved in every checkpoint, so a resumed
 //! run logs the same windows as an uninterrupted one.
 
-use super::trainer::StepStats;
+use super::stats::StepStats;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
