@@ -36,5 +36,3 @@ pub mod switch;
 pub(crate) mod test_support;
 pub mod tokenizer;
 pub mod train;
-
-pub use model::{Adapters, Qwen};

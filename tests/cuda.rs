@@ -361,13 +361,10 @@ fn demo_stages_train(dtype: &str) {
 mod kernels {
     use super::gpu;
     use candle_core::{DType, Device, Tensor};
-    use mo_align::kernels::attention::{self, AttnSpec, RowSpan};
+    use mo_align::kernels::attention::{self, RowSpan};
     use mo_align::kernels::dropout::DropoutMask;
-    use mo_align::kernels::lora::{self, Adapter, GradSlots};
-    use mo_align::kernels::norm::{self, Projection};
-    use mo_align::kernels::qkv::{self, QkvSpec};
-    use mo_align::kernels::swiglu::{self, GateUp};
-    use mo_align::kernels::{gemm, xent};
+    use mo_align::kernels::spec::{Adapter, AttnSpec, GateUp, GradSlots, Projection, QkvSpec};
+    use mo_align::kernels::{gemm, lora, norm, qkv, swiglu, xent};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();

@@ -128,7 +128,7 @@ fn the_f16_residual_stream_does_not_overflow() {
 }
 
 /// The reference: whole-prefix forwards, host logits, the host penalty and argmax.
-fn host_greedy(m: &mo_align::Qwen, prompt: &[u32], cfg: &SamplingConfig) -> Vec<u32> {
+fn host_greedy(m: &mo_align::model::Qwen, prompt: &[u32], cfg: &SamplingConfig) -> Vec<u32> {
     let mut seq = prompt.to_vec();
     let mut out = vec![];
     for _ in 0..cfg.max_new_tokens {

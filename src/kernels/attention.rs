@@ -18,8 +18,9 @@
 //! CUDA: a flash-attention-style kernel that streams key tiles with an online softmax.
 
 use super::cpu::{hold, Real, SendPtr};
-use super::gemm::{cpu_gemm, MatView};
-use super::lora::{cpu_total_rank, dx_row, Adapter, HeldAdapters};
+use super::gemm::cpu_gemm;
+use super::lora::{cpu_total_rank, dx_row, HeldAdapters};
+use super::spec::{Adapter, AttnSpec, MatView};
 use super::{nbytes, produce, Produce};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 #[allow(unused_imports)]
@@ -75,18 +76,6 @@ impl RowSpan {
             seg2: v[4 * b + 3],
         }
     }
-}
-
-/// Shapes: q [B, nh, T, d], k/v [B, nkv, Tk, d] (contiguous), output [B, T, nh * d].
-#[derive(Clone, Copy)]
-pub struct AttnSpec<'a> {
-    pub q: &'a Tensor,
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    /// [B, 4] u32 (`RowSpan::flatten`).
-    pub spans: &'a Tensor,
-    /// Keys before the first query (a KV cache's length).
-    pub past: usize,
 }
 
 struct Dims {

@@ -5,13 +5,11 @@
 //! one of them writes device memory Rust never reads meanwhile (the tensors are candle's, on one
 //! stream), so no host-side aliasing rule is involved.
 
-use super::attention::AttnSpec;
+use super::alloc;
 use super::cpu::{hold, Held};
-use super::gemm::MatView;
-use super::lora::{total_rank, Adapter, GradSlots};
-use super::norm::Projection;
-use super::qkv::QkvSpec;
-use super::swiglu::GateUp;
+use super::spec::{
+    total_rank, Adapter, AttnSpec, GateUp, GradSlots, GroupRef, MatView, Projection, QkvSpec,
+};
 use crate::launch_kernel_cfg;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
@@ -26,20 +24,6 @@ fn suffix(dtype: DType) -> Result<&'static str> {
         DType::BF16 => "bf16",
         other => candle_core::bail!("mo-align CUDA kernels: no kernel for {other:?}"),
     })
-}
-
-/// An uninitialised device buffer of `n` elements of `dtype`.
-pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
-    // SAFETY: every kernel that produces a buffer writes all of its elements.
-    unsafe {
-        Ok(match dtype {
-            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
-            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
-            DType::F64 => CudaStorage::wrap_cuda_slice(dev.alloc::<f64>(n)?, dev.clone()),
-            other => candle_core::bail!("mo-align CUDA kernels: cannot allocate {other:?}"),
-        })
-    }
 }
 
 /// The device address of element `offset` of a storage.
@@ -392,7 +376,7 @@ pub(crate) fn qkv(
 pub(crate) fn swiglu(
     dev: &CudaDevice,
     gu: &GateUp,
-    backward: Option<(&Tensor, Option<super::lora::GroupRef>)>,
+    backward: Option<(&Tensor, Option<GroupRef>)>,
     n: usize,
     i: usize,
 ) -> Result<CudaStorage> {

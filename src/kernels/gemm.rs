@@ -7,47 +7,11 @@
 //! cannot accumulate; these three costs are what a fused step avoids.
 
 use super::cpu::{hold, Real};
+use super::spec::MatView;
 use super::{nbytes, produce, update, Produce, Update};
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 #[allow(unused_imports)]
 use num_traits::{Float as _, One as _, Zero as _};
-
-/// A rank-2 or rank-3 (batched) strided matrix view.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct MatView {
-    pub batch: usize,
-    pub rows: usize,
-    pub cols: usize,
-    /// Element strides (batch, row, column).
-    pub bs: usize,
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl MatView {
-    pub fn of(l: &Layout) -> Result<Self> {
-        let (d, s) = (l.dims(), l.stride());
-        Ok(match d.len() {
-            2 => MatView {
-                batch: 1,
-                rows: d[0],
-                cols: d[1],
-                bs: 0,
-                rs: s[0],
-                cs: s[1],
-            },
-            3 => MatView {
-                batch: d[0],
-                rows: d[1],
-                cols: d[2],
-                bs: s[0],
-                rs: s[1],
-                cs: s[2],
-            },
-            n => candle_core::bail!("mo-align gemm: operands have rank 2 or 3, got {n}"),
-        })
-    }
-}
 
 /// The product's shape: (batch, m, n, k) after checking the operands agree.
 fn product_dims(a: &MatView, b: &MatView) -> Result<(usize, usize, usize, usize)> {
@@ -190,7 +154,7 @@ impl Produce for NewProduct<'_> {
             rs: n,
             cs: 1,
         };
-        let mut out = super::cuda::alloc(dev, self.out_dtype, batch * m * n)?;
+        let mut out = super::alloc(dev, self.out_dtype, batch * m * n)?;
         super::cuda::gemm(dev, &mut out, 0, &d, &ha, &av, &hb, &bv, self.alpha, false)?;
         Ok(out)
     }

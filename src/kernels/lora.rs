@@ -14,48 +14,13 @@
 //! The u of all adapters of a group sit side by side in one [n, sum r_i] buffer.
 
 use super::cpu::{hold, Held, Real};
-use super::dropout::{counter_bits, threshold, DropoutMask};
-use super::gemm::{cpu_gemm, MatView};
+use super::dropout::{counter_bits, threshold};
+use super::gemm::cpu_gemm;
+use super::spec::{total_rank, Adapter, GradSlots, MatView};
 use super::{nbytes, produce, update, Produce, Update};
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 #[allow(unused_imports)]
 use num_traits::{Float as _, One as _, Zero as _};
-
-/// One adapter of a group.
-#[derive(Clone, Copy)]
-pub struct Adapter<'a> {
-    /// [r, in], f32 (f64 for an f64 model).
-    pub a: &'a Tensor,
-    /// [out, r]
-    pub b: &'a Tensor,
-    pub scale: f64,
-    /// Per-rank gates [r] (a weight-conditioned adapter), multiplied into the scale.
-    pub gate: Option<&'a Tensor>,
-    pub dropout: Option<DropoutMask>,
-    /// This adapter's first column in the group's output (e.g. k_proj's after q_proj's).
-    pub out_offset: usize,
-    /// This adapter's first column in the group's [n, sum r] intermediate.
-    pub u_offset: usize,
-}
-
-impl Adapter<'_> {
-    pub fn rank(&self) -> usize {
-        self.a.dims()[0]
-    }
-    pub fn in_features(&self) -> usize {
-        self.a.dims()[1]
-    }
-    pub fn out_features(&self) -> usize {
-        self.b.dims()[0]
-    }
-}
-
-/// Where an adapter's gradients go in the flat gradient buffer (element offsets).
-#[derive(Clone, Copy, Debug)]
-pub struct GradSlots {
-    pub a: usize,
-    pub b: usize,
-}
 
 /// An adapter read on the CPU: its A matrix and its per-rank scale and mask.
 pub(crate) struct CpuAdapter<'a, T> {
@@ -106,9 +71,6 @@ impl<T: Real> CpuAdapter<'_, T> {
 /// A group as a CPU twin reads it: the [n, sum r] intermediate's elements, the adapters, and
 /// sum r.
 pub(crate) type CpuGroup<'a, T> = (&'a [T], &'a [CpuAdapter<'a, T>], usize);
-
-/// A group's intermediate (u or du) and its adapters, as the kernels take them.
-pub type GroupRef<'a> = (&'a Tensor, &'a [Adapter<'a>]);
 
 /// Holds of every adapter's tensors (read locks for the length of an op).
 pub(crate) struct HeldAdapters<'a> {
@@ -218,15 +180,6 @@ pub(crate) fn up_row<T: Real>(u_row: &[T], adapters: &[CpuAdapter<T>], out: &mut
 /// Total rank of a group as the CPU twins read it.
 pub(crate) fn cpu_total_rank<T>(adapters: &[CpuAdapter<T>]) -> usize {
     adapters.iter().map(|a| a.u_offset + a.r).max().unwrap_or(0)
-}
-
-/// Total rank of a group.
-pub(crate) fn total_rank(adapters: &[Adapter]) -> usize {
-    adapters
-        .iter()
-        .map(|a| a.u_offset + a.rank())
-        .max()
-        .unwrap_or(0)
 }
 
 // ---- forward: u = s g ⊙ (drop(x) A^T) --------------------------------------------------------

@@ -32,6 +32,7 @@ pub mod gemm;
 pub mod lora;
 pub mod norm;
 pub mod qkv;
+pub mod spec;
 pub mod swiglu;
 pub mod xent;
 
@@ -92,6 +93,26 @@ pub fn grid(
         grid_dim: (blocks, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: shared,
+    }
+}
+
+/// An uninitialised device buffer of `n` elements of `dtype`.
+#[cfg(feature = "cuda")]
+pub(crate) fn alloc(
+    dev: &candle_core::CudaDevice,
+    dtype: DType,
+    n: usize,
+) -> Result<candle_core::CudaStorage> {
+    use candle_core::CudaStorage;
+    // SAFETY: every kernel that produces a buffer writes all of its elements.
+    unsafe {
+        Ok(match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+            DType::F64 => CudaStorage::wrap_cuda_slice(dev.alloc::<f64>(n)?, dev.clone()),
+            other => candle_core::bail!("mo-align CUDA kernels: cannot allocate {other:?}"),
+        })
     }
 }
 
@@ -202,7 +223,7 @@ impl Produce for Uninit {
     }
     #[cfg(feature = "cuda")]
     fn cuda(&self, dev: &candle_core::CudaDevice) -> Result<candle_core::CudaStorage> {
-        cuda::alloc(dev, self.dtype, self.shape.elem_count())
+        alloc(dev, self.dtype, self.shape.elem_count())
     }
 }
 

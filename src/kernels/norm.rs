@@ -9,7 +9,8 @@
 //! recomputes the row statistics from the saved input instead of keeping them.
 
 use super::cpu::{hold, Real};
-use super::lora::{dx_row, up_row, Adapter, HeldAdapters};
+use super::lora::{dx_row, up_row, HeldAdapters};
+use super::spec::{Adapter, Projection};
 use super::{nbytes, produce, Produce};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 #[allow(unused_imports)]
@@ -46,18 +47,6 @@ pub(crate) fn norm_backward_row<T: Real>(x: &[T], w: &[T], eps: f64, dy: &[T], d
     for (((d, &g), &s), &v) in dx.iter_mut().zip(dy).zip(w).zip(x) {
         *d += (g * s - v * inv * proj) * inv;
     }
-}
-
-/// What the residual epilogue adds to the stream: a projection's GEMM output, its bias, and its
-/// adapters' up-projection `u B^T`.
-#[derive(Clone, Copy)]
-pub struct Projection<'a> {
-    /// [n, H] GEMM output.
-    pub y: &'a Tensor,
-    pub bias: Option<&'a Tensor>,
-    /// The adapters' [n, sum r] intermediate and the adapters (empty when none).
-    pub u: Option<&'a Tensor>,
-    pub adapters: &'a [Adapter<'a>],
 }
 
 struct Forward<'a> {

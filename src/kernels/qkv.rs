@@ -10,37 +10,16 @@
 //! projection's [n, q|k|v] layout.
 
 use super::cpu::{hold, Real};
-use super::lora::{cpu_total_rank, up_row, Adapter, HeldAdapters};
+use super::lora::{cpu_total_rank, up_row, HeldAdapters};
 use super::norm::norm_backward_row;
+use super::spec::QkvSpec;
 use super::{nbytes, produce, Produce};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 #[allow(unused_imports)]
 use num_traits::{Float as _, One as _, Zero as _};
 
-/// The attention geometry and the epilogue's parameters.
-#[derive(Clone, Copy)]
-pub struct QkvSpec<'a> {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub bias: Option<&'a Tensor>,
-    /// The adapters' [n, sum r] intermediate and the adapters (out offsets 0, q, q + kv).
-    pub lora: Option<(&'a Tensor, &'a [Adapter<'a>])>,
-    /// Qwen3's per-head norms of queries and keys, with their epsilon.
-    pub qk_norm: Option<(&'a Tensor, &'a Tensor, f64)>,
-    /// cos / sin tables [max positions, head_dim / 2] in the compute dtype.
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
-    /// [B, T] u32 rotary positions.
-    pub positions: &'a Tensor,
-}
-
+/// The CPU twin's view of the geometry.
 impl QkvSpec<'_> {
-    pub fn width(&self) -> usize {
-        (self.heads + 2 * self.kv_heads) * self.head_dim
-    }
     fn rows(&self) -> usize {
         self.batch * self.seq
     }

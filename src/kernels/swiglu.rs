@@ -7,23 +7,17 @@
 //! The pre-activations are recomputed from the saved GEMM output in the backward, not kept.
 
 use super::cpu::{hold, Real};
-use super::lora::{cpu_total_rank, dx_row, up_row, Adapter, HeldAdapters};
+use super::lora::{cpu_total_rank, dx_row, up_row, HeldAdapters};
+use super::spec::{Adapter, GateUp, GroupRef};
 use super::{nbytes, produce, Produce};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 #[allow(unused_imports)]
 use num_traits::{Float as _, One as _, Zero as _};
 
-/// The MLP's gate|up output [n, 2I] and its adapters (gate at column 0, up at I).
-#[derive(Clone, Copy)]
-pub struct GateUp<'a> {
-    pub y: &'a Tensor,
-    pub lora: Option<(&'a Tensor, &'a [Adapter<'a>])>,
-}
-
 struct Kernel<'a> {
     gu: GateUp<'a>,
     /// Backward: dh [n, I] and the down adapters' (du, adapters).
-    backward: Option<(&'a Tensor, Option<super::lora::GroupRef<'a>>)>,
+    backward: Option<(&'a Tensor, Option<GroupRef<'a>>)>,
     n: usize,
     i: usize,
 }

@@ -11,7 +11,8 @@
 //! and logp in the last, so one op writes both.
 
 use super::cpu::{hold, Real, SendPtr};
-use super::gemm::{cpu_gemm, MatView};
+use super::gemm::cpu_gemm;
+use super::spec::MatView;
 use super::{nbytes, update, Update};
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 #[allow(unused_imports)]

@@ -551,16 +551,14 @@ impl Qwen {
         Ok(Self::from_parts(cfg, embed, lm_head, layers, norm)?)
     }
 
-    /// Final hidden states [B, T, H] (after the last RMSNorm).
-    pub fn forward(
+    /// Final hidden states [B, T, H] (after the last RMSNorm), layer by layer through the
+    /// unfused blocks. `Qwen::forward` (in `stack`) runs the fused stack instead where it applies.
+    pub(crate) fn forward_unfused(
         &self,
         input: &ModelInput,
         ctx: ForwardCtx,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        if let Some(hidden) = super::stack::forward(self, input, ctx, cache.as_deref_mut())? {
-            return Ok(hidden);
-        }
         let (b, t) = input.ids.dims2()?;
         // A trainable embedding (full fine-tuning) records its gradient only when one is wanted.
         let embed = if ctx.grad {

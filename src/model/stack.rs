@@ -33,13 +33,10 @@ use super::ctx::{Adapters, ForwardCtx};
 use super::input::{AttentionMask, ModelInput};
 use super::lora::LoraLinear;
 use super::qwen::{DecoderLayer, KvCache, Qwen};
-use crate::kernels::attention::{self, AttnSpec};
 use crate::kernels::dropout::DropoutMask;
-use crate::kernels::lora::{self as klora, Adapter, GradSlots};
-use crate::kernels::norm::{self, Projection};
-use crate::kernels::qkv::{self, QkvSpec};
-use crate::kernels::swiglu::{self, GateUp};
-use crate::kernels::{cpu::cpu_supported, gemm};
+use crate::kernels::lora as klora;
+use crate::kernels::spec::{Adapter, AttnSpec, GateUp, GradSlots, Projection, QkvSpec};
+use crate::kernels::{attention, cpu::cpu_supported, gemm, norm, qkv, swiglu};
 use crate::profile;
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -539,9 +536,25 @@ fn layer_backward(
     )?))
 }
 
+impl Qwen {
+    /// Final hidden states [B, T, H] (after the last RMSNorm): the fused stack where it applies
+    /// (see `applies`), else the unfused blocks (`Qwen::forward_unfused`).
+    pub fn forward(
+        &self,
+        input: &ModelInput,
+        ctx: ForwardCtx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match forward_fused(self, input, ctx, cache.as_deref_mut())? {
+            Some(hidden) => Ok(hidden),
+            None => self.forward_unfused(input, ctx, cache),
+        }
+    }
+}
+
 /// The fused forward when it applies (see `applies`), else `None`: final hidden states
 /// [B, T, H] after the last norm, attached to the graph when `ctx.grad`.
-pub(crate) fn forward(
+fn forward_fused(
     model: &Qwen,
     input: &ModelInput,
     ctx: ForwardCtx,

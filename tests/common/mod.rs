@@ -186,7 +186,7 @@ impl GradRun {
     pub fn lora_grads(
         &self,
         loss: &candle_core::Tensor,
-        m: &mo_align::Qwen,
+        m: &mo_align::model::Qwen,
     ) -> Vec<(String, candle_core::Tensor)> {
         let store = loss.backward().unwrap();
         m.lora_vars()
@@ -237,7 +237,7 @@ pub fn load_sft_data(
 /// Greedy decoding that recomputes the whole prefix every step (no cache). Slow; the reference
 /// the KV-cache path is tested against.
 pub fn greedy_no_cache(
-    model: &mo_align::Qwen,
+    model: &mo_align::model::Qwen,
     prompt: &[u32],
     max_new_tokens: usize,
     ctx: ForwardCtx,
