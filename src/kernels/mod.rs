@@ -14,6 +14,8 @@
 //! - `swiglu`: the MLP epilogue (LoRA up, silu(gate) * up) and its backward.
 //! - `xent`: the LM head's row kernel (log-sum-exp, target log-prob, softmax minus one-hot).
 //! - `dropout`: the masks (drawn per call from a counter-based hash) and the op applying them.
+//! - `spec`: the plain operand descriptions (matrix views, adapters, epilogue and attention
+//!   geometry) that both the CPU twins and the CUDA launches (`cuda`) read.
 //! - `adamw` (in `train::optim`): per-parameter updates.
 //!
 //! `src/build.rs` compiles `ops.cu` to PTX for compute capability 8.0 when the `cuda` feature is
