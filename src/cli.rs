@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 #[command(
     name = "mo-align",
     version,
-    about = "Multi-objective alignment of Qwen2.5 / Qwen3 models (SFT, reward models, DPO family, GRPO), in pure Rust"
+    about = "Multi-objective alignment of Qwen2 and Qwen3 models (SFT, reward models, DPO family, GRPO, Pareto fronts), in pure Rust"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -22,9 +22,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run sft -> train-rm -> dpo -> hybrid-dpo -> eval from one config, with a summary.
+    /// Run [base ->] sft -> train-rm -> dpo -> hybrid-dpo [-> grpo] -> eval [-> pareto] from one
+    /// config, with a summary.
     Pipeline(StageArgs),
-    /// LoRA supervised fine-tuning on chat data.
+    /// Supervised fine-tuning on chat data: LoRA, or every weight with train.finetune = "full".
     Sft(StageArgs),
     /// Train the multi-objective reward model head.
     TrainRm(StageArgs),
@@ -43,7 +44,8 @@ pub enum Command {
     Eval(Box<EvalOptions>),
     /// Generate text with KV-cache decoding.
     Generate(GenerateOptions),
-    /// Merge an adapter into the base and write a full HF checkpoint.
+    /// Merge an adapter into the base and write a full HF checkpoint (and, with --gguf, a GGUF
+    /// file).
     Merge {
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: String,
@@ -76,7 +78,7 @@ pub enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// The model family: qwen2 (Qwen2.5's layout) or qwen3.
+        /// The model family: qwen2 (Qwen2 / Qwen2.5) or qwen3.
         #[arg(long, default_value = "qwen2")]
         arch: String,
         /// Replace an existing, non-empty --out.

@@ -1,13 +1,24 @@
-//! mo-align: multi-objective alignment of Qwen2.5 / Qwen3 models, on Candle.
+//! mo-align: multi-objective alignment of Qwen2 and Qwen3 models, in pure Rust on Candle.
 //!
-//! The module tree mirrors the pipeline. Domain: `model` (the decoder, LoRA, loading, exports),
-//! `kernels` (the fused decoder's CPU and CUDA kernels), `tokenizer` (ChatML), `data`
-//! (records, batches), `objectives` (one loss per stage, scalarisers, weight conditioning),
-//! `reward` (reward heads, rule objectives), `train` (the one trainer: step, optimizer,
-//! checkpoints, logs), `generate`, `eval`, `judge`, `pareto` (front measures), `recipes` (one
-//! per subcommand, wiring the rest), `cli` (parses and dispatches). Shared utilities: `config`,
-//! `outputs` (where commands may write), `io`, `cache`, `rng`, `plot`, `profile`, `cpu`,
-//! `memory`, `switch`.
+//! The module tree mirrors the pipeline; one stage reads config -> data -> model -> objective ->
+//! train -> outputs (README, "Code map"). Domain modules:
+//! - `model`: the Qwen2 / Qwen3 decoder, LoRA, loading, the LM head, GGUF and PEFT export.
+//! - `kernels`: the fused decoder's CPU and CUDA kernels.
+//! - `tokenizer`: tokenisation and the families' chat templates.
+//! - `data`: records in the Hub schemas, validated and batched.
+//! - `objectives`: the losses (NLL, DPO, hybrid, reward-weighted, online), scalarisers,
+//!   weightings and weight conditioning.
+//! - `reward`: the reward vector (reward-model heads, rule objectives) and its features.
+//! - `train`: the one training loop every stage uses: step, optimizer, checkpoints, logs.
+//! - `generate`: KV-cache decoding, greedy or sampled, batched.
+//! - `eval`: perplexity, chat NLL, preference accuracy, reward scores, win rates.
+//! - `judge`: what scores an answer: a trained reward model, an HF classifier, or rules.
+//! - `pareto`: pure measures of a front (hypervolume, sparsity, spacing, rank correlation).
+//! - `plot`: the charts runs and reports draw.
+//! - `recipes`: one short recipe per subcommand, wiring the rest together.
+//! - `cli`: parses the command line and dispatches to a recipe.
+//! - `util`: what the domain stands on: file I/O, where commands may write, seeded streams, CPU
+//!   and memory probes, switches, profiling scopes, digests, config loading.
 
 pub mod cache;
 pub mod cli;

@@ -341,7 +341,7 @@ fn demo_chain_runs_and_the_reward_model_learns() {
             .unwrap()
             .is_finite());
     }
-    // The ranking accuracy is recorded over the binarized pairs (its size is issue 13's).
+    // The ranking accuracy is recorded over the binarized pairs (at least 20 of them).
     let ranking = &rm_report["ranking"];
     assert!(ranking["pairs"].as_u64().unwrap() >= 20, "{ranking}");
     assert!((0.0..=1.0).contains(&ranking["composite_accuracy"].as_f64().unwrap()));

@@ -1,5 +1,5 @@
-//! Qwen2.5 with LoRA adapters, built only from differentiable Candle ops plus frozen-operand
-//! custom ops whose backward computes the input gradient alone.
+//! Qwen2 / Qwen2.5 and Qwen3 decoders with LoRA adapters, built only from differentiable Candle
+//! ops plus frozen-operand custom ops whose backward computes the input gradient alone.
 
 pub mod checkpointing;
 pub mod config;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Formulation {
-    /// Report 1: logit = beta * h_margin -/+ lambda * (s(r_c) - s(r_r)) (see `Direction`).
+    /// logit = beta * h_margin -/+ lambda * (s(r_c) - s(r_r)) (see `Direction`).
     Hybrid,
     /// MODPO: logit = (beta * h_margin - w . (r_c - r_r)) / w_k.
     Modpo,
@@ -52,7 +52,7 @@ pub struct HybridConfig {
     /// Rule-objectives file whose objectives follow the reward model's in the reward vector.
     pub rules: String,
     pub formulation: Formulation,
-    /// Hybrid only: `steer` (default) or `offset` (the report's literal sign).
+    /// Hybrid only: `steer` (default) or `offset` (the hybrid formula's literal sign).
     pub direction: Direction,
     pub scalarizer: ScalarizerKind,
     /// Objective weights w (equal when empty).

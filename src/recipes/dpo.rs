@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Report 1's DPO settings: the defaults of every preference stage's `[train]`.
+/// The DPO settings of `configs/dpo.toml`: the defaults of every preference stage's `[train]`.
 pub fn preference_stage_defaults() -> AdapterStage {
     AdapterStage {
         train: TrainConfig {

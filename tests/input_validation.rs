@@ -1,8 +1,8 @@
-//! The defects a new user ran into (issue 12), each as a check through the command line or the
-//! recipes: values that would train the wrong way refused at config load, reward models scored
-//! only with their own backbone, decoding options validated and the model's generation
-//! defaults honoured, whole-context perplexity, TRL's preference metrics, byte-order marks,
-//! empty files, one-line errors, and external judges scoring what their template renders.
+//! What a user's inputs meet, each checked through the command line or the recipes: values
+//! that would train the wrong way refused at config load, reward models scored only with their
+//! own backbone, decoding options validated and the model's generation defaults honoured,
+//! whole-context perplexity, TRL's preference metrics, byte-order marks, empty files, one-line
+//! errors, and external judges scoring what their template renders.
 
 mod common;
 
