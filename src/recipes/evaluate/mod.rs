@@ -6,7 +6,7 @@
 mod options;
 pub mod report;
 
-pub use options::{parse_model_spec, EvalOptions};
+pub use options::EvalOptions;
 
 use crate::eval::preferences::{preference_eval, score_file, sft_nll};
 use crate::eval::prompts::{prompts_that_fit, read_prompt_records};
@@ -19,6 +19,7 @@ use crate::objectives::conditioning::parse_weights;
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use options::parse_model_spec;
 use report::{chart_path, EvalReport};
 use std::path::Path;
 

@@ -13,8 +13,6 @@ mod markdown;
 mod plan;
 pub mod report;
 
-pub use report::ParetoBrief;
-
 use super::output_dir::prepare_report;
 use crate::eval::win_rate::judge_answers;
 use crate::plot::write_pareto_plots;

@@ -5,9 +5,8 @@
 
 use super::answering::Answering;
 use super::config::PipelineEvalConfig;
-use super::curves::{judge_checkpoints, Curve};
 use super::stages::TrainedStage;
-use super::summary::{JudgeInfo, JudgedBy, JudgedStage, Sample, StageRow};
+use super::summary::{Curve, CurvePoint, JudgeInfo, JudgedBy, JudgedStage, Sample, StageRow};
 use crate::eval::load_for_eval;
 use crate::eval::prompts::{prompts_that_fit, read_prompt_records};
 use crate::eval::win_rate::{answer_prompts, compare, judge_answers, write_generations};
@@ -15,7 +14,7 @@ use crate::generate::SamplingConfig;
 use crate::judge::{mean_objectives, mean_total, win_rate, Judge, Verdict};
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::path::Path;
 use std::time::Instant;
 
@@ -181,4 +180,49 @@ fn stage_rows(
         });
     }
     Ok(rows)
+}
+
+/// Wall-time curves: every checkpoint of the stages `names` answers the same
+/// prompts and the ground truth (`judge`, whose verdicts on every model are `verdicts`)
+/// judges it.
+fn judge_checkpoints(
+    names: &[String],
+    ans: &Answering,
+    judge: &Judge,
+    verdicts: &[Vec<Verdict>],
+    stages: &[TrainedStage],
+) -> Result<Vec<Curve>> {
+    let k = judge.objectives().len();
+    let point = |step: u64, elapsed_s: f64, v: &[Verdict]| CurvePoint {
+        step,
+        elapsed_s,
+        mean_total: mean_total(v),
+        mean_objectives: mean_objectives(v, k),
+    };
+    let mut curves = vec![];
+    for name in names {
+        let Some(st) = stages.iter().find(|s| &s.name == name) else {
+            bail!("eval.curves names `{name}`, which is not a stage of this pipeline");
+        };
+        let start = st
+            .previous
+            .as_deref()
+            .and_then(|p| stages.iter().position(|s| s.name == p).map(|i| i + 1))
+            .unwrap_or(0);
+        let mut points = vec![point(0, 0.0, &verdicts[start])];
+        for dir in crate::train::checkpoint::complete(&st.output_dir)? {
+            let state = crate::train::checkpoint::read_state(&dir)?;
+            let a = ans.answers_of(&st.model, st.base_adapter.as_deref(), Some(&dir))?;
+            let v = judge_answers(judge, &ans.prompts, &a, ans.batch)?;
+            points.push(point(state.step, state.elapsed_s, &v));
+        }
+        if points.len() < 2 {
+            eprintln!("warning: {name} kept no checkpoints; its curve has only its start (set train.save_every)");
+        }
+        curves.push(Curve {
+            stage: name.clone(),
+            points,
+        });
+    }
+    Ok(curves)
 }

@@ -9,12 +9,13 @@ mod answering;
 mod charts;
 mod checks;
 pub mod config;
-mod curves;
 pub mod evaluation;
+mod markdown;
 mod stages;
 pub mod summary;
 
 use super::output_dir::prepare_report;
+use super::pareto::report::ParetoBrief;
 use super::RunFlags;
 use anyhow::{Context, Result};
 use config::PipelineConfig;
@@ -102,11 +103,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         let (dir, report) =
             super::pareto::run(Some(Path::new(&p.pareto)), &sets, flags.quiet, flags.force)?;
         md.push_str(&report.summary_section(&dir, &out));
-        summary.pareto = Some(super::pareto::ParetoBrief::of(
-            &report,
-            dir,
-            t.elapsed().as_secs_f64(),
-        ));
+        summary.pareto = Some(ParetoBrief::of(&report, dir, t.elapsed().as_secs_f64()));
         crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
     }
     crate::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;

@@ -5,7 +5,7 @@
 use super::config::StagesConfig;
 use super::summary::StageSeconds;
 use crate::outputs::inputs_digest;
-use crate::recipes::{dpo, grpo, sft, train_rm, ModelConfig, RunFlags};
+use crate::recipes::{dpo, grpo, sft, train_rm, AdapterStage, ModelConfig, RunFlags};
 use crate::train::Finetune;
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -259,37 +259,24 @@ fn preference_state(
     config: &str,
     ov: &[String],
 ) -> Result<(ModelConfig, PathBuf, bool, String)> {
-    let path = Path::new(config);
-    fn adapter<T>(_: &T) -> &'static str {
-        "adapter_model.safetensors"
+    match kind {
+        "dpo" => adapter_state(config, ov, |c: &dpo::DpoRunConfig| &c.stage),
+        "grpo" => adapter_state(config, ov, |c: &grpo::GrpoRunConfig| &c.stage),
+        _ => adapter_state(config, ov, |c: &dpo::HybridRunConfig| &c.stage),
     }
-    Ok(match kind {
-        "dpo" => {
-            let (c, o, d, g) = stage_state(
-                path,
-                ov,
-                |c: &dpo::DpoRunConfig| c.stage.train.output_dir.clone(),
-                adapter,
-            )?;
-            (c.stage.model, o, d, g)
-        }
-        "grpo" => {
-            let (c, o, d, g) = stage_state(
-                path,
-                ov,
-                |c: &grpo::GrpoRunConfig| c.stage.train.output_dir.clone(),
-                adapter,
-            )?;
-            (c.stage.model, o, d, g)
-        }
-        _ => {
-            let (c, o, d, g) = stage_state(
-                path,
-                ov,
-                |c: &dpo::HybridRunConfig| c.stage.train.output_dir.clone(),
-                adapter,
-            )?;
-            (c.stage.model, o, d, g)
-        }
-    })
+}
+
+/// `stage_state` of a stage training an adapter (`stage`: its config's adapter stage).
+fn adapter_state<T: Serialize + serde::de::DeserializeOwned + Default>(
+    config: &str,
+    ov: &[String],
+    stage: fn(&T) -> &AdapterStage,
+) -> Result<(ModelConfig, PathBuf, bool, String)> {
+    let (c, out, done, resolved) = stage_state(
+        Path::new(config),
+        ov,
+        |c: &T| stage(c).train.output_dir.clone(),
+        |_| "adapter_model.safetensors",
+    )?;
+    Ok((stage(&c).model.clone(), out, done, resolved))
 }
