@@ -258,10 +258,22 @@ where
             labels,
             series,
         } => draw_bars(root, title, labels, series),
-        Chart::ParetoPairs { objectives, points } => draw_pareto_pairs(root, objectives, points),
-        Chart::ParetoParallel { objectives, points } => {
-            draw_pareto_parallel(root, objectives, points)
-        }
+        Chart::ParetoPairs { objectives, points } => draw_pareto(
+            root,
+            objectives,
+            points,
+            "Pareto fronts by pair of objectives",
+            "filled: on the policy's front, hollow: dominated; bars: 95% interval",
+            draw_pareto_pairs,
+        ),
+        Chart::ParetoParallel { objectives, points } => draw_pareto(
+            root,
+            objectives,
+            points,
+            "Pareto fronts, parallel coordinates",
+            "bold: on the policy's front, faint: dominated",
+            draw_pareto_parallel,
+        ),
     }
 }
 
@@ -518,22 +530,29 @@ fn axis_value(v: f64, span: f64) -> String {
     format!("{v:.decimals$}")
 }
 
-/// Checks the points, then draws the title and the legend of their policies (in order of first
-/// appearance); returns the policies and the area left for the chart.
-fn pareto_canvas<'p, DB: DrawingBackend>(
-    root: &DrawingArea<DB, Shift>,
+/// The body of a Pareto chart, drawn on the area below its header; the policies are in the
+/// colours' order.
+type ParetoBody<DB> = fn(&DrawingArea<DB, Shift>, &[String], &[ParetoPoint], &[&str]) -> Result<()>;
+
+/// A Pareto chart: the points checked, a header with `title` and a legend of the policies
+/// (in order of first appearance) ending in `note`, and `body` below it.
+fn draw_pareto<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
     objectives: &[String],
-    points: &'p [ParetoPoint],
+    points: &[ParetoPoint],
     title: &str,
     note: &str,
-) -> Result<(Vec<&'p str>, DrawingArea<DB, Shift>)>
+    body: ParetoBody<DB>,
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     check_pareto_input(objectives, points)?;
     let policies = policy_order(points);
-    let body = pareto_header(root, title, &policies, note)?;
-    Ok((policies, body))
+    let area = pareto_header(&root, title, &policies, note)?;
+    body(&area, objectives, points, &policies)?;
+    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(())
 }
 
 /// Fills `root`, draws the title and a legend strip (one entry per policy plus `note`), and
@@ -576,22 +595,16 @@ where
     Ok(body)
 }
 
-/// Grid of scatter panels, one per pair of objectives.
+/// Grid of scatter panels on `body`, one per pair of objectives.
 fn draw_pareto_pairs<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
+    body: &DrawingArea<DB, Shift>,
     objectives: &[String],
     points: &[ParetoPoint],
+    policies: &[&str],
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let (policies, body) = pareto_canvas(
-        &root,
-        objectives,
-        points,
-        "Pareto fronts by pair of objectives",
-        "filled: on the policy's front, hollow: dominated; bars: 95% interval",
-    )?;
     let k = objectives.len();
     // One range per objective, shared by every panel it appears in, so panels compare directly.
     let ranges: Vec<(f64, f64)> = (0..k)
@@ -631,7 +644,7 @@ where
                 if !(x.is_finite() && y.is_finite()) {
                     continue;
                 }
-                let color = policy_color(&policies, &p.policy);
+                let color = policy_color(policies, &p.policy);
                 let style = if front {
                     color.stroke_width(2)
                 } else {
@@ -653,26 +666,19 @@ where
             }
         }
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok(())
 }
 
-/// Parallel coordinates: one vertical axis per objective, one polyline per point.
+/// Parallel coordinates on `body`: one vertical axis per objective, one polyline per point.
 fn draw_pareto_parallel<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
+    body: &DrawingArea<DB, Shift>,
     objectives: &[String],
     points: &[ParetoPoint],
+    policies: &[&str],
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let (policies, body) = pareto_canvas(
-        &root,
-        objectives,
-        points,
-        "Pareto fronts, parallel coordinates",
-        "bold: on the policy's front, faint: dominated",
-    )?;
     let k = objectives.len();
     // Each axis spans its own objective's range, so objectives on different scales share a chart.
     let ranges: Vec<(f64, f64)> = (0..k)
@@ -680,7 +686,7 @@ where
         .collect();
     let last = (k - 1) as f64;
     // The y range reaches below 0 and above 1 to leave room for the axis labels.
-    let chart = ChartBuilder::on(&body)
+    let chart = ChartBuilder::on(body)
         .margin(16)
         .build_cartesian_2d(-0.3..last + 0.3, -0.22..1.1)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -712,7 +718,7 @@ where
             if !p.means.iter().all(|v| v.is_finite()) {
                 continue;
             }
-            let color = policy_color(&policies, &p.policy);
+            let color = policy_color(policies, &p.policy);
             let line: Vec<(f64, f64)> = p
                 .means
                 .iter()
@@ -733,7 +739,6 @@ where
             }
         }
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok(())
 }
 
