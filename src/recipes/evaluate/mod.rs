@@ -59,8 +59,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
             "chat NLL".into(),
             format!(
                 "{:.6} per assistant token over {} examples",
-                r["nll_per_token"].as_f64().unwrap_or(f64::NAN),
-                r["examples"]
+                r.nll_per_token, r.examples
             ),
         ));
         report.sft_data = Some(r);
@@ -77,9 +76,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
             "preferences".into(),
             format!(
                 "accuracy {:.3}, margin {:.4} over {} pairs",
-                r["rewards/accuracies"].as_f64().unwrap_or(f64::NAN),
-                r["rewards/margins"].as_f64().unwrap_or(f64::NAN),
-                r["pairs"]
+                r.accuracy, r.margin, r.pairs
             ),
         ));
         report.preferences = Some(r);

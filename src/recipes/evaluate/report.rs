@@ -1,5 +1,6 @@
 //! The JSON report `mo-align eval --report` writes, and the bar chart drawn beside it.
 
+use crate::eval::preferences::{ChatNll, PreferenceEval};
 use crate::eval::win_rate::WinRateReport;
 use crate::plot::{write_chart, Chart};
 use anyhow::{Context, Result};
@@ -20,9 +21,9 @@ pub struct EvalReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub perplexity: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sft_data: Option<serde_json::Value>,
+    pub sft_data: Option<ChatNll>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub preferences: Option<serde_json::Value>,
+    pub preferences: Option<PreferenceEval>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scored: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -6,7 +6,8 @@
 use super::answering::Answering;
 use super::config::PipelineEvalConfig;
 use super::stages::TrainedStage;
-use super::summary::{Curve, CurvePoint, JudgeInfo, JudgedBy, JudgedStage, Sample, StageRow};
+use super::summary::{Curve, CurvePoint, JudgeInfo, JudgedStage, Sample, StageRow};
+use crate::eval::keyed::Keyed;
 use crate::eval::load_for_eval;
 use crate::eval::prompts::{prompts_that_fit, read_prompt_records};
 use crate::eval::win_rate::{answer_prompts, compare, judge_answers, write_generations};
@@ -136,7 +137,7 @@ fn stage_rows(
     for (si, st) in stages.iter().enumerate() {
         let me = si + 1;
         let prev = st.previous.as_deref().and_then(index);
-        let mut judged = JudgedBy::default();
+        let mut judged = Keyed::default();
         for (ji, ((key, judge), v)) in judges.iter().zip(verdicts).enumerate() {
             let (report, gens) = compare(
                 judge,
@@ -157,7 +158,7 @@ fn stage_rows(
                 mean_objectives: mean_objectives(&v[me], judge.objectives().len()),
                 mean_total: mean_total(&v[me]),
             };
-            judged.0.push((key.clone(), row));
+            judged.push(key.clone(), row);
         }
         let rates: Vec<String> = judged
             .0

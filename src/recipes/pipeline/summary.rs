@@ -1,11 +1,12 @@
 //! The pipeline's summary: typed records written as `summary.json`, rendered as `summary.md`
 //! and drawn as charts, all from the same values.
 
+use crate::eval::keyed::Keyed;
 use crate::generate::SamplingConfig;
 use crate::judge::WinRate;
 use crate::recipes::pareto::report::ParetoBrief;
 use anyhow::{Context, Result};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 
 /// One judge's view of one stage.
@@ -16,38 +17,6 @@ pub struct JudgedStage {
     pub vs_previous: Option<WinRate>,
     pub mean_objectives: Vec<f64>,
     pub mean_total: f64,
-}
-
-/// A stage's judgement by each judge, keyed like `JudgeInfo::key`, in the judges' order.
-#[derive(Debug, Clone, Default)]
-pub struct JudgedBy(pub Vec<(String, JudgedStage)>);
-
-impl JudgedBy {
-    /// The judgement of the judge `key`.
-    pub fn get(&self, key: &str) -> Option<&JudgedStage> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, j)| j)
-    }
-}
-
-impl Serialize for JudgedBy {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
-    }
-}
-
-impl<'de> Deserialize<'de> for JudgedBy {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = serde_json::Map::deserialize(d)?;
-        map.into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    k,
-                    serde_json::from_value(v).map_err(serde::de::Error::custom)?,
-                ))
-            })
-            .collect::<Result<_, _>>()
-            .map(JudgedBy)
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,7 +46,8 @@ pub struct StageRow {
     #[serde(deserialize_with = "nan_if_null")]
     pub train_seconds: f64,
     pub skipped: bool,
-    pub judged: JudgedBy,
+    /// Keyed like `JudgeInfo::key`, in the judges' order.
+    pub judged: Keyed<JudgedStage>,
     pub samples: Vec<Sample>,
 }
 
