@@ -48,6 +48,21 @@ pub struct Verdict {
     pub objectives: Vec<f32>,
 }
 
+/// The mean total score of `verdicts`.
+pub fn mean_total(verdicts: &[Verdict]) -> f64 {
+    verdicts.iter().map(|v| v.total).sum::<f64>() / verdicts.len().max(1) as f64
+}
+
+/// Per objective (the first `count`), the mean score of `verdicts`.
+pub fn mean_objectives(verdicts: &[Verdict], count: usize) -> Vec<f64> {
+    (0..count)
+        .map(|k| {
+            verdicts.iter().map(|v| v.objectives[k] as f64).sum::<f64>()
+                / verdicts.len().max(1) as f64
+        })
+        .collect()
+}
+
 impl Judge {
     /// `spec` is a reward-model directory written by train-rm (it has reward_model.json), or an
     /// HF sequence-classification checkpoint (local directory or Hub id).
@@ -262,7 +277,7 @@ impl Judge {
 
 /// Win / tie / loss counts of model vs baseline totals; a tie is an exact draw or a difference
 /// within `tie_margin`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WinRate {
     pub n: usize,
     pub wins: usize,

@@ -1,7 +1,8 @@
-//! Plots of a run, drawn from its files: loss and eval-loss curves, learning rate, gradient
-//! norm, DPO reward margins and accuracies, the explicit-reward share, the reward model's
-//! per-objective quality, per-objective scores of model vs baseline, and Pareto fronts over
-//! objectives. SVG always (text stays text, no fonts needed); PNG with the `png` feature.
+//! Charts: line charts and grouped bars, and Pareto fronts over objectives. A training run's
+//! charts (loss and eval-loss curves, learning rate, gradient norm, DPO reward margins and
+//! accuracies, the explicit-reward share, the reward model's per-objective quality) are drawn
+//! from its files; reports draw theirs from their own typed values. SVG always (text stays
+//! text, no fonts needed); PNG with the `png` feature.
 
 use crate::io::write_atomic;
 use anyhow::{Context, Result};
@@ -257,10 +258,22 @@ where
             labels,
             series,
         } => draw_bars(root, title, labels, series),
-        Chart::ParetoPairs { objectives, points } => draw_pareto_pairs(root, objectives, points),
-        Chart::ParetoParallel { objectives, points } => {
-            draw_pareto_parallel(root, objectives, points)
-        }
+        Chart::ParetoPairs { objectives, points } => draw_pareto(
+            root,
+            objectives,
+            points,
+            "Pareto fronts by pair of objectives",
+            "filled: on the policy's front, hollow: dominated; bars: 95% interval",
+            draw_pareto_pairs,
+        ),
+        Chart::ParetoParallel { objectives, points } => draw_pareto(
+            root,
+            objectives,
+            points,
+            "Pareto fronts, parallel coordinates",
+            "bold: on the policy's front, faint: dominated",
+            draw_pareto_parallel,
+        ),
     }
 }
 
@@ -302,7 +315,8 @@ fn write_png(_dir: &Path, _name: &str, _chart: &Chart) -> Result<PathBuf> {
     anyhow::bail!("PNG output needs a build with `--features png`; SVG files were written")
 }
 
-/// Draws every chart a run directory's files support; returns the files written.
+/// Draws every chart a training run's files support (metrics.jsonl, rm_report.json); returns
+/// the files written.
 pub fn plot_run(dir: &Path, png: bool) -> Result<Vec<PathBuf>> {
     let mut written = vec![];
     let metrics_path = dir.join("metrics.jsonl");
@@ -382,123 +396,7 @@ pub fn plot_run(dir: &Path, png: bool) -> Result<Vec<PathBuf>> {
             written.extend(write_chart(dir, "rm_objectives", &chart, png)?);
         }
     }
-    for report in ["eval_report.json", "summary.json"] {
-        let p = dir.join(report);
-        if p.is_file() {
-            written.extend(plot_objective_scores(&p, dir, png)?);
-        }
-    }
     Ok(written)
-}
-
-/// The name of the bar chart drawn for an eval report: `REPORT_objectives` beside
-/// `REPORT.json`, so two reports in one directory keep a chart each.
-pub fn objectives_chart_name(report: &Path) -> String {
-    let stem = report
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "eval".into());
-    format!("{stem}_objectives")
-}
-
-/// Bar chart of per-objective reward-model scores, model vs baseline, from an eval report
-/// (`win_rate` object) or a pipeline summary (`stages` list).
-pub fn plot_objective_scores(report: &Path, dir: &Path, png: bool) -> Result<Vec<PathBuf>> {
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report)?)
-        .with_context(|| format!("{}: not JSON", report.display()))?;
-    let floats = |v: &serde_json::Value| {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|x| x.as_f64().unwrap_or(f64::NAN))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
-    let strings = |v: &serde_json::Value| {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
-    let mut out = vec![];
-    if let Some(w) = r.get("win_rate") {
-        let labels = strings(&w["objectives"]);
-        if !labels.is_empty() {
-            let chart = Chart::Bars {
-                title: "reward-model scores: model vs baseline",
-                labels,
-                series: vec![
-                    ("model", floats(&w["mean_objectives_model"])),
-                    ("baseline", floats(&w["mean_objectives_baseline"])),
-                ],
-            };
-            out.extend(write_chart(
-                dir,
-                &objectives_chart_name(report),
-                &chart,
-                png,
-            )?);
-        }
-    }
-    if let (Some(stages), Some(judges)) = (
-        r.get("stages").and_then(|s| s.as_array()),
-        r.get("judges").and_then(|s| s.as_array()),
-    ) {
-        let names: Vec<String> = stages
-            .iter()
-            .map(|s| s["stage"].as_str().unwrap_or("?").to_string())
-            .collect();
-        let mut rates: Vec<(&str, Vec<f64>)> = vec![];
-        for j in judges {
-            let key = j["key"].as_str().unwrap_or("judge");
-            let labels = strings(&j["objectives"]);
-            if !labels.is_empty() {
-                let mut series: Vec<(&str, Vec<f64>)> =
-                    vec![("base", floats(&j["base_mean_objectives"]))];
-                for (s, name) in stages.iter().zip(&names) {
-                    series.push((name.as_str(), floats(&s["judged"][key]["mean_objectives"])));
-                }
-                let title = if key == "rules" {
-                    "ground-truth (rule) scores by stage"
-                } else {
-                    "reward-model scores by stage"
-                };
-                let chart = Chart::Bars {
-                    title,
-                    labels,
-                    series,
-                };
-                out.extend(write_chart(
-                    dir,
-                    &format!("stage_objectives_{key}"),
-                    &chart,
-                    png,
-                )?);
-            }
-            rates.push((
-                key,
-                stages
-                    .iter()
-                    .map(|s| {
-                        s["judged"][key]["vs_base"]["win_rate"]
-                            .as_f64()
-                            .unwrap_or(f64::NAN)
-                    })
-                    .collect(),
-            ));
-        }
-        let chart = Chart::Bars {
-            title: "win rate against the base model",
-            labels: names,
-            series: rates,
-        };
-        out.extend(write_chart(dir, "win_rates", &chart, png)?);
-    }
-    Ok(out)
 }
 
 /// One evaluated weighting of one policy in objective space (every objective maximised).
@@ -632,6 +530,31 @@ fn axis_value(v: f64, span: f64) -> String {
     format!("{v:.decimals$}")
 }
 
+/// The body of a Pareto chart, drawn on the area below its header; the policies are in the
+/// colours' order.
+type ParetoBody<DB> = fn(&DrawingArea<DB, Shift>, &[String], &[ParetoPoint], &[&str]) -> Result<()>;
+
+/// A Pareto chart: the points checked, a header with `title` and a legend of the policies
+/// (in order of first appearance) ending in `note`, and `body` below it.
+fn draw_pareto<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    objectives: &[String],
+    points: &[ParetoPoint],
+    title: &str,
+    note: &str,
+    body: ParetoBody<DB>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    check_pareto_input(objectives, points)?;
+    let policies = policy_order(points);
+    let area = pareto_header(&root, title, &policies, note)?;
+    body(&area, objectives, points, &policies)?;
+    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(())
+}
+
 /// Fills `root`, draws the title and a legend strip (one entry per policy plus `note`), and
 /// returns the area left for the chart itself.
 fn pareto_header<DB: DrawingBackend>(
@@ -672,23 +595,16 @@ where
     Ok(body)
 }
 
-/// Grid of scatter panels, one per pair of objectives.
+/// Grid of scatter panels on `body`, one per pair of objectives.
 fn draw_pareto_pairs<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
+    body: &DrawingArea<DB, Shift>,
     objectives: &[String],
     points: &[ParetoPoint],
+    policies: &[&str],
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    check_pareto_input(objectives, points)?;
-    let policies = policy_order(points);
-    let body = pareto_header(
-        &root,
-        "Pareto fronts by pair of objectives",
-        &policies,
-        "filled: on the policy's front, hollow: dominated; bars: 95% interval",
-    )?;
     let k = objectives.len();
     // One range per objective, shared by every panel it appears in, so panels compare directly.
     let ranges: Vec<(f64, f64)> = (0..k)
@@ -728,7 +644,7 @@ where
                 if !(x.is_finite() && y.is_finite()) {
                     continue;
                 }
-                let color = policy_color(&policies, &p.policy);
+                let color = policy_color(policies, &p.policy);
                 let style = if front {
                     color.stroke_width(2)
                 } else {
@@ -750,27 +666,19 @@ where
             }
         }
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok(())
 }
 
-/// Parallel coordinates: one vertical axis per objective, one polyline per point.
+/// Parallel coordinates on `body`: one vertical axis per objective, one polyline per point.
 fn draw_pareto_parallel<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
+    body: &DrawingArea<DB, Shift>,
     objectives: &[String],
     points: &[ParetoPoint],
+    policies: &[&str],
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    check_pareto_input(objectives, points)?;
-    let policies = policy_order(points);
-    let body = pareto_header(
-        &root,
-        "Pareto fronts, parallel coordinates",
-        &policies,
-        "bold: on the policy's front, faint: dominated",
-    )?;
     let k = objectives.len();
     // Each axis spans its own objective's range, so objectives on different scales share a chart.
     let ranges: Vec<(f64, f64)> = (0..k)
@@ -778,7 +686,7 @@ where
         .collect();
     let last = (k - 1) as f64;
     // The y range reaches below 0 and above 1 to leave room for the axis labels.
-    let chart = ChartBuilder::on(&body)
+    let chart = ChartBuilder::on(body)
         .margin(16)
         .build_cartesian_2d(-0.3..last + 0.3, -0.22..1.1)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -810,7 +718,7 @@ where
             if !p.means.iter().all(|v| v.is_finite()) {
                 continue;
             }
-            let color = policy_color(&policies, &p.policy);
+            let color = policy_color(policies, &p.policy);
             let line: Vec<(f64, f64)> = p
                 .means
                 .iter()
@@ -831,7 +739,6 @@ where
             }
         }
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok(())
 }
 

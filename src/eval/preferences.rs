@@ -1,11 +1,12 @@
 //! Evaluations over data files: held-out chat NLL, preference accuracy against the reference,
 //! and reward-model scores of (prompt, response) records.
 
+use super::keyed::Keyed;
 use super::prompts::prompt_and_response;
 use crate::data::chat::sft_example;
 use crate::data::preference::{preference_pair, PreferencePair};
 use crate::data::source::read_records;
-use crate::data::{load_splits, DataConfig};
+use crate::data::{load_splits, DataConfig, DataReport};
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::objectives::nll::Nll;
@@ -13,10 +14,53 @@ use crate::objectives::pair::pair_logprobs;
 use crate::reward::{score_sequences, RewardHead, ScoredSequence};
 use crate::train::trainer::evaluate;
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// Held-out NLL on chat data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatNll {
+    pub nll_per_token: f64,
+    pub examples: usize,
+    /// What happened to the file's records.
+    pub data: DataReport,
+}
+
+/// Implicit rewards (beta times the log-ratio against the reference) over preference pairs,
+/// and the policy's summed response log-probs (TRL's `logps/chosen` and `logps/rejected`);
+/// means per pair.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreferenceEval {
+    pub pairs: usize,
+    pub beta: f64,
+    #[serde(rename = "rewards/accuracies")]
+    pub accuracy: f64,
+    #[serde(rename = "rewards/margins")]
+    pub margin: f64,
+    #[serde(rename = "rewards/chosen")]
+    pub reward_chosen: f64,
+    #[serde(rename = "rewards/rejected")]
+    pub reward_rejected: f64,
+    #[serde(rename = "logps/chosen")]
+    pub logps_chosen: f64,
+    #[serde(rename = "logps/rejected")]
+    pub logps_rejected: f64,
+    /// A reward model's scores, per objective.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_model: Option<Keyed<ObjectiveRanking>>,
+}
+
+/// A reward-model objective's mean score of the chosen and rejected responses, and how often
+/// it scores the chosen one higher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ObjectiveRanking {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub accuracy: f64,
+}
+
 /// Held-out NLL on chat data (assistant tokens only), with the adapter on.
-pub fn sft_nll(loaded: &Loaded, file: &Path, max_length: usize) -> Result<serde_json::Value> {
+pub fn sft_nll(loaded: &Loaded, file: &Path, max_length: usize) -> Result<ChatNll> {
     let cfg = DataConfig {
         train_files: vec![file.display().to_string()],
         max_length,
@@ -30,9 +74,11 @@ pub fn sft_nll(loaded: &Loaded, file: &Path, max_length: usize) -> Result<serde_
         &data.train,
         4,
     )?;
-    Ok(
-        serde_json::json!({"nll_per_token": m["eval_loss"], "examples": data.train.len(), "data": data.train_report}),
-    )
+    Ok(ChatNll {
+        nll_per_token: m["eval_loss"],
+        examples: data.train.len(),
+        data: data.train_report,
+    })
 }
 
 /// Implicit-reward accuracy and margins of the adapter against the reference (adapter off),
@@ -43,7 +89,7 @@ pub fn preference_eval(
     beta: f64,
     max_length: usize,
     rm: Option<&Path>,
-) -> Result<serde_json::Value> {
+) -> Result<PreferenceEval> {
     let cfg = DataConfig {
         train_files: vec![file.display().to_string()],
         max_length,
@@ -72,12 +118,17 @@ pub fn preference_eval(
         rr += r;
     }
     let n = pairs.len().max(1) as f64;
-    let mut out = serde_json::json!({
-        "pairs": pairs.len(), "beta": beta,
-        "rewards/accuracies": acc / n, "rewards/margins": margin / n,
-        "rewards/chosen": rc / n, "rewards/rejected": rr / n,
-        "logps/chosen": lc / n, "logps/rejected": lr / n,
-    });
+    let mut out = PreferenceEval {
+        pairs: pairs.len(),
+        beta,
+        accuracy: acc / n,
+        margin: margin / n,
+        reward_chosen: rc / n,
+        reward_rejected: rr / n,
+        logps_chosen: lc / n,
+        logps_rejected: lr / n,
+        reward_model: None,
+    };
     if let Some(rm) = rm {
         let head = RewardHead::load(rm, &loaded.model.device)?;
         // The reference (adapter off) must be the head's backbone.
@@ -89,7 +140,7 @@ pub fn preference_eval(
             .map(|(s, start)| ScoredSequence::new(s, start))
             .collect();
         let scores = score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::REFERENCE)?;
-        let mut per = serde_json::Map::new();
+        let mut per = Keyed::default();
         for (k, name) in head.info.objectives.iter().enumerate() {
             let c: Vec<f64> = scores.iter().step_by(2).map(|s| s[k] as f64).collect();
             let r: Vec<f64> = scores
@@ -99,11 +150,16 @@ pub fn preference_eval(
                 .map(|s| s[k] as f64)
                 .collect();
             let right = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64;
-            per.insert(name.clone(), serde_json::json!({
-                "chosen": c.iter().sum::<f64>() / n, "rejected": r.iter().sum::<f64>() / n, "accuracy": right / n,
-            }));
+            per.push(
+                name.clone(),
+                ObjectiveRanking {
+                    chosen: c.iter().sum::<f64>() / n,
+                    rejected: r.iter().sum::<f64>() / n,
+                    accuracy: right / n,
+                },
+            );
         }
-        out["reward_model"] = per.into();
+        out.reward_model = Some(per);
     }
     Ok(out)
 }

@@ -4,13 +4,13 @@
 
 use crate::eval::prompts::PromptRecord;
 use crate::generate::{generate, SamplingConfig};
-use crate::judge::{win_rate, Judge, Verdict, WinRate};
+use crate::judge::{mean_objectives, win_rate, Judge, Verdict, WinRate};
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::objectives::conditioning::ConditioningInfo;
 use crate::tokenizer::Message;
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Answers of `loaded` to each prompt (batched, seeded per prompt index), decoded text.
@@ -62,7 +62,7 @@ pub struct Generation {
     pub decoding: SamplingConfig,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WinRateReport {
     pub judge: String,
     pub overall: WinRate,
@@ -134,9 +134,6 @@ pub fn compare(
     let overall = win_rate(&totals(mine), &totals(base), tie_margin);
     let objectives = judge.objectives();
     let mut per_objective = serde_json::Map::new();
-    let mean = |v: &[Verdict], k: usize| {
-        v.iter().map(|x| x.objectives[k] as f64).sum::<f64>() / v.len().max(1) as f64
-    };
     for (k, name) in objectives.iter().enumerate() {
         let a: Vec<f64> = mine.iter().map(|v| v.objectives[k] as f64).collect();
         let b: Vec<f64> = base.iter().map(|v| v.objectives[k] as f64).collect();
@@ -150,8 +147,8 @@ pub fn compare(
         judge: judge.describe(),
         overall,
         per_objective,
-        mean_objectives_model: (0..objectives.len()).map(|k| mean(mine, k)).collect(),
-        mean_objectives_baseline: (0..objectives.len()).map(|k| mean(base, k)).collect(),
+        mean_objectives_model: mean_objectives(mine, objectives.len()),
+        mean_objectives_baseline: mean_objectives(base, objectives.len()),
         objectives,
         sampling: sampling.clone(),
     };

@@ -1,7 +1,8 @@
 //! What every adapter-training stage shares: its config sections, and the run that loads the
 //! policy, the data and the reward model and hands them to the trainer.
 
-use super::{base_name, load_base, load_policy, prepare_output, ModelConfig, RunDir};
+use super::output_dir::prepare_output;
+use super::{base_name, load_base, load_policy, ModelConfig, RunDir};
 use crate::cache::{cache_dir, model_digest};
 use crate::data::{load_splits, DataConfig, DataReport, Parsed, Splits};
 use crate::digest::Digest;

@@ -2,7 +2,8 @@
 //! adapter) is frozen, so its features are computed once and cached; the linear head is trained
 //! on the cache by the shared trainer (epochs take milliseconds).
 
-use super::{load_base, prepare_output, ModelConfig, RunFlags};
+use super::output_dir::prepare_output;
+use super::{load_base, ModelConfig, RunFlags};
 use crate::cache::{cache_dir, model_digest};
 use crate::data::preference::preference_pair;
 use crate::data::ratings::{rated_responses, RatedResponse, DEFAULT_OBJECTIVES};

@@ -1,5 +1,7 @@
 //! The small commands: redraw plots, write a tiny checkpoint, convert a data file.
 
+use super::evaluate::report::EvalReport;
+use super::pipeline::summary::PipelineSummary;
 use anyhow::Result;
 use std::path::Path;
 
@@ -8,7 +10,16 @@ pub fn plot(run_dir: &Path, png: bool) -> Result<()> {
     if !run_dir.is_dir() {
         anyhow::bail!("{}: no such directory", run_dir.display());
     }
-    let written = crate::plot::plot_run(run_dir, png)?;
+    let mut written = crate::plot::plot_run(run_dir, png)?;
+    // A report's charts, drawn from its typed values as read back.
+    let eval_report = run_dir.join("eval_report.json");
+    if eval_report.is_file() {
+        written.extend(EvalReport::read(&eval_report)?.write_chart(&eval_report, run_dir, png)?);
+    }
+    let summary = run_dir.join("summary.json");
+    if summary.is_file() {
+        written.extend(PipelineSummary::read(&summary)?.write_charts(run_dir, png)?);
+    }
     if written.is_empty() {
         anyhow::bail!(
             "{}: nothing to plot (no metrics.jsonl, summary.json or pareto.json here)",

@@ -1,0 +1,124 @@
+//! Checks made on the pipeline's config before any stage trains.
+
+use super::config::{PipelineConfig, StagesConfig};
+use super::stages::{preference_stages, stage_name};
+use crate::recipes::{dpo, grpo};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// Every stage and the held-out prompts named, `eval.curves` naming stages, and the
+/// pipeline's own directory apart from every stage's.
+pub(super) fn check_config(cfg: &PipelineConfig) -> Result<()> {
+    let p = &cfg.pipeline;
+    for (k, v) in [
+        ("sft", &p.sft),
+        ("train_rm", &p.train_rm),
+        ("dpo", &p.dpo),
+        ("output_dir", &p.output_dir),
+    ] {
+        if v.is_empty() {
+            bail!("pipeline.{k} is empty");
+        }
+    }
+    if p.hybrid_dpo.is_empty() || p.hybrid_dpo.iter().any(String::is_empty) {
+        bail!("pipeline.hybrid_dpo: name one config or a list of them");
+    }
+    if cfg.eval.prompts.is_empty() {
+        bail!("eval.prompts is empty: name a file of held-out prompts");
+    }
+    if !p.pareto.is_empty() && !Path::new(&p.pareto).is_file() {
+        bail!("pipeline.pareto: {} is not a file", p.pareto);
+    }
+    check_curves(cfg, &p.overrides)?;
+    check_stage_overlap(p)
+}
+
+/// The pipeline's own directory may not be, hold or lie inside a stage's output (trained yet
+/// or not) or what a stage reads: checked from the stage configs (with the pipeline's
+/// overrides) before any stage trains.
+fn check_stage_overlap(p: &StagesConfig) -> Result<()> {
+    let out = Path::new(&p.output_dir);
+    let configs = [&p.base, &p.sft, &p.train_rm, &p.dpo, &p.pareto]
+        .into_iter()
+        .chain(&p.hybrid_dpo)
+        .chain(&p.grpo)
+        .filter(|c| !c.is_empty());
+    for config in configs {
+        let Ok(text) = std::fs::read_to_string(config) else {
+            continue; // a missing stage config is reported when its stage loads
+        };
+        let Ok(mut table) = toml::from_str::<toml::Table>(&text) else {
+            continue;
+        };
+        for o in &p.overrides {
+            crate::config::apply_override(&mut table, o)?;
+        }
+        let stage_out = ["train", "pareto"].iter().find_map(|s| {
+            table
+                .get(*s)
+                .and_then(|t| t.get("output_dir"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        });
+        if let Some(s) = stage_out.filter(|s| !s.is_empty()) {
+            if let Some(how) = crate::outputs::overlap(out, Path::new(&s)) {
+                bail!(
+                    "pipeline.output_dir {}: {how} the output {s} of the stage {config}; choose a directory of its own",
+                    p.output_dir
+                );
+            }
+        }
+        let reads = crate::outputs::Inputs::from_config(&toml::to_string(&table)?)?;
+        crate::outputs::check(
+            out,
+            "pipeline.output_dir",
+            crate::outputs::Existing::RunDir,
+            &reads,
+            false,
+        )
+        .with_context(|| format!("stage {config}"))?;
+    }
+    Ok(())
+}
+
+/// `eval.curves` must name stages of this pipeline; checked before anything trains, since the
+/// curves are drawn only after every stage has.
+fn check_curves(cfg: &PipelineConfig, ov: &[String]) -> Result<()> {
+    if cfg.eval.curves.is_empty() {
+        return Ok(());
+    }
+    let mut names = vec!["sft".to_string()];
+    for (kind, config) in preference_stages(&cfg.pipeline) {
+        let path = Path::new(config);
+        let out = match kind {
+            "dpo" => {
+                crate::config::load::<dpo::DpoRunConfig>(Some(path), ov)?
+                    .stage
+                    .train
+                    .output_dir
+            }
+            "grpo" => {
+                crate::config::load::<grpo::GrpoRunConfig>(Some(path), ov)?
+                    .stage
+                    .train
+                    .output_dir
+            }
+            _ => {
+                crate::config::load::<dpo::HybridRunConfig>(Some(path), ov)?
+                    .stage
+                    .train
+                    .output_dir
+            }
+        };
+        names.push(stage_name(Path::new(&out), kind));
+    }
+    for name in &cfg.eval.curves {
+        if !names.contains(name) {
+            bail!(
+                "eval.curves names `{name}`, which is not a stage of this pipeline (its stages: {})",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
