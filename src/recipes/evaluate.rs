@@ -13,7 +13,7 @@ use crate::generate::SamplingArgs;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::parse_weights;
+use crate::objectives::weighting::parse_weights;
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use clap::Args;

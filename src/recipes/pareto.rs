@@ -16,8 +16,8 @@ use crate::generate::{SamplingArgs, SamplingConfig};
 use crate::judge::Judge;
 use crate::model::loader::{load_soup, select_device, Loaded};
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{format_line, quantise, ConditioningInfo, ConditioningMode};
-use crate::objectives::scalarize::check_weighting;
+use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
+use crate::objectives::weighting::{format_line, quantise, Weighting, PREFIX};
 use crate::pareto::{hypervolume, non_dominated, simplex_grid, spacing, sparsity, spearman};
 use crate::plot::{write_pareto_plots, ParetoPoint};
 use crate::tokenizer::Message;
@@ -195,7 +195,7 @@ pub fn run(
     let objectives = weight_objectives(&cfg, &infos)?;
     let k = objectives.len();
     for (i, pol) in cfg.policy.iter().enumerate() {
-        check_policy(pol, i, k)?;
+        check_policy(pol, i, &objectives)?;
         // A gated adapter's blocks are checked here, before the report directory is claimed.
         if let Some(info) = infos[i]
             .as_ref()
@@ -220,7 +220,7 @@ pub fn run(
         simplex_grid(k, p.grid)
     } else {
         for (i, w) in p.weights.iter().enumerate() {
-            check_weighting(w, k, &objectives, &format!("pareto.weights[{i}]"))?;
+            Weighting::for_objectives(w.clone(), &objectives, &format!("pareto.weights[{i}]"))?;
         }
         p.weights.clone()
     };
@@ -275,7 +275,7 @@ pub fn run(
             } else {
                 Variant::Conditioned {
                     adapter: &pol.conditioned,
-                    line: info.line(w)?,
+                    line: info.line(&Weighting::new(w.clone(), "weights")?)?,
                     info,
                 }
             }
@@ -490,7 +490,8 @@ fn kind(p: &PolicySpec) -> &'static str {
     }
 }
 
-fn check_policy(p: &PolicySpec, i: usize, k: usize) -> Result<()> {
+fn check_policy(p: &PolicySpec, i: usize, objectives: &[String]) -> Result<()> {
+    let k = objectives.len();
     let here = format!("policy[{i}] ({})", p.name);
     if p.name.is_empty() || p.name.contains(['/', '\\']) || p.name.starts_with('.') {
         bail!("{here}: name must be a plain, non-empty name (it names a directory of generations)");
@@ -512,7 +513,8 @@ fn check_policy(p: &PolicySpec, i: usize, k: usize) -> Result<()> {
             );
         }
         for (j, w) in p.adapter_weights.iter().enumerate() {
-            check_weighting(w, k, &[], &format!("{here}: adapter_weights[{j}]"))?;
+            let what = format!("{here}: adapter_weights[{j}]");
+            Weighting::for_objectives(w.clone(), objectives, &what)?;
         }
     }
     if !p.soup.is_empty() && p.soup.len() != k {
@@ -719,8 +721,7 @@ fn markdown(
                 .collect();
             md.push_str(&format!(
                 "| {} | {} | {} |\n",
-                format_line(objectives, &w.weights)
-                    .trim_start_matches(crate::objectives::conditioning::PREFIX),
+                format_line(objectives, &w.weights).trim_start_matches(PREFIX),
                 cells.join(" | "),
                 if w.on_front { "yes" } else { "" }
             ));

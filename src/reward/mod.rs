@@ -7,12 +7,12 @@
 //! rating normalisation, the backbone the head expects).
 
 pub mod features;
-pub mod report;
 pub mod rules;
+pub mod vector;
 
 pub use features::{
     cached_features, cached_pair_scores, last_token_features, reward_features, score_sequences,
-    FeatureSet, ScoredSequence,
+    FeatureSet, PairSequences, ScoredSequence,
 };
 
 use crate::io::{safetensors_bytes, write_atomic, write_json_atomic};
