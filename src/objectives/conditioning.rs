@@ -324,15 +324,8 @@ mod tests {
     use crate::objectives::weighting::{format_line, parse_line};
 
     fn names() -> Vec<String> {
-        [
-            "helpfulness",
-            "honesty",
-            "instruction_following",
-            "truthfulness",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let names = "helpfulness honesty instruction_following truthfulness";
+        names.split(' ').map(String::from).collect()
     }
 
     #[test]

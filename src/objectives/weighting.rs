@@ -191,15 +191,8 @@ mod tests {
     use super::*;
 
     fn names() -> Vec<String> {
-        [
-            "helpfulness",
-            "honesty",
-            "instruction_following",
-            "truthfulness",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let names = "helpfulness honesty instruction_following truthfulness";
+        names.split(' ').map(String::from).collect()
     }
 
     fn err(r: Result<Weighting>) -> String {

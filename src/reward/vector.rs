@@ -258,20 +258,13 @@ mod tests {
     fn reward_model_dir(dir: &Path, objectives: &[&str]) -> String {
         let rm = dir.join("rm");
         std::fs::create_dir_all(&rm).unwrap();
-        let info = RewardModelInfo {
-            objectives: objectives.iter().map(|s| s.to_string()).collect(),
-            rating_normalisation: String::new(),
-            backbone_model: String::new(),
-            backbone_adapter: None,
-            backbone_model_abs: None,
-            backbone_adapter_abs: None,
-            backbone_fingerprint: None,
-            backbone_fingerprint_bf16: None,
-            backbone_dtype: None,
-            hidden_size: 8,
-            feature: String::new(),
-            feature_set: Default::default(),
-        };
+        let info = serde_json::json!({
+            "objectives": objectives,
+            "rating_normalisation": "",
+            "backbone_model": "",
+            "hidden_size": 8,
+            "feature": "",
+        });
         std::fs::write(
             rm.join(super::super::INFO_FILE),
             serde_json::to_string(&info).unwrap(),
