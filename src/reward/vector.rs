@@ -3,8 +3,9 @@
 //! GRPO read the same vector, so a rule objective can stand beside (or instead of) a learned
 //! one.
 
+use super::features::{cached_pair_scores, reward_features, ScoredSequence};
 use super::rules::RuleObjectives;
-use super::{cached_pair_scores, reward_features, RewardHead, RewardModelInfo, ScoredSequence};
+use super::{RewardHead, RewardModelInfo};
 use crate::cache::Digest;
 use crate::data::preference::{pair_texts, PreferencePair};
 use crate::data::FieldError;
@@ -37,11 +38,7 @@ impl RewardVector {
         let reward_model = if reward_model.is_empty() {
             None
         } else {
-            let path = Path::new(reward_model).join(super::INFO_FILE);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            let info: RewardModelInfo = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a reward model description", path.display()))?;
+            let info = RewardModelInfo::load(Path::new(reward_model))?;
             Some((PathBuf::from(reward_model), info.objectives))
         };
         let rules = (!rules.is_empty())
