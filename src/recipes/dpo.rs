@@ -140,7 +140,8 @@ pub fn run_hybrid(
         rewards,
         weights.as_ref(),
         "hybrid",
-        (&cfg, flags),
+        &cfg,
+        flags,
     )?;
     let (train, val) = mo.scored_pairs(h.score_batch_size)?;
     // Each pair's logit gets the constant (offset, scale) of its reward vectors under its own

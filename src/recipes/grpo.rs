@@ -90,7 +90,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         rewards,
         weights.as_ref(),
         "grpo",
-        (&cfg, flags),
+        &cfg,
+        flags,
     )?;
     let run = &mo.run;
     let (tok, max_length) = (&run.loaded.tokenizer, run.stage.data.max_length);

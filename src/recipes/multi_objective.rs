@@ -39,7 +39,8 @@ impl<'a> MultiObjectiveRun<'a> {
         rewards: RewardVector,
         weights: Option<&Weighting>,
         section: &str,
-        (resolved, flags): (&R, RunFlags),
+        resolved: &R,
+        flags: RunFlags,
     ) -> Result<Self> {
         let names = rewards.names();
         let what = format!("{section}.weights");

@@ -92,7 +92,8 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         rewards,
         weights.as_ref(),
         "reward",
-        (&cfg, flags),
+        &cfg,
+        flags,
     )?;
     let (train, val) = mo.scored_pairs(rw.score_batch_size)?;
     let examples = |pairs: &[WeightedScoredPair]| -> Vec<WeightedPair> {
