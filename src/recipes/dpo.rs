@@ -175,5 +175,7 @@ pub fn run_hybrid(
         cfg: cfg.dpo.clone(),
         explicit: true,
     };
-    mo.train(&objective, &train, &val, "hybrid-dpo")
+    let outcome = mo.run.train(&objective, &train, &val, "hybrid-dpo")?;
+    mo.export_blocks()?;
+    Ok(outcome)
 }

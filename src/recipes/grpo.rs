@@ -133,8 +133,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         },
     )
     .conditioned(conditioning);
-    let outcome = mo.train(&objective, &splits.train, &splits.val, g_label(g))?;
+    let outcome = run.train(&objective, &splits.train, &splits.val, g_label(g))?;
     write_timing(&run.out, &objective.timing(), &outcome)?;
+    mo.export_blocks()?;
     Ok(outcome)
 }
 

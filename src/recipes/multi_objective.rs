@@ -2,7 +2,7 @@
 //! objective: the reward vector, the run (its LoRA widened to one block per objective under
 //! `mode = "adapter"` conditioning), the configured weighting checked against the vector, the
 //! conditioning record, the scored and weighted pairs; and after training the per-objective
-//! adapters.
+//! adapters. The recipe picks the objective and trains it on `run`.
 
 use super::conditioned::{self, Split, WeightedScoredPair};
 use super::{AdapterStage, RunFlags, StageRun};
@@ -12,8 +12,6 @@ use crate::model::lora::LoraConfig;
 use crate::objectives::conditioning::{ConditioningConfig, ConditioningInfo};
 use crate::objectives::weighting::Weighting;
 use crate::reward::vector::{RewardVector, ScoredPair};
-use crate::train::trainer::TrainOutcome;
-use crate::train::Objective;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -92,18 +90,11 @@ impl<'a> MultiObjectiveRun<'a> {
         conditioned::weighted_pairs(&self.run, self.cond, info, &self.weights, pairs, split)
     }
 
-    /// Trains with `objective`, then writes a `mode = "adapter"` run's per-objective adapters.
-    pub fn train<O: Objective>(
-        &self,
-        objective: &O,
-        train: &[O::Example],
-        val: &[O::Example],
-        label: &str,
-    ) -> Result<TrainOutcome> {
-        let outcome = self.run.train(objective, train, val, label)?;
-        if let Some(info) = &self.conditioning {
-            conditioned::export_blocks(&self.run, &self.block, info)?;
+    /// After training: a `mode = "adapter"` run's per-objective adapters.
+    pub fn export_blocks(&self) -> Result<()> {
+        match &self.conditioning {
+            Some(info) => conditioned::export_blocks(&self.run, &self.block, info),
+            None => Ok(()),
         }
-        Ok(outcome)
     }
 }

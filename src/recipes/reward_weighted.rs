@@ -122,5 +122,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     let objective = RewardWeighted {
         model: &mo.run.loaded.model,
     };
-    mo.train(&objective, &train, &val, "reward-weighted")
+    let outcome = mo.run.train(&objective, &train, &val, "reward-weighted")?;
+    mo.export_blocks()?;
+    Ok(outcome)
 }
