@@ -52,12 +52,12 @@ use mo_align::model::tiny::{random_model, tiny_config};
 use mo_align::model::{Qwen, QwenConfig};
 use mo_align::objectives::dpo::{Dpo, DpoConfig, DpoExample};
 use mo_align::objectives::nll::Nll;
+use mo_align::objectives::online::{GrpoConfig, OnlinePolicyGradient, PromptExample, StopTokens};
 use mo_align::objectives::pair::{reference_logprobs, PairIds};
-use mo_align::recipes::grpo::{
-    GrpoConfig, OnlinePolicyGradient, PromptExample, RewardSources, StopTokens,
-};
+use mo_align::objectives::weighting::Weighting;
 use mo_align::reward::features::FeatureSet;
 use mo_align::reward::last_token_features;
+use mo_align::reward::vector::CompletionScorer;
 use mo_align::reward::{RewardHead, RewardModelInfo};
 use mo_align::rng::stream_rng;
 use mo_align::tokenizer::LabelledIds;
@@ -925,15 +925,16 @@ fn run_case(
             )?;
             // A random head, so completions differ in reward and advantages are not zero.
             head.weight = candle_core::Var::randn(0f32, 0.05, (4, h), &device)?;
-            let sources = RewardSources {
+            let scorer = CompletionScorer {
                 head: Some((&head, &model, ForwardCtx::REFERENCE)),
                 rules: None,
+                batch_size: grpo_cfg.score_batch_size,
             };
             let objective = OnlinePolicyGradient::new(
                 &model,
                 &grpo_cfg,
-                sources,
-                vec![0.25; 4],
+                scorer,
+                Weighting::equal(4),
                 names,
                 0,
                 StopTokens {
@@ -944,6 +945,7 @@ fn run_case(
             let examples: Vec<PromptExample> = (0..b)
                 .map(|_| PromptExample {
                     prompt: random_ids(&mut rng, t / 2, vocab),
+                    messages: vec![],
                     record: serde_json::Value::Null,
                 })
                 .collect();

@@ -9,7 +9,7 @@ use crate::model::config::QwenConfig;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{load_with_config, resolve, Loaded};
 use crate::model::Qwen;
-use crate::objectives::scalarize::equal_weights_or;
+use crate::objectives::weighting::Weighting;
 use crate::reward::rules::RuleObjectives;
 use crate::reward::{last_token_features, reward_features, RewardHead, ScoredSequence};
 use crate::tokenizer::{ChatTokenizer, Message};
@@ -70,7 +70,7 @@ impl Judge {
     pub fn load(spec: &str, weights: &[f64], dtype: DType, device: &Device) -> Result<Self> {
         if let Some(file) = spec.strip_prefix("rules:") {
             let rules = RuleObjectives::load(Path::new(file))?;
-            let weights = equal_weights_or(weights, rules.names().len(), "--judge-weights")
+            let weights = judge_weights(weights, rules.names().len())
                 .with_context(|| format!("rule objectives {:?}", rules.names()))?;
             return Ok(Judge::Rules { rules, weights });
         }
@@ -78,7 +78,7 @@ impl Judge {
         if dir.join(crate::reward::INFO_FILE).is_file() {
             let head = RewardHead::load(dir, device)?;
             let backbone = head.load_backbone(dir, dtype, device)?;
-            let weights = equal_weights_or(weights, head.info.objectives.len(), "--judge-weights")
+            let weights = judge_weights(weights, head.info.objectives.len())
                 .with_context(|| format!("judge objectives {:?}", head.info.objectives))?;
             return Ok(Judge::Ours {
                 backbone: Box::new(backbone),
@@ -320,6 +320,15 @@ pub fn win_rate(model: &[f64], baseline: &[f64], tie_margin: f64) -> WinRate {
         ci95: ((center - half).max(0.0), (center + half).min(1.0)),
         mean_reward_diff,
     }
+}
+
+/// `--judge-weights` over the judge's `k` objectives (equal when none are given).
+fn judge_weights(weights: &[f64], k: usize) -> Result<Vec<f64>> {
+    let what = "--judge-weights";
+    let given = Weighting::configured(weights, what)?;
+    Ok(Weighting::given_or_equal(given.as_ref(), k, what)?
+        .values()
+        .to_vec())
 }
 
 #[cfg(test)]

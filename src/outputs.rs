@@ -276,6 +276,9 @@ pub const FINAL_ARTIFACTS: [&str; 3] = [
 /// The file every started run writes first; its presence means the directory holds a run.
 pub const RUN_RECORD: &str = "config.resolved.toml";
 
+/// Where a weight-conditioned run with `mode = "adapter"` writes its per-objective adapters.
+pub const BLOCKS_DIR: &str = "objectives";
+
 /// Whether an entry of a run directory is one a run writes (its record, logs, plots,
 /// checkpoints, final artifacts, caches and temporary files). `--force` replaces only these:
 /// a file the user put there is never deleted.
@@ -314,10 +317,7 @@ pub fn run_made(name: &str) -> bool {
         "pipeline_train_seconds",
     ];
     NAMES.contains(&name)
-        || matches!(
-            name,
-            "checkpoints" | crate::objectives::conditioning::BLOCKS_DIR
-        )
+        || matches!(name, "checkpoints" | BLOCKS_DIR)
         || name.ends_with(".svg")
         || name.starts_with("events.out.tfevents")
         || name.starts_with("generations")

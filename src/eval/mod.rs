@@ -134,6 +134,7 @@ pub fn load_policy_at(
     device: &Device,
 ) -> anyhow::Result<PolicyAt> {
     use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
+    use crate::objectives::weighting::Weighting;
     let info = match (adapter, weights) {
         (Some(a), Some(_)) => Some(ConditioningInfo::require(a)?),
         (Some(a), None) => ConditioningInfo::load(a)?,
@@ -149,14 +150,17 @@ pub fn load_policy_at(
         });
     };
     let k = info.objectives.len();
-    let w = weights.map_or_else(|| vec![1.0 / k as f64; k], <[f64]>::to_vec);
+    let w = match weights {
+        Some(w) => Weighting::new(w.to_vec(), "weights")?,
+        None => Weighting::equal(k),
+    };
     let line = info.line(&w)?;
     let loaded = match info.mode() {
         ConditioningMode::Adapter => {
             let blocks = info.block_dirs(dir)?;
             let blocks: Vec<&Path> = blocks.iter().map(|b| b.as_path()).collect();
-            let w = crate::objectives::conditioning::quantise(&w);
-            crate::model::loader::load_soup(path, base_adapter, &blocks, &w, dtype, device)?
+            let w = w.quantised();
+            crate::model::loader::load_soup(path, base_adapter, &blocks, w.values(), dtype, device)?
         }
         ConditioningMode::Prompt => load_for_eval(path, base_adapter, adapter, dtype, device)?,
     };

@@ -11,7 +11,7 @@ use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::objectives::nll::Nll;
 use crate::objectives::pair::pair_logprobs;
-use crate::reward::{score_sequences, RewardHead, ScoredSequence};
+use crate::reward::{score_sequences, PairSequences, RewardHead, ScoredSequence};
 use crate::train::trainer::evaluate;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -133,13 +133,14 @@ pub fn preference_eval(
         let head = RewardHead::load(rm, &loaded.model.device)?;
         // The reference (adapter off) must be the head's backbone.
         head.check_backbone(rm, &loaded.model, "--model (with --base-adapter merged)")?;
-        let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
-        let refs: Vec<ScoredSequence> = seqs
-            .iter()
-            .zip(pairs.iter().flat_map(|p| [p.prompt.len(); 2]))
-            .map(|(s, start)| ScoredSequence::new(s, start))
-            .collect();
-        let scores = score_sequences(&loaded.model, &head, &refs, 8, ForwardCtx::REFERENCE)?;
+        let seqs = PairSequences::new(&pairs);
+        let scores = score_sequences(
+            &loaded.model,
+            &head,
+            &seqs.scored(),
+            8,
+            ForwardCtx::REFERENCE,
+        )?;
         let mut per = Keyed::default();
         for (k, name) in head.info.objectives.iter().enumerate() {
             let c: Vec<f64> = scores.iter().step_by(2).map(|s| s[k] as f64).collect();

@@ -1,13 +1,12 @@
 //! Weight conditioning: each example draws its own objective weights, the policy
 //! sees them in a fixed line of text, and the loss uses exactly the weights that line states.
 //!
-//! The line is `Objective weights: helpfulness=0.40, honesty=0.10, ...` with two decimals, in
-//! the objectives' order. Weights are quantised to hundredths that sum to exactly 1.00 before
-//! use, so the text and the loss never disagree and the line parses back to the same numbers.
+//! The line is `Objective weights: helpfulness=0.40, honesty=0.10, ...` (`Weighting::line`), in
+//! the objectives' order; draws are quantised as the line states them before use.
 //! Draws are a pure function of (seed, epoch, example index): batching, resumption and the
 //! number of workers do not change which weights an example gets.
 
-use crate::objectives::scalarize::check_weighting;
+use crate::objectives::weighting::{quantise, Weighting, PREFIX};
 use crate::rng::{mix_seed, stream_rng};
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
@@ -15,13 +14,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-pub const PREFIX: &str = "Objective weights: ";
-
 /// The file written beside a conditioned adapter: how to state the weights to it.
 pub const INFO_FILE: &str = "conditioning.json";
-
-/// Where a `mode = "adapter"` run writes its per-objective adapters.
-pub const BLOCKS_DIR: &str = "objectives";
 
 /// The `[conditioning]` section of `hybrid-dpo` and `reward-weighted`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,7 +82,8 @@ impl Default for ConditioningConfig {
 }
 
 impl ConditioningConfig {
-    pub fn validate(&self, k: usize) -> Result<()> {
+    /// Refuses settings that draw nothing usable for a reward vector over `objectives`.
+    pub fn validate(&self, objectives: &[String]) -> Result<()> {
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!(
                 "conditioning.alpha must be a finite number > 0, got {}",
@@ -103,18 +98,29 @@ impl ConditioningConfig {
             bail!("conditioning.draws must be at least 1");
         }
         for (i, w) in self.weights.iter().enumerate() {
-            check_weighting(w, k, &[], &format!("conditioning.weights[{i}]"))?;
+            let what = format!("conditioning.weights[{i}]");
+            Weighting::for_objectives(w.clone(), objectives, &what)?;
         }
         Ok(())
     }
 
-    /// The weights of draw `draw` of example `index` (quantised, summing to 1.00).
-    pub fn draw(&self, seed: u64, draw: u64, index: u64, k: usize) -> Vec<f64> {
+    /// The weights of draw `draw` of example `index` over `objectives` (quantised, summing to
+    /// 1.00).
+    pub fn draw(
+        &self,
+        seed: u64,
+        draw: u64,
+        index: u64,
+        objectives: &[String],
+    ) -> Result<Weighting> {
+        let what = "conditioning draw";
         if self.weights.is_empty() {
-            return dirichlet_weights(seed, draw, index, k, self.alpha);
+            let w = dirichlet_weights(seed, draw, index, objectives.len(), self.alpha);
+            return Weighting::for_objectives(w, objectives, what);
         }
         let mut rng = stream_rng(mix_seed(seed, draw, index), 0x6c69_7374);
-        quantise(&self.weights[rng.random_range(0..self.weights.len())])
+        let w = self.weights[rng.random_range(0..self.weights.len())].clone();
+        Ok(Weighting::for_objectives(w, objectives, what)?.quantised())
     }
 }
 
@@ -147,8 +153,7 @@ impl ConditioningInfo {
         for o in &objectives {
             crate::outputs::safe_component(o, "objective name")?;
         }
-        let k = objectives.len();
-        let example = format_line(&objectives, &quantise(&vec![1.0; k]));
+        let example = Weighting::equal(objectives.len()).line(&objectives);
         Ok(Self {
             format: "mo-align-conditioning/1".to_string(),
             template: format!("{PREFIX}<objective>=<weight>, ... (every objective in order, weights with two decimals summing to 1.00)"),
@@ -163,7 +168,7 @@ impl ConditioningInfo {
                 ConditioningMode::Prompt => vec![],
                 ConditioningMode::Adapter => objectives
                     .iter()
-                    .map(|o| format!("{BLOCKS_DIR}/{o}"))
+                    .map(|o| format!("{}/{o}", crate::outputs::BLOCKS_DIR))
                     .collect(),
             },
             objectives,
@@ -226,9 +231,9 @@ impl ConditioningInfo {
     }
 
     /// The line stating `weights` (normalised and quantised), refusing a wrong count.
-    pub fn line(&self, weights: &[f64]) -> Result<String> {
-        check_weighting(weights, self.objectives.len(), &self.objectives, "weights")?;
-        Ok(format_line(&self.objectives, &quantise(weights)))
+    pub fn line(&self, weights: &Weighting) -> Result<String> {
+        weights.check_count(&self.objectives, "weights")?;
+        Ok(weights.line(&self.objectives))
     }
 
     /// `messages` stating `line` where this policy reads it.
@@ -251,39 +256,6 @@ pub fn with_line(messages: &[Message], line: &str, placement: Placement) -> Vec<
         },
     }
     out
-}
-
-/// The names a conditioning line uses for a reward vector's objectives: `helpfulness (rules)`
-/// becomes `helpfulness`, unless the reward model has an objective of that name too.
-pub fn line_names(objectives: &[String]) -> Vec<String> {
-    let plain: Vec<String> = objectives
-        .iter()
-        .map(|o| o.strip_suffix(" (rules)").unwrap_or(o).to_string())
-        .collect();
-    plain
-        .iter()
-        .zip(objectives)
-        .map(|(p, o)| {
-            if plain.iter().filter(|q| *q == p).count() > 1 {
-                o.replace(" (rules)", "_rules")
-            } else {
-                p.clone()
-            }
-        })
-        .collect()
-}
-
-/// Parses `0.7,0.1,0.1,0.1` (as `--weights` takes it).
-pub fn parse_weights(s: &str) -> Result<Vec<f64>> {
-    s.split(',')
-        .map(|x| {
-            x.trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|w| w.is_finite() && *w >= 0.0)
-                .with_context(|| format!("`{x}` in `{s}` is not a weight >= 0"))
-        })
-        .collect()
 }
 
 /// A Dirichlet(alpha, ..., alpha) draw over `k` objectives for example `index` of `epoch`,
@@ -322,66 +294,6 @@ fn standard_normal(rng: &mut impl Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-/// Weights rounded to hundredths that sum to exactly 1.00 (largest remainders get the spare
-/// hundredths), as the conditioning line prints them.
-pub fn quantise(w: &[f64]) -> Vec<f64> {
-    let total: f64 = w.iter().sum();
-    let scaled: Vec<f64> = w.iter().map(|x| 100.0 * x / total).collect();
-    let mut cents: Vec<i64> = scaled.iter().map(|x| x.floor() as i64).collect();
-    let mut order: Vec<usize> = (0..w.len()).collect();
-    order.sort_by(|&a, &b| {
-        (scaled[b] - scaled[b].floor()).total_cmp(&(scaled[a] - scaled[a].floor()))
-    });
-    let spare = 100 - cents.iter().sum::<i64>();
-    for &i in order.iter().take(spare.max(0) as usize) {
-        cents[i] += 1;
-    }
-    cents.iter().map(|&c| c as f64 / 100.0).collect()
-}
-
-/// The conditioning line for `weights` over `objectives`.
-pub fn format_line(objectives: &[String], weights: &[f64]) -> String {
-    let parts: Vec<String> = objectives
-        .iter()
-        .zip(weights)
-        .map(|(o, w)| format!("{o}={w:.2}"))
-        .collect();
-    format!("{PREFIX}{}", parts.join(", "))
-}
-
-/// The weights a conditioning line states, checked against `objectives` (same names, same
-/// order).
-pub fn parse_line(line: &str, objectives: &[String]) -> Result<Vec<f64>> {
-    let body = line
-        .trim()
-        .strip_prefix(PREFIX)
-        .with_context(|| format!("a conditioning line starts with {PREFIX:?}: {line:?}"))?;
-    let parts: Vec<&str> = body.split(", ").collect();
-    if parts.len() != objectives.len() {
-        bail!(
-            "conditioning line names {} objectives, expected {objectives:?}: {line:?}",
-            parts.len()
-        );
-    }
-    parts
-        .iter()
-        .zip(objectives)
-        .map(|(p, o)| {
-            let (name, value) = p
-                .split_once('=')
-                .with_context(|| format!("`{p}` is not name=weight in {line:?}"))?;
-            if name != o {
-                bail!("conditioning line has `{name}` where `{o}` belongs: {line:?}");
-            }
-            value
-                .parse::<f64>()
-                .ok()
-                .filter(|w| w.is_finite() && *w >= 0.0)
-                .with_context(|| format!("`{value}` is not a weight >= 0 in {line:?}"))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     /// conditioning.json is a file: block paths in it resolve inside its run, or are refused.
@@ -395,7 +307,7 @@ mod tests {
         let run = std::path::Path::new("/tmp/some-run");
         assert_eq!(
             info.block_dirs(run).unwrap()[1],
-            run.join(BLOCKS_DIR).join("b")
+            run.join(crate::outputs::BLOCKS_DIR).join("b")
         );
         for bad in ["../../etc", "/etc", "objectives/../../x"] {
             info.blocks[0] = bad.to_string();
@@ -409,17 +321,11 @@ mod tests {
     }
 
     use super::*;
+    use crate::objectives::weighting::{format_line, parse_line};
 
     fn names() -> Vec<String> {
-        [
-            "helpfulness",
-            "honesty",
-            "instruction_following",
-            "truthfulness",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let names = "helpfulness honesty instruction_following truthfulness";
+        names.split(' ').map(String::from).collect()
     }
 
     #[test]
@@ -452,28 +358,10 @@ mod tests {
     }
 
     #[test]
-    fn the_conditioning_line_round_trips() {
-        let w = quantise(&[0.404, 0.101, 0.2449, 0.2501]);
-        assert_eq!(w, [0.40, 0.10, 0.25, 0.25]);
-        let line = format_line(&names(), &w);
-        assert_eq!(
-            line,
-            "Objective weights: helpfulness=0.40, honesty=0.10, instruction_following=0.25, truthfulness=0.25"
-        );
-        assert_eq!(parse_line(&line, &names()).unwrap(), w);
+    fn drawn_weights_round_trip_through_the_line() {
         for i in 0..50 {
             let w = dirichlet_weights(3, 0, i, 4, 0.7);
             assert_eq!(parse_line(&format_line(&names(), &w), &names()).unwrap(), w);
         }
-        // Largest remainders take the spare hundredth: thirds become 0.34, 0.33, 0.33.
-        assert_eq!(quantise(&[1.0, 1.0, 1.0]), [0.34, 0.33, 0.33]);
-        let mut swapped = names();
-        swapped.swap(0, 1);
-        let err = parse_line(&line, &swapped).unwrap_err().to_string();
-        assert!(
-            err.contains("`helpfulness` where `honesty` belongs"),
-            "{err}"
-        );
-        assert!(parse_line("weights: a=1", &names()).is_err());
     }
 }

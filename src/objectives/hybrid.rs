@@ -2,9 +2,8 @@
 //! from the frozen reward model's scores of both responses, entering the DPO logit as
 //! `logit = (h + offset) * scale` (see `dpo.rs`).
 
-use super::scalarize::{
-    build as build_scalarizer, check_weights, equal_weights_or, ScalarizerKind,
-};
+use super::scalarize::{build as build_scalarizer, ScalarizerKind};
+use super::weighting::Weighting;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -91,9 +90,9 @@ impl Default for HybridConfig {
 
 impl HybridConfig {
     /// Refuses values that would silently drop or reverse the explicit term, checked at
-    /// config load (before any score is computed).
-    pub fn validate(&self) -> Result<()> {
-        check_weights(&self.weights, "hybrid.weights")?;
+    /// config load (before any score is computed); returns the weighting `weights` gives.
+    pub fn validate(&self) -> Result<Option<Weighting>> {
+        let weights = Weighting::configured(&self.weights, "hybrid.weights")?;
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             bail!(
                 "hybrid.lambda must be a finite number >= 0, got {}",
@@ -118,15 +117,8 @@ impl HybridConfig {
         if self.score_batch_size == 0 {
             bail!("hybrid.score_batch_size must be at least 1");
         }
-        Ok(())
+        Ok(weights)
     }
-}
-
-/// The constant part of a pair's logit, `(offset, scale)` of `logit = (h + offset) * scale`,
-/// from the reward vectors of its chosen and rejected responses.
-pub fn explicit_terms(h: &HybridConfig, chosen: &[f32], rejected: &[f32]) -> Result<(f32, f32)> {
-    let w = equal_weights_or(&h.weights, chosen.len(), "hybrid.weights")?;
-    explicit_terms_with(h, &w, chosen, rejected)
 }
 
 /// s_w of both reward vectors under `h`'s scalariser with weights `w`.
@@ -139,6 +131,15 @@ pub fn scalarized_pair(
     let utopia = (!h.utopia.is_empty()).then_some(h.utopia.as_slice());
     let s = build_scalarizer(h.scalarizer, w, utopia, h.mu, chosen.len())?;
     Ok((s.scalarize(chosen), s.scalarize(rejected)))
+}
+
+/// The constant part of a pair's logit, `(offset, scale)` of `logit = (h + offset) * scale`,
+/// from the reward vectors of its chosen and rejected responses.
+pub fn explicit_terms(h: &HybridConfig, chosen: &[f32], rejected: &[f32]) -> Result<(f32, f32)> {
+    let what = "hybrid.weights";
+    let given = Weighting::configured(&h.weights, what)?;
+    let w = Weighting::given_or_equal(given.as_ref(), chosen.len(), what)?;
+    explicit_terms_with(h, w.values(), chosen, rejected)
 }
 
 /// `explicit_terms` with the weights given (a conditioned example's own `w`).

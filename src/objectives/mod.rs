@@ -4,11 +4,13 @@ pub mod conditioning;
 pub mod dpo;
 pub mod hybrid;
 pub mod nll;
+pub mod online;
 pub mod pair;
 pub mod policy_gradient;
 pub mod reward_head;
 pub mod reward_weighted;
 pub mod scalarize;
+pub mod weighting;
 
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;

@@ -62,46 +62,6 @@ impl Scalarizer for SmoothChebyshevScalarizer {
     }
 }
 
-/// Refuses objective weights (named `what`) that are not finite, negative, or all zero; an
-/// empty list means equal weights. All zeros would weigh every objective out: the reward is 0
-/// (nothing learned), and MODPO and hybrid DPO reduce to plain DPO while claiming otherwise.
-pub fn check_weights(weights: &[f64], what: &str) -> Result<()> {
-    if let Some(w) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
-        bail!("{what} must be finite and >= 0, got {w} in {weights:?}");
-    }
-    if !weights.is_empty() && weights.iter().all(|w| *w == 0.0) {
-        bail!("{what} are all zero: every objective would be weighed out (leave the list empty for equal weights)");
-    }
-    Ok(())
-}
-
-/// One explicit weighting (`what` names it): exactly `k` weights over `objectives`, finite,
-/// >= 0 and not all zero. Every command that takes a weighting checks it here.
-pub fn check_weighting(w: &[f64], k: usize, objectives: &[String], what: &str) -> Result<()> {
-    if w.len() != k {
-        let names = if objectives.is_empty() {
-            String::new()
-        } else {
-            format!(" {objectives:?}")
-        };
-        bail!("{what} has {} values for {k} objectives{names}", w.len());
-    }
-    check_weights(w, what)
-}
-
-/// The objective weights a config gives (`weights`, named `what` in errors), or equal weights
-/// 1/k when it gives none; a list of the wrong length is refused.
-pub fn equal_weights_or(weights: &[f64], k: usize, what: &str) -> Result<Vec<f64>> {
-    check_weights(weights, what)?;
-    if weights.is_empty() {
-        return Ok(vec![1.0 / k.max(1) as f64; k]);
-    }
-    if weights.len() != k {
-        bail!("{what} has {} values for {k} objectives", weights.len());
-    }
-    Ok(weights.to_vec())
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScalarizerKind {

@@ -5,44 +5,25 @@
 //! `mode = "adapter"` the weights gate the adapter's per-objective blocks instead of being
 //! written into the prompt, and each block is exported as its own PEFT adapter.
 
-use super::rewards::ScoredPair;
 use super::{AdapterStage, StageRun};
 use crate::model::lora::LoraConfig;
 use crate::model::peft::{read_peft_tensors, write_peft_adapter};
 use crate::objectives::conditioning::{
-    line_names, ConditioningConfig, ConditioningInfo, ConditioningMode, INFO_FILE,
+    ConditioningConfig, ConditioningInfo, ConditioningMode, INFO_FILE,
 };
-use crate::reward::rules::RuleObjectives;
+use crate::objectives::weighting::Weighting;
+use crate::reward::vector::ScoredPair;
 use crate::rng::mix_seed;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use std::path::Path;
 
 /// A pair and the objective weights its loss uses.
 #[derive(Debug, Clone)]
 pub struct WeightedScoredPair {
     pub scored: ScoredPair,
-    pub weights: Vec<f64>,
+    pub weights: Weighting,
     /// `mode = "adapter"`: the gates of the adapter's blocks (empty otherwise).
     pub gate: Vec<f32>,
-}
-
-/// How many entries the reward vector of `reward_model` and `rules` has (known before any
-/// model is loaded, so an adapter with one block per objective can be sized).
-pub fn reward_vector_len(reward_model: &str, rules: &str) -> Result<usize> {
-    let mut k = 0;
-    if !reward_model.is_empty() {
-        let path = Path::new(reward_model).join(crate::reward::INFO_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        let info: crate::reward::RewardModelInfo = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a reward model description", path.display()))?;
-        k += info.objectives.len();
-    }
-    if !rules.is_empty() {
-        k += RuleObjectives::load(Path::new(rules))?.names().len();
-    }
-    Ok(k)
 }
 
 /// The stage to run: as configured, or with `mode = "adapter"` its LoRA widened to a shared
@@ -122,18 +103,17 @@ pub enum Split {
     Validation,
 }
 
-/// Checks `[conditioning]` against the reward vector and, when it is on, records how to state
-/// weights to the policy (`conditioning.json` in the run's output directory).
+/// When `[conditioning]` is on, records how to state weights over `objectives` (the reward
+/// vector's line names) to the policy: `conditioning.json` in the run's output directory.
 pub fn prepare(
     run: &StageRun,
     cond: &ConditioningConfig,
-    objectives: &[String],
+    objectives: Vec<String>,
 ) -> Result<Option<ConditioningInfo>> {
     if !cond.enabled {
         return Ok(None);
     }
-    cond.validate(objectives.len())?;
-    let info = ConditioningInfo::new(line_names(objectives), cond)?;
+    let info = ConditioningInfo::new(objectives, cond)?;
     let text = serde_json::to_string_pretty(&info)?;
     run.queue(INFO_FILE, format!("{text}\n").into_bytes());
     Ok(Some(info))
@@ -147,7 +127,7 @@ pub fn weighted_pairs(
     run: &StageRun,
     cond: &ConditioningConfig,
     info: Option<&ConditioningInfo>,
-    fixed: &[f64],
+    fixed: &Weighting,
     pairs: &[ScoredPair],
     split: Split,
 ) -> Result<Vec<WeightedScoredPair>> {
@@ -156,7 +136,7 @@ pub fn weighted_pairs(
             .iter()
             .map(|p| WeightedScoredPair {
                 scored: p.clone(),
-                weights: fixed.to_vec(),
+                weights: fixed.clone(),
                 gate: vec![],
             })
             .collect());
@@ -170,11 +150,11 @@ pub fn weighted_pairs(
     let (mut out, mut dropped) = (vec![], 0usize);
     for draw in 0..draws as u64 {
         for (i, p) in pairs.iter().enumerate() {
-            let weights = cond.draw(seed, draw, i as u64, k);
+            let weights = cond.draw(seed, draw, i as u64, &info.objectives)?;
             if info.mode() == ConditioningMode::Adapter {
                 out.push(WeightedScoredPair {
                     scored: p.clone(),
-                    gate: ConditioningInfo::gate(&weights, run.stage.lora.r / (k + 1)),
+                    gate: ConditioningInfo::gate(weights.values(), run.stage.lora.r / (k + 1)),
                     weights,
                 });
                 continue;

@@ -5,8 +5,8 @@
 //! reward-model scores depend only on frozen weights, so they are computed once, before
 //! training, and cached on disk.
 
-use super::conditioned::{self, Split, WeightedScoredPair};
-use super::rewards::scored_pairs;
+use super::conditioned::{Split, WeightedScoredPair};
+use super::multi_objective::MultiObjectiveRun;
 use super::{AdapterStage, RunFlags, StageRun};
 use crate::data::preference::{preference_pair, PreferencePair};
 use crate::objectives::conditioning::ConditioningConfig;
@@ -15,10 +15,10 @@ use crate::objectives::hybrid::{
     explicit_terms_with, scalarized_pair, HybridConfig, PreferenceLabel,
 };
 use crate::objectives::pair::cached_reference;
-use crate::objectives::scalarize::equal_weights_or;
+use crate::reward::vector::RewardVector;
 use crate::train::trainer::TrainOutcome;
 use crate::train::TrainConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -130,26 +130,20 @@ pub fn run_hybrid(
 ) -> Result<TrainOutcome> {
     let cfg: HybridRunConfig = crate::config::load(config, overrides)?;
     let h = &cfg.hybrid;
-    if h.reward_model.is_empty() && h.rules.is_empty() {
-        bail!("hybrid.reward_model and hybrid.rules are both empty: give the directory written by train-rm, a rule-objectives file, or both");
-    }
     cfg.stage.require_lora("hybrid-dpo")?;
     cfg.dpo.validate()?;
-    h.validate()?;
-    let k = conditioned::reward_vector_len(&h.reward_model, &h.rules)?;
-    let stage = conditioned::stage_for(&cfg.stage, &cfg.conditioning, k)?;
-    let run = stage.start(&cfg, flags)?;
-    let scored = scored_pairs(
-        &run,
-        &h.reward_model,
-        &h.rules,
-        h.score_batch_size,
+    let weights = h.validate()?;
+    let rewards = RewardVector::open(&h.reward_model, &h.rules, "hybrid")?;
+    let mo = MultiObjectiveRun::start(
+        &cfg.stage,
+        &cfg.conditioning,
+        rewards,
+        weights.as_ref(),
         "hybrid",
+        &cfg,
+        flags,
     )?;
-    // Refuse a wrong weight count before any reference log-prob is computed.
-    let fixed = equal_weights_or(&h.weights, scored.objectives.len(), "hybrid.weights")
-        .with_context(|| format!("reward vector {:?}", scored.objectives))?;
-    let info = conditioned::prepare(&run, &cfg.conditioning, &scored.objectives)?;
+    let (train, val) = mo.scored_pairs(h.score_batch_size)?;
     // Each pair's logit gets the constant (offset, scale) of its reward vectors under its own
     // weights; with `preference = "weighted"` the pair is first oriented by those weights.
     let examples = |pairs: &[WeightedScoredPair]| -> Result<Vec<DpoExample>> {
@@ -157,7 +151,7 @@ pub fn run_hybrid(
         if h.preference == PreferenceLabel::Weighted {
             for p in &mut pairs {
                 let s = &mut p.scored;
-                let (sc, sr) = scalarized_pair(h, &p.weights, &s.chosen, &s.rejected)?;
+                let (sc, sr) = scalarized_pair(h, p.weights.values(), &s.chosen, &s.rejected)?;
                 if sr > sc {
                     std::mem::swap(&mut s.chosen, &mut s.rejected);
                     std::mem::swap(&mut s.pair.chosen, &mut s.pair.rejected);
@@ -165,27 +159,23 @@ pub fn run_hybrid(
             }
         }
         let plain: Vec<PreferencePair> = pairs.iter().map(|p| p.scored.pair.clone()).collect();
-        let mut ex = with_reference(&run, &plain)?;
+        let mut ex = with_reference(&mo.run, &plain)?;
         for (e, p) in ex.iter_mut().zip(&pairs) {
             let s = &p.scored;
-            (e.offset, e.scale) = explicit_terms_with(h, &p.weights, &s.chosen, &s.rejected)?;
+            let w = p.weights.values();
+            (e.offset, e.scale) = explicit_terms_with(h, w, &s.chosen, &s.rejected)?;
             e.gate = p.gate.clone();
         }
         Ok(ex)
     };
-    let weighted = |pairs, split| {
-        conditioned::weighted_pairs(&run, &cfg.conditioning, info.as_ref(), &fixed, pairs, split)
-    };
-    let train = examples(&weighted(&scored.train, Split::Train)?)?;
-    let val = examples(&weighted(&scored.val, Split::Validation)?)?;
+    let train = examples(&mo.weighted(&train, Split::Train)?)?;
+    let val = examples(&mo.weighted(&val, Split::Validation)?)?;
     let objective = Dpo {
-        model: &run.loaded.model,
+        model: &mo.run.loaded.model,
         cfg: cfg.dpo.clone(),
         explicit: true,
     };
-    let outcome = run.train(&objective, &train, &val, "hybrid-dpo")?;
-    if let Some(info) = &info {
-        conditioned::export_blocks(&run, &cfg.stage.lora, info)?;
-    }
+    let outcome = mo.run.train(&objective, &train, &val, "hybrid-dpo")?;
+    mo.export_blocks()?;
     Ok(outcome)
 }

@@ -6,7 +6,7 @@ use crate::generate::{generate, SamplingArgs};
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::parse_weights;
+use crate::objectives::weighting::parse_weights;
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
 use clap::Args;

@@ -1,17 +1,18 @@
 //! `mo-align reward-weighted`: reward-weighted likelihood. Each response of a pair is
 //! weighted by its advantage under the frozen reward model (scores computed once and cached).
 
-use super::conditioned::{self, Split, WeightedScoredPair};
+use super::conditioned::{Split, WeightedScoredPair};
 use super::dpo::preference_stage_defaults;
-use super::rewards::scored_pairs;
+use super::multi_objective::MultiObjectiveRun;
 use super::{AdapterStage, RunFlags};
 use crate::objectives::conditioning::ConditioningConfig;
 use crate::objectives::reward_weighted::{
     advantages, target_gap_reward, Advantage, RewardWeighted, WeightedPair,
 };
-use crate::objectives::scalarize::{check_weights, equal_weights_or};
+use crate::objectives::weighting::Weighting;
+use crate::reward::vector::RewardVector;
 use crate::train::trainer::TrainOutcome;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -66,27 +67,13 @@ impl Default for RewardWeightedRunConfig {
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
     let cfg: RewardWeightedRunConfig = crate::config::load(config, overrides)?;
     let rw = &cfg.reward;
-    if rw.reward_model.is_empty() && rw.rules.is_empty() {
-        bail!("reward.reward_model and reward.rules are both empty: give the directory written by train-rm, a rule-objectives file, or both");
-    }
     cfg.stage.require_lora("reward-weighted")?;
-    check_weights(&rw.weights, "reward.weights")?;
+    let weights = Weighting::configured(&rw.weights, "reward.weights")?;
     if let Some(t) = rw.targets.iter().find(|t| !t.is_finite()) {
         bail!("reward.targets must be finite, got {t}");
     }
-    let k = conditioned::reward_vector_len(&rw.reward_model, &rw.rules)?;
-    let stage = conditioned::stage_for(&cfg.stage, &cfg.conditioning, k)?;
-    let run = stage.start(&cfg, flags)?;
-    let scored = scored_pairs(
-        &run,
-        &rw.reward_model,
-        &rw.rules,
-        rw.score_batch_size,
-        "reward",
-    )?;
-    let k = scored.objectives.len();
-    let w = equal_weights_or(&rw.weights, k, "reward.weights")
-        .with_context(|| format!("reward vector {:?}", scored.objectives))?;
+    let rewards = RewardVector::open(&rw.reward_model, &rw.rules, "reward")?;
+    let k = rewards.len();
     let t = if rw.targets.is_empty() {
         vec![1.0; k]
     } else {
@@ -96,15 +83,24 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         bail!(
             "reward.targets has {} values for {k} objectives {:?}",
             t.len(),
-            scored.objectives
+            rewards.names()
         );
     }
-    let info = conditioned::prepare(&run, &cfg.conditioning, &scored.objectives)?;
+    let mo = MultiObjectiveRun::start(
+        &cfg.stage,
+        &cfg.conditioning,
+        rewards,
+        weights.as_ref(),
+        "reward",
+        &cfg,
+        flags,
+    )?;
+    let (train, val) = mo.scored_pairs(rw.score_batch_size)?;
     let examples = |pairs: &[WeightedScoredPair]| -> Vec<WeightedPair> {
         pairs
             .iter()
             .map(|p| {
-                let (w, s) = (&p.weights, &p.scored);
+                let (w, s) = (p.weights.values(), &p.scored);
                 let (rc, rr) = (
                     target_gap_reward(&s.chosen, w, &t),
                     target_gap_reward(&s.rejected, w, &t),
@@ -121,17 +117,12 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             })
             .collect()
     };
-    let weighted = |pairs, split| {
-        conditioned::weighted_pairs(&run, &cfg.conditioning, info.as_ref(), &w, pairs, split)
-    };
-    let train = examples(&weighted(&scored.train, Split::Train)?);
-    let val = examples(&weighted(&scored.val, Split::Validation)?);
+    let train = examples(&mo.weighted(&train, Split::Train)?);
+    let val = examples(&mo.weighted(&val, Split::Validation)?);
     let objective = RewardWeighted {
-        model: &run.loaded.model,
+        model: &mo.run.loaded.model,
     };
-    let outcome = run.train(&objective, &train, &val, "reward-weighted")?;
-    if let Some(info) = &info {
-        conditioned::export_blocks(&run, &cfg.stage.lora, info)?;
-    }
+    let outcome = mo.run.train(&objective, &train, &val, "reward-weighted")?;
+    mo.export_blocks()?;
     Ok(outcome)
 }

@@ -44,8 +44,9 @@ pub struct AdapterStage {
 
 /// An adapter stage ready to train: its output directory (holding the resolved config), the
 /// policy (base + a fresh or continued LoRA), and what its caches key on.
-pub struct StageRun<'a> {
-    pub stage: &'a AdapterStage,
+pub struct StageRun {
+    /// The stage as it runs (its LoRA possibly widened from the configured one).
+    pub stage: AdapterStage,
     pub loaded: Loaded,
     pub out: PathBuf,
     /// Digest of the frozen weights (base + merged adapter, dtype).
@@ -74,11 +75,7 @@ impl AdapterStage {
     /// Validates, writes `resolved` into the output directory, and loads the policy: the base
     /// with a fresh (or continued) LoRA, or under full fine-tuning the base with every weight
     /// trainable.
-    pub fn start<R: Serialize + Default>(
-        &self,
-        resolved: &R,
-        flags: RunFlags,
-    ) -> Result<StageRun<'_>> {
+    pub fn start<R: Serialize + Default>(&self, resolved: &R, flags: RunFlags) -> Result<StageRun> {
         self.train.validate()?;
         if self.train.finetune == Finetune::Lora {
             self.lora.validate()?;
@@ -97,7 +94,7 @@ impl AdapterStage {
         };
         let model_key = model_digest(&loaded.files, self.model.adapter_path(), &self.train.dtype)?;
         Ok(StageRun {
-            stage: self,
+            stage: self.clone(),
             loaded,
             out: run_dir.path.clone(),
             dir: std::cell::RefCell::new(run_dir),
@@ -109,7 +106,7 @@ impl AdapterStage {
     }
 }
 
-impl StageRun<'_> {
+impl StageRun {
     /// Loads, validates, tokenises and splits `[data]` with `parse`, and queues the data
     /// report for the output directory.
     pub fn load_data<T>(
@@ -228,7 +225,7 @@ impl StageRun<'_> {
 /// The model a reward head scores with, and the digest of its frozen weights.
 pub enum RewardBackbone<'a> {
     /// The policy's base with its adapter switched off.
-    Policy(&'a StageRun<'a>),
+    Policy(&'a StageRun),
     /// A checkpoint of its own (the head's recorded backbone).
     Own(Box<Loaded>, Digest),
 }

@@ -8,11 +8,14 @@ use crate::cache::{cache_dir, model_digest};
 use crate::data::preference::preference_pair;
 use crate::data::ratings::{rated_responses, RatedResponse, DEFAULT_OBJECTIVES};
 use crate::data::{load_splits, DataConfig, Splits};
-use crate::objectives::reward_head::{RatedFeatures, RewardRegression};
-use crate::objectives::scalarize::equal_weights_or;
-use crate::reward::report::{head_report, print_report, ranking_report};
+use crate::objectives::reward_head::{
+    head_report, print_report, ranking_report, RatedFeatures, RewardRegression,
+};
+use crate::objectives::weighting::Weighting;
+
 use crate::reward::{
-    cached_features, feature_stats, FeatureSet, RewardHead, RewardModelInfo, ScoredSequence,
+    cached_features, feature_stats, FeatureSet, PairSequences, RewardHead, RewardModelInfo,
+    ScoredSequence,
 };
 use crate::train::trainer::{train, TrainRun};
 use crate::train::TrainConfig;
@@ -88,6 +91,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     );
     cfg.train.validate()?;
     anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
+    let ranking_weights = Weighting::configured(&cfg.rm.ranking_weights, "rm.ranking_weights")?;
     for o in &cfg.rm.objectives {
         crate::outputs::safe_component(o, "rm.objectives:")?;
     }
@@ -207,22 +211,18 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             ..cfg.data.clone()
         };
         let pairs = load_splits(&rank_cfg, |v, r| preference_pair(v, tok, &rank_cfg, r))?.train;
-        let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
-        let refs: Vec<ScoredSequence> = seqs
-            .iter()
-            .zip(pairs.iter().flat_map(|p| [p.prompt.len(); 2]))
-            .map(|(s, start)| ScoredSequence::new(s, start))
-            .collect();
+        let seqs = PairSequences::new(&pairs);
         let f = cached_features(
             (model, cfg.rm.features, &model_key),
-            &refs,
+            &seqs.scored(),
             cfg.rm.feature_batch_size,
             &dir,
             quiet,
             "ranking features",
         )?;
         let scores = head.predict(&f)?.to_vec2::<f32>()?;
-        let w = equal_weights_or(&cfg.rm.ranking_weights, k, "rm.ranking_weights")?;
+        let what = "rm.ranking_weights";
+        let w = Weighting::given_or_equal(ranking_weights.as_ref(), k, what)?;
         report["ranking"] = ranking_report(&head.info.objectives, &scores, &w)?;
     }
     crate::io::write_json_atomic(&out.join("rm_report.json"), &report)?;

@@ -63,6 +63,24 @@ impl<'a> ScoredSequence<'a> {
     }
 }
 
+/// The chosen and rejected sequences of pairs (chosen, rejected, chosen, ...), each whole
+/// (prompt + response) with where its response starts: what a reward model scores.
+pub struct PairSequences(Vec<(Vec<u32>, usize)>);
+
+impl PairSequences {
+    pub fn new(pairs: &[PreferencePair]) -> Self {
+        let whole = |p: &PreferencePair| p.full_sequences().map(|s| (s, p.prompt.len()));
+        Self(pairs.iter().flat_map(whole).collect())
+    }
+
+    pub fn scored(&self) -> Vec<ScoredSequence<'_>> {
+        self.0
+            .iter()
+            .map(|(ids, start)| ScoredSequence::new(ids, *start))
+            .collect()
+    }
+}
+
 /// Final hidden states (f32, [N, H]) at the last token of each sequence (no gradient); the
 /// features of an HF sequence classifier.
 pub fn last_token_features(
@@ -237,13 +255,8 @@ pub fn cached_pair_scores(
     }
     let k = head.info.objectives.len();
     let (t, hit) = load_or_compute(dir, "rm-scores", &key, &backbone.device, || {
-        let seqs: Vec<Vec<u32>> = pairs.iter().flat_map(|p| p.full_sequences()).collect();
-        let refs: Vec<ScoredSequence> = seqs
-            .iter()
-            .zip(pairs.iter().flat_map(|p| [p.prompt.len(); 2]))
-            .map(|(s, start)| ScoredSequence::new(s, start))
-            .collect();
-        let scores = score_sequences(backbone, head, &refs, batch, ctx)?;
+        let seqs = PairSequences::new(pairs);
+        let scores = score_sequences(backbone, head, &seqs.scored(), batch, ctx)?;
         let flat: Vec<f32> = scores.into_iter().flatten().collect();
         Ok(HashMap::from([(
             "scores".to_string(),

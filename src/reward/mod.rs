@@ -7,12 +7,12 @@
 //! rating normalisation, the backbone the head expects).
 
 pub mod features;
-pub mod report;
 pub mod rules;
+pub mod vector;
 
 pub use features::{
     cached_features, cached_pair_scores, last_token_features, reward_features, score_sequences,
-    FeatureSet, ScoredSequence,
+    FeatureSet, PairSequences, ScoredSequence,
 };
 
 use crate::io::{safetensors_bytes, write_atomic, write_json_atomic};
@@ -102,15 +102,7 @@ impl RewardHead {
     }
 
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let info_path = dir.join(INFO_FILE);
-        let info: RewardModelInfo =
-            serde_json::from_str(&std::fs::read_to_string(&info_path).with_context(|| {
-                format!(
-                    "{}: cannot read (not a reward model directory?)",
-                    info_path.display()
-                )
-            })?)
-            .with_context(|| format!("{}: not a reward model description", info_path.display()))?;
+        let info = RewardModelInfo::load(dir)?;
         let head_path = dir.join(HEAD_FILE);
         let t = candle_core::safetensors::load(&head_path, device)
             .with_context(|| format!("{}: cannot read", head_path.display()))?;
@@ -177,6 +169,19 @@ impl Trainable for RewardHead {
 }
 
 impl RewardModelInfo {
+    /// The description in the reward-model directory `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(INFO_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: cannot read (not a reward model directory?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a reward model description", path.display()))
+    }
+
     /// The backbone to load, as (model, adapter): each recorded path as written when it exists
     /// from here, else its absolute form recorded at training; a model that is neither may be
     /// a Hub id. A local path found in neither form is an error naming `reward_model.json`.

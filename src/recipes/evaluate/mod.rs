@@ -15,7 +15,7 @@ use crate::eval::{load_for_eval, load_policy_at, perplexity};
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::{select_device, Loaded};
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::parse_weights;
+use crate::objectives::weighting::parse_weights;
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};

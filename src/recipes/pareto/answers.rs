@@ -10,7 +10,8 @@ use crate::eval::prompts::PromptRecord;
 use crate::eval::win_rate::answer_prompts;
 use crate::generate::SamplingConfig;
 use crate::model::loader::{load_soup, Loaded};
-use crate::objectives::conditioning::{quantise, ConditioningInfo, ConditioningMode};
+use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
+use crate::objectives::weighting::{quantise, Weighting};
 use crate::tokenizer::Message;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -137,7 +138,7 @@ impl<'a> Answerer<'a> {
             } else {
                 Variant::Conditioned {
                     adapter: &pol.conditioned,
-                    line: info.line(&job.weights)?,
+                    line: info.line(&Weighting::new(job.weights.clone(), "weights")?)?,
                     info,
                 }
             }

@@ -1,7 +1,7 @@
 //! The Pareto report in markdown: `pareto.md`, and the section the pipeline's summary links.
 
 use super::report::{fmt_rho, ParetoReport};
-use crate::objectives::conditioning::{format_line, PREFIX};
+use crate::objectives::weighting::{format_line, PREFIX};
 use std::path::{Path, PathBuf};
 
 impl ParetoReport {

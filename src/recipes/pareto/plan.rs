@@ -7,8 +7,8 @@ use crate::eval::prompts::{prompts_that_fit, read_prompt_records, PromptRecord};
 use crate::judge::Judge;
 use crate::model::loader::select_device;
 use crate::model::parse_dtype;
-use crate::objectives::conditioning::{quantise, ConditioningInfo, ConditioningMode};
-use crate::objectives::scalarize::check_weighting;
+use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
+use crate::objectives::weighting::{quantise, Weighting};
 use crate::pareto::simplex_grid;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -188,15 +188,15 @@ fn check_policy(p: &PolicySpec, i: usize, k: usize) -> Result<()> {
 /// Every weighting the config gives, checked: `pareto.weights` (over `objectives`), and the
 /// `adapter_weights` of each policy trained one adapter per weighting.
 fn check_weightings(cfg: &ParetoConfig, objectives: &[String]) -> Result<()> {
-    let k = objectives.len();
     for (i, w) in cfg.pareto.weights.iter().enumerate() {
-        check_weighting(w, k, objectives, &format!("pareto.weights[{i}]"))?;
+        Weighting::for_objectives(w.clone(), objectives, &format!("pareto.weights[{i}]"))?;
     }
     for (i, p) in cfg.policy.iter().enumerate() {
         if !p.adapters.is_empty() {
             let here = format!("policy[{i}] ({})", p.name);
             for (j, w) in p.adapter_weights.iter().enumerate() {
-                check_weighting(w, k, &[], &format!("{here}: adapter_weights[{j}]"))?;
+                let what = format!("{here}: adapter_weights[{j}]");
+                Weighting::for_objectives(w.clone(), objectives, &what)?;
             }
         }
     }

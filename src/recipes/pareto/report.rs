@@ -7,7 +7,7 @@ use super::config::{ParetoConfig, PolicySpec};
 use super::plan::Plan;
 use crate::generate::SamplingConfig;
 use crate::judge::{mean_objectives, Verdict};
-use crate::objectives::conditioning::quantise;
+use crate::objectives::weighting::quantise;
 use crate::pareto::{hypervolume, non_dominated, spacing, sparsity, spearman};
 use crate::plot::ParetoPoint;
 use serde::{Deserialize, Serialize};
