@@ -55,16 +55,16 @@ use mo_align::objectives::nll::Nll;
 use mo_align::objectives::online::{GrpoConfig, OnlinePolicyGradient, PromptExample, StopTokens};
 use mo_align::objectives::pair::{reference_logprobs, PairIds};
 use mo_align::objectives::weighting::Weighting;
-use mo_align::reward::features::FeatureSet;
-use mo_align::reward::last_token_features;
+use mo_align::reward::features::last_token_features;
 use mo_align::reward::vector::CompletionScorer;
+use mo_align::reward::FeatureSet;
 use mo_align::reward::{RewardHead, RewardModelInfo};
-use mo_align::rng::stream_rng;
 use mo_align::tokenizer::LabelledIds;
 use mo_align::train::checkpoint::TrainerState;
 use mo_align::train::optim::{AdamW, AdamWParams};
 use mo_align::train::trainer::{train_step, StepInputs};
 use mo_align::train::{Objective, TrainConfig};
+use mo_align::util::rng::stream_rng;
 use rand::Rng;
 use std::time::Instant;
 
@@ -388,20 +388,20 @@ fn bench_step<O: Objective>(
     // `count-*` cases: the debugger counts the ops of the first step after the warm-up.
     let window = COUNTING.load(std::sync::atomic::Ordering::Relaxed) && step == 1;
     if window {
-        mo_align::profile::count_window(1);
+        mo_align::util::profile::count_window(1);
     }
-    mo_align::profile::take_tally();
-    mo_align::profile::take_times();
+    mo_align::util::profile::take_tally();
+    mo_align::util::profile::take_times();
     let stats = train_step(&inputs, opt, &state, &group, 1e-5)?;
     if window {
-        mo_align::profile::count_window(0);
+        mo_align::util::profile::count_window(0);
     }
     // The step's kernel launches and bytes per scope, and (MO_ALIGN_SCOPE_TIMERS=1) its
     // scope timings: the last step's are reported.
     LAST_STEP.with(|l| {
         *l.borrow_mut() = Some((
-            mo_align::profile::take_tally(),
-            mo_align::profile::take_times(),
+            mo_align::util::profile::take_tally(),
+            mo_align::util::profile::take_times(),
         ))
     });
     if std::env::var("BENCH_RSS_TRACE").is_ok() {
@@ -411,8 +411,8 @@ fn bench_step<O: Objective>(
 }
 
 type StepProfile = (
-    std::collections::BTreeMap<String, mo_align::profile::Tally>,
-    Vec<mo_align::profile::ScopeRow>,
+    std::collections::BTreeMap<String, mo_align::util::profile::Tally>,
+    Vec<mo_align::util::profile::ScopeRow>,
 );
 
 thread_local! {
@@ -475,7 +475,7 @@ fn gemm_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value> 
         "dtype": format!("{:?}", target.dtype).to_lowercase(),
         "device": target.device_name,
         "threads": candle_core::utils::get_num_threads(),
-        "simd": mo_align::cpu::gemm_kernels(),
+        "simd": mo_align::util::cpu::gemm_kernels(),
         "best_gflops": best,
         "shapes": shapes,
     }))
@@ -528,7 +528,7 @@ fn decode_case(case: &Case, target: &Target) -> anyhow::Result<serde_json::Value
         "mode": "decode",
         "device": target.device_name,
         "threads": candle_core::utils::get_num_threads(),
-        "simd": mo_align::cpu::gemm_kernels(),
+        "simd": mo_align::util::cpu::gemm_kernels(),
         "kernel": decode::kernel_name(),
         "max_rows": decode::MAX_ROWS,
         "shapes": shapes,
@@ -872,9 +872,9 @@ fn run_case(
                         ..cfg.clone()
                     };
                     generate(&model, &prompts, &streams, &cfg, &[], 0, ForwardCtx::EVAL)?;
-                    mo_align::profile::count_window(window);
+                    mo_align::util::profile::count_window(window);
                     generate(&model, &prompts, &streams, &cfg, &[], 0, ForwardCtx::EVAL)?;
-                    mo_align::profile::count_window(0);
+                    mo_align::util::profile::count_window(0);
                 }
             }
             for step in 0..3 {
@@ -996,7 +996,7 @@ fn run_case(
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_load_mib": rss_after_load,
         "threads": candle_core::utils::get_num_threads(),
-        "simd": mo_align::cpu::gemm_kernels(),
+        "simd": mo_align::util::cpu::gemm_kernels(),
         "loss_first": losses.first(),
         "loss_last": losses.last(),
         "recompute_layers": recompute,
@@ -1039,7 +1039,7 @@ fn run_case(
             ))
             .collect::<serde_json::Map<_, _>>());
         if !times.is_empty() {
-            eprint!("{}", mo_align::profile::format_times(&times));
+            eprint!("{}", mo_align::util::profile::format_times(&times));
             out["scopes"] = serde_json::to_value(&times)?;
         }
     }
@@ -1048,8 +1048,8 @@ fn run_case(
 
 fn main() -> anyhow::Result<()> {
     // The allocator settings the mo-align binary uses.
-    mo_align::memory::keep_freed_memory();
-    mo_align::cpu::pin_thread_count();
+    mo_align::util::memory::keep_freed_memory();
+    mo_align::util::cpu::pin_thread_count();
     let args: Vec<String> = std::env::args().collect();
     let value_of = |flag: &str| flag_value(&args, flag);
     let peak_tflops = match value_of("--peak-tflops") {

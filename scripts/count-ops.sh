@@ -14,7 +14,7 @@
 # structure (24 layers, 14/2 heads, vocabulary 151,936, LoRA r 8 with dropout on every
 # projection) at a narrow width and open a counting window around one step after the warm-up
 # (`mo_align_count_window`); the trainer marks its phases through `mo_align_phase`
-# (src/profile.rs). Breakpoint hits cost ~20 us each, so a 12,000-op step counts in seconds.
+# (src/util/profile.rs). Breakpoint hits cost ~20 us each, so a 12,000-op step counts in seconds.
 #
 # Output: one table per case and window: ops per phase and per op kind. `alloc` (device
 # allocations without a fill: cudaMallocAsync on CUDA) is listed apart and not counted as a

@@ -4,9 +4,9 @@
 //! the exact token ids, the settings), so a rerun or a later epoch skips the computation and any
 //! change misses the cache.
 
-use crate::digest::Digest;
-use crate::io::{safetensors_bytes, write_atomic};
 use crate::model::loader::ModelFiles;
+use crate::util::digest::Digest;
+use crate::util::io::{safetensors_bytes, write_atomic};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

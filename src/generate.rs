@@ -8,7 +8,7 @@ use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::qwen::KvCache;
 use crate::model::Qwen;
-use crate::rng::stream_rng;
+use crate::util::rng::stream_rng;
 use candle_core::{Result, Tensor, D};
 use rand::Rng;
 use serde::{Deserialize, Serialize};

@@ -11,39 +11,32 @@
 //! - `reward`: the reward vector (reward-model heads, rule objectives) and its features.
 //! - `train`: the one training loop every stage uses: step, optimizer, checkpoints, logs.
 //! - `generate`: KV-cache decoding, greedy or sampled, batched.
-//! - `eval`: perplexity, chat NLL, preference accuracy, reward scores, win rates.
-//! - `judge`: what scores an answer: a trained reward model, an HF classifier, or rules.
+//! - `eval`: perplexity, chat NLL, preference accuracy, reward scores, win rates, and the judges
+//!   that score an answer (a trained reward model, an HF classifier, or rules).
+//! - `cache`: on-disk caches of values that depend only on frozen weights (reference log-probs).
 //! - `pareto`: pure measures of a front (hypervolume, sparsity, spacing, rank correlation).
 //! - `plot`: the charts runs and reports draw.
 //! - `recipes`: one short recipe per subcommand, wiring the rest together.
 //! - `cli`: parses the command line and dispatches to a recipe.
-//! - `util`: what the domain stands on: file I/O, where commands may write, seeded streams, CPU
-//!   and memory probes, switches, profiling scopes, digests, config loading.
+//! - `outputs`: where commands may write: run directories, locks, overlap with inputs.
+//! - `util`: what the domain stands on: file I/O, seeded streams, CPU
+//!   and memory probes, switches, profiling scopes, digests, config loading, the Hub client.
 
 pub mod cache;
 pub mod cli;
-pub mod config;
-pub mod cpu;
 pub mod data;
-pub mod digest;
 pub mod eval;
 pub mod generate;
-pub mod hub;
-pub mod io;
-pub mod judge;
 pub mod kernels;
-pub mod memory;
 pub mod model;
 pub mod objectives;
 pub mod outputs;
 pub mod pareto;
 pub mod plot;
-pub mod profile;
 pub mod recipes;
 pub mod reward;
-pub mod rng;
-pub mod switch;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod tokenizer;
 pub mod train;
+pub mod util;

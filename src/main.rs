@@ -2,8 +2,8 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    mo_align::memory::keep_freed_memory();
-    mo_align::cpu::pin_thread_count();
+    mo_align::util::memory::keep_freed_memory();
+    mo_align::util::cpu::pin_thread_count();
     let cli = mo_align::cli::Cli::parse();
     match mo_align::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,7 @@
 //!    run needs `--force`, `--resume` needs a checkpoint or an unfinished run, and a finished run
 //!    (its final artifact present, checkpoints or not) is not restarted.
 
-use crate::io::{resolved_path, RunLock};
+use crate::util::io::{resolved_path, RunLock};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -85,7 +85,7 @@ pub fn config_inputs(resolved: &str) -> Result<Vec<(String, PathBuf)>> {
 /// Feeds input `p` into `d`: a file by its contents (name, size and modification time above
 /// 64 MB), a directory by its top-level weights and JSON files, so a retrained upstream stage
 /// or an edited data file changes it.
-fn digest_input(d: &mut crate::digest::Digest, p: &Path) -> Result<()> {
+fn digest_input(d: &mut crate::util::digest::Digest, p: &Path) -> Result<()> {
     if p.is_file() {
         d.file(p)?;
         return Ok(());
@@ -113,7 +113,7 @@ fn digest_input(d: &mut crate::digest::Digest, p: &Path) -> Result<()> {
 pub fn input_digests(resolved: &str) -> Result<Vec<(String, String, String)>> {
     let mut out = vec![];
     for (key, p) in config_inputs(resolved)? {
-        let mut d = crate::digest::Digest::default();
+        let mut d = crate::util::digest::Digest::default();
         digest_input(&mut d, &p)?;
         out.push((key, p.display().to_string(), d.hex()));
     }
@@ -124,7 +124,7 @@ pub fn input_digests(resolved: &str) -> Result<Vec<(String, String, String)>> {
 /// config without globs it is the digest earlier versions recorded, so their finished stages
 /// still count as up to date.
 pub fn inputs_digest(resolved: &str) -> Result<String> {
-    let mut d = crate::digest::Digest::default();
+    let mut d = crate::util::digest::Digest::default();
     for (_, p) in config_inputs(resolved)? {
         d.str(&p.display().to_string());
         digest_input(&mut d, &p)?;
@@ -284,7 +284,7 @@ pub const BLOCKS_DIR: &str = "objectives";
 /// a file the user put there is never deleted.
 pub fn run_made(name: &str) -> bool {
     const NAMES: [&str; 31] = [
-        crate::io::LOCK_FILE,
+        crate::util::io::LOCK_FILE,
         RUN_RECORD,
         INPUTS_RECORD,
         "metrics.jsonl",
@@ -405,7 +405,7 @@ impl RunDir {
             }
             root
         };
-        let lock_existed = output_dir.join(crate::io::LOCK_FILE).exists();
+        let lock_existed = output_dir.join(crate::util::io::LOCK_FILE).exists();
         let lock = RunLock::acquire(output_dir)?;
         let mut dir = RunDir {
             path: output_dir.to_path_buf(),
@@ -439,7 +439,7 @@ impl RunDir {
                     d.filter_map(|e| e.ok())
                         .map(|e| e.file_name().to_string_lossy().into_owned())
                         .filter(|n| {
-                            n != crate::io::LOCK_FILE
+                            n != crate::util::io::LOCK_FILE
                                 && !(n.starts_with('.') && n.contains(".tmp-"))
                         })
                         .collect()
@@ -518,7 +518,7 @@ impl RunDir {
             {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name == crate::io::LOCK_FILE || !run_made(&name) {
+                if name == crate::util::io::LOCK_FILE || !run_made(&name) {
                     continue;
                 }
                 let p = entry.path();
@@ -536,10 +536,10 @@ impl RunDir {
             self.queue(INPUTS_RECORD, serde_json::to_vec_pretty(&digests)?);
         }
         for (name, bytes) in std::mem::take(&mut self.pending) {
-            crate::io::write_atomic(&self.path.join(name), &bytes)?;
+            crate::util::io::write_atomic(&self.path.join(name), &bytes)?;
         }
         for (name, line) in std::mem::take(&mut self.appends) {
-            crate::io::JsonlWriter::append(&self.path.join(name))?.write(&line)?;
+            crate::util::io::JsonlWriter::append(&self.path.join(name))?.write(&line)?;
         }
         self.committed = true;
         Ok(())
@@ -559,7 +559,7 @@ impl Drop for RunDir {
         }
         let only_lock = std::fs::read_dir(&self.path).is_ok_and(|d| {
             d.filter_map(|e| e.ok())
-                .all(|e| e.file_name() == crate::io::LOCK_FILE)
+                .all(|e| e.file_name() == crate::util::io::LOCK_FILE)
         });
         match &self.created_root {
             Some(root) if only_lock => {
@@ -573,46 +573,11 @@ impl Drop for RunDir {
                 }
             }
             None if !self.lock_existed => {
-                let _ = std::fs::remove_file(self.path.join(crate::io::LOCK_FILE));
+                let _ = std::fs::remove_file(self.path.join(crate::util::io::LOCK_FILE));
             }
             _ => {}
         }
     }
-}
-
-/// A name read from a file (an objective's name, a block's directory) used as one path
-/// component: letters, digits, `_`, `-` and `.`, not starting with a dot.
-pub fn safe_component(name: &str, what: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !ok {
-        bail!("{what} `{name}`: a name becomes a file or directory name here, so it may hold only letters, digits, `_`, `-` and `.`, and not start with `.`");
-    }
-    Ok(())
-}
-
-/// `recorded` (a path a run's own file names) resolved inside `run_dir`: relative, without
-/// `..`, and still inside once symlinks are followed.
-pub fn inside(run_dir: &Path, recorded: &str, what: &str) -> Result<PathBuf> {
-    let rel = Path::new(recorded);
-    let escapes = rel.is_absolute()
-        || rel.components().any(|c| {
-            !matches!(
-                c,
-                std::path::Component::Normal(_) | std::path::Component::CurDir
-            )
-        });
-    let joined = run_dir.join(rel);
-    if escapes || !resolved_path(&joined).starts_with(resolved_path(run_dir)) {
-        bail!(
-            "{what}: `{recorded}` is not a path inside {}",
-            run_dir.display()
-        );
-    }
-    Ok(joined)
 }
 
 #[cfg(test)]
@@ -741,20 +706,5 @@ mod tests {
         assert_ne!(inputs_digest(&resolved).unwrap(), before);
         assert_eq!(input_digests(&resolved).unwrap().len(), 2);
         let _ = std::fs::remove_dir_all(&root);
-    }
-
-    #[test]
-    fn names_from_files_stay_one_component_and_recorded_paths_stay_inside() {
-        for bad in ["../../x", "a/b", ".hidden", "", "x y"] {
-            assert!(safe_component(bad, "objective name").is_err(), "{bad}");
-        }
-        safe_component("instruction_following-2.v1", "objective name").unwrap();
-        let run = Path::new("/tmp/run");
-        assert!(inside(run, "../elsewhere", "block").is_err());
-        assert!(inside(run, "/etc", "block").is_err());
-        assert_eq!(
-            inside(run, "blocks/a", "block").unwrap(),
-            run.join("blocks/a")
-        );
     }
 }

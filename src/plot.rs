@@ -4,7 +4,7 @@
 //! from its files; reports draw theirs from their own typed values. SVG always (text stays
 //! text, no fonts needed); PNG with the `png` feature.
 
-use crate::io::write_atomic;
+use crate::util::io::write_atomic;
 use anyhow::{Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;

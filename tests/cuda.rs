@@ -368,8 +368,8 @@ mod kernels {
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
-        let mut rng = mo_align::rng::stream_rng(seed, 77);
-        let v = mo_align::rng::normal_vec(&mut rng, n, 1.0);
+        let mut rng = mo_align::util::rng::stream_rng(seed, 77);
+        let v = mo_align::util::rng::normal_vec(&mut rng, n, 1.0);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 

@@ -4,11 +4,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use mo_align::eval::judge::Judge;
 use mo_align::eval::load_for_eval;
 use mo_align::eval::prompts::{read_prompt_records, read_prompts};
 use mo_align::eval::win_rate::{answer_prompts, judge_answers, win_rate_eval};
 use mo_align::generate::SamplingConfig;
-use mo_align::judge::Judge;
 use mo_align::model::ctx::ForwardCtx;
 use mo_align::tokenizer::Message;
 use std::path::{Path, PathBuf};
@@ -748,9 +748,14 @@ fn hf_sequence_classifier_judge_scores_the_last_token() {
         *ids.last().unwrap(),
         base.tokenizer.encode("\n").unwrap()[0]
     );
-    let f =
-        mo_align::reward::last_token_features(&base.model, &[&ids], 1, ForwardCtx::EVAL, &|_| {})
-            .unwrap();
+    let f = mo_align::reward::features::last_token_features(
+        &base.model,
+        &[&ids],
+        1,
+        ForwardCtx::EVAL,
+        &|_| {},
+    )
+    .unwrap();
     let want = f
         .matmul(&score.t().unwrap())
         .unwrap()

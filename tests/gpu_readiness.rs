@@ -13,7 +13,7 @@ use mo_align::generate::{generate, pick_token, SamplingConfig};
 use mo_align::model::ctx::ForwardCtx;
 use mo_align::model::input::ModelInput;
 use mo_align::model::matmul::set_layout_guard;
-use mo_align::rng::stream_rng;
+use mo_align::util::rng::stream_rng;
 use rand::Rng;
 
 #[test]
@@ -209,7 +209,7 @@ fn full_sort_pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u
 #[test]
 fn partial_selection_samples_exactly_as_a_full_sort() {
     let mut rng = stream_rng(5, 5);
-    let logits: Vec<f32> = mo_align::rng::normal_vec(&mut rng, READINESS_VOCAB, 3.0);
+    let logits: Vec<f32> = mo_align::util::rng::normal_vec(&mut rng, READINESS_VOCAB, 3.0);
     for (top_k, top_p, temperature) in [
         (20, 0.8, 0.7),
         (50, 1.0, 1.0),

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use mo_align::io::safetensors_bytes;
+use mo_align::util::io::safetensors_bytes;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;

@@ -236,8 +236,8 @@ fn f64_model_with_random_lora() -> Qwen {
     m.attach_lora(&cfg, 3).unwrap();
     // Seeded values: a gradient check must test the same point on every run.
     for (i, (_, var)) in m.lora_vars().into_iter().enumerate() {
-        let mut rng = mo_align::rng::stream_rng(17, i as u64);
-        let v: Vec<f64> = mo_align::rng::normal_vec(&mut rng, var.elem_count(), 0.2)
+        let mut rng = mo_align::util::rng::stream_rng(17, i as u64);
+        let v: Vec<f64> = mo_align::util::rng::normal_vec(&mut rng, var.elem_count(), 0.2)
             .into_iter()
             .map(|x| x as f64 + 0.01 * (i as f64 + 1.0))
             .collect();

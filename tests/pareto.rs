@@ -18,9 +18,9 @@ fn random_adapter(root: &Path, name: &str, seed: u64) -> PathBuf {
     for (i, lin) in loaded.model.linears().enumerate() {
         let (out, inp) = (lin.out_features(), lin.in_features());
         let dev = &Device::Cpu;
-        let mut rng = mo_align::rng::stream_rng(seed, i as u64);
-        let a = mo_align::rng::normal_vec(&mut rng, cfg.r * inp, 0.1);
-        let b = mo_align::rng::normal_vec(&mut rng, out * cfg.r, 0.1);
+        let mut rng = mo_align::util::rng::stream_rng(seed, i as u64);
+        let a = mo_align::util::rng::normal_vec(&mut rng, cfg.r * inp, 0.1);
+        let b = mo_align::util::rng::normal_vec(&mut rng, out * cfg.r, 0.1);
         tensors.push((
             lin.path.clone(),
             Tensor::from_vec(a, (cfg.r, inp), dev).unwrap(),

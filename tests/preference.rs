@@ -17,7 +17,8 @@ use mo_align::objectives::hybrid::{
 };
 use mo_align::objectives::pair::cached_reference;
 use mo_align::objectives::pair::pair_logprobs;
-use mo_align::reward::{FeatureSet, ScoredSequence};
+use mo_align::reward::features::ScoredSequence;
+use mo_align::reward::FeatureSet;
 use mo_align::train::Objective;
 use std::path::Path;
 
@@ -40,7 +41,7 @@ fn policy() -> mo_align::model::loader::Loaded {
     l
 }
 
-fn model_key() -> mo_align::digest::Digest {
+fn model_key() -> mo_align::util::digest::Digest {
     mo_align::cache::model_digest(
         &mo_align::model::loader::resolve(tiny_dir().to_str().unwrap()).unwrap(),
         None,
@@ -555,10 +556,18 @@ fn cached_reward_features_equal_recomputed_ones() {
     let dir = scratch("feature-cache");
     let key = model_key();
     let backbone = (&l.model, FeatureSet::LastToken, &key);
-    let a = mo_align::reward::cached_features(backbone, &scored, 3, &dir, true, "t").unwrap();
-    let b = mo_align::reward::cached_features(backbone, &scored, 3, &dir, true, "t").unwrap();
-    let c = mo_align::reward::last_token_features(&l.model, &refs, 1, ForwardCtx::EVAL, &|_| {})
-        .unwrap();
+    let a =
+        mo_align::reward::features::cached_features(backbone, &scored, 3, &dir, true, "t").unwrap();
+    let b =
+        mo_align::reward::features::cached_features(backbone, &scored, 3, &dir, true, "t").unwrap();
+    let c = mo_align::reward::features::last_token_features(
+        &l.model,
+        &refs,
+        1,
+        ForwardCtx::EVAL,
+        &|_| {},
+    )
+    .unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
     let d = tensor_max_diff(&a, &c);
     assert!(d < 1e-5, "batched features differ from one-by-one by {d}");
@@ -588,8 +597,15 @@ fn log_likelihood_reward_features_are_what_they_say() {
         .map(|(s, p)| ScoredSequence::new(s, p.prompt.len()))
         .collect();
     let set = FeatureSet::LastMeanLogprob;
-    let f = mo_align::reward::reward_features(&l.model, set, &scored, 2, ForwardCtx::EVAL, &|_| {})
-        .unwrap();
+    let f = mo_align::reward::features::reward_features(
+        &l.model,
+        set,
+        &scored,
+        2,
+        ForwardCtx::EVAL,
+        &|_| {},
+    )
+    .unwrap();
     let hdim = l.model.config.hidden_size;
     assert_eq!(f.dims(), [3, set.dim(hdim)]);
     for (i, s) in seqs.iter().enumerate() {

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use mo_align::io::RunLock;
 use mo_align::recipes::{sft, RunFlags};
+use mo_align::util::io::RunLock;
 use std::path::Path;
 use std::process::Command;
 

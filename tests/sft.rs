@@ -67,7 +67,7 @@ fn loss_decreases_and_outputs_are_written() {
     }
     // The resolved config is a complete, loadable config.
     let again: sft::SftConfig =
-        mo_align::config::load(Some(&out.join("config.resolved.toml")), &[]).unwrap();
+        mo_align::util::config::load(Some(&out.join("config.resolved.toml")), &[]).unwrap();
     assert_eq!(again.stage.train.max_steps, Some(60));
 }
 

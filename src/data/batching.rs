@@ -1,7 +1,7 @@
 //! Epoch plans: which examples go into which batch, reproducible from (seed, epoch) alone so a
 //! resumed run sees exactly the batches an uninterrupted one would.
 
-use crate::rng::stream_rng;
+use crate::util::rng::stream_rng;
 use rand::Rng;
 
 /// Fisher-Yates with the given generator.

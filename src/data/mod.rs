@@ -268,7 +268,10 @@ pub fn shuffle_cap_split<T>(
     if !(0.0..1.0).contains(&validation_fraction) {
         bail!("data.validation_fraction must be in [0, 1), got {validation_fraction}");
     }
-    batching::shuffle(&mut items, &mut crate::rng::stream_rng(seed, 0x5eed_da7a));
+    batching::shuffle(
+        &mut items,
+        &mut crate::util::rng::stream_rng(seed, 0x5eed_da7a),
+    );
     if let Some(n) = max_samples {
         items.truncate(n);
     }

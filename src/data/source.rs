@@ -101,7 +101,7 @@ fn resolve_hub(spec: &str, rest: &str) -> Result<Vec<PathBuf>> {
         _ => bail!("{spec}: expected hf://datasets/<org>/<name>/<path in the repo>"),
     };
     let repo_id = format!("{org}/{name}");
-    let offline = crate::hub::offline();
+    let offline = crate::util::hub::offline();
     let cache = hf_hub::Cache::from_env();
     if offline {
         if file.contains('*') {
@@ -115,7 +115,7 @@ fn resolve_hub(spec: &str, rest: &str) -> Result<Vec<PathBuf>> {
         })?;
         return Ok(vec![p]);
     }
-    let repo = crate::hub::client(cache, spec)?.dataset(repo_id);
+    let repo = crate::util::hub::client(cache, spec)?.dataset(repo_id);
     let files: Vec<String> = if file.contains('*') {
         let info = repo
             .info()
@@ -382,7 +382,7 @@ pub fn jsonl_to_parquet(input: &Path, output: &Path) -> Result<usize> {
         }
         w.close()?;
     }
-    crate::io::write_atomic(output, &buf)?;
+    crate::util::io::write_atomic(output, &buf)?;
     Ok(rows)
 }
 

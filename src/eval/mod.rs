@@ -1,6 +1,7 @@
 //! Evaluation: held-out likelihoods (here), evaluations over data files, win rates, and the
 //! inputs they read.
 
+pub mod judge;
 pub mod keyed;
 pub mod preferences;
 pub mod prompts;

@@ -11,7 +11,8 @@ use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::objectives::nll::Nll;
 use crate::objectives::pair::pair_logprobs;
-use crate::reward::{score_sequences, PairSequences, RewardHead, ScoredSequence};
+use crate::reward::features::{score_sequences, PairSequences, ScoredSequence};
+use crate::reward::RewardHead;
 use crate::train::trainer::evaluate;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -212,7 +213,7 @@ pub fn score_file(
         out.push('\n');
     }
     match output {
-        Some(p) => crate::io::write_atomic(p, out.as_bytes())?,
+        Some(p) => crate::util::io::write_atomic(p, out.as_bytes())?,
         None => print!("{out}"),
     }
     Ok(scores.len())

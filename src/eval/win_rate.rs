@@ -2,9 +2,9 @@
 //! has its own seeded stream, so batching does not change answers), a judge scores both answers,
 //! and the verdicts are compared per prompt.
 
+use crate::eval::judge::{mean_objectives, win_rate, Judge, Verdict, WinRate};
 use crate::eval::prompts::PromptRecord;
 use crate::generate::{generate, SamplingConfig};
-use crate::judge::{mean_objectives, win_rate, Judge, Verdict, WinRate};
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::objectives::conditioning::ConditioningInfo;
@@ -176,5 +176,5 @@ pub fn write_generations(path: &Path, gens: &[Generation]) -> Result<()> {
         out.push_str(&serde_json::to_string(g).context("serialising a generation")?);
         out.push('\n');
     }
-    crate::io::write_atomic(path, out.as_bytes())
+    crate::util::io::write_atomic(path, out.as_bytes())
 }

@@ -602,7 +602,7 @@ pub(crate) fn attention_backward(
         &p
     )?;
     // Three launches in one op: the prep and the two gradient kernels.
-    crate::profile::tally_op("mo-attention-backward", 2, 0);
+    crate::util::profile::tally_op("mo-attention-backward", 2, 0);
     Ok(out)
 }
 
@@ -839,7 +839,7 @@ pub(crate) fn cross_entropy(
         )?;
         launches += 1;
     }
-    crate::profile::tally_op("mo-cross-entropy", launches - 1, 0);
+    crate::util::profile::tally_op("mo-cross-entropy", launches - 1, 0);
     Ok(())
 }
 
@@ -847,8 +847,8 @@ pub(crate) fn cross_entropy(
 /// stream, where the events (two per allocation, recorded at every launch) only cost host time.
 /// `MO_ALIGN_CUDA_EVENT_TRACKING=1` keeps them (for an A/B).
 pub fn tune_device(dev: &candle_core::Device) {
-    static KEEP: crate::switch::EnvSwitch =
-        crate::switch::EnvSwitch::new("MO_ALIGN_CUDA_EVENT_TRACKING");
+    static KEEP: crate::util::switch::EnvSwitch =
+        crate::util::switch::EnvSwitch::new("MO_ALIGN_CUDA_EVENT_TRACKING");
     if let candle_core::Device::Cuda(d) = dev {
         if !KEEP.get(false) {
             // SAFETY: candle issues all work on the device's one stream, so no cross-stream

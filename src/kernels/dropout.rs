@@ -6,7 +6,7 @@
 //! same function to their tensors, the CUDA kernel and this file's CPU loop give the same mask
 //! bit for bit, and a resumed run replays a step's masks from (seed, step, call) alone.
 
-use crate::rng::mix_seed;
+use crate::util::rng::mix_seed;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use std::cell::Cell;

@@ -22,7 +22,7 @@
 //! on; the driver JIT-compiles that PTX for the card at hand (sm_80, sm_86, sm_89 = RTX 4090,
 //! sm_90 = H100), so one build serves every card from Ampere on.
 //!
-//! Every kernel adds its launches and bytes to `crate::profile`'s tally, which is how a step's
+//! Every kernel adds its launches and bytes to `crate::util::profile`'s tally, which is how a step's
 //! bytes are accounted.
 
 pub mod attention;
@@ -183,15 +183,15 @@ impl<K: Update> InplaceOp1 for UpdateOp<'_, K> {
 /// Runs `k` on `on`'s device (`on` is any tensor there; its values are not read unless `k`
 /// holds it) and returns the new tensor, outside any graph.
 pub(crate) fn produce<K: Produce>(k: &K, on: &Tensor) -> Result<Tensor> {
-    crate::profile::tally_op(k.name(), k.launches(), k.bytes());
-    let _timed = crate::profile::op_scope(k.name(), on.device());
+    crate::util::profile::tally_op(k.name(), k.launches(), k.bytes());
+    let _timed = crate::util::profile::op_scope(k.name(), on.device());
     on.apply_op1_no_bwd(&ProduceOp(k))
 }
 
 /// Runs `k` writing into `dst` (a view: only its elements change).
 pub(crate) fn update<K: Update>(k: &K, dst: &Tensor) -> Result<()> {
-    crate::profile::tally_op(k.name(), 1, k.bytes());
-    let _timed = crate::profile::op_scope(k.name(), dst.device());
+    crate::util::profile::tally_op(k.name(), 1, k.bytes());
+    let _timed = crate::util::profile::op_scope(k.name(), dst.device());
     dst.inplace_op1(&UpdateOp(k))
 }
 
@@ -245,7 +245,8 @@ pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, on: &Tensor) -> Resu
 /// step, whose activations and weights are bf16 (adapters, their gradients and the LM head's
 /// logits stay f32 there: `param_bytes`, and the literal 4s).
 pub(crate) fn nbytes(n: usize, dtype: DType) -> u64 {
-    static AS_BF16: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("MO_ALIGN_TALLY_BF16");
+    static AS_BF16: crate::util::switch::EnvSwitch =
+        crate::util::switch::EnvSwitch::new("MO_ALIGN_TALLY_BF16");
     let size = if AS_BF16.get(false) && dtype.is_float() {
         2
     } else {

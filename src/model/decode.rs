@@ -80,7 +80,8 @@ pub fn bf16_copy_if_exact(weight: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(halves, w.dims(), w.device())?))
 }
 
-static SWITCH: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("MO_ALIGN_BF16_DECODE");
+static SWITCH: crate::util::switch::EnvSwitch =
+    crate::util::switch::EnvSwitch::new("MO_ALIGN_BF16_DECODE");
 
 /// Whether decoding may use the kernel: on unless `MO_ALIGN_BF16_DECODE=0` (or `off`) was set
 /// when first asked, or `set_enabled(false)` was called (the f32 GEMM for every product, e.g.

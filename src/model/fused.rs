@@ -9,7 +9,7 @@
 //! The forward/backward pairs are checked against autograd of the plain formulas (unit tests
 //! below) and, through the whole model, against PyTorch and finite differences.
 
-use super::compute_dtype;
+use super::dtype::compute_dtype;
 use super::input::AttentionMask;
 use super::matmul::{matmul, matmul_t};
 use crate::kernels::dropout::DropoutMask;

@@ -10,7 +10,7 @@
 //! same arithmetic a backward through the LM head would do (one extra [C,V]x[V,H] matmul per
 //! chunk), with memory O(C x V) instead of O(T x V), and no gradient for the frozen embedding.
 
-use super::compute_dtype;
+use super::dtype::compute_dtype;
 use super::frozen::frozen_mul;
 use super::fused::attach3;
 use super::matmul::{matmul, matmul_t};
@@ -33,8 +33,8 @@ impl Qwen {
                 targets.len()
             );
         }
-        let _phase = crate::profile::phase(crate::profile::Phase::LmHead);
-        let _scope = crate::profile::scope("lm_head", &self.device);
+        let _phase = crate::util::profile::phase(crate::util::profile::Phase::LmHead);
+        let _scope = crate::util::profile::scope("lm_head", &self.device);
         let acc = compute_dtype(hidden.dtype());
         if n == 0 {
             return Tensor::zeros(0, acc, &self.device);
@@ -165,7 +165,7 @@ impl Qwen {
             hidden,
             value,
             Box::new(move |dy: &Tensor| {
-                let _scope = crate::profile::scope("lm_head.backward", dy.device());
+                let _scope = crate::util::profile::scope("lm_head.backward", dy.device());
                 let dy = if dy.dtype() == g.dtype() {
                     dy.clone()
                 } else {

@@ -5,8 +5,8 @@
 
 use super::config::QwenConfig;
 use super::qwen::Qwen;
-use crate::hub;
-use crate::io::{safetensors_bytes, write_atomic};
+use crate::util::hub;
+use crate::util::io::{safetensors_bytes, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -542,7 +542,7 @@ pub fn write_model_files(files: &ModelFiles, dir: &Path, dtype: DType) -> Result
     let text = std::fs::read_to_string(&files.config)
         .with_context(|| format!("{}: cannot read", files.config.display()))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&text)?;
-    let torch_dtype = match super::dtype_name(dtype) {
+    let torch_dtype = match super::dtype::dtype_name(dtype) {
         "bf16" => "bfloat16",
         "f16" => "float16",
         _ => "float32",

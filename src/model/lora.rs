@@ -9,7 +9,7 @@ use super::decode::{self, Bf16Twin};
 use super::frozen::frozen_linear;
 use super::fused::{self, LoraParts};
 use super::matmul::matmul_t;
-use crate::rng::{stream_rng, uniform_vec};
+use crate::util::rng::{stream_rng, uniform_vec};
 use anyhow::bail;
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -226,7 +226,7 @@ impl LoraLinear {
             );
         }
         // f32 at least: f16/bf16 adapters and moments underflow; f64 follows an f64 base.
-        let dtype = super::compute_dtype(self.weight.dtype());
+        let dtype = super::dtype::compute_dtype(self.weight.dtype());
         self.lora = Some(Lora {
             a: Var::from_tensor(&a.to_dtype(dtype)?)?,
             b: Var::from_tensor(&b.to_dtype(dtype)?)?,

@@ -12,7 +12,8 @@
 
 use candle_core::{Layout, Result, Tensor};
 
-static GUARD: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("MO_ALIGN_LAYOUT_GUARD");
+static GUARD: crate::util::switch::EnvSwitch =
+    crate::util::switch::EnvSwitch::new("MO_ALIGN_LAYOUT_GUARD");
 
 /// Whether `matmul` checks layouts on the CPU: on in debug builds (every `cargo test`), or with
 /// `MO_ALIGN_LAYOUT_GUARD=1`, or after `set_layout_guard(true)`. CUDA tensors are always checked

@@ -2,7 +2,7 @@
 //! transformers read and write them.
 
 use super::lora::LoraConfig;
-use crate::io::{safetensors_bytes, write_atomic};
+use crate::util::io::{safetensors_bytes, write_atomic};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;

@@ -569,7 +569,7 @@ impl Qwen {
         let mut x = embed
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?
-            .to_dtype(super::residual_dtype(self.dtype))?;
+            .to_dtype(super::dtype::residual_dtype(self.dtype))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
             x = match ctx.sink {
@@ -589,7 +589,7 @@ impl Qwen {
     /// The dtype of the adapters, their gradients and the optimizer state: f32 (f64 for an f64
     /// model), whatever the base dtype.
     pub fn lora_dtype(&self) -> DType {
-        super::compute_dtype(self.dtype)
+        super::dtype::compute_dtype(self.dtype)
     }
 
     /// The output projection [V, H] (the embedding when tied).
@@ -704,7 +704,7 @@ impl Qwen {
     /// rounded to bf16 first, so an f32 and a bf16 copy of one checkpoint agree (f32 -> bf16
     /// rounding is the one the loader does).
     pub fn fingerprint(&self, bf16: bool) -> Result<String> {
-        let mut d = crate::digest::Digest::default();
+        let mut d = crate::util::digest::Digest::default();
         for (name, t) in self.named_weights() {
             d.str(&name);
             for dim in t.dims() {

@@ -37,10 +37,11 @@ use crate::kernels::dropout::DropoutMask;
 use crate::kernels::lora as klora;
 use crate::kernels::spec::{Adapter, AttnSpec, GateUp, GradSlots, Projection, QkvSpec};
 use crate::kernels::{attention, cpu::cpu_supported, gemm, norm, qkv, swiglu};
-use crate::profile;
+use crate::util::profile;
 use candle_core::{DType, Result, Tensor, Var};
 
-static FUSED: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("MO_ALIGN_FUSED");
+static FUSED: crate::util::switch::EnvSwitch =
+    crate::util::switch::EnvSwitch::new("MO_ALIGN_FUSED");
 
 /// Whether the fused decoder is used where it applies (`MO_ALIGN_FUSED=0` turns it off, for
 /// A/B runs and to check it against the unfused blocks).

@@ -255,7 +255,7 @@ impl CheckpointWriter {
         if self.out.is_none() {
             self.open_shard()?;
         }
-        let bytes = crate::io::tensor_le_bytes(t)?;
+        let bytes = crate::util::io::tensor_le_bytes(t)?;
         let path = self.dir.join(&self.shards[self.shard].file);
         self.out
             .as_mut()
@@ -287,7 +287,7 @@ impl CheckpointWriter {
                     map.insert(name.clone(), s.file.clone());
                 }
             }
-            crate::io::write_json_atomic(
+            crate::util::io::write_json_atomic(
                 &self.dir.join("model.safetensors.index.json"),
                 &serde_json::json!({"metadata": {"total_size": total}, "weight_map": map}),
             )?;

@@ -5,9 +5,9 @@
 //! real model.
 
 use super::config::{Family, QwenConfig};
-use crate::io::safetensors_bytes;
-use crate::io::write_atomic;
-use crate::rng::{normal_vec, stream_rng};
+use crate::util::io::safetensors_bytes;
+use crate::util::io::write_atomic;
+use crate::util::rng::{normal_vec, stream_rng};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -381,14 +381,14 @@ pub fn random_model(
     dtype: candle_core::DType,
     device: &Device,
 ) -> Result<super::Qwen> {
-    let mut rng = crate::rng::stream_rng(0, 0x7261_6e64);
+    let mut rng = crate::util::rng::stream_rng(0, 0x7261_6e64);
     super::Qwen::build(cfg.clone(), |name, shape| {
         let n: usize = shape.iter().product();
         // bf16 values, as the published checkpoints hold (decoding reads such weights as bf16).
         let values = if name.ends_with("norm.weight") {
             vec![1.0f32; n]
         } else {
-            let v = crate::rng::normal_vec(&mut rng, n, 0.02);
+            let v = crate::util::rng::normal_vec(&mut rng, n, 0.02);
             v.into_iter()
                 .map(|x| half::bf16::from_f32(x).to_f32())
                 .collect()

@@ -7,8 +7,8 @@
 //! number of workers do not change which weights an example gets.
 
 use crate::objectives::weighting::{quantise, Weighting, PREFIX};
-use crate::rng::{mix_seed, stream_rng};
 use crate::tokenizer::Message;
+use crate::util::rng::{mix_seed, stream_rng};
 use anyhow::{bail, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -151,7 +151,7 @@ impl ConditioningInfo {
     /// block's directory name, so each must be one safe path component.
     pub fn new(objectives: Vec<String>, sampling: &ConditioningConfig) -> Result<Self> {
         for o in &objectives {
-            crate::outputs::safe_component(o, "objective name")?;
+            crate::util::paths::safe_component(o, "objective name")?;
         }
         let example = Weighting::equal(objectives.len()).line(&objectives);
         Ok(Self {
@@ -190,7 +190,7 @@ impl ConditioningInfo {
         }
         self.blocks
             .iter()
-            .map(|b| crate::outputs::inside(dir, b, &what))
+            .map(|b| crate::util::paths::inside(dir, b, &what))
             .collect()
     }
 

@@ -14,9 +14,9 @@ use crate::objectives::policy_gradient::{
 };
 use crate::objectives::weighting::Weighting;
 use crate::reward::vector::{Completion, CompletionScorer};
-use crate::rng::mix_seed;
 use crate::tokenizer::{ChatTokenizer, Message};
 use crate::train::{LossOutput, Objective};
+use crate::util::rng::mix_seed;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};

@@ -6,12 +6,12 @@
 
 use crate::cache::load_or_compute;
 use crate::data::preference::PreferencePair;
-use crate::digest::Digest;
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
 use crate::model::Qwen;
 use crate::train::progress::Progress;
+use crate::util::digest::Digest;
 use candle_core::{DType, Result, Tensor};
 use std::collections::HashMap;
 use std::path::Path;

@@ -5,7 +5,7 @@
 //! `mode = "adapter"` the weights gate the adapter's per-objective blocks instead of being
 //! written into the prompt, and each block is exported as its own PEFT adapter.
 
-use super::{AdapterStage, StageRun};
+use super::stage::{AdapterStage, StageRun};
 use crate::model::lora::LoraConfig;
 use crate::model::peft::{read_peft_tensors, write_peft_adapter};
 use crate::objectives::conditioning::{
@@ -13,7 +13,7 @@ use crate::objectives::conditioning::{
 };
 use crate::objectives::weighting::Weighting;
 use crate::reward::vector::ScoredPair;
-use crate::rng::mix_seed;
+use crate::util::rng::mix_seed;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 

@@ -7,7 +7,8 @@
 
 use super::conditioned::{Split, WeightedScoredPair};
 use super::multi_objective::MultiObjectiveRun;
-use super::{AdapterStage, RunFlags, StageRun};
+use super::stage::{AdapterStage, StageRun};
+use super::RunFlags;
 use crate::data::preference::{preference_pair, PreferencePair};
 use crate::objectives::conditioning::ConditioningConfig;
 use crate::objectives::dpo::{Dpo, DpoConfig, DpoExample};
@@ -109,7 +110,7 @@ pub fn run_dpo(
     overrides: &[String],
     flags: RunFlags,
 ) -> Result<TrainOutcome> {
-    let cfg: DpoRunConfig = crate::config::load(config, overrides)?;
+    let cfg: DpoRunConfig = crate::util::config::load(config, overrides)?;
     cfg.stage.require_lora("dpo")?;
     cfg.dpo.validate()?;
     let run = cfg.stage.start(&cfg, flags)?;
@@ -128,7 +129,7 @@ pub fn run_hybrid(
     overrides: &[String],
     flags: RunFlags,
 ) -> Result<TrainOutcome> {
-    let cfg: HybridRunConfig = crate::config::load(config, overrides)?;
+    let cfg: HybridRunConfig = crate::util::config::load(config, overrides)?;
     let h = &cfg.hybrid;
     cfg.stage.require_lora("hybrid-dpo")?;
     cfg.dpo.validate()?;

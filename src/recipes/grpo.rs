@@ -3,7 +3,8 @@
 //! completions of them, and the shared trainer takes the policy-gradient step.
 
 use super::multi_objective::MultiObjectiveRun;
-use super::{AdapterStage, RunFlags};
+use super::stage::AdapterStage;
+use super::RunFlags;
 use crate::data::{json_kind, FieldError, Parsed};
 use crate::eval::prompts::prompt_of;
 use crate::objectives::conditioning::ConditioningConfig;
@@ -75,7 +76,7 @@ fn prompt_example(
 }
 
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
-    let cfg: GrpoRunConfig = crate::config::load(config, overrides)?;
+    let cfg: GrpoRunConfig = crate::util::config::load(config, overrides)?;
     let g = &cfg.grpo;
     let weights = g.validate()?;
     cfg.stage.require_lora("grpo")?;
@@ -154,7 +155,7 @@ fn write_timing(out: &Path, t: &OnlineTiming, outcome: &TrainOutcome) -> Result<
         "generated_tokens": t.generated_tokens,
         "generation_tokens_per_s": t.generated_tokens as f64 / t.generation_s.max(1e-9),
     });
-    crate::io::write_json_atomic(&out.join("timing.json"), &v)?;
+    crate::util::io::write_json_atomic(&out.join("timing.json"), &v)?;
     eprintln!(
         "grpo: generation {:.0}% and scoring {:.0}% of {:.1}s of training steps ({:.0} sampled tokens/s)",
         100.0 * v["generation_share"].as_f64().unwrap_or(0.0),

@@ -6,7 +6,7 @@
 //! written to the checkpoint and the GGUF file before the next is read. Memory holds one
 //! weight and the adapter, never the model, so a 7B model merges on a workstation.
 
-use crate::io::AtomicDir;
+use crate::model::dtype::parse_dtype;
 use crate::model::gguf::{GgufSource, GgufType, GgufWriter};
 use crate::model::loader::{
     check_layers, load_tokenizer, resolve, warn_if_other_base, write_model_files,
@@ -15,8 +15,9 @@ use crate::model::lora::merged_weight;
 use crate::model::peft::{read_peft_config, read_peft_tensors};
 use crate::model::qwen::module_name;
 use crate::model::streaming::{peak_rss_bytes, CheckpointWriter, StreamedWeights};
-use crate::model::{parse_dtype, QwenConfig};
+use crate::model::QwenConfig;
 use crate::outputs::{check, Existing, Inputs};
+use crate::util::io::AtomicDir;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use std::path::Path;
@@ -54,7 +55,7 @@ pub fn run_sharded(
     let gguf = gguf.map(GgufType::parse).transpose()?;
     // A merge killed earlier may have left its temporary directory, or the old output moved
     // aside: tidied (or put back) before --out is judged.
-    crate::io::clean_stale_siblings(out)?;
+    crate::util::io::clean_stale_siblings(out)?;
     let mut inputs = Inputs::new();
     inputs.add("adapter", adapter).add("model", model);
     check(out, "--out", Existing::Dir, &inputs, force)?;

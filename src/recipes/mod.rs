@@ -7,8 +7,8 @@ pub mod evaluate;
 pub mod generate;
 pub mod grpo;
 pub mod merge;
-pub mod output_dir;
 pub mod multi_objective;
+pub mod output_dir;
 pub mod pareto;
 pub mod pipeline;
 pub mod reward_weighted;
@@ -17,15 +17,26 @@ pub mod stage;
 pub mod train_rm;
 pub mod utility;
 
-pub use stage::{AdapterStage, RewardBackbone, RunFlags, StageRun};
-
+use crate::model::dtype::parse_dtype;
 use crate::model::loader::{apply_adapter, load_merged, select_device, Loaded};
 use crate::model::lora::LoraConfig;
-use crate::model::parse_dtype;
 use crate::train::TrainConfig;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// How a training command was invoked besides its config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunFlags {
+    /// Continue from the newest complete checkpoint in the output directory.
+    pub resume: bool,
+    /// Replace the run the output directory holds (once the new run has started).
+    pub force: bool,
+    /// Log lines only, no progress bar.
+    pub quiet: bool,
+    /// On resume, accept changed schedule and cadence settings (recorded in the run directory).
+    pub allow_config_change: bool,
+}
 
 /// The `[model]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,7 +132,10 @@ pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
     }
     let device = select_device(&train.device)?;
     if device.is_cpu() {
-        eprintln!("{}", crate::cpu::kernel_report());
+        eprintln!(
+            "{}",
+            crate::util::cpu::kernel_report(crate::model::decode::kernel_name())
+        );
     }
     let dtype = parse_dtype(&train.dtype)?;
     let mut loaded = load_merged(&model.path, model.adapter_path(), dtype, &device)?;

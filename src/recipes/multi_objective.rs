@@ -5,7 +5,8 @@
 //! adapters. The recipe picks the objective and trains it on `run`.
 
 use super::conditioned::{self, Split, WeightedScoredPair};
-use super::{AdapterStage, RunFlags, StageRun};
+use super::stage::{AdapterStage, StageRun};
+use super::RunFlags;
 use crate::data::preference::preference_pair;
 use crate::data::Parsed;
 use crate::model::lora::LoraConfig;

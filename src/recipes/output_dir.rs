@@ -66,7 +66,7 @@ fn prepare<R: Serialize + Default>(
     report_force: bool,
 ) -> Result<RunDir> {
     let path = PathBuf::from(output_dir);
-    let text = crate::config::to_toml(resolved)?;
+    let text = crate::util::config::to_toml(resolved)?;
     let inputs = crate::outputs::Inputs::from_config(&text)?;
     crate::outputs::check_cache_dirs(&text, &inputs)?;
     let mode = crate::outputs::RunMode {
@@ -83,7 +83,7 @@ fn prepare<R: Serialize + Default>(
     let config_path = path.join(crate::outputs::RUN_RECORD);
     if training.is_none() && !report_force {
         if let Ok(old) = std::fs::read_to_string(&config_path) {
-            let changes = crate::config::changed_keys(&old, &text, None)?;
+            let changes = crate::util::config::changed_keys(&old, &text, None)?;
             if !changes.is_empty() {
                 let list: Vec<String> = changes
                     .iter()
@@ -108,8 +108,8 @@ fn prepare<R: Serialize + Default>(
     if let (true, Ok(old)) = (resuming, std::fs::read_to_string(&config_path)) {
         // A run recorded before an upgrade lacks the keys added since; at their defaults
         // they are what the run used.
-        let defaults = crate::config::to_toml(&R::default())?;
-        let changes = crate::config::changed_keys(&old, &text, Some(&defaults))?;
+        let defaults = crate::util::config::to_toml(&R::default())?;
+        let changes = crate::util::config::changed_keys(&old, &text, Some(&defaults))?;
         if !changes.is_empty() {
             let list = changes
                 .iter()

@@ -4,7 +4,8 @@
 use super::conditioned::{Split, WeightedScoredPair};
 use super::dpo::preference_stage_defaults;
 use super::multi_objective::MultiObjectiveRun;
-use super::{AdapterStage, RunFlags};
+use super::stage::AdapterStage;
+use super::RunFlags;
 use crate::objectives::conditioning::ConditioningConfig;
 use crate::objectives::reward_weighted::{
     advantages, target_gap_reward, Advantage, RewardWeighted, WeightedPair,
@@ -65,7 +66,7 @@ impl Default for RewardWeightedRunConfig {
 }
 
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
-    let cfg: RewardWeightedRunConfig = crate::config::load(config, overrides)?;
+    let cfg: RewardWeightedRunConfig = crate::util::config::load(config, overrides)?;
     let rw = &cfg.reward;
     cfg.stage.require_lora("reward-weighted")?;
     let weights = Weighting::configured(&rw.weights, "reward.weights")?;

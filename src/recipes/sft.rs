@@ -1,6 +1,7 @@
 //! `mo-align sft`: LoRA supervised fine-tuning on chat data, loss on assistant tokens only.
 
-use super::{AdapterStage, RunFlags};
+use super::stage::AdapterStage;
+use super::RunFlags;
 use crate::data::chat::sft_example;
 use crate::objectives::nll::Nll;
 use crate::train::trainer::TrainOutcome;
@@ -16,7 +17,7 @@ pub struct SftConfig {
 }
 
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
-    let cfg: SftConfig = crate::config::load(config, overrides)?;
+    let cfg: SftConfig = crate::util::config::load(config, overrides)?;
     let run = cfg.stage.start(&cfg, flags)?;
     let (tok, data) = (&run.loaded.tokenizer, &run.stage.data);
     let splits = run.load_data(|v, r| sft_example(v, tok, data, r))?;

@@ -2,10 +2,9 @@
 //! policy, the data and the reward model and hands them to the trainer.
 
 use super::output_dir::prepare_output;
-use super::{base_name, load_base, load_policy, ModelConfig, RunDir};
+use super::{base_name, load_base, load_policy, ModelConfig, RunDir, RunFlags};
 use crate::cache::{cache_dir, model_digest};
 use crate::data::{load_splits, DataConfig, DataReport, Parsed, Splits};
-use crate::digest::Digest;
 use crate::model::ctx::ForwardCtx;
 use crate::model::loader::Loaded;
 use crate::model::lora::LoraConfig;
@@ -13,23 +12,11 @@ use crate::reward::RewardHead;
 use crate::train::trainable::{FullModel, PeftAdapter, Trainable};
 use crate::train::trainer::{self, TrainOutcome};
 use crate::train::{Finetune, Objective, TrainConfig};
+use crate::util::digest::Digest;
 use anyhow::{bail, Result};
 use candle_core::Var;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// How a training command was invoked besides its config.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RunFlags {
-    /// Continue from the newest complete checkpoint in the output directory.
-    pub resume: bool,
-    /// Replace the run the output directory holds (once the new run has started).
-    pub force: bool,
-    /// Log lines only, no progress bar.
-    pub quiet: bool,
-    /// On resume, accept changed schedule and cadence settings (recorded in the run directory).
-    pub allow_config_change: bool,
-}
 
 /// The sections every adapter-training stage has, flattened into its config:
 /// `[model]`, `[lora]`, `[data]`, `[train]`.

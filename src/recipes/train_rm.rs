@@ -13,10 +13,9 @@ use crate::objectives::reward_head::{
 };
 use crate::objectives::weighting::Weighting;
 
-use crate::reward::{
-    cached_features, feature_stats, FeatureSet, PairSequences, RewardHead, RewardModelInfo,
-    ScoredSequence,
-};
+use crate::reward::features::{cached_features, PairSequences, ScoredSequence};
+use crate::reward::FeatureSet;
+use crate::reward::{feature_stats, RewardHead, RewardModelInfo};
 use crate::train::trainer::{train, TrainRun};
 use crate::train::TrainConfig;
 use anyhow::Result;
@@ -84,7 +83,7 @@ impl Default for TrainRmConfig {
 
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
     let RunFlags { resume, quiet, .. } = flags;
-    let cfg: TrainRmConfig = crate::config::load(config, overrides)?;
+    let cfg: TrainRmConfig = crate::util::config::load(config, overrides)?;
     anyhow::ensure!(
         cfg.train.finetune == crate::train::Finetune::Lora,
         "train.finetune: train-rm trains a linear head on a frozen backbone; leave it unset"
@@ -93,7 +92,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
     let ranking_weights = Weighting::configured(&cfg.rm.ranking_weights, "rm.ranking_weights")?;
     for o in &cfg.rm.objectives {
-        crate::outputs::safe_component(o, "rm.objectives:")?;
+        crate::util::paths::safe_component(o, "rm.objectives:")?;
     }
     let mut run_dir = prepare_output(&cfg.train.output_dir, &cfg, Some(flags))?;
     let out = run_dir.path.clone();
@@ -172,7 +171,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             .and_then(|p| crate::reward::absolute_if_local(&p.display().to_string())),
         backbone_fingerprint: Some(model.fingerprint(false)?),
         backbone_fingerprint_bf16: Some(model.fingerprint(true)?),
-        backbone_dtype: Some(crate::model::dtype_name(model.dtype).to_string()),
+        backbone_dtype: Some(crate::model::dtype::dtype_name(model.dtype).to_string()),
         hidden_size: model.config.hidden_size,
         feature: cfg.rm.features.describe().to_string(),
         feature_set: cfg.rm.features,
@@ -225,7 +224,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         let w = Weighting::given_or_equal(ranking_weights.as_ref(), k, what)?;
         report["ranking"] = ranking_report(&head.info.objectives, &scores, &w)?;
     }
-    crate::io::write_json_atomic(&out.join("rm_report.json"), &report)?;
+    crate::util::io::write_json_atomic(&out.join("rm_report.json"), &report)?;
     // Drawn once the report exists (it adds the per-objective chart).
     if let Err(e) = crate::plot::plot_run(&out, false) {
         eprintln!("warning: plots not drawn: {e:#}");

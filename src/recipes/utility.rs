@@ -44,7 +44,7 @@ pub fn init_tiny(out: &Path, seed: u64, arch: &str, force: bool) -> Result<()> {
     };
     let outputs = crate::outputs::Existing::Dir;
     crate::outputs::check(out, "--out", outputs, &crate::outputs::Inputs::new(), force)?;
-    let dir = crate::io::AtomicDir::new(out)?;
+    let dir = crate::util::io::AtomicDir::new(out)?;
     crate::model::tiny::write_tiny_checkpoint_of(dir.path(), seed, &spec)?;
     dir.commit()?;
     eprintln!(

@@ -2,50 +2,19 @@
 //! scores of token sequences, and the on-disk caches of both (they depend on frozen weights
 //! only, so a rerun or a later stage reads them back instead of recomputing).
 
-use super::RewardHead;
+use super::{FeatureSet, RewardHead};
 use crate::cache::load_or_compute;
 use crate::data::preference::PreferencePair;
-use crate::digest::Digest;
 use crate::model::ctx::ForwardCtx;
 use crate::model::input::ModelInput;
 use crate::model::lm_head::gather_rows;
 use crate::model::Qwen;
 use crate::train::progress::Progress;
+use crate::util::digest::Digest;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
-
-/// What the reward head reads from its frozen backbone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FeatureSet {
-    /// The final hidden state at the last token of prompt + response (the usual reward-model feature): [H].
-    #[default]
-    LastToken,
-    /// That, the mean final hidden state over the response tokens, and the backbone's own
-    /// log-likelihood of the response (mean, min and sum of its token log-probs): [2H + 3].
-    /// A wrong fact stated fluently looks like a right one at the last token; it is the token
-    /// the backbone finds unlikely. On the demo task this lifts the held-out Pearson r of
-    /// truthfulness from 0.64 to 0.86 and of honesty from 0.72 to 0.90.
-    LastMeanLogprob,
-}
-
-impl FeatureSet {
-    pub fn dim(self, hidden: usize) -> usize {
-        match self {
-            FeatureSet::LastToken => hidden,
-            FeatureSet::LastMeanLogprob => 2 * hidden + 3,
-        }
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            FeatureSet::LastToken => "final hidden state (after the last RMSNorm) at the last token of ChatML prompt + response",
-            FeatureSet::LastMeanLogprob => "final hidden state at the last token, mean final hidden state over the response tokens, and the mean, min and sum of the backbone's response token log-probs",
-        }
-    }
-}
 
 /// A sequence to score: ChatML prompt + response ids, and where the response starts.
 #[derive(Debug, Clone, Copy)]

@@ -271,7 +271,7 @@ fn parse_objective(spec: toml::Value, index: usize, origin: &str) -> Result<Rule
         return Err(at("empty name".into()));
     }
     // A name ends up in file names (a conditioned policy's per-objective adapters).
-    crate::outputs::safe_component(&spec.name, "name").map_err(|e| at(e.to_string()))?;
+    crate::util::paths::safe_component(&spec.name, "name").map_err(|e| at(e.to_string()))?;
     for (key, value) in [("base", spec.base), ("min", spec.min), ("max", spec.max)] {
         if !value.is_finite() {
             return Err(at(format!("`{key}` must be finite, got {value}")));

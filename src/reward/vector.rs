@@ -6,12 +6,12 @@
 use super::features::{cached_pair_scores, reward_features, ScoredSequence};
 use super::rules::RuleObjectives;
 use super::{RewardHead, RewardModelInfo};
-use crate::digest::Digest;
 use crate::data::preference::{pair_texts, PreferencePair};
 use crate::data::FieldError;
 use crate::model::ctx::ForwardCtx;
 use crate::model::Qwen;
 use crate::tokenizer::ChatTokenizer;
+use crate::util::digest::Digest;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -5,8 +5,8 @@
 use super::optim::AdamW;
 use super::trainable::Trainable;
 use super::window::Window;
-use crate::io::safetensors_bytes;
-use crate::io::{write_json_atomic, AtomicDir};
+use crate::util::io::safetensors_bytes;
+use crate::util::io::{write_json_atomic, AtomicDir};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,7 @@ pub fn save(
     let dir = AtomicDir::new(&dest)?;
     trainable.save(dir.path())?;
     let opt_bytes = safetensors_bytes(&opt.state_tensors()?, None)?;
-    crate::io::write_atomic(&dir.path().join("optimizer.safetensors"), &opt_bytes)?;
+    crate::util::io::write_atomic(&dir.path().join("optimizer.safetensors"), &opt_bytes)?;
     write_json_atomic(&dir.path().join("trainer_state.json"), state)?;
     dir.commit()?;
     Ok(dest)

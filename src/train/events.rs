@@ -176,7 +176,7 @@ impl EventWriter {
         for ev in &kept {
             bytes.extend(frame(&encode_scalars(ev)));
         }
-        crate::io::write_atomic(&path, &bytes)?;
+        crate::util::io::write_atomic(&path, &bytes)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)

@@ -19,7 +19,7 @@ pub struct LossScaler {
 impl LossScaler {
     pub fn new(cfg: &TrainConfig) -> Result<Self> {
         Ok(LossScaler {
-            f16: crate::model::parse_dtype(&cfg.dtype)? == DType::F16,
+            f16: crate::model::dtype::parse_dtype(&cfg.dtype)? == DType::F16,
             init: cfg.loss_scale_init,
             growth_interval: cfg.loss_scale_growth_interval,
             max_bad_steps: cfg.max_bad_steps,

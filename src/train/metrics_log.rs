@@ -2,7 +2,7 @@
 //! event files beside it (`events.rs`), kept in step across a fresh start and `--resume`.
 
 use super::events::EventWriter;
-use crate::io::JsonlWriter;
+use crate::util::io::JsonlWriter;
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -57,6 +57,6 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
         out.push_str(&serde_json::to_string(v)?);
         out.push('\n');
     }
-    crate::io::write_atomic(path, out.as_bytes())?;
+    crate::util::io::write_atomic(path, out.as_bytes())?;
     Ok(kept)
 }

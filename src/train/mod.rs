@@ -233,7 +233,7 @@ impl TrainConfig {
                 "train.threads must be between 1 and 1024, got {t}"
             );
         }
-        crate::model::parse_dtype(&self.dtype)?;
+        crate::model::dtype::parse_dtype(&self.dtype)?;
         Ok(())
     }
 }

@@ -326,7 +326,7 @@ pub fn classifier_checkpoint_on(tiny: Tiny, name: &str, score: &candle_core::Ten
     w.insert("score.weight".into(), score.clone());
     std::fs::write(
         dir.join("model.safetensors"),
-        mo_align::io::safetensors_bytes(&w, None).unwrap(),
+        mo_align::util::io::safetensors_bytes(&w, None).unwrap(),
     )
     .unwrap();
     dir

@@ -12,7 +12,7 @@ use mo_align::model::lm_head::gather_rows;
 use mo_align::model::lora::LoraConfig;
 use mo_align::model::tiny::random_model;
 use mo_align::model::{Qwen, QwenConfig};
-use mo_align::rng::{normal_vec, stream_rng};
+use mo_align::util::rng::{normal_vec, stream_rng};
 
 /// Two vocabulary blocks in the LM head's backward (16,384 + 3,616 rows).
 pub const READINESS_VOCAB: usize = 20_000;

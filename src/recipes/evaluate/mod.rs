@@ -13,8 +13,8 @@ use crate::eval::prompts::{prompts_that_fit, read_prompt_records};
 use crate::eval::win_rate::{win_rate_eval, write_generations};
 use crate::eval::{load_for_eval, load_policy_at, perplexity};
 use crate::model::ctx::ForwardCtx;
+use crate::model::dtype::parse_dtype;
 use crate::model::loader::{select_device, Loaded};
-use crate::model::parse_dtype;
 use crate::objectives::weighting::parse_weights;
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
@@ -88,7 +88,7 @@ pub fn run(args: EvalOptions) -> Result<()> {
         table.push(win_rate(&args, main()?, dtype, &device, &mut report)?);
     }
     if let Some(p) = &args.report {
-        crate::io::write_json_atomic(p, &report)?;
+        crate::util::io::write_json_atomic(p, &report)?;
         // The per-objective bar chart (model vs baseline) goes next to the report.
         let chart = chart_path(p);
         report.write_chart(p, chart.parent().unwrap_or(p), false)?;
@@ -184,7 +184,7 @@ fn win_rate(
             .as_deref()
             .context("--win-rate needs --baseline PATH[+ADAPTER]")?,
     );
-    let judge = crate::judge::Judge::load(
+    let judge = crate::eval::judge::Judge::load(
         args.judge.as_deref().context("--win-rate needs --judge")?,
         &args.judge_weights,
         dtype,

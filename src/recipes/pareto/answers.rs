@@ -4,7 +4,6 @@
 
 use super::config::ParetoConfig;
 use super::plan::{Job, Plan};
-use crate::digest::Digest;
 use crate::eval::load_for_eval;
 use crate::eval::prompts::PromptRecord;
 use crate::eval::win_rate::answer_prompts;
@@ -13,6 +12,7 @@ use crate::model::loader::{load_soup, Loaded};
 use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
 use crate::objectives::weighting::{quantise, Weighting};
 use crate::tokenizer::Message;
+use crate::util::digest::Digest;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -124,7 +124,7 @@ impl<'a> Answerer<'a> {
                 })
                 .collect(),
         };
-        crate::io::write_json_atomic(&path, &record)?;
+        crate::util::io::write_json_atomic(&path, &record)?;
         Ok(answers)
     }
 

@@ -133,8 +133,8 @@ fn json(v: &impl serde::Serialize) -> String {
 /// `path` relative to `base` when it lies below it, else as given.
 fn relative_to(path: &Path, base: &Path) -> String {
     let (p, b) = (
-        crate::io::resolved_path(path),
-        crate::io::resolved_path(base),
+        crate::util::io::resolved_path(path),
+        crate::util::io::resolved_path(base),
     );
     if let Ok(r) = p.strip_prefix(&b) {
         return r.display().to_string();

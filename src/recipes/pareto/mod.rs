@@ -33,7 +33,7 @@ pub fn run(
     force: bool,
 ) -> Result<(PathBuf, ParetoReport)> {
     let started = Instant::now();
-    let cfg: ParetoConfig = crate::config::load(config, overrides)?;
+    let cfg: ParetoConfig = crate::util::config::load(config, overrides)?;
     let plan = Plan::new(&cfg)?;
     let mut run_dir = prepare_report(&cfg.pareto.output_dir, &cfg, force)?;
     // Everything is validated: the report starts writing (cached generations, then results).
@@ -48,9 +48,9 @@ pub fn run(
         answerer.sampling,
         started.elapsed().as_secs_f64(),
     );
-    crate::io::write_json_atomic(&out.join("pareto.json"), &report)?;
+    crate::util::io::write_json_atomic(&out.join("pareto.json"), &report)?;
     let plots = write_pareto_plots(&out, &plan.judged, &report.points(), false)?;
-    crate::io::write_atomic(&out.join("pareto.md"), report.markdown(&plots).as_bytes())?;
+    crate::util::io::write_atomic(&out.join("pareto.md"), report.markdown(&plots).as_bytes())?;
     eprintln!(
         "pareto done in {:.1}s: pareto.md and pareto.json in {}",
         started.elapsed().as_secs_f64(),

@@ -3,10 +3,10 @@
 //! reference point, and the held-out prompts.
 
 use super::config::{ParetoConfig, ParetoSection, PolicySpec};
+use crate::eval::judge::Judge;
 use crate::eval::prompts::{prompts_that_fit, read_prompt_records, PromptRecord};
-use crate::judge::Judge;
+use crate::model::dtype::parse_dtype;
 use crate::model::loader::select_device;
-use crate::model::parse_dtype;
 use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
 use crate::objectives::weighting::{quantise, Weighting};
 use crate::pareto::simplex_grid;

@@ -5,8 +5,8 @@
 use super::answers::weights_tag;
 use super::config::{ParetoConfig, PolicySpec};
 use super::plan::Plan;
+use crate::eval::judge::{mean_objectives, Verdict};
 use crate::generate::SamplingConfig;
-use crate::judge::{mean_objectives, Verdict};
 use crate::objectives::weighting::quantise;
 use crate::pareto::{hypervolume, non_dominated, spacing, sparsity, spearman};
 use crate::plot::ParetoPoint;

@@ -51,7 +51,7 @@ fn check_stage_overlap(p: &StagesConfig) -> Result<()> {
             continue;
         };
         for o in &p.overrides {
-            crate::config::apply_override(&mut table, o)?;
+            crate::util::config::apply_override(&mut table, o)?;
         }
         let stage_out = ["train", "pareto"].iter().find_map(|s| {
             table
@@ -92,19 +92,19 @@ fn check_curves(cfg: &PipelineConfig, ov: &[String]) -> Result<()> {
         let path = Path::new(config);
         let out = match kind {
             "dpo" => {
-                crate::config::load::<dpo::DpoRunConfig>(Some(path), ov)?
+                crate::util::config::load::<dpo::DpoRunConfig>(Some(path), ov)?
                     .stage
                     .train
                     .output_dir
             }
             "grpo" => {
-                crate::config::load::<grpo::GrpoRunConfig>(Some(path), ov)?
+                crate::util::config::load::<grpo::GrpoRunConfig>(Some(path), ov)?
                     .stage
                     .train
                     .output_dir
             }
             _ => {
-                crate::config::load::<dpo::HybridRunConfig>(Some(path), ov)?
+                crate::util::config::load::<dpo::HybridRunConfig>(Some(path), ov)?
                     .stage
                     .train
                     .output_dir

@@ -1,7 +1,7 @@
 //! The summary in markdown (`summary.md`), rendered from its typed values.
 
 use super::summary::{Curve, JudgeInfo, PipelineSummary, Sample};
-use crate::judge::WinRate;
+use crate::eval::judge::WinRate;
 
 impl PipelineSummary {
     pub fn markdown(&self) -> String {

@@ -31,7 +31,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         ..flags
     };
     let started = Instant::now();
-    let cfg: PipelineConfig = crate::config::load(config, overrides)?;
+    let cfg: PipelineConfig = crate::util::config::load(config, overrides)?;
     checks::check_config(&cfg)?;
     let p = &cfg.pipeline;
     let mut run_dir = prepare_report(&p.output_dir, &cfg, flags.force)?;
@@ -91,7 +91,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         wall_seconds: started.elapsed().as_secs_f64(),
         pareto: None,
     };
-    crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
+    crate::util::io::write_json_atomic(&out.join("summary.json"), &summary)?;
     let mut md = summary.markdown();
     if !p.pareto.is_empty() {
         eprintln!("== pareto");
@@ -104,9 +104,9 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
             super::pareto::run(Some(Path::new(&p.pareto)), &sets, flags.quiet, flags.force)?;
         md.push_str(&report.summary_section(&dir, &out));
         summary.pareto = Some(ParetoBrief::of(&report, dir, t.elapsed().as_secs_f64()));
-        crate::io::write_json_atomic(&out.join("summary.json"), &summary)?;
+        crate::util::io::write_json_atomic(&out.join("summary.json"), &summary)?;
     }
-    crate::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;
+    crate::util::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;
     summary
         .write_charts(&out, false)
         .context("drawing the summary plots")?;

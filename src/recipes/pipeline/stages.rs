@@ -5,7 +5,8 @@
 use super::config::StagesConfig;
 use super::summary::StageSeconds;
 use crate::outputs::inputs_digest;
-use crate::recipes::{dpo, grpo, sft, train_rm, AdapterStage, ModelConfig, RunFlags};
+use crate::recipes::stage::AdapterStage;
+use crate::recipes::{dpo, grpo, sft, train_rm, ModelConfig, RunFlags};
 use crate::train::Finetune;
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -42,9 +43,9 @@ fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
     output_dir: impl Fn(&T) -> String,
     artifact: impl Fn(&T) -> &'static str,
 ) -> Result<(T, PathBuf, bool, String)> {
-    let cfg: T = crate::config::load(Some(config), overrides)?;
+    let cfg: T = crate::util::config::load(Some(config), overrides)?;
     let out = PathBuf::from(output_dir(&cfg));
-    let resolved = crate::config::to_toml(&cfg)?;
+    let resolved = crate::util::config::to_toml(&cfg)?;
     let existing = std::fs::read_to_string(out.join("config.resolved.toml")).ok();
     if let Some(old) = &existing {
         // A run written before a setting existed reads back with that setting's default: it
@@ -52,7 +53,7 @@ fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
         let same = *old == resolved
             || toml::from_str::<T>(old)
                 .ok()
-                .and_then(|c| crate::config::to_toml(&c).ok())
+                .and_then(|c| crate::util::config::to_toml(&c).ok())
                 .is_some_and(|now| now == resolved);
         if !same {
             bail!(
@@ -145,8 +146,8 @@ impl StageRunner<'_> {
             let seconds = t.elapsed().as_secs_f64();
             // Taken after the run: a stage may create its own input (`create_tiny_if_missing`).
             let digest = inputs_digest(resolved)?;
-            crate::io::write_atomic(&seconds_file, format!("{seconds:.3}\n").as_bytes())?;
-            crate::io::write_atomic(&out_dir.join(INPUTS_FILE), digest.as_bytes())?;
+            crate::util::io::write_atomic(&seconds_file, format!("{seconds:.3}\n").as_bytes())?;
+            crate::util::io::write_atomic(&out_dir.join(INPUTS_FILE), digest.as_bytes())?;
             seconds
         };
         self.timings.push(StageSeconds {

@@ -1,9 +1,9 @@
 //! The pipeline's summary: typed records written as `summary.json`, rendered as `summary.md`
 //! and drawn as charts, all from the same values.
 
+use crate::eval::judge::WinRate;
 use crate::eval::keyed::Keyed;
 use crate::generate::SamplingConfig;
-use crate::judge::WinRate;
 use crate::recipes::pareto::report::ParetoBrief;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};

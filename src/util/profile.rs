@@ -100,7 +100,8 @@ impl Drop for PhaseGuard {
     }
 }
 
-static TIMERS: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("MO_ALIGN_SCOPE_TIMERS");
+static TIMERS: crate::util::switch::EnvSwitch =
+    crate::util::switch::EnvSwitch::new("MO_ALIGN_SCOPE_TIMERS");
 
 /// Whether scopes are timed (`MO_ALIGN_SCOPE_TIMERS=1`, or `set_timers`).
 pub fn timers_on() -> bool {

@@ -36,12 +36,13 @@ pub fn gemm_kernels() -> &'static str {
     "baseline"
 }
 
-/// One line for the log: threads, gemm's kernels, and decoding's bf16 kernel.
-pub fn kernel_report() -> String {
+/// One line for the log: threads, gemm's kernels, and decoding's bf16 kernel (`decode_kernel`,
+/// which the model module knows).
+pub fn kernel_report(decode_kernel: &str) -> String {
     format!(
         "cpu: {} threads; matmul (gemm): {}; decoding (bf16 weights): {}",
         candle_core::utils::get_num_threads(),
         gemm_kernels(),
-        crate::model::decode::kernel_name()
+        decode_kernel
     )
 }
