@@ -205,7 +205,9 @@ fn e_rate(dir: &Path, weights: &[f64]) -> f64 {
         tiny_dir().to_str().unwrap(),
         None,
         Some(dir),
-        Some(weights),
+        Some(
+            &mo_align::objectives::weighting::Weighting::new(weights.to_vec(), "weights").unwrap(),
+        ),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )

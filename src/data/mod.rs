@@ -9,6 +9,7 @@ pub mod source;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+pub use source::json_kind;
 use source::{read_records, resolve_files, Location, RawRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,16 +299,5 @@ pub fn str_field<'a>(
             field,
             format!("expected a string, found {}", json_kind(other)),
         )),
-    }
-}
-
-pub fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }

@@ -387,7 +387,7 @@ pub fn jsonl_to_parquet(input: &Path, output: &Path) -> Result<usize> {
 }
 
 /// A JSON value's kind, for messages (never the value itself, which may be a whole file).
-fn json_kind(v: &serde_json::Value) -> &'static str {
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

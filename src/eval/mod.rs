@@ -130,7 +130,7 @@ pub fn load_policy_at(
     path: &str,
     base_adapter: Option<&Path>,
     adapter: Option<&Path>,
-    weights: Option<&[f64]>,
+    weights: Option<&crate::objectives::weighting::Weighting>,
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<PolicyAt> {
@@ -152,7 +152,7 @@ pub fn load_policy_at(
     };
     let k = info.objectives.len();
     let w = match weights {
-        Some(w) => Weighting::new(w.to_vec(), "weights")?,
+        Some(w) => w.clone(),
         None => Weighting::equal(k),
     };
     let line = info.line(&w)?;

@@ -92,6 +92,12 @@ impl Weighting {
         }
     }
 
+    /// A weighting as `--weights` gives it (`0.7,0.1,0.1,0.1`); the policy it steers checks the
+    /// count against its objectives.
+    pub fn from_flag(s: &str) -> Result<Self> {
+        Self::new(parse_weights(s).context("--weights")?, "weights")
+    }
+
     /// The conditioning line stating this weighting (quantised) over `objectives`.
     pub fn line(&self, objectives: &[String]) -> String {
         format_line(objectives, &quantise(&self.values))

@@ -6,9 +6,9 @@ use crate::generate::{generate, SamplingArgs};
 use crate::model::ctx::ForwardCtx;
 use crate::model::dtype::parse_dtype;
 use crate::model::loader::select_device;
-use crate::objectives::weighting::parse_weights;
+use crate::objectives::weighting::Weighting;
 use crate::tokenizer::Message;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -36,7 +36,7 @@ pub struct GenerateOptions {
 
 pub fn run(args: GenerateOptions) -> Result<()> {
     let weights = match &args.weights {
-        Some(w) => Some(parse_weights(w).context("--weights")?),
+        Some(w) => Some(Weighting::from_flag(w)?),
         None => None,
     };
     let policy = match &weights {

@@ -15,7 +15,7 @@ use crate::eval::{load_for_eval, load_policy_at, perplexity};
 use crate::model::ctx::ForwardCtx;
 use crate::model::dtype::parse_dtype;
 use crate::model::loader::{select_device, Loaded};
-use crate::objectives::weighting::parse_weights;
+use crate::objectives::weighting::Weighting;
 use crate::reward::RewardHead;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -207,7 +207,7 @@ fn win_rate(
                 args.model.spec(),
                 args.base_adapter.as_deref(),
                 args.model.adapter.as_deref(),
-                Some(&parse_weights(w).context("--weights")?),
+                Some(&Weighting::from_flag(w)?),
                 dtype,
                 device,
             )?;
