@@ -376,26 +376,6 @@ pub fn plot_run(dir: &Path, png: bool) -> Result<Vec<PathBuf>> {
             }
         }
     }
-    let rm = dir.join("rm_report.json");
-    if rm.is_file() {
-        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rm)?)
-            .with_context(|| format!("{}: not JSON", rm.display()))?;
-        if let Some(v) = r["validation"].as_object() {
-            let labels: Vec<String> = v.keys().cloned().collect();
-            let get = |k: &str| {
-                labels
-                    .iter()
-                    .map(|l| v[l][k].as_f64().unwrap_or(f64::NAN))
-                    .collect::<Vec<_>>()
-            };
-            let chart = Chart::Bars {
-                title: "reward model on validation",
-                labels: labels.clone(),
-                series: vec![("MSE", get("mse")), ("Pearson r", get("pearson"))],
-            };
-            written.extend(write_chart(dir, "rm_objectives", &chart, png)?);
-        }
-    }
     Ok(written)
 }
 

@@ -2,7 +2,6 @@
 //! inputs they read.
 
 pub mod judge;
-pub mod keyed;
 pub mod preferences;
 pub mod prompts;
 pub mod win_rate;

@@ -1,7 +1,6 @@
 //! Evaluations over data files: held-out chat NLL, preference accuracy against the reference,
 //! and reward-model scores of (prompt, response) records.
 
-use super::keyed::Keyed;
 use super::prompts::prompt_and_response;
 use crate::data::chat::sft_example;
 use crate::data::preference::{preference_pair, PreferencePair};
@@ -14,6 +13,7 @@ use crate::objectives::pair::pair_logprobs;
 use crate::reward::features::{score_sequences, PairSequences, ScoredSequence};
 use crate::reward::RewardHead;
 use crate::train::trainer::evaluate;
+use crate::util::keyed::Keyed;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -5,9 +5,14 @@
 use super::scalarize::{build as build_scalarizer, ScalarizerKind};
 use super::weighting::Weighting;
 use crate::model::ctx::ForwardCtx;
+use crate::plot::{write_chart, Chart};
 use crate::reward::{masked_sq_error, pearson, RewardHead};
 use crate::train::{LossOutput, Objective};
+use crate::util::keyed::Keyed;
+use anyhow::Context;
 use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RatedFeatures {
@@ -68,15 +73,51 @@ impl Objective for RewardRegression<'_> {
     }
 }
 
+/// What `train-rm` writes as `rm_report.json`; the pipeline's summary and the charts read it
+/// back as this type.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RewardModelReport {
+    pub steps: u64,
+    pub train_loss_first: Option<f64>,
+    pub train_loss_last: Option<f64>,
+    /// Per objective, on the held-out rated completions.
+    pub validation: Keyed<HeadFit>,
+    /// How often the head ranks the chosen response of a binarized pair first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<RankingAccuracy>,
+}
+
+/// One objective's validation error and correlation with the ratings (null where undefined,
+/// e.g. Pearson r of a constant).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadFit {
+    pub mse: Option<f64>,
+    pub pearson: Option<f64>,
+    pub n: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankingAccuracy {
+    pub pairs: usize,
+    /// The linear composite at `weights`.
+    pub composite_accuracy: f64,
+    pub weights: Vec<f64>,
+    pub per_objective_accuracy: Keyed<f64>,
+}
+
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
 /// Per-objective validation MSE and Pearson r of the head.
 pub fn head_report(
     head: &RewardHead,
     features: &Tensor,
     examples: &[RatedFeatures],
-) -> anyhow::Result<serde_json::Value> {
-    let mut out = serde_json::Map::new();
+) -> anyhow::Result<Keyed<HeadFit>> {
+    let mut out = Keyed::default();
     if examples.is_empty() {
-        return Ok(out.into());
+        return Ok(out);
     }
     let rows: Vec<u32> = examples.iter().map(|e| e.row as u32).collect();
     let x = features.index_select(&Tensor::new(rows.as_slice(), features.device())?, 0)?;
@@ -91,12 +132,14 @@ pub fn head_report(
         }
         let mse =
             p.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / p.len().max(1) as f64;
-        out.insert(
-            name.clone(),
-            serde_json::json!({"mse": mse, "pearson": pearson(&p, &t), "n": p.len()}),
-        );
+        let fit = HeadFit {
+            mse: finite(mse),
+            pearson: finite(pearson(&p, &t)),
+            n: p.len(),
+        };
+        out.push(name.clone(), fit);
     }
-    Ok(out.into())
+    Ok(out)
 }
 
 /// Ranking accuracy over N pairs from their scores [2N][K] (chosen, rejected, chosen, ...):
@@ -105,7 +148,7 @@ pub fn ranking_report(
     objectives: &[String],
     scores: &[Vec<f32>],
     w: &Weighting,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<RankingAccuracy> {
     let n = scores.len() / 2;
     let s = build_scalarizer(
         ScalarizerKind::Linear,
@@ -120,35 +163,66 @@ pub fn ranking_report(
             .count();
         c as f64 / n.max(1) as f64
     };
-    let mut per_objective = serde_json::Map::new();
+    let mut per_objective_accuracy = Keyed::default();
     for (j, name) in objectives.iter().enumerate() {
-        per_objective.insert(name.clone(), share(&|c, r| c[j] > r[j]).into());
+        per_objective_accuracy.push(name.clone(), share(&|c, r| c[j] > r[j]));
     }
-    Ok(serde_json::json!({
-        "pairs": n,
-        "composite_accuracy": share(&|c, r| s.scalarize(c) > s.scalarize(r)),
-        "weights": w.values(),
-        "per_objective_accuracy": per_objective,
-    }))
+    Ok(RankingAccuracy {
+        pairs: n,
+        composite_accuracy: share(&|c, r| s.scalarize(c) > s.scalarize(r)),
+        weights: w.values().to_vec(),
+        per_objective_accuracy,
+    })
 }
 
-/// The report as a short table on stderr.
-pub fn print_report(report: &serde_json::Value, objectives: &[String]) {
-    eprintln!("{:<24} {:>10} {:>10}", "objective", "val MSE", "Pearson r");
-    for o in objectives {
-        let v = &report["validation"][o];
-        eprintln!(
-            "{:<24} {:>10.4} {:>10.4}",
-            o,
-            v["mse"].as_f64().unwrap_or(f64::NAN),
-            v["pearson"].as_f64().unwrap_or(f64::NAN)
-        );
+impl RewardModelReport {
+    /// Reads `rm_report.json`.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a train-rm report", path.display()))
     }
-    if let Some(acc) = report["ranking"]["composite_accuracy"].as_f64() {
-        eprintln!(
-            "composite reward ranks {:.1}% of {} binarized pairs correctly",
-            100.0 * acc,
-            report["ranking"]["pairs"]
-        );
+
+    /// The report as a short table on stderr.
+    pub fn print(&self) {
+        eprintln!("{:<24} {:>10} {:>10}", "objective", "val MSE", "Pearson r");
+        for (o, v) in &self.validation.0 {
+            eprintln!(
+                "{:<24} {:>10.4} {:>10.4}",
+                o,
+                v.mse.unwrap_or(f64::NAN),
+                v.pearson.unwrap_or(f64::NAN)
+            );
+        }
+        if let Some(r) = &self.ranking {
+            eprintln!(
+                "composite reward ranks {:.1}% of {} binarized pairs correctly",
+                100.0 * r.composite_accuracy,
+                r.pairs
+            );
+        }
+    }
+
+    /// `rm_objectives.svg`: validation MSE and Pearson r per objective (none without a
+    /// validation split).
+    pub fn write_chart(&self, dir: &Path, png: bool) -> anyhow::Result<Vec<PathBuf>> {
+        if self.validation.0.is_empty() {
+            return Ok(vec![]);
+        }
+        let labels: Vec<String> = self.validation.0.iter().map(|(k, _)| k.clone()).collect();
+        let get = |f: fn(&HeadFit) -> Option<f64>| -> Vec<f64> {
+            self.validation
+                .0
+                .iter()
+                .map(|(_, v)| f(v).unwrap_or(f64::NAN))
+                .collect()
+        };
+        let chart = Chart::Bars {
+            title: "reward model on validation",
+            labels,
+            series: vec![("MSE", get(|v| v.mse)), ("Pearson r", get(|v| v.pearson))],
+        };
+        write_chart(dir, "rm_objectives", &chart, png)
     }
 }

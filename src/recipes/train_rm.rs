@@ -9,7 +9,7 @@ use crate::data::preference::preference_pair;
 use crate::data::ratings::{rated_responses, RatedResponse, DEFAULT_OBJECTIVES};
 use crate::data::{load_splits, DataConfig, Splits};
 use crate::objectives::reward_head::{
-    head_report, print_report, ranking_report, RatedFeatures, RewardRegression,
+    head_report, ranking_report, RatedFeatures, RewardModelReport, RewardRegression,
 };
 use crate::objectives::weighting::Weighting;
 
@@ -196,12 +196,13 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         label: "train-rm",
     })?;
 
-    let mut report = serde_json::json!({
-        "steps": outcome.steps,
-        "train_loss_first": outcome.first_loss,
-        "train_loss_last": outcome.last_loss,
-        "validation": head_report(&head, &features, &val_ex)?,
-    });
+    let mut report = RewardModelReport {
+        steps: outcome.steps,
+        train_loss_first: outcome.first_loss,
+        train_loss_last: outcome.last_loss,
+        validation: head_report(&head, &features, &val_ex)?,
+        ranking: None,
+    };
     if !cfg.rm.ranking_files.is_empty() {
         let rank_cfg = DataConfig {
             train_files: cfg.rm.ranking_files.clone(),
@@ -222,14 +223,14 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         let scores = head.predict(&f)?.to_vec2::<f32>()?;
         let what = "rm.ranking_weights";
         let w = Weighting::given_or_equal(ranking_weights.as_ref(), k, what)?;
-        report["ranking"] = ranking_report(&head.info.objectives, &scores, &w)?;
+        report.ranking = Some(ranking_report(&head.info.objectives, &scores, &w)?);
     }
     crate::util::io::write_json_atomic(&out.join("rm_report.json"), &report)?;
-    // Drawn once the report exists (it adds the per-objective chart).
-    if let Err(e) = crate::plot::plot_run(&out, false) {
+    let drawn = crate::plot::plot_run(&out, false).and_then(|_| report.write_chart(&out, false));
+    if let Err(e) = drawn {
         eprintln!("warning: plots not drawn: {e:#}");
     }
-    print_report(&report, &cfg.rm.objectives);
+    report.print();
     eprintln!("reward model in {}", out.display());
     Ok(())
 }

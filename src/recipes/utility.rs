@@ -2,6 +2,7 @@
 
 use super::evaluate::report::EvalReport;
 use super::pipeline::summary::PipelineSummary;
+use crate::objectives::reward_head::RewardModelReport;
 use anyhow::Result;
 use std::path::Path;
 
@@ -11,6 +12,10 @@ pub fn plot(run_dir: &Path, png: bool) -> Result<()> {
         anyhow::bail!("{}: no such directory", run_dir.display());
     }
     let mut written = crate::plot::plot_run(run_dir, png)?;
+    let rm_report = run_dir.join("rm_report.json");
+    if rm_report.is_file() {
+        written.extend(RewardModelReport::read(&rm_report)?.write_chart(run_dir, png)?);
+    }
     // A report's charts, drawn from its typed values as read back.
     let eval_report = run_dir.join("eval_report.json");
     if eval_report.is_file() {

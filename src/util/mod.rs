@@ -5,6 +5,7 @@ pub mod cpu;
 pub mod digest;
 pub mod hub;
 pub mod io;
+pub mod keyed;
 pub mod memory;
 pub mod paths;
 pub mod profile;

@@ -88,16 +88,19 @@ impl PipelineSummary {
     fn reward_model_section(&self) -> String {
         let rm = &self.reward_model;
         let mut s = String::from("## Reward model\n\n");
-        if let Some(acc) = rm.report["ranking"]["composite_accuracy"].as_f64() {
+        let report = rm.report.as_ref();
+        if let Some(ranking) = report.and_then(|r| r.ranking.as_ref()) {
             s.push_str(&format!(
                 "Ranks {:.1}% of held-out binarized pairs correctly.",
-                100.0 * acc
+                100.0 * ranking.composite_accuracy
             ));
         }
-        if let Some(per) = rm.report["validation"].as_object() {
-            let r: Vec<String> = per
+        if let Some(report) = report {
+            let r: Vec<String> = report
+                .validation
+                .0
                 .iter()
-                .filter_map(|(k, v)| v["pearson"].as_f64().map(|p| format!("{k} {p:.3}")))
+                .filter_map(|(k, v)| v.pearson.map(|p| format!("{k} {p:.3}")))
                 .collect();
             if !r.is_empty() {
                 s.push_str(&format!(

@@ -17,6 +17,7 @@ pub mod summary;
 use super::output_dir::prepare_report;
 use super::pareto::report::ParetoBrief;
 use super::RunFlags;
+use crate::objectives::reward_head::RewardModelReport;
 use anyhow::{Context, Result};
 use config::PipelineConfig;
 use evaluation::judge_stages;
@@ -68,11 +69,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
         .find(|t| t.stage == "train-rm")
         .map(|t| t.seconds)
         .unwrap_or(0.0);
-    let rm_report: serde_json::Value =
-        std::fs::read_to_string(trained.rm_out.join("rm_report.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null);
+    let rm_report = RewardModelReport::read(&trained.rm_out.join("rm_report.json")).ok();
     let mut summary = PipelineSummary {
         baseline: sm.path.clone(),
         baseline_adapter: sm.adapter_path().map(Path::to_path_buf),

@@ -2,9 +2,10 @@
 //! and drawn as charts, all from the same values.
 
 use crate::eval::judge::WinRate;
-use crate::eval::keyed::Keyed;
 use crate::generate::SamplingConfig;
+use crate::objectives::reward_head::RewardModelReport;
 use crate::recipes::pareto::report::ParetoBrief;
+use crate::util::keyed::Keyed;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
@@ -65,7 +66,7 @@ pub struct RewardModelSummary {
     pub output_dir: PathBuf,
     pub train_seconds: f64,
     /// train-rm's `rm_report.json` (null when it is missing).
-    pub report: serde_json::Value,
+    pub report: Option<RewardModelReport>,
 }
 
 /// A checkpoint judged by the ground truth: the training seconds it had behind it.
