@@ -184,15 +184,16 @@ impl RewardModelReport {
             .with_context(|| format!("{}: not a train-rm report", path.display()))
     }
 
-    /// The report as a short table on stderr.
-    pub fn print(&self) {
+    /// The report as a short table on stderr, a row per objective (NaN without validation data).
+    pub fn print(&self, objectives: &[String]) {
         eprintln!("{:<24} {:>10} {:>10}", "objective", "val MSE", "Pearson r");
-        for (o, v) in &self.validation.0 {
+        for o in objectives {
+            let fit = self.validation.get(o);
             eprintln!(
                 "{:<24} {:>10.4} {:>10.4}",
                 o,
-                v.mse.unwrap_or(f64::NAN),
-                v.pearson.unwrap_or(f64::NAN)
+                fit.and_then(|v| v.mse).unwrap_or(f64::NAN),
+                fit.and_then(|v| v.pearson).unwrap_or(f64::NAN)
             );
         }
         if let Some(r) = &self.ranking {

@@ -230,7 +230,7 @@ pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Resu
     if let Err(e) = drawn {
         eprintln!("warning: plots not drawn: {e:#}");
     }
-    report.print();
+    report.print(&cfg.rm.objectives);
     eprintln!("reward model in {}", out.display());
     Ok(())
 }
