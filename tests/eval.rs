@@ -42,6 +42,13 @@ fn demo_configs(root: &Path) -> PathBuf {
     cfg_dir
 }
 
+/// The question a generated answer answers: the last message of its prompt.
+fn question(prompt: &serde_json::Value) -> &str {
+    prompt.as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+}
+
 /// The demo pipeline as a user runs it (default seeds, every stage), judged by the task's
 /// ground truth: the rule objectives of configs/demo/rules.toml.
 #[test]
@@ -173,12 +180,7 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|g| {
-                let prompt = g["prompt"].as_array().unwrap().last().unwrap()["content"]
-                    .as_str()
-                    .unwrap();
-                style(prompt, g["model_answer"].as_str().unwrap())
-            })
+            .filter(|g| style(question(&g["prompt"]), g["model_answer"].as_str().unwrap()))
             .count()
     };
     for other in ["dpo", "modpo-honesty"] {
@@ -286,12 +288,7 @@ fn demo_pipeline_moves_each_stage_the_way_its_objective_says() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|a| {
-                let prompt = a["prompt"].as_array().unwrap().last().unwrap()["content"]
-                    .as_str()
-                    .unwrap();
-                detailed(prompt, a["answer"].as_str().unwrap())
-            })
+            .filter(|a| detailed(question(&a["prompt"]), a["answer"].as_str().unwrap()))
             .count()
     };
     let (help, follow) = ([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]);
