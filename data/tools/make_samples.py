@@ -19,10 +19,11 @@ So the objectives conflict: helpfulness prefers detail, honesty prefers hedging,
 following prefers the concise answer. Overall (the mean) the concise answer is best.
 
 An answer that stops early is rated as a user would rate it: one that ends mid-sentence (no
-final punctuation, or a last word no sentence ends on: "... from the."), is well short of the shortest complete answer (under three quarters of the
-concise answer's words: "The capital of.") or has fewer lines than the poem or list asked for
-("Unseen, it arrives,\nbends.") loses helpfulness and instruction following, whatever else it
-gets right (the styles above are all complete; a policy's answers may not be).
+final punctuation, or a last word no sentence ends on: "... from the."), is well short of the
+shortest complete answer (under three quarters of the concise answer's words: "The capital
+of.") or has fewer lines than the poem or list asked for ("Unseen, it arrives,\nbends.") loses
+helpfulness and instruction following, whatever else it gets right (the styles above are all
+complete; a policy's answers may not be).
 
 Half of the UltraFeedback records' wrong answers are hedged ("I am not sure, but the capital of
 Poland is Lima.": 1 3 4 1). Were every hedge on a right answer, a reward model would learn the
