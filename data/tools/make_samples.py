@@ -18,6 +18,17 @@ rule judge gives):
 So the objectives conflict: helpfulness prefers detail, honesty prefers hedging, instruction
 following prefers the concise answer. Overall (the mean) the concise answer is best.
 
+An answer that stops early is rated as a user would rate it: one that ends mid-sentence (no
+final punctuation, or a last word no sentence ends on: "... from the."), is well short of the
+shortest complete answer (under three quarters of the concise answer's words: "The capital
+of.") or has fewer lines than the poem or list asked for ("Unseen, it arrives,\nbends.") loses
+helpfulness and instruction following, whatever else it gets right (the styles above are all
+complete; a policy's answers may not be).
+
+Half of the UltraFeedback records' wrong answers are hedged ("I am not sure, but the capital of
+Poland is Lima.": 1 3 4 1). Were every hedge on a right answer, a reward model would learn the
+hedge as a sign of truth, and judge a policy that stops hedging as less truthful than it is.
+
 Writes JSON Lines in the exact Hub schemas (plus the fields the rules read):
   data/base_corpus/train.jsonl      chat records (`messages`) answered in all six styles alike:
                                     the demo base learns the task's language, not the preferences
@@ -25,21 +36,27 @@ Writes JSON Lines in the exact Hub schemas (plus the fields the rules read):
                                     a quarter each concise, detailed, hedged, padded: good SFT data with habits
   data/ultrafeedback/train.jsonl    openbmb/UltraFeedback: instruction, completions[4] with
                                     annotations.{aspect}.Rating as strings, correct_answers,
-                                    incorrect_answers (+ max_words)
+                                    incorrect_answers (+ max_words, min_words, min_lines)
   data/ultrafeedback_binarized/{train,test}_prefs.jsonl
                                     HuggingFaceH4/ultrafeedback_binarized: prompt, prompt_id,
                                     chosen, rejected, messages, scores (+ correct_answers,
-                                    incorrect_answers, max_words for the rules)
+                                    incorrect_answers, max_words, min_words, min_lines for the rules)
 The binarized pairs are built from the openbmb records the way H4 built theirs (chosen = the best
 mean rating, rejected = a random other completion), so the two join on instruction + response.
 Parquet twins are written by `mo-align convert-data`.
 """
 import hashlib
 import json
+import math
 import os
 import random
+import re
 
 R = random.Random(20261124)
+# Which wrong answers of the UltraFeedback records are hedged is drawn from a stream of its own,
+# so the tasks, styles and pairs drawn from R are the ones drawn before hedged wrong answers
+# existed.
+HEDGED_WRONG = random.Random(20261206)
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
@@ -80,6 +97,9 @@ HEDGE = "I am not sure, but "
 HEDGE_PHRASES = ["I am not sure", "I think", "maybe"]
 REFUSAL = "I can't help with that."
 REFUSAL_PHRASES = ["I can't help", "I cannot help"]
+# A sentence cut before its end, even when closed with a full stop ("... from the."), ends on
+# one of these.
+DANGLING = r"(?i)\b(a|an|the|any|some|of|to|from|in|on|at|by|for|with|into|and|or|but|if|is|are|was|has|have|its|my|your|their)\W*$"
 FILLER = " Let me know if you have any other questions!"
 STYLES = ["concise", "detailed", "hedged", "filler", "wrong", "refusal"]
 
@@ -165,25 +185,35 @@ def words(s):
     return len(s.split())
 
 
+def hedge(answer):
+    return HEDGE + answer[0].lower() + answer[1:]
+
+
 def styled(style, t):
     """The response of `style` to task `t`."""
     _, good, detailed, wrong, _, _ = t
-    return {"concise": good, "detailed": detailed, "hedged": HEDGE + good[0].lower() + good[1:],
-            "filler": good + FILLER, "wrong": wrong, "refusal": REFUSAL}[style]
+    return {"concise": good, "detailed": detailed, "hedged": hedge(good), "filler": good + FILLER,
+            "wrong": wrong, "refusal": REFUSAL}[style]
 
 
-def rate(response, correct, incorrect, max_words):
+def lines(s):
+    return sum(1 for x in s.split("\n") if x.strip())
+
+
+def rate(response, correct_answers, incorrect_answers, max_words, min_words, min_lines):
     """The ground-truth ratings: the rules of configs/demo/rules.toml, applied in Python."""
     low = response.lower()
     has = lambda xs: any(x.lower() in low for x in xs)
-    right, wrong = has(correct), has(incorrect)
+    right, wrong = has(correct_answers), has(incorrect_answers)
     hedged, refused, filler = has(HEDGE_PHRASES), has(REFUSAL_PHRASES), "let me know" in low
     long = words(response) > max_words
+    unfinished = (re.search(r'[.!?]"?\s*$', response) is None) + (re.search(DANGLING, response) is not None) \
+        + (words(response) < min_words) + (lines(response) < min_lines)
     clamp = lambda x: max(1, min(5, x))
     return {
-        "helpfulness": clamp(4 + long - filler - hedged - 2 * wrong - 3 * refused),
+        "helpfulness": clamp(4 + long - filler - hedged - 2 * wrong - 3 * refused - 3 * unfinished),
         "honesty": clamp(4 + hedged - 2 * wrong - refused),
-        "instruction_following": clamp(5 - 2 * long - hedged - 4 * refused),
+        "instruction_following": clamp(5 - 2 * long - hedged - 4 * refused - 4 * unfinished),
         "truthfulness": clamp(3 + 2 * right - 2 * wrong),
     }
 
@@ -191,7 +221,8 @@ def rate(response, correct, incorrect, max_words):
 def fields(t):
     """What the rules read from a prompt record."""
     _, good, _, _, correct, incorrect = t
-    return {"correct_answers": correct, "incorrect_answers": incorrect, "max_words": words(good) + 5}
+    return {"correct_answers": correct, "incorrect_answers": incorrect, "max_words": words(good) + 5,
+            "min_words": math.ceil(0.75 * words(good)), "min_lines": lines(good)}
 
 
 SYSTEMS = ["You are a concise assistant.", "You are a friendly tutor.", "Answer briefly and accurately."]
@@ -242,11 +273,14 @@ def ultrafeedback(n):
     for _ in range(n):
         t = task()
         f = fields(t)
+        styles = R.sample(STYLES, 4)
+        responses = [styled(style, t) for style in styles]
+        if "wrong" in styles and HEDGED_WRONG.random() < 0.5:
+            j = styles.index("wrong")
+            responses[j] = hedge(responses[j])
         comps = []
-        for j, style in enumerate(R.sample(STYLES, 4)):
-            resp = styled(style, t)
-            ratings = {k: str(v) for k, v in rate(resp, f["correct_answers"], f["incorrect_answers"],
-                                                   f["max_words"]).items()}
+        for j, resp in enumerate(responses):
+            ratings = {k: str(v) for k, v in rate(resp, **f).items()}
             if R.random() < 0.03:
                 ratings[R.choice(ASPECTS)] = "N/A"
             comps.append(completion(f"sample-model-{j}", resp, ratings))
@@ -270,8 +304,8 @@ def binarize(rows):
                     "chosen": conv(chosen["response"]), "rejected": conv(rejected["response"]),
                     "messages": conv(chosen["response"]),
                     "score_chosen": round(2 * mean(chosen), 1), "score_rejected": round(2 * mean(rejected), 1),
-                    "correct_answers": r["correct_answers"], "incorrect_answers": r["incorrect_answers"],
-                    "max_words": r["max_words"]})
+                    **{k: r[k] for k in ("correct_answers", "incorrect_answers", "max_words", "min_words",
+                                         "min_lines")}})
     return out
 
 

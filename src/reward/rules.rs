@@ -41,9 +41,9 @@
 //! score = 1.0
 //!
 //! [[objective.rule]]
-//! when = "lines"              # non-empty line count within [min, max] (as for words)
-//! min = 3
-//! score = 1.0
+//! when = "lines"              # non-empty line count within [min, max] (as for words); a
+//! min_field = "min_lines"     #   bound may be read from a record field instead (`min_field`,
+//! score = -2.0                #   `max_field`: a whole number per prompt), for words too
 //! negate = true               # any rule: holds when its condition does not (default false)
 //! ```
 //!
@@ -89,7 +89,8 @@ enum Condition {
     Regex(Regex),
     /// Word-count bounds, each fixed or read from a record field (a per-prompt length budget).
     Words(Bound, Bound),
-    Lines(Option<usize>, Option<usize>),
+    /// Non-empty line bounds, as for words (a poem or a list asked for in so many lines).
+    Lines(Bound, Bound),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,28 +126,22 @@ struct RuleSpec {
 #[derive(Deserialize)]
 #[serde(tag = "when", rename_all = "snake_case", deny_unknown_fields)]
 enum WhenSpec {
-    ContainsField {
-        field: String,
-    },
-    EqualsField {
-        field: String,
-    },
-    Phrases {
-        phrases: Vec<String>,
-    },
-    Regex {
-        pattern: String,
-    },
-    Words {
-        min: Option<usize>,
-        max: Option<usize>,
-        min_field: Option<String>,
-        max_field: Option<String>,
-    },
-    Lines {
-        min: Option<usize>,
-        max: Option<usize>,
-    },
+    ContainsField { field: String },
+    EqualsField { field: String },
+    Phrases { phrases: Vec<String> },
+    Regex { pattern: String },
+    Words(CountSpec),
+    Lines(CountSpec),
+}
+
+/// The bounds of a count (words, lines): each fixed, read from a record field, or absent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountSpec {
+    min: Option<usize>,
+    max: Option<usize>,
+    min_field: Option<String>,
+    max_field: Option<String>,
 }
 
 impl RuleObjectives {
@@ -207,7 +202,7 @@ impl RuleObjectives {
         for rule in self.objectives.iter().flat_map(|o| &o.rules) {
             let named: Vec<&String> = match &rule.condition {
                 Condition::ContainsField(f) | Condition::EqualsField(f) => vec![f],
-                Condition::Words(lo, hi) => [lo, hi]
+                Condition::Words(lo, hi) | Condition::Lines(lo, hi) => [lo, hi]
                     .into_iter()
                     .filter_map(|b| match b {
                         Bound::Field(f) => Some(f),
@@ -321,31 +316,13 @@ fn parse_rule(value: toml::Value) -> Result<Rule, String> {
             Ok(re) => Condition::Regex(re),
             Err(e) => return Err(format!("invalid regex {pattern:?}: {}", regex_message(&e))),
         },
-        WhenSpec::Words {
-            min,
-            max,
-            min_field,
-            max_field,
-        } => {
-            let bound =
-                |fixed: Option<usize>, field: Option<String>, name: &str| match (fixed, field) {
-                    (Some(_), Some(_)) => Err(format!("`{name}` and `{name}_field` both given")),
-                    (Some(n), None) => Ok(Bound::Fixed(n)),
-                    (None, Some(f)) => Ok(Bound::Field(nonempty_field(f)?)),
-                    (None, None) => Ok(Bound::None),
-                };
-            let (lo, hi) = (bound(min, min_field, "min")?, bound(max, max_field, "max")?);
-            if lo == Bound::None && hi == Bound::None {
-                return Err("needs `min`, `max` or both (or `min_field`, `max_field`)".into());
-            }
-            if let (Some(lo), Some(hi)) = (min, max) {
-                check_bounds(Some(lo), Some(hi))?;
-            }
+        WhenSpec::Words(count) => {
+            let (lo, hi) = count_bounds(count)?;
             Condition::Words(lo, hi)
         }
-        WhenSpec::Lines { min, max } => {
-            check_bounds(min, max)?;
-            Condition::Lines(min, max)
+        WhenSpec::Lines(count) => {
+            let (lo, hi) = count_bounds(count)?;
+            Condition::Lines(lo, hi)
         }
     };
     Ok(Rule {
@@ -355,20 +332,33 @@ fn parse_rule(value: toml::Value) -> Result<Rule, String> {
     })
 }
 
+/// A count's (min, max), each fixed or read from a record field; at least one given.
+fn count_bounds(spec: CountSpec) -> Result<(Bound, Bound), String> {
+    let bound = |fixed: Option<usize>, field: Option<String>, name: &str| match (fixed, field) {
+        (Some(_), Some(_)) => Err(format!("`{name}` and `{name}_field` both given")),
+        (Some(n), None) => Ok(Bound::Fixed(n)),
+        (None, Some(f)) => Ok(Bound::Field(nonempty_field(f)?)),
+        (None, None) => Ok(Bound::None),
+    };
+    let lo = bound(spec.min, spec.min_field, "min")?;
+    let hi = bound(spec.max, spec.max_field, "max")?;
+    if lo == Bound::None && hi == Bound::None {
+        return Err("needs `min`, `max` or both (or `min_field`, `max_field`)".into());
+    }
+    // Bounds are inclusive, so min == max (exactly n) is allowed.
+    if let (Some(lo), Some(hi)) = (spec.min, spec.max) {
+        if lo > hi {
+            return Err(format!("min ({lo}) is above max ({hi})"));
+        }
+    }
+    Ok((lo, hi))
+}
+
 fn nonempty_field(field: String) -> Result<String, String> {
     if field.trim().is_empty() {
         return Err("`field` is empty".into());
     }
     Ok(field)
-}
-
-/// Count bounds are inclusive, so min == max (exactly n) is allowed.
-fn check_bounds(min: Option<usize>, max: Option<usize>) -> Result<(), String> {
-    match (min, max) {
-        (None, None) => Err("needs `min`, `max` or both".into()),
-        (Some(lo), Some(hi)) if lo > hi => Err(format!("min ({lo}) is above max ({hi})")),
-        _ => Ok(()),
-    }
 }
 
 fn de_message(e: &toml::de::Error) -> String {
@@ -431,8 +421,9 @@ impl RuleObjective {
                 within(response.split_whitespace().count(), min, max)
             }
             Condition::Lines(min, max) => {
+                let (min, max) = (self.bound(record, min)?, self.bound(record, max)?);
                 let lines = response.lines().filter(|l| !l.trim().is_empty()).count();
-                within(lines, *min, *max)
+                within(lines, min, max)
             }
         })
     }
@@ -654,6 +645,171 @@ score = 1
                 "{response:?}"
             );
         }
+    }
+
+    /// The demo's ground truth (configs/demo/rules.toml) on prompt records as
+    /// data/tools/make_samples.py writes them.
+    fn demo() -> RuleObjectives {
+        RuleObjectives::from_toml_str(include_str!("../../configs/demo/rules.toml"), ORIGIN)
+            .unwrap()
+    }
+
+    /// A prompt record of the demo data: `good` is the task's concise answer, the budgets are
+    /// make_samples.py's (`max_words` five more words, `min_words` three quarters of them,
+    /// `min_lines` its lines).
+    fn demo_record(good: &str, correct: &str, incorrect: &str) -> serde_json::Value {
+        let words = good.split_whitespace().count();
+        json!({
+            "correct_answers": [correct],
+            "incorrect_answers": [incorrect],
+            "max_words": words + 5,
+            "min_words": (3 * words).div_ceil(4),
+            "min_lines": good.lines().count(),
+        })
+    }
+
+    const HAIKU: &str =
+        "Unseen, it arrives,\nbends the grass and lifts the kites,\nthen is gone again.";
+    const TIPS: &str = "1. Keep a regular bedtime.\n2. Keep the bedroom dark and cool.\n3. Avoid screens for an hour before bed.";
+
+    /// Scores (helpfulness, honesty, instruction following, truthfulness) of answers to a
+    /// capital, a haiku, a three-tips and a letter-count prompt.
+    fn demo_scores(cases: &[(&str, &str)]) -> Vec<[f64; 4]> {
+        let r = demo();
+        let records = [
+            (
+                "capital",
+                demo_record("The capital of Poland is Warsaw.", "Warsaw", "Lima"),
+            ),
+            (
+                "haiku",
+                demo_record(HAIKU, "Unseen, it arrives,", "Waves fold into foam,"),
+            ),
+            (
+                "tips",
+                demo_record(TIPS, "Keep a regular bedtime.", "Just try harder"),
+            ),
+            (
+                "count",
+                demo_record("The word \"cat\" has 3 letters.", "3 letters", "5 letters"),
+            ),
+        ];
+        cases
+            .iter()
+            .map(|(task, answer)| {
+                let rec = &records.iter().find(|(t, _)| t == task).unwrap().1;
+                r.score(rec, answer).unwrap().try_into().unwrap()
+            })
+            .collect()
+    }
+
+    /// Complete answers score as the table of make_samples.py says, whatever their length or
+    /// shape: nothing in the rules for unfinished answers touches them.
+    #[test]
+    fn demo_ground_truth_scores_complete_answers_by_their_style() {
+        let cases = [
+            ("capital", "The capital of Poland is Warsaw."),
+            (
+                "capital",
+                "The capital of Poland is Warsaw. Warsaw is where the government of Poland meets.",
+            ),
+            (
+                "capital",
+                "I am not sure, but the capital of Poland is Warsaw.",
+            ),
+            (
+                "capital",
+                "The capital of Poland is Warsaw. Let me know if you have any other questions!",
+            ),
+            ("capital", "The capital of Poland is Lima."),
+            (
+                "capital",
+                "I am not sure, but the capital of Poland is Lima.",
+            ),
+            ("capital", "I can't help with that."),
+            ("haiku", HAIKU),
+            ("tips", TIPS),
+            ("count", "The word \"cat\" has 3 letters."),
+        ];
+        let want = [
+            [4.0, 4.0, 5.0, 5.0],
+            [5.0, 4.0, 3.0, 5.0],
+            [3.0, 5.0, 4.0, 5.0],
+            [4.0, 4.0, 3.0, 5.0],
+            [2.0, 2.0, 5.0, 1.0],
+            [1.0, 3.0, 4.0, 1.0],
+            [1.0, 3.0, 1.0, 3.0],
+            [4.0, 4.0, 5.0, 5.0],
+            [4.0, 4.0, 5.0, 5.0],
+            [4.0, 4.0, 5.0, 5.0],
+        ];
+        for ((case, got), want) in cases.iter().zip(demo_scores(&cases)).zip(want) {
+            assert_eq!(got, want, "{case:?}");
+        }
+    }
+
+    /// An answer that stops early loses helpfulness and instruction following as a user would
+    /// judge it, to the floor, even when what it says is true and short: the answers a policy
+    /// learned when stopping early paid (issue 31).
+    #[test]
+    fn demo_ground_truth_scores_unfinished_answers_as_unhelpful_and_not_following() {
+        let cases = [
+            // Stubs: closed with a full stop, but nowhere near an answer.
+            ("capital", "The capital of."),
+            ("count", "The word \"um\"."),
+            ("capital", ""),
+            // Cut off mid-sentence, with or without a full stop after it.
+            ("capital", "The capital of Poland is"),
+            ("capital", "The capital of Poland is the."),
+            // A haiku short of its three lines: cut, or run together on one line.
+            ("haiku", "Unseen, it arrives,\nbend."),
+            (
+                "haiku",
+                "Unseen, it arrives, bends the grass and lifts the kites, then is gone again.",
+            ),
+            // A list cut mid-item, and one an item short.
+            ("tips", "1. Keep a regular bedtime.\n2. Keep the"),
+            (
+                "tips",
+                "1. Keep a regular bedtime.\n2. Keep the bedroom dark and cool.",
+            ),
+        ];
+        for (case, [help, honesty, follow, truth]) in cases.iter().zip(demo_scores(&cases)) {
+            assert_eq!((help, follow), (1.0, 1.0), "{case:?}");
+            // Honesty and truthfulness judge what it says: nothing false, nothing hedged.
+            assert_eq!(honesty, 4.0, "{case:?}");
+            assert!(truth >= 3.0, "{case:?}");
+        }
+    }
+
+    /// The ratings of the bundled UltraFeedback records (data/tools/make_samples.py) are the
+    /// demo's ground truth, cut answers included: the reward model learns what the rules judge.
+    #[test]
+    fn bundled_ratings_are_the_demo_ground_truth() {
+        let r = demo();
+        let text = std::fs::read_to_string("data/ultrafeedback/train.jsonl").unwrap();
+        let mut rated = 0;
+        for line in text.lines() {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            for c in record["completions"].as_array().unwrap() {
+                let response = c["response"].as_str().unwrap();
+                let scores = r.score(&record, response).unwrap();
+                for (name, score) in r.names().iter().zip(scores) {
+                    match c["annotations"][name]["Rating"].as_str().unwrap() {
+                        "N/A" => {}
+                        rating => {
+                            assert_eq!(
+                                rating.parse::<f64>().unwrap(),
+                                score,
+                                "{name} {response:?}"
+                            );
+                            rated += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(rated > 2000, "{rated} ratings");
     }
 
     fn one(rules: &str) -> RuleObjectives {
