@@ -10,7 +10,7 @@ use crate::eval::win_rate::answer_prompts;
 use crate::generate::SamplingConfig;
 use crate::model::loader::{load_soup, Loaded};
 use crate::objectives::conditioning::{ConditioningInfo, ConditioningMode};
-use crate::objectives::weighting::{quantise, Weighting};
+use crate::objectives::weighting::quantise;
 use crate::tokenizer::Message;
 use crate::util::digest::Digest;
 use anyhow::Result;
@@ -91,7 +91,7 @@ impl<'a> Answerer<'a> {
         self.out
             .join("generations")
             .join(&self.cfg.policy[job.policy].name)
-            .join(format!("{}.json", weights_tag(&job.weights)))
+            .join(format!("{}.json", weights_tag(job.weights.values())))
     }
 
     /// The job's answers, one per prompt: cached when generated under the same key, else
@@ -99,7 +99,7 @@ impl<'a> Answerer<'a> {
     pub fn answers(&mut self, job: &Job) -> Result<Vec<String>> {
         let path = self.path(job);
         let variant = self.variant(job)?;
-        let key = self.key(&variant, &job.weights)?;
+        let key = self.key(&variant, job.weights.values())?;
         if let Some(answers) = cached_answers(&path, &key) {
             return Ok(answers);
         }
@@ -108,7 +108,7 @@ impl<'a> Answerer<'a> {
         let record = Generations {
             key,
             policy: self.cfg.policy[job.policy].name.clone(),
-            weights: job.weights.clone(),
+            weights: job.weights.values().to_vec(),
             conditioning: match variant {
                 Variant::Conditioned { line, .. } => Some(line),
                 _ => None,
@@ -138,7 +138,7 @@ impl<'a> Answerer<'a> {
             } else {
                 Variant::Conditioned {
                     adapter: &pol.conditioned,
-                    line: info.line(&Weighting::new(job.weights.clone(), "weights")?)?,
+                    line: info.line(&job.weights)?,
                     info,
                 }
             }
@@ -146,7 +146,7 @@ impl<'a> Answerer<'a> {
             let j = pol
                 .adapter_weights
                 .iter()
-                .position(|x| quantise(x) == job.weights)
+                .position(|x| quantise(x) == job.weights.values())
                 .expect("jobs come from adapter_weights");
             Variant::Adapter(&pol.adapters[j])
         } else {
@@ -191,7 +191,14 @@ impl<'a> Answerer<'a> {
             }
             Variant::Soup(adapters) => {
                 let dirs: Vec<&Path> = adapters.iter().map(Path::new).collect();
-                let m = load_soup(&p.model, base_adapter, &dirs, &job.weights, dtype, device)?;
+                let m = load_soup(
+                    &p.model,
+                    base_adapter,
+                    &dirs,
+                    job.weights.values(),
+                    dtype,
+                    device,
+                )?;
                 answer_prompts(&m, &plain(&plan.prompts), &self.sampling, p.gen_batch_size)
             }
         }

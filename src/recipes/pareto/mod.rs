@@ -77,7 +77,7 @@ fn evaluate(
     answerer: &mut Answerer,
     quiet: bool,
 ) -> Result<Evaluated> {
-    let jobs = plan.jobs(cfg);
+    let jobs = plan.jobs(cfg)?;
     let progress = crate::train::progress::Progress::new(jobs.len() as u64, 0, quiet, "pareto");
     let mut evaluated = Evaluated {
         results: vec![vec![]; cfg.policy.len()],
@@ -93,7 +93,7 @@ fn evaluate(
             cfg.pareto.gen_batch_size,
         )?;
         evaluated.results[job.policy].push(WeightingResult::new(
-            job.weights.clone(),
+            job.weights.values().to_vec(),
             &verdicts,
             plan.judged.len(),
             answerer.path(job).display().to_string(),
@@ -102,7 +102,7 @@ fn evaluate(
         let name = &cfg.policy[job.policy].name;
         progress.set(
             n as u64 + 1,
-            format!("{name} {}", weights_tag(&job.weights)),
+            format!("{name} {}", weights_tag(job.weights.values())),
         );
     }
     progress.finish();

@@ -36,7 +36,8 @@ pub struct Plan {
 pub struct Job {
     /// Its index in `[[policy]]`.
     pub policy: usize,
-    pub weights: Vec<f64>,
+    /// Quantised, as the conditioning line states it.
+    pub weights: Weighting,
 }
 
 impl Plan {
@@ -138,7 +139,7 @@ impl Plan {
 
     /// Every (policy, weighting) to evaluate, in order: a policy trained one adapter per
     /// weighting at its own weightings, any other at the grid.
-    pub fn jobs(&self, cfg: &ParetoConfig) -> Vec<Job> {
+    pub fn jobs(&self, cfg: &ParetoConfig) -> Result<Vec<Job>> {
         let mut jobs = vec![];
         for (i, pol) in cfg.policy.iter().enumerate() {
             let weightings: Vec<Vec<f64>> = if pol.adapters.is_empty() {
@@ -146,13 +147,12 @@ impl Plan {
             } else {
                 pol.adapter_weights.iter().map(|w| quantise(w)).collect()
             };
-            jobs.extend(
-                weightings
-                    .into_iter()
-                    .map(|weights| Job { policy: i, weights }),
-            );
+            for w in weightings {
+                let weights = Weighting::new(w, &format!("policy[{i}] ({}) weights", pol.name))?;
+                jobs.push(Job { policy: i, weights });
+            }
         }
-        jobs
+        Ok(jobs)
     }
 }
 
