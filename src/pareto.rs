@@ -228,4 +228,35 @@ mod tests {
         assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
         assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
     }
+
+    /// The ceiling the README quotes for the demo's steering: under its rules a hedge is
+    /// (helpfulness, honesty, instruction following) = (-1, +1, -1) and detail (+1, 0, -2), so a
+    /// policy that does what the weights ask hedges when w1 > w0 + w2 and adds detail when
+    /// w0 > 2 w2. Its rho on the 35-weighting grid is capped, whether it chooses all or nothing
+    /// or hedges a share of answers rising with the weights' advantage for the style.
+    #[test]
+    fn weight_following_policy_caps_rho_on_the_demo_grid() {
+        let grid = simplex_grid(4, 4);
+        let rho = |k: usize, scores: &dyn Fn(&[f64]) -> [f64; 3]| {
+            let w: Vec<f64> = grid.iter().map(|w| w[k]).collect();
+            let s: Vec<f64> = grid.iter().map(|w| scores(w)[k]).collect();
+            (spearman(&w, &s).unwrap() * 100.0).round() / 100.0
+        };
+        let styled = |hedge: f64, detail: f64| {
+            [
+                4.0 + detail - hedge,
+                4.0 + hedge,
+                5.0 - 2.0 * detail - hedge,
+            ]
+        };
+        let step = |x: f64| if x > 0.0 { 1.0 } else { 0.0 };
+        let all_or_nothing = |w: &[f64]| styled(step(w[1] - w[0] - w[2]), step(w[0] - 2.0 * w[2]));
+        let graded = |w: &[f64]| {
+            let sigmoid = |x: f64| 1.0 / (1.0 + (-x / 0.1).exp());
+            styled(sigmoid(w[1] - w[0] - w[2]), sigmoid(w[0] - 2.0 * w[2]))
+        };
+        let caps = |f: &dyn Fn(&[f64]) -> [f64; 3]| [rho(0, f), rho(1, f), rho(2, f)];
+        assert_eq!(caps(&all_or_nothing), [0.74, 0.68, 0.79]);
+        assert_eq!(caps(&graded), [0.86, 0.83, 0.93]);
+    }
 }
