@@ -342,6 +342,40 @@ fn foreign_entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Removes the checkpoints a run saved (`checkpoint-*`, and `.checkpoint-*` left half-written or
+/// set aside) and the folder once empty; anything else a user put there stays, named in a note.
+fn remove_checkpoints(dir: &Path) -> Result<()> {
+    let mut kept = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let p = entry.path();
+        if !(name.starts_with("checkpoint-") || name.starts_with(".checkpoint-")) {
+            kept.push(name);
+            continue;
+        }
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.with_context(|| format!("{}: cannot remove", p.display()))?;
+    }
+    if kept.is_empty() {
+        std::fs::remove_dir(dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
+    } else {
+        kept.sort();
+        eprintln!(
+            "note: {}: kept {} (not written by mo-align)",
+            dir.display(),
+            kept.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// How a command runs in its run directory.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunMode {
@@ -522,6 +556,10 @@ impl RunDir {
                     continue;
                 }
                 let p = entry.path();
+                if name == "checkpoints" && p.is_dir() {
+                    remove_checkpoints(&p)?;
+                    continue;
+                }
                 let removed = if p.is_dir() {
                     std::fs::remove_dir_all(&p)
                 } else {
@@ -680,6 +718,20 @@ mod tests {
         dir.queue(RUN_RECORD, b"y".to_vec());
         dir.commit().unwrap();
         assert!(!out.join("adapter_model.safetensors").exists());
+        drop(dir);
+        // Checkpoints go with the run; a file the user put beside them stays.
+        let saved = out.join("checkpoints/checkpoint-0000010");
+        std::fs::create_dir_all(&saved).unwrap();
+        std::fs::write(saved.join("trainer_state.json"), b"{}").unwrap();
+        std::fs::write(out.join("checkpoints/notes.txt"), b"mine").unwrap();
+        let mut dir = RunDir::claim(&out, "train.output_dir", &Inputs::new(), force).unwrap();
+        dir.queue(RUN_RECORD, b"z".to_vec());
+        dir.commit().unwrap();
+        assert!(!saved.exists(), "--force kept the old run's checkpoint");
+        assert_eq!(
+            std::fs::read(out.join("checkpoints/notes.txt")).unwrap(),
+            b"mine"
+        );
         drop(dir);
         let _ = std::fs::remove_dir_all(&root);
     }
