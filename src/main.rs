@@ -4,7 +4,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     mo_align::util::memory::keep_freed_memory();
     mo_align::util::cpu::pin_thread_count();
-    let cli = mo_align::cli::Cli::parse();
+    let cli = match mo_align::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match mo_align::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<mo_align::train::trainer::Interrupted>() => {
@@ -31,4 +34,27 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Help and version print as clap writes them; a usage error becomes one line like every other
+/// error ("error: unexpected argument '--foo' found; Usage: mo-align sft [OPTIONS]; ...").
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let line = e
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    eprintln!("{line}");
+    ExitCode::from(2)
 }

@@ -802,3 +802,16 @@ fn eval_outputs_never_land_in_what_it_reads() {
     let o = win_rate(true);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn usage_errors_are_one_line_and_help_is_not_an_error() {
+    refused(
+        &run(&["sft", "--no-such-flag"]),
+        &["'--no-such-flag'", "mo-align sft"],
+    );
+    refused(&run(&["sft", "--config"]), &["--config"]);
+    refused(&run(&["no-such-command"]), &["'no-such-command'"]);
+    let help = run(&["sft", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: mo-align sft"));
+}
