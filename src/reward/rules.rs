@@ -173,8 +173,17 @@ impl RuleObjectives {
         let mut objectives: Vec<RuleObjective> = vec![];
         for (i, spec) in specs.into_iter().enumerate() {
             let objective = parse_objective(spec, i + 1, origin)?;
-            if objectives.iter().any(|o| o.name == objective.name) {
-                bail!("{origin}: objective \"{}\": duplicate name", objective.name);
+            // Names become file names (a conditioned policy's per-objective adapters), and on
+            // a case-insensitive file system "Honesty" and "honesty" would be one file.
+            if let Some(o) = objectives
+                .iter()
+                .find(|o| o.name.eq_ignore_ascii_case(&objective.name))
+            {
+                bail!(
+                    "{origin}: objective \"{}\": duplicate name (of \"{}\"; names differing only in case count as one)",
+                    objective.name,
+                    o.name
+                );
             }
             objectives.push(objective);
         }
@@ -1015,6 +1024,17 @@ score = 1
         load_error(
             &format!("{HEAD}{GOOD_RULE}{HEAD}{GOOD_RULE}"),
             &[objective, "duplicate name"],
+        );
+        load_error(
+            &format!(
+                "{HEAD}{GOOD_RULE}{}{GOOD_RULE}",
+                HEAD.replace("truthfulness", "Truthfulness")
+            ),
+            &[
+                "objective \"Truthfulness\"",
+                "duplicate name",
+                "only in case",
+            ],
         );
         load_error(
             &format!("[[objective]]\nmin = 1\nmax = 5\n{GOOD_RULE}"),
