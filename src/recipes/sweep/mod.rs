@@ -5,6 +5,7 @@
 //! refuses points whose config changed. The sweep directory holds `sweep.json` (its points,
 //! which `pareto` reads) and `summary.{md,json}` (every point's state, time and metrics).
 
+mod axes;
 pub mod config;
 mod local;
 mod manifest;
