@@ -40,6 +40,9 @@ pub enum Command {
     /// The Pareto front of policies across objective weightings (conditioned adapters,
     /// one adapter per weighting, or Rewarded soups), with hypervolume and plots.
     Pareto(StageArgs),
+    /// A grid of runs of one stage (weightings x seeds x any config key), each point its own
+    /// run directory, run locally (N at a time) or as a Slurm array job, with a summary.
+    Sweep(SweepArgs),
     /// Evaluate a model: perplexity, chat NLL, preferences, reward scores, win rate.
     Eval(Box<EvalOptions>),
     /// Generate text with KV-cache decoding.
@@ -119,6 +122,26 @@ pub struct StageArgs {
     pub allow_config_change: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    /// The sweep's TOML config: [sweep] stage, base, output_dir, backend; [axes]; [local];
+    /// [slurm].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a sweep config value: section.key=value (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// List the points and their states (and the Slurm script it would submit); run nothing.
+    #[arg(long, conflicts_with = "point")]
+    pub dry_run: bool,
+    /// Run one point here, by name (what each local child and each Slurm task runs).
+    #[arg(long, value_name = "NAME")]
+    pub point: Option<String>,
+    /// Log lines only, no progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
 impl StageArgs {
     fn config(&self) -> Option<&Path> {
         self.config.as_deref()
@@ -149,6 +172,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pareto(a) => {
             crate::recipes::pareto::run(a.config(), &a.set, a.quiet, a.force).map(drop)
         }
+        Command::Sweep(a) => crate::recipes::sweep::run(
+            a.config.as_deref(),
+            &a.set,
+            crate::recipes::sweep::SweepOptions {
+                dry_run: a.dry_run,
+                point: a.point,
+                quiet: a.quiet,
+            },
+        ),
         Command::Eval(args) => evaluate::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Merge {

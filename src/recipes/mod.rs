@@ -11,9 +11,11 @@ pub mod multi_objective;
 pub mod output_dir;
 pub mod pareto;
 pub mod pipeline;
+pub mod reuse;
 pub mod reward_weighted;
 pub mod sft;
 pub mod stage;
+pub mod sweep;
 pub mod train_rm;
 pub mod utility;
 

@@ -52,7 +52,7 @@ impl Default for ParetoSection {
     }
 }
 
-/// One `[[policy]]`: exactly one of `conditioned`, `adapters` or `soup`.
+/// One `[[policy]]`: exactly one of `conditioned`, `adapters`, `soup` or `sweep`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicySpec {
@@ -65,6 +65,10 @@ pub struct PolicySpec {
     pub adapter_weights: Vec<Vec<f64>>,
     /// One adapter per objective (in the objectives' order), mixed by each weighting.
     pub soup: Vec<String>,
+    /// A `mo-align sweep` directory: every finished point as an adapter at the weighting it
+    /// trained for (one policy per combination of the sweep's other axes).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sweep: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

@@ -33,9 +33,11 @@ pub fn run(
     force: bool,
 ) -> Result<(PathBuf, ParetoReport)> {
     let started = Instant::now();
-    let cfg: ParetoConfig = crate::util::config::load(config, overrides)?;
+    let given: ParetoConfig = crate::util::config::load(config, overrides)?;
+    // A sweep policy is its finished points; the report records the config as given.
+    let cfg = super::sweep::expand_sweep_policies(given.clone())?;
     let plan = Plan::new(&cfg)?;
-    let mut run_dir = prepare_report(&cfg.pareto.output_dir, &cfg, force)?;
+    let mut run_dir = prepare_report(&cfg.pareto.output_dir, &given, force)?;
     // Everything is validated: the report starts writing (cached generations, then results).
     run_dir.commit()?;
     let out = run_dir.path.clone();

@@ -29,6 +29,9 @@ pub(super) fn check_config(cfg: &PipelineConfig) -> Result<()> {
     if !p.pareto.is_empty() && !Path::new(&p.pareto).is_file() {
         bail!("pipeline.pareto: {} is not a file", p.pareto);
     }
+    if let Some(s) = p.sweep.iter().find(|s| !Path::new(s).is_file()) {
+        bail!("pipeline.sweep: {s} is not a file");
+    }
     check_curves(cfg, &p.overrides)?;
     check_stage_overlap(p)
 }

@@ -22,6 +22,13 @@ pub struct StagesConfig {
     /// preference stages and judged like them.
     #[serde(deserialize_with = "one_or_many")]
     pub grpo: Vec<String>,
+    /// `mo-align sweep` configs run after them (each point a stage of its own, judged like
+    /// the others; the sweep's `[local]` / `[slurm]` backend runs its points).
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub sweep: Vec<String>,
     /// A `mo-align pareto` config run last (its device and dtype are `[eval]`'s); the summary
     /// links its front.
     pub pareto: String,

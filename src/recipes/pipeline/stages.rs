@@ -4,14 +4,13 @@
 
 use super::config::StagesConfig;
 use super::summary::StageSeconds;
-use crate::outputs::inputs_digest;
+use crate::recipes::reuse::{sft_artifact, stage_state, train_recorded, StageState};
 use crate::recipes::stage::AdapterStage;
 use crate::recipes::{dpo, grpo, sft, train_rm, ModelConfig, RunFlags};
 use crate::train::Finetune;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// A trained stage to judge: the model it is (base path, adapters), what it started from, and
 /// how long it trained.
@@ -25,65 +24,6 @@ pub struct TrainedStage {
     pub output_dir: PathBuf,
     pub train_seconds: f64,
     pub skipped: bool,
-}
-
-/// Where the pipeline records the digest of a stage's inputs, in the stage's output directory.
-const INPUTS_FILE: &str = "pipeline_inputs.digest";
-
-/// Where a stage's training time is kept, so a later run that finds it up to date reports
-/// the time it took rather than the time it took to skip.
-const SECONDS_FILE: &str = "pipeline_train_seconds";
-
-/// The resolved config a stage would write (returned), and whether its output already holds a
-/// finished run of exactly that config on the same inputs. A finished run on other inputs is
-/// refused, never reused or removed.
-fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
-    config: &Path,
-    overrides: &[String],
-    output_dir: impl Fn(&T) -> String,
-    artifact: impl Fn(&T) -> &'static str,
-) -> Result<(T, PathBuf, bool, String)> {
-    let cfg: T = crate::util::config::load(Some(config), overrides)?;
-    let out = PathBuf::from(output_dir(&cfg));
-    let resolved = crate::util::config::to_toml(&cfg)?;
-    let existing = std::fs::read_to_string(out.join("config.resolved.toml")).ok();
-    if let Some(old) = &existing {
-        // A run written before a setting existed reads back with that setting's default: it
-        // is the same run if it resolves to the same config now.
-        let same = *old == resolved
-            || toml::from_str::<T>(old)
-                .ok()
-                .and_then(|c| crate::util::config::to_toml(&c).ok())
-                .is_some_and(|now| now == resolved);
-        if !same {
-            bail!(
-                "{}: holds a run of a different config than {}; remove it or change train.output_dir",
-                out.display(),
-                config.display()
-            );
-        }
-    }
-    let done = existing.is_some() && out.join(artifact(&cfg)).is_file();
-    if done {
-        if let Ok(old) = std::fs::read_to_string(out.join(INPUTS_FILE)) {
-            if old.trim() != inputs_digest(&resolved)? {
-                bail!(
-                    "{}: was trained on inputs that have changed since (a data file, model, adapter or reward model named in {}); remove it or change train.output_dir",
-                    out.display(),
-                    config.display()
-                );
-            }
-        }
-    }
-    Ok((cfg, out, done, resolved))
-}
-
-/// What a finished sft run leaves: a full checkpoint or an adapter.
-fn sft_artifact(c: &sft::SftConfig) -> &'static str {
-    match c.stage.train.finetune {
-        Finetune::Full => "model.safetensors",
-        Finetune::Lora => "adapter_model.safetensors",
-    }
 }
 
 /// A stage's name: its output directory's last component (`hybrid-dpo-honesty`).
@@ -131,25 +71,12 @@ impl StageRunner<'_> {
             &reads,
             false,
         )?;
-        let t = Instant::now();
-        let seconds_file = out_dir.join(SECONDS_FILE);
-        let seconds = if done {
+        if done {
             eprintln!("== {name}: up to date in {}", out_dir.display());
-            // The time it took when it trained (a stage from before this file: none known).
-            std::fs::read_to_string(&seconds_file)
-                .ok()
-                .and_then(|s| s.trim().parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
         } else {
             eprintln!("== {name}");
-            train()?;
-            let seconds = t.elapsed().as_secs_f64();
-            // Taken after the run: a stage may create its own input (`create_tiny_if_missing`).
-            let digest = inputs_digest(resolved)?;
-            crate::util::io::write_atomic(&seconds_file, format!("{seconds:.3}\n").as_bytes())?;
-            crate::util::io::write_atomic(&out_dir.join(INPUTS_FILE), digest.as_bytes())?;
-            seconds
-        };
+        }
+        let seconds = train_recorded(done, resolved, out_dir, train)?;
         self.timings.push(StageSeconds {
             stage: name.to_string(),
             seconds,
@@ -183,6 +110,7 @@ pub(super) fn train_stages(p: &StagesConfig, flags: RunFlags, out: &Path) -> Res
             |c: &sft::SftConfig| c.stage.train.output_dir.clone(),
             sft_artifact,
         )
+        .map(parts)
     };
     if !p.base.is_empty() {
         let (_, base_out, done, digest) = sft_state(&p.base)?;
@@ -199,7 +127,8 @@ pub(super) fn train_stages(p: &StagesConfig, flags: RunFlags, out: &Path) -> Res
         ov,
         |c: &train_rm::TrainRmConfig| c.train.output_dir.clone(),
         |_| crate::reward::HEAD_FILE,
-    )?;
+    )
+    .map(parts)?;
     runner.run("train-rm", (done, &digest), &rm_out, || {
         train_rm::run(Some(Path::new(&p.train_rm)), ov, flags)
     })?;
@@ -245,6 +174,14 @@ pub(super) fn train_stages(p: &StagesConfig, flags: RunFlags, out: &Path) -> Res
             skipped,
         });
     }
+    for sweep in &p.sweep {
+        stages.extend(sweep_stages(
+            Path::new(sweep),
+            ov,
+            flags,
+            &mut runner.timings,
+        )?);
+    }
     Ok(Trained {
         stages,
         timings: runner.timings,
@@ -278,6 +215,59 @@ fn adapter_state<T: Serialize + serde::de::DeserializeOwned + Default>(
         ov,
         |c: &T| stage(c).train.output_dir.clone(),
         |_| "adapter_model.safetensors",
-    )?;
+    )
+    .map(parts)?;
     Ok((stage(&c).model.clone(), out, done, resolved))
+}
+
+/// A `StageState` as the tuple the pipeline destructures: (config, output, done, resolved).
+fn parts<T>(s: StageState<T>) -> (T, PathBuf, bool, String) {
+    (s.config, s.out, s.done, s.resolved)
+}
+
+/// Runs the sweep `config` (each point with the pipeline's overrides) and returns its points
+/// as stages started from SFT; a point that did not finish fails the pipeline.
+fn sweep_stages(
+    config: &Path,
+    ov: &[String],
+    flags: RunFlags,
+    timings: &mut Vec<StageSeconds>,
+) -> Result<Vec<TrainedStage>> {
+    eprintln!("== sweep {}", config.display());
+    let (plan, summary) = crate::recipes::sweep::run_sweep(config, &[], ov, flags.quiet)?;
+    let mut stages = vec![];
+    for (p, row) in plan.points.iter().zip(&summary.points) {
+        if row.state != crate::recipes::sweep::point::PointState::Done {
+            anyhow::bail!(
+                "sweep {}: point {} did not finish; see {}",
+                config.display(),
+                p.name,
+                row.log.display()
+            );
+        }
+        let text = std::fs::read_to_string(p.out.join(crate::outputs::RUN_RECORD))?;
+        let model: ModelConfig = toml::from_str::<toml::Table>(&text)?
+            .get("model")
+            .cloned()
+            .map(|m| m.try_into())
+            .transpose()?
+            .unwrap_or_default();
+        let seconds = row.metrics.train_seconds.unwrap_or(f64::NAN);
+        timings.push(StageSeconds {
+            stage: p.name.clone(),
+            seconds,
+            cached: !row.ran,
+        });
+        stages.push(TrainedStage {
+            name: p.name.clone(),
+            model: model.path.clone(),
+            base_adapter: model.adapter_path().map(Path::to_path_buf),
+            adapter: Some(p.out.clone()),
+            previous: Some("sft".into()),
+            output_dir: p.out.clone(),
+            train_seconds: seconds,
+            skipped: !row.ran,
+        });
+    }
+    Ok(stages)
 }

@@ -1,0 +1,128 @@
+//! One point: what its run directory holds, running it (in this process, as a single run
+//! under the same lock, resume and reuse rules), and what its run logged.
+
+use super::plan::{Plan, Point};
+use crate::recipes::reuse::{recorded_seconds, train_recorded};
+use crate::recipes::RunFlags;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// Where a point stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PointState {
+    /// A finished run of its config on unchanged inputs.
+    Done,
+    /// Running now (this sweep's child, or a Slurm task).
+    Running,
+    /// Ran in this sweep and did not finish (its log says why).
+    Failed,
+    /// Holds a run that did not finish (killed, or failed earlier): the next run resumes it.
+    Unfinished,
+    /// Not started.
+    Pending,
+}
+
+impl PointState {
+    pub fn word(self) -> &'static str {
+        match self {
+            PointState::Done => "done",
+            PointState::Running => "running",
+            PointState::Failed => "failed",
+            PointState::Unfinished => "unfinished",
+            PointState::Pending => "pending",
+        }
+    }
+}
+
+/// The point's state from its directory, checked as a single run is: a run there of another
+/// config (a changed base config, or a point whose axis values changed) is refused, naming
+/// the point and the keys that differ.
+pub fn state_of(plan: &Plan, p: &Point) -> Result<PointState> {
+    let st = plan
+        .kind
+        .state(&plan.base, &p.overrides)
+        .with_context(|| format!("point {}", p.name))?;
+    Ok(if st.done {
+        PointState::Done
+    } else if p.out.join(crate::outputs::RUN_RECORD).is_file() {
+        PointState::Unfinished
+    } else {
+        PointState::Pending
+    })
+}
+
+/// `mo-align sweep --point NAME`: runs one point here, as `mo-align <stage> --resume` would
+/// (an unfinished run continues; a finished one is up to date and not run again), and
+/// records its training time.
+pub fn run_point(plan: &Plan, name: &str, quiet: bool) -> Result<()> {
+    let p = plan.point(name)?;
+    let st = plan
+        .kind
+        .state(&plan.base, &p.overrides)
+        .with_context(|| format!("point {}", p.name))?;
+    if st.done {
+        eprintln!("point {}: up to date in {}", p.name, st.out.display());
+        return Ok(());
+    }
+    eprintln!(
+        "point {}: {} in {}",
+        p.name,
+        plan.kind.name(),
+        st.out.display()
+    );
+    let flags = RunFlags {
+        resume: true,
+        quiet,
+        ..RunFlags::default()
+    };
+    let seconds = train_recorded(false, &st.resolved, &st.out, || {
+        plan.kind.train(&plan.base, &p.overrides, flags)
+    })
+    .with_context(|| format!("point {}", p.name))?;
+    eprintln!("point {}: trained in {seconds:.1}s", p.name);
+    Ok(())
+}
+
+/// What a point's run logged: its last step, and each metric's last value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PointMetrics {
+    pub step: Option<u64>,
+    pub train_seconds: Option<f64>,
+    /// Every numeric metric of `metrics.jsonl` at its last logged value.
+    pub last: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Reads the point's `metrics.jsonl` (absent: nothing logged yet) and recorded time.
+pub fn metrics_of(out: &Path) -> PointMetrics {
+    let mut m = PointMetrics {
+        train_seconds: recorded_seconds(out),
+        ..PointMetrics::default()
+    };
+    let Ok(text) = std::fs::read_to_string(out.join("metrics.jsonl")) else {
+        return m;
+    };
+    for line in text.lines() {
+        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(line) else {
+            continue;
+        };
+        for (k, v) in obj {
+            if k == "step" {
+                m.step = v.as_u64().or(m.step);
+            } else if v.is_number() {
+                m.last.insert(k, v);
+            }
+        }
+    }
+    m
+}
+
+/// The step a running point has reached, for the progress bar.
+pub fn step_of(out: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["step"].as_u64())
+}
