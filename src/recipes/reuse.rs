@@ -8,7 +8,7 @@
 use super::{dpo, grpo, reward_weighted, sft, train_rm, RunFlags};
 use crate::outputs::inputs_digest;
 use crate::train::Finetune;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -53,7 +53,13 @@ pub fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
                 .is_some_and(|now| now == resolved);
         if !same {
             let defaults = crate::util::config::to_toml(&T::default())?;
-            let changes = crate::util::config::changed_keys(old, &resolved, Some(&defaults))?;
+            let changes = crate::util::config::changed_keys(old, &resolved, Some(&defaults))
+                .with_context(|| {
+                    format!(
+                        "{}: not a readable config record; remove the run or change train.output_dir",
+                        out.join(crate::outputs::RUN_RECORD).display()
+                    )
+                })?;
             let list: Vec<String> = changes
                 .iter()
                 .take(3)
@@ -68,24 +74,31 @@ pub fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
             );
         }
     }
-    let done = existing.is_some() && out.join(artifact(&cfg)).is_file();
-    if done {
-        if let Ok(old) = std::fs::read_to_string(out.join(INPUTS_FILE)) {
-            if old.trim() != inputs_digest(&resolved)? {
-                bail!(
-                    "{}: was trained on inputs that have changed since (a data file, model, adapter or reward model named in {}); remove it or change train.output_dir",
-                    out.display(),
-                    config.display()
-                );
-            }
-        }
-    }
+    let done = existing.is_some() && finished(&out, artifact(&cfg), &resolved, config)?;
     Ok(StageState {
         config: cfg,
         out,
         done,
         resolved,
     })
+}
+
+/// Whether `out` holds a finished run of `resolved` (its `artifact`); a finished run on
+/// inputs that changed since it trained (named in `config`) is refused.
+pub fn finished(out: &Path, artifact: &str, resolved: &str, config: &Path) -> Result<bool> {
+    if !out.join(artifact).is_file() {
+        return Ok(false);
+    }
+    if let Ok(old) = std::fs::read_to_string(out.join(INPUTS_FILE)) {
+        if old.trim() != inputs_digest(resolved)? {
+            bail!(
+                "{}: was trained on inputs that have changed since (a data file, model, adapter or reward model named in {}); remove it or change train.output_dir",
+                out.display(),
+                config.display()
+            );
+        }
+    }
+    Ok(true)
 }
 
 /// Trains with `train` unless the stage is `done`, and records the training time and the
@@ -213,6 +226,15 @@ impl StageKind {
                 |c: &grpo::GrpoRunConfig| c.stage.train.output_dir.clone(),
                 adapter_artifact,
             )?),
+        })
+    }
+
+    /// What a finished run of this stage leaves, by its resolved config (`resolved`, TOML).
+    pub fn artifact(self, resolved: &str) -> Result<&'static str> {
+        Ok(match self {
+            StageKind::Sft => sft_artifact(&toml::from_str(resolved)?),
+            StageKind::TrainRm => crate::reward::HEAD_FILE,
+            _ => "adapter_model.safetensors",
         })
     }
 

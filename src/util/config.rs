@@ -324,35 +324,13 @@ pub fn changed_keys(
     new: &str,
     defaults: Option<&str>,
 ) -> Result<Vec<(String, String, String)>> {
-    fn flatten(
-        prefix: &str,
-        t: &toml::Table,
-        out: &mut std::collections::BTreeMap<String, String>,
-    ) {
-        for (k, v) in t {
-            let key = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            match v {
-                toml::Value::Table(inner) => flatten(&key, inner, out),
-                other => {
-                    out.insert(key, other.to_string());
-                }
-            }
-        }
-    }
-    let (mut a, mut b, mut d) = (
-        Default::default(),
-        Default::default(),
-        std::collections::BTreeMap::new(),
-    );
-    flatten("", &toml::from_str(old)?, &mut a);
-    flatten("", &toml::from_str(new)?, &mut b);
-    if let Some(defaults) = defaults {
-        flatten("", &toml::from_str(defaults)?, &mut d);
-    }
+    let written = |text: &str| -> Result<std::collections::BTreeMap<String, String>> {
+        let mut flat = vec![];
+        flatten("", &toml::from_str(text)?, &mut flat);
+        Ok(flat.into_iter().map(|(k, v)| (k, v.to_string())).collect())
+    };
+    let (a, b) = (written(old)?, written(new)?);
+    let d = defaults.map(written).transpose()?.unwrap_or_default();
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let none = "(unset)".to_string();
     Ok(keys
@@ -365,6 +343,21 @@ pub fn changed_keys(
             (k.clone(), old, new)
         })
         .collect())
+}
+
+/// A table's leaves as (`section.key`, value), nested tables as dotted keys, in order.
+pub fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(inner) => flatten(&key, inner, out),
+            other => out.push((key, other.clone())),
+        }
+    }
 }
 
 /// The config as TOML, for `config.resolved.toml`.

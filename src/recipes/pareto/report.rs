@@ -45,6 +45,12 @@ impl WeightingResult {
 pub struct PolicyReport {
     pub name: String,
     pub kind: String,
+    /// The sweep directory its adapters came from (`[[policy]] sweep`), and the adapters
+    /// evaluated: what a report on a sweep read, as it stood then.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sweep: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<String>,
     pub weightings: Vec<WeightingResult>,
     pub hypervolume: f64,
     /// Hypervolume of its points at the weightings every policy was evaluated at.
@@ -176,6 +182,8 @@ fn policy_report(
     PolicyReport {
         name: policy.name.clone(),
         kind: policy.kind().into(),
+        sweep: policy.sweep.clone(),
+        adapters: policy.adapters.clone(),
         hypervolume: hypervolume(&points, &plan.reference),
         hypervolume_shared: hypervolume(&shared_points, &plan.reference),
         front_size: front.len(),

@@ -9,8 +9,10 @@ use anyhow::{bail, Context, Result};
 
 /// The axes of `[axes]`, in order: weights (or simplex), seed, then the others by key.
 pub(super) fn axes(cfg: &SweepConfig, kind: StageKind) -> Result<Vec<Axis>> {
+    // Nested tables are dotted keys: `train.lr = [...]` and `"train.lr" = [...]` are the
+    // same axis.
     let mut given: Vec<(String, toml::Value)> = vec![];
-    flatten("", &cfg.axes, &mut given);
+    crate::util::config::flatten("", &cfg.axes, &mut given);
     if given.is_empty() {
         bail!("[axes] is empty: give weights (or simplex), seed, or a \"section.key\" list");
     }
@@ -108,22 +110,6 @@ impl From<toml::Value> for AxisValues {
     }
 }
 
-/// `[axes]` with nested tables as dotted keys (`train.lr = [...]` and `"train.lr" = [...]`
-/// are the same axis).
-fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
-    for (k, v) in t {
-        let key = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        match v {
-            toml::Value::Table(inner) => flatten(&key, inner, out),
-            other => out.push((key, other.clone())),
-        }
-    }
-}
-
 /// `weights = [[...], ...]`: each a valid weighting.
 fn weight_list(v: &toml::Value) -> Result<Vec<Vec<f64>>> {
     let Some(rows) = v.as_array() else {
@@ -133,12 +119,7 @@ fn weight_list(v: &toml::Value) -> Result<Vec<Vec<f64>>> {
         .enumerate()
         .map(|(i, row)| {
             let what = format!("axes: weights[{i}]");
-            let values: Option<Vec<f64>> = row.as_array().and_then(|r| {
-                r.iter()
-                    .map(|x| x.as_float().or_else(|| x.as_integer().map(|n| n as f64)))
-                    .collect()
-            });
-            let Some(values) = values else {
+            let Some(values) = numbers(row) else {
                 bail!("{what} must be a list of numbers, got {row}");
             };
             Ok(Weighting::new(values, &what)?.values().to_vec())
@@ -159,10 +140,7 @@ fn simplex_grid(n: &toml::Value, cfg: &SweepConfig, key: &str) -> Result<Vec<Vec
     for o in &cfg.sweep.overrides {
         crate::util::config::apply_override(&mut base, o)?;
     }
-    let (section, field) = key.split_once('.').unwrap_or(("", key));
-    let k = base
-        .get(section)
-        .and_then(|s| s.get(field))
+    let k = lookup(&base, key)
         .and_then(|w| w.as_array())
         .map_or(0, |w| w.len());
     if k == 0 {
@@ -178,4 +156,22 @@ fn simplex_grid(n: &toml::Value, cfg: &SweepConfig, key: &str) -> Result<Vec<Vec
         );
     }
     Ok(crate::pareto::simplex_grid(k, n as usize))
+}
+
+/// The value of dotted `key` (`hybrid.weights`) in a config table.
+pub(super) fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let mut parts = key.split('.');
+    let mut v = table.get(parts.next()?)?;
+    for part in parts {
+        v = v.get(part)?;
+    }
+    Some(v)
+}
+
+/// A list of numbers (integers read as floats); `None` when `v` is anything else.
+pub(super) fn numbers(v: &toml::Value) -> Option<Vec<f64>> {
+    v.as_array()?
+        .iter()
+        .map(|x| x.as_float().or_else(|| x.as_integer().map(|n| n as f64)))
+        .collect()
 }

@@ -4,7 +4,7 @@
 use super::plan::Plan;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const MANIFEST: &str = "sweep.json";
 
@@ -20,9 +20,9 @@ pub struct Manifest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ManifestPoint {
+    /// Its run directory's name in the sweep directory (a name, not a path: a sweep read from
+    /// another directory, or copied elsewhere, finds its points).
     pub name: String,
-    /// Its run directory.
-    pub output_dir: PathBuf,
     /// Axis key -> value.
     pub values: serde_json::Map<String, serde_json::Value>,
 }
@@ -42,7 +42,6 @@ impl Manifest {
                     .collect::<Result<_>>()?;
                 Ok(ManifestPoint {
                     name: p.name.clone(),
-                    output_dir: p.out.clone(),
                     values,
                 })
             })
@@ -82,7 +81,11 @@ pub fn check_rerun(plan: &Plan) -> Result<()> {
         );
     }
     for p in &old.points {
-        let started = p.output_dir.join(crate::outputs::RUN_RECORD).is_file();
+        let started = plan
+            .dir
+            .join(&p.name)
+            .join(crate::outputs::RUN_RECORD)
+            .is_file();
         if !started || plan.points.iter().any(|q| q.name == p.name) {
             continue;
         }

@@ -123,7 +123,7 @@ fn product(axes: &[Axis], overrides: &[String], dir: &Path) -> Result<Vec<Point>
         let name = safe_name(&name);
         if let Some(p) = points.iter().find(|p| p.name == name) {
             bail!(
-                "axes: two points would both be named {name} ({:?} and {:?}); give values that differ in their first digits",
+                "axes: two points would both be named {name} ({:?} and {:?}); give values that differ in more than punctuation",
                 p.values.iter().map(|(_, v)| v.to_string()).collect::<Vec<_>>(),
                 combo.iter().map(|(_, _, v)| v.to_string()).collect::<Vec<_>>()
             );
@@ -143,19 +143,14 @@ fn product(axes: &[Axis], overrides: &[String], dir: &Path) -> Result<Vec<Point>
     Ok(points)
 }
 
-/// A value as it appears in a point's name: numbers short (0.25, 1, 2e-05 as 0.00002),
-/// strings bare, lists joined by `-`.
-fn value_label(v: &toml::Value) -> String {
+/// A value as it appears in a point's name: numbers in Rust's shortest form that reads back
+/// as the same number (0.25, 1, 2e-5 as 0.00002, 1e-7 as 0.0000001), so values that differ
+/// anywhere, however small, name different points; strings bare, lists joined by `-`.
+pub(super) fn value_label(v: &toml::Value) -> String {
     match v {
-        toml::Value::Float(f) => {
-            let s = format!("{f:.6}");
-            let s = s.trim_end_matches('0').trim_end_matches('.');
-            if s.is_empty() || s == "-" {
-                "0".into()
-            } else {
-                s.to_string()
-            }
-        }
+        // -0 names the same point as 0.
+        toml::Value::Float(f) if *f == 0.0 => "0".into(),
+        toml::Value::Float(f) => format!("{f}"),
         toml::Value::String(s) => s.clone(),
         toml::Value::Array(a) => a.iter().map(value_label).collect::<Vec<_>>().join("-"),
         other => other.to_string(),
@@ -163,7 +158,7 @@ fn value_label(v: &toml::Value) -> String {
 }
 
 /// Letters, digits, `.`, `_` and `-` only (anything else becomes `-`), not starting with `.`.
-fn safe_name(name: &str) -> String {
+pub fn safe_name(name: &str) -> String {
     let mut s: String = name
         .chars()
         .map(|c| {
@@ -182,5 +177,32 @@ fn safe_name(name: &str) -> String {
         "point".into()
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_learning_rates_name_distinct_points() {
+        let names: Vec<String> = [1e-7, 5e-7, 1e-6, 2e-5, 0.25, 1.0, -0.0]
+            .iter()
+            .map(|&f| safe_name(&value_label(&toml::Value::Float(f))))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "0.0000001",
+                "0.0000005",
+                "0.000001",
+                "0.00002",
+                "0.25",
+                "1",
+                "0"
+            ]
+        );
+        let w = toml::Value::Array(vec![toml::Value::Float(1.0), toml::Value::Float(0.0)]);
+        assert_eq!(value_label(&w), "1-0");
     }
 }

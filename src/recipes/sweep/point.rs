@@ -2,7 +2,7 @@
 //! under the same lock, resume and reuse rules), and what its run logged.
 
 use super::plan::{Plan, Point};
-use crate::recipes::reuse::{recorded_seconds, train_recorded};
+use crate::recipes::reuse::{finished, recorded_seconds, train_recorded, StageKind};
 use crate::recipes::RunFlags;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -50,6 +50,25 @@ pub fn state_of(plan: &Plan, p: &Point) -> Result<PointState> {
         PointState::Unfinished
     } else {
         PointState::Pending
+    })
+}
+
+/// The state of the point run in `dir` judged by its own record, for a reader that has the
+/// sweep directory but not its config (`pareto`): done when it holds a finished run of its
+/// recorded config on inputs unchanged since (the check `state_of` makes), unfinished when it
+/// holds a run that did not finish, pending when it holds none.
+pub fn recorded_state(kind: StageKind, dir: &Path) -> Result<PointState> {
+    let record = dir.join(crate::outputs::RUN_RECORD);
+    let Ok(text) = std::fs::read_to_string(&record) else {
+        return Ok(PointState::Pending);
+    };
+    let artifact = kind
+        .artifact(&text)
+        .with_context(|| format!("{}: not a {} config", record.display(), kind.name()))?;
+    Ok(if finished(dir, artifact, &text, &record)? {
+        PointState::Done
+    } else {
+        PointState::Unfinished
     })
 }
 

@@ -1,16 +1,22 @@
 //! A finished sweep as Pareto policies: `[[policy]] sweep = DIR` becomes adapters trained one
-//! per weighting, each finished point at the weighting its resolved config trained for. A
-//! sweep over more than weights (seeds, learning rates) gives one policy per combination of
-//! its other axis values, named after them.
+//! per weighting, each point at the weighting its resolved config trained for. A sweep over
+//! more than weights (seeds, learning rates) gives one policy per combination of its other
+//! axis values, named after them. A sweep with a point that is not finished is refused: a
+//! report over part of a sweep would read as the whole of it.
 
+use super::axes::{lookup, numbers};
 use super::manifest::Manifest;
+use super::plan::{safe_name, value_label};
+use super::point::{recorded_state, PointState};
 use crate::recipes::pareto::config::{ParetoConfig, PolicySpec};
+use crate::recipes::reuse::StageKind;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// `cfg` with every `sweep` policy replaced by its fixed-weight policies.
+/// `cfg` with every `sweep` policy replaced by its fixed-weight policies (each keeping `sweep`
+/// as where its adapters came from).
 pub fn expand_sweep_policies(cfg: ParetoConfig) -> Result<ParetoConfig> {
-    let mut policies = vec![];
+    let mut policies: Vec<PolicySpec> = vec![];
     for (i, pol) in cfg.policy.iter().enumerate() {
         if pol.sweep.is_empty() {
             policies.push(pol.clone());
@@ -22,59 +28,76 @@ pub fn expand_sweep_policies(cfg: ParetoConfig) -> Result<ParetoConfig> {
         }
         policies.extend(of_sweep(&pol.name, Path::new(&pol.sweep)).with_context(|| here)?);
     }
+    for (i, p) in policies.iter().enumerate() {
+        if policies[..i].iter().any(|q| q.name == p.name) {
+            bail!(
+                "[[policy]] name `{}` is used twice (a sweep's policies are named NAME-<axis values>); rename one",
+                p.name
+            );
+        }
+    }
     Ok(ParetoConfig {
         policy: policies,
         ..cfg
     })
 }
 
-/// The finished points of the sweep in `dir`, grouped by their axis values but the weights.
+/// The points of the sweep in `dir`, every one finished, grouped by their axis values but
+/// the weights.
 fn of_sweep(name: &str, dir: &Path) -> Result<Vec<PolicySpec>> {
     let m = Manifest::read(dir)?;
-    let Some(key) = m.weights_key.as_deref() else {
+    let kind = StageKind::parse(&m.stage)
+        .with_context(|| format!("{}: unknown stage {}", dir.display(), m.stage))?;
+    let Some(key) = kind.weights_key() else {
         bail!(
             "sweep {} trains {}, which has no objective weights",
             dir.display(),
             m.stage
         );
     };
+    let mut unfinished = vec![];
+    for p in &m.points {
+        let state = recorded_state(kind, &dir.join(&p.name))
+            .with_context(|| format!("sweep {}: point {}", dir.display(), p.name))?;
+        if state != PointState::Done {
+            unfinished.push(format!("{} ({})", p.name, state.word()));
+        }
+    }
+    if !unfinished.is_empty() {
+        bail!(
+            "sweep {}: {} of {} points not finished: {}; finish them (rerun `mo-align sweep`) before reporting on the sweep",
+            dir.display(),
+            unfinished.len(),
+            m.points.len(),
+            unfinished.join(", ")
+        );
+    }
     let mut groups: Vec<PolicySpec> = vec![];
     for p in &m.points {
-        let out = &p.output_dir;
-        if !out.join("adapter_model.safetensors").is_file() {
-            continue;
-        }
-        let weights = trained_weights(out, key)?;
+        let out = dir.join(&p.name);
+        let weights = trained_weights(&out, key)?;
         let rest: Vec<String> = p
             .values
             .iter()
             .filter(|(k, _)| k.as_str() != key)
             .map(|(k, v)| {
                 let label = k.rsplit('.').next().unwrap_or(k);
-                format!("{label}{}", v.to_string().trim_matches('"'))
+                let v =
+                    toml::Value::try_from(v).map_or_else(|_| v.to_string(), |v| value_label(&v));
+                format!("{label}{v}")
             })
             .collect();
         let group = if rest.is_empty() {
             name.to_string()
         } else {
-            let suffix: String = rest
-                .join("_")
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                        c
-                    } else {
-                        '-'
-                    }
-                })
-                .collect();
-            format!("{name}-{suffix}")
+            format!("{name}-{}", safe_name(&rest.join("_")))
         };
         let at = match groups.iter().position(|g| g.name == group) {
             Some(at) => at,
             None => {
                 groups.push(PolicySpec {
                     name: group,
+                    sweep: dir.display().to_string(),
                     ..PolicySpec::default()
                 });
                 groups.len() - 1
@@ -84,10 +107,7 @@ fn of_sweep(name: &str, dir: &Path) -> Result<Vec<PolicySpec>> {
         groups[at].adapter_weights.push(weights);
     }
     if groups.is_empty() {
-        bail!(
-            "sweep {}: no point has finished (run `mo-align sweep` first)",
-            dir.display()
-        );
+        bail!("sweep {}: holds no points", dir.display());
     }
     Ok(groups)
 }
@@ -99,17 +119,7 @@ fn trained_weights(out: &Path, key: &str) -> Result<Vec<f64>> {
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: not a config", path.display()))?;
-    let (section, field) = key.split_once('.').unwrap_or(("", key));
-    let values: Option<Vec<f64>> = table
-        .get(section)
-        .and_then(|s| s.get(field))
-        .and_then(|w| w.as_array())
-        .and_then(|a| {
-            a.iter()
-                .map(|x| x.as_float().or_else(|| x.as_integer().map(|n| n as f64)))
-                .collect()
-        });
-    match values {
+    match lookup(&table, key).and_then(numbers) {
         Some(w) if !w.is_empty() => Ok(w),
         _ => bail!(
             "{}: {key} is empty (equal weights over objectives it does not name); give the weights in the sweep's base config or axes",
