@@ -124,13 +124,17 @@ pub fn load_base(model: &ModelConfig, train: &TrainConfig) -> Result<Loaded> {
             Path::new(&model.path),
             model.tiny.clone().unwrap_or_default(),
         );
-        if dir.exists() {
-            // A directory written for another `[model.tiny]` (say, before `arch` changed) is
-            // never silently reused, nor replaced.
-            crate::model::tiny::check_made_for(dir, &spec)?;
-        } else {
-            crate::model::tiny::write_tiny_checkpoint_of(dir, model.tiny_seed, &spec)?;
+        if !dir.exists() {
+            // Written aside and renamed into place: a sweep's points start at once, and one
+            // must never read another's half-written checkpoint. Whoever renames first wins;
+            // the others' copies (the same seed and spec) are dropped.
+            let tmp = crate::util::io::AtomicDir::new(dir)?;
+            crate::model::tiny::write_tiny_checkpoint_of(tmp.path(), model.tiny_seed, &spec)?;
+            tmp.commit_new()?;
         }
+        // A directory written for another `[model.tiny]` (say, before `arch` changed) is
+        // never silently reused, nor replaced.
+        crate::model::tiny::check_made_for(dir, &spec)?;
     }
     let device = select_device(&train.device)?;
     if device.is_cpu() {

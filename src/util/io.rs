@@ -171,6 +171,24 @@ impl AtomicDir {
     }
 }
 
+impl AtomicDir {
+    /// Moves the finished directory into place unless `dest` exists by then (another process
+    /// wrote it first: this one's copy is dropped, and `false` returned). Never replaces.
+    pub fn commit_new(mut self) -> Result<bool> {
+        match std::fs::rename(&self.tmp, &self.dest) {
+            Ok(()) => {
+                self.committed = true;
+                Ok(true)
+            }
+            // rename(2) onto a non-empty directory fails: the race was lost.
+            Err(_) if self.dest.exists() => Ok(false),
+            Err(e) => {
+                Err(e).with_context(|| format!("{}: cannot move into place", self.dest.display()))
+            }
+        }
+    }
+}
+
 impl Drop for AtomicDir {
     fn drop(&mut self) {
         if !self.committed {

@@ -11,9 +11,12 @@ use std::collections::VecDeque;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The GPU of each slot: `local.gpus`, else (with more than one slot) the devices
-/// `CUDA_VISIBLE_DEVICES` lists, else 0, 1, ...; `None`: one slot, the environment as it is.
-fn slot_gpus(cfg: &LocalSection) -> Result<Option<Vec<String>>> {
+/// The GPU of each slot, given `CUDA_VISIBLE_DEVICES` as this process sees it (`visible`):
+/// `local.gpus` when given; else, when the variable is set, exactly the devices it lists
+/// (fewer than `local.parallel` is refused: two points would share a GPU; set but empty means
+/// no GPU, and every slot gets it empty: CPU points); else 0, 1, ... `None`: one slot and no
+/// `local.gpus`, the environment as it is.
+fn slot_gpus(cfg: &LocalSection, visible: Option<&str>) -> Result<Option<Vec<String>>> {
     let n = cfg.parallel;
     if !cfg.gpus.is_empty() {
         if cfg.gpus.len() < n {
@@ -27,20 +30,37 @@ fn slot_gpus(cfg: &LocalSection) -> Result<Option<Vec<String>>> {
     if n == 1 {
         return Ok(None);
     }
-    let visible: Vec<String> = std::env::var("CUDA_VISIBLE_DEVICES")
-        .ok()
-        .map(|v| {
-            v.split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Some(if visible.len() >= n {
-        visible
-    } else {
-        (0..n).map(|i| i.to_string()).collect()
-    }))
+    let Some(visible) = visible else {
+        return Ok(Some((0..n).map(|i| i.to_string()).collect()));
+    };
+    let listed: Vec<String> = visible
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if listed.is_empty() {
+        return Ok(Some(vec![String::new(); n]));
+    }
+    if listed.len() < n {
+        bail!(
+            "local.parallel = {n}, but CUDA_VISIBLE_DEVICES={visible} lists {} devices: lower local.parallel, or list the GPUs in local.gpus",
+            listed.len()
+        );
+    }
+    Ok(Some(listed))
+}
+
+/// The points running now; dropped before they all finished (an error, a panic), it kills
+/// and waits for them, so the sweep never leaves points training that nothing follows.
+struct Children(Vec<Running>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for r in &mut self.0 {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+    }
 }
 
 /// A point running in a slot.
@@ -65,7 +85,9 @@ pub fn run(
             plan.source.display()
         );
     }
-    let gpus = slot_gpus(cfg).with_context(|| plan.source.display().to_string())?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let gpus =
+        slot_gpus(cfg, visible.as_deref()).with_context(|| plan.source.display().to_string())?;
     let exe = super::binary("")?;
     let mut todo: VecDeque<usize> = (0..plan.points.len())
         .filter(|&i| states[i] != PointState::Done)
@@ -80,8 +102,8 @@ pub fn run(
     let logs = plan.dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
     let mut free: Vec<usize> = (0..cfg.parallel).rev().collect();
-    let mut running: Vec<Running> = vec![];
-    let mut last_message = Instant::now() - Duration::from_secs(10);
+    let mut running = Children(vec![]);
+    let mut last_message: Option<Instant> = None;
     loop {
         while !todo.is_empty() && !free.is_empty() {
             let (Some(i), Some(slot)) = (todo.pop_front(), free.pop()) else {
@@ -112,24 +134,24 @@ pub fn run(
                 .unwrap_or_default();
             progress.log(&format!("point {}: started{gpu}", p.name));
             states[i] = PointState::Running;
-            running.push(Running {
+            running.0.push(Running {
                 point: i,
                 slot,
                 child,
                 started: Instant::now(),
             });
         }
-        if running.is_empty() {
+        if running.0.is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
         let mut k = 0;
-        while k < running.len() {
-            let Some(status) = running[k].child.try_wait()? else {
+        while k < running.0.len() {
+            let Some(status) = running.0[k].child.try_wait()? else {
                 k += 1;
                 continue;
             };
-            let r = running.swap_remove(k);
+            let r = running.0.swap_remove(k);
             let p = &plan.points[r.point];
             let secs = r.started.elapsed().as_secs_f64();
             if status.success() {
@@ -148,9 +170,10 @@ pub fn run(
             }
             free.push(r.slot);
         }
-        if last_message.elapsed() >= Duration::from_secs(1) {
-            last_message = Instant::now();
+        if last_message.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_message = Some(Instant::now());
             let now: Vec<String> = running
+                .0
                 .iter()
                 .map(|r| {
                     let p = &plan.points[r.point];
@@ -165,4 +188,34 @@ pub fn run(
     }
     progress.finish();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(parallel: usize, gpus: &[&str], visible: Option<&str>) -> Result<Option<Vec<String>>> {
+        let cfg = LocalSection {
+            parallel,
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+        };
+        slot_gpus(&cfg, visible)
+    }
+
+    #[test]
+    fn each_slot_gets_a_gpu_of_its_own() {
+        let some = |v: &[&str]| Some(v.iter().map(|g| g.to_string()).collect::<Vec<_>>());
+        assert_eq!(slots(1, &[], Some("3")).unwrap(), None);
+        assert_eq!(slots(2, &[], None).unwrap(), some(&["0", "1"]));
+        assert_eq!(
+            slots(2, &[], Some("4, 6,7")).unwrap(),
+            some(&["4", "6", "7"])
+        );
+        assert_eq!(slots(2, &["5", "2"], Some("0")).unwrap(), some(&["5", "2"]));
+        // Set but empty: no GPU, and every point runs on the CPU.
+        assert_eq!(slots(3, &[], Some("")).unwrap(), some(&["", "", ""]));
+        let e = slots(2, &[], Some("1")).unwrap_err().to_string();
+        assert!(e.contains("CUDA_VISIBLE_DEVICES=1 lists 1 devices"), "{e}");
+        assert!(slots(3, &["0", "1"], None).is_err());
+    }
 }
