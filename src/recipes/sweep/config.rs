@@ -14,6 +14,16 @@ pub enum Backend {
     Slurm,
 }
 
+impl Backend {
+    /// Its name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Local => "local",
+            Backend::Slurm => "slurm",
+        }
+    }
+}
+
 /// The `[sweep]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -113,7 +113,7 @@ pub fn run_sweep(
         plan.dir.display(),
         plan.points.len(),
         plan.points.len() - done,
-        format!("{:?}", cfg.sweep.backend).to_lowercase()
+        cfg.sweep.backend.name()
     );
     let args = point_args(source, &overrides);
     let (jobs, scheduler) = match cfg.sweep.backend {
@@ -123,14 +123,14 @@ pub fn run_sweep(
         }
         Backend::Slurm => {
             let s = slurm::run(&plan, &cfg.slurm, &args, &mut states, quiet)?;
-            (s.job.into_iter().collect(), s.scheduler)
+            (s.jobs, s.scheduler)
         }
     };
     let with_sched: Vec<(PointState, Option<String>)> = states.into_iter().zip(scheduler).collect();
     let summary = SweepSummary {
         stage: plan.kind.name().to_string(),
         base: plan.base.display().to_string(),
-        backend: format!("{:?}", cfg.sweep.backend).to_lowercase(),
+        backend: cfg.sweep.backend.name().to_string(),
         jobs,
         wall_seconds: started.elapsed().as_secs_f64(),
         points: summary::rows(&plan, &with_sched, &before)?,
@@ -192,7 +192,7 @@ fn dry_run(source: &Path, overrides: &[String]) -> Result<()> {
         plan.kind.name(),
         plan.base.display(),
         plan.points.len(),
-        format!("{:?}", cfg.sweep.backend).to_lowercase()
+        cfg.sweep.backend.name()
     );
     let mut todo = vec![];
     for (i, p) in plan.points.iter().enumerate() {
@@ -205,8 +205,16 @@ fn dry_run(source: &Path, overrides: &[String]) -> Result<()> {
     }
     if cfg.sweep.backend == Backend::Slurm && !todo.is_empty() {
         let args = point_args(source, overrides);
-        println!("\nthe array job it would submit (slurm/array.sh):\n");
-        print!("{}", slurm::script(&plan, &cfg.slurm, &args, &todo)?);
+        let parts = slurm::chunks(&todo);
+        for (k, part) in parts.iter().enumerate() {
+            println!(
+                "\nthe array job it would submit ({} of {}, {} points; points still running in a job an earlier run submitted are followed instead):\n",
+                k + 1,
+                parts.len(),
+                part.len()
+            );
+            print!("{}", slurm::script(&plan, &cfg.slurm, &args, part)?);
+        }
     }
     Ok(())
 }

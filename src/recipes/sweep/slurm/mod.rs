@@ -1,116 +1,137 @@
-//! The `slurm` backend: the points that are not done become one array job
-//! (`slurm/array.sh`, one task per point, each `mo-align sweep --point NAME` with the
-//! resources `[slurm]` asks for), submitted with `sbatch`, followed with `squeue` until no
-//! task is left, and each point's state reported (Slurm's, from `sacct` when the cluster
-//! keeps accounting; whether its run finished, from its directory, in any case).
+//! The `slurm` backend: the points that are not done become array jobs (`slurm/array.sh`,
+//! one task per point, each `mo-align sweep --point NAME` with the resources `[slurm]` asks
+//! for), submitted with `sbatch` and recorded in `slurm/jobs.jsonl`, followed with `squeue`
+//! until no task is left, and each point's state reported (Slurm's, from `sacct` when the
+//! cluster keeps accounting; whether its run finished, from its directory, in any case). A
+//! rerun while a recorded job still runs follows that job rather than submitting its points
+//! again.
+
+mod follow;
+mod script;
 
 use super::config::SlurmSection;
 use super::plan::Plan;
 use super::point::{state_of, step_of, PointState};
 use crate::train::progress::Progress;
 use anyhow::{bail, Context, Result};
+use follow::{follow, look, slurm};
+pub use script::script;
+use script::MAX_TASKS;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// What the array job did: its id, and Slurm's last state of each point's task.
+/// What the jobs did: their ids, and Slurm's last state of each point's task.
 pub struct Submitted {
-    pub job: Option<String>,
+    pub jobs: Vec<String>,
     pub scheduler: Vec<Option<String>>,
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
+/// An array job, as `slurm/jobs.jsonl` records it: task `t` runs point `points[t]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    #[serde(rename = "job")]
+    pub id: String,
+    /// The cluster `sbatch --parsable` named (multi-cluster setups), for `-M`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    pub points: Vec<String>,
 }
 
-/// The array job's script for the points `todo` (indices into the plan).
-pub fn script(
+fn jobs_file(plan: &Plan) -> PathBuf {
+    plan.dir.join("slurm/jobs.jsonl")
+}
+
+/// The script of the `k`th of `n` arrays submitted at once.
+fn script_path(plan: &Plan, k: usize, n: usize) -> PathBuf {
+    let name = if n == 1 {
+        "array.sh".to_string()
+    } else {
+        format!("array-{k}.sh")
+    };
+    plan.dir.join("slurm").join(name)
+}
+
+/// The points not done in chunks of at most `MAX_TASKS`, one array each.
+pub fn chunks(todo: &[usize]) -> Vec<&[usize]> {
+    todo.chunks(MAX_TASKS).collect()
+}
+
+/// The jobs `slurm/jobs.jsonl` records whose tasks Slurm still lists as not over.
+fn live_jobs(plan: &Plan, states: &[PointState]) -> Result<Vec<Job>> {
+    let path = jobs_file(plan);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(vec![]);
+    };
+    let mut live = vec![];
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let job: Job = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {} is not a job record", path.display(), n + 1))?;
+        // A job all of whose points are done has nothing left to follow.
+        let open = job.points.iter().any(|name| {
+            plan.points
+                .iter()
+                .position(|p| p.name == *name)
+                .is_some_and(|i| states[i] != PointState::Done)
+        });
+        if !open {
+            continue;
+        }
+        let tasks = look(&job).with_context(|| {
+            format!(
+                "checking whether Slurm job {} ({}) still runs",
+                job.id,
+                path.display()
+            )
+        })?;
+        if tasks.is_some_and(|t| t.values().any(|t| !t.over())) {
+            live.push(job);
+        }
+    }
+    Ok(live)
+}
+
+/// Submits `todo` as one array job and records it.
+fn submit(
     plan: &Plan,
     cfg: &SlurmSection,
-    point_args: &[String],
+    args: &[String],
     todo: &[usize],
-) -> Result<String> {
-    let cwd = std::env::current_dir().context("the current directory")?;
-    let exe = super::binary(&cfg.binary)?;
-    let dir = cwd.join(&plan.dir);
-    let mut opts = vec![
-        format!("--job-name={}", cfg.job_name),
-        format!("--array=0-{}", todo.len() - 1),
-        format!("--output={}", dir.join("slurm/%A_%a.out").display()),
-        format!("--chdir={}", cwd.display()),
-    ];
-    let optional = [
-        ("--partition", cfg.partition.clone()),
-        ("--account", cfg.account.clone()),
-        ("--mem", cfg.mem.clone()),
-        ("--time", cfg.time.clone()),
-    ];
-    for (flag, v) in optional.iter().filter(|(_, v)| !v.is_empty()) {
-        opts.push(format!("{flag}={v}"));
-    }
-    if cfg.gpus_per_job > 0 {
-        opts.push(format!("--gres=gpu:{}", cfg.gpus_per_job));
-    }
-    if cfg.cpus_per_task > 0 {
-        opts.push(format!("--cpus-per-task={}", cfg.cpus_per_task));
-    }
-    opts.extend(cfg.extra_args.iter().cloned());
-    if let Some(o) = opts.iter().chain(&cfg.setup).find(|o| o.contains('\n')) {
+    path: &Path,
+) -> Result<Job> {
+    let text = script(plan, cfg, args, todo)?;
+    crate::util::io::write_atomic(path, text.as_bytes())?;
+    let out = slurm("sbatch", &["--parsable", &path.display().to_string()])
+        .with_context(|| format!("submitting {}", path.display()))?;
+    // `--parsable` prints `ID` or `ID;CLUSTER`.
+    let mut parts = out.trim().splitn(2, ';');
+    let id = parts.next().unwrap_or("").trim().to_string();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
         bail!(
-            "{}: [slurm] value {o:?} holds a line break",
-            plan.source.display()
+            "sbatch --parsable {}: gave `{}`, not a job id",
+            path.display(),
+            out.trim()
         );
     }
-    let mut s = String::from("#!/bin/bash\n# Written by mo-align sweep: one task per point.\n");
-    for o in &opts {
-        s.push_str(&format!("#SBATCH {o}\n"));
-    }
-    s.push_str("set -euo pipefail\n");
-    for line in &cfg.setup {
-        s.push_str(&format!("{line}\n"));
-    }
-    let names: Vec<String> = todo.iter().map(|&i| quote(&plan.points[i].name)).collect();
-    s.push_str(&format!("points=({})\n", names.join(" ")));
-    s.push_str("point=${points[$SLURM_ARRAY_TASK_ID]}\n");
-    let mut cmd = vec![quote(&exe.display().to_string())];
-    cmd.extend(point_args.iter().map(|a| quote(a)));
-    cmd.push("--point \"$point\"".into());
-    let logs = dir.join("logs");
-    s.push_str(&format!(
-        "exec {} >> {}/\"$point\".log 2>&1\n",
-        cmd.join(" "),
-        quote(&logs.display().to_string())
-    ));
-    Ok(s)
+    let job = Job {
+        id,
+        cluster: parts
+            .next()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty()),
+        points: todo.iter().map(|&i| plan.points[i].name.clone()).collect(),
+    };
+    crate::util::io::JsonlWriter::append(&jobs_file(plan))?.write(&serde_json::to_value(&job)?)?;
+    Ok(job)
 }
 
-/// Runs a Slurm client command, its stdout on success.
-fn slurm(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| {
-        format!("{cmd}: cannot run (backend = \"slurm\" needs Slurm's client commands on the PATH)")
-    })?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Task index -> state, from `JOB_INDEX|STATE` lines.
-fn task_states(text: &str, job: &str) -> HashMap<usize, String> {
-    text.lines()
-        .filter_map(|l| {
-            let (id, state) = l.trim().split_once('|')?;
-            let idx = id.strip_prefix(job)?.strip_prefix('_')?.parse().ok()?;
-            Some((idx, state.split_whitespace().next()?.to_string()))
-        })
-        .collect()
-}
-
-/// Submits the points that are not done and follows the job until none of its tasks is left.
+/// Follows the recorded jobs that still run, submits the points that are neither done nor in
+/// one of them, and follows every job until none of its tasks is left.
 pub fn run(
     plan: &Plan,
     cfg: &SlurmSection,
@@ -119,103 +140,83 @@ pub fn run(
     quiet: bool,
 ) -> Result<Submitted> {
     let n = plan.points.len();
-    let todo: Vec<usize> = (0..n).filter(|&i| states[i] != PointState::Done).collect();
     let mut scheduler = vec![None; n];
-    if todo.is_empty() {
+    script::check(plan, cfg)?;
+    let index = |name: &str| plan.points.iter().position(|p| p.name == name);
+    let mut jobs = live_jobs(plan, states)?;
+    let followed: Vec<usize> = jobs
+        .iter()
+        .flat_map(|j| j.points.iter().filter_map(|p| index(p)))
+        .collect();
+    let todo: Vec<usize> = (0..n)
+        .filter(|&i| states[i] != PointState::Done && !followed.contains(&i))
+        .collect();
+    if todo.is_empty() && jobs.is_empty() {
         return Ok(Submitted {
-            job: None,
+            jobs: vec![],
             scheduler,
         });
     }
-    let text = script(plan, cfg, point_args, &todo)?;
-    let path = plan.dir.join("slurm/array.sh");
-    crate::util::io::write_atomic(&path, text.as_bytes())?;
+    let progress = Progress::new(n as u64, 0, quiet, "sweep");
+    for job in &jobs {
+        progress.log(&format!(
+            "Slurm job {} (submitted earlier) still runs {} of this sweep's points: following it rather than submitting them again",
+            job.id,
+            job.points.len()
+        ));
+    }
     std::fs::create_dir_all(plan.dir.join("logs"))?;
-    let out = slurm("sbatch", &["--parsable", &path.display().to_string()])?;
-    let job = out.trim().split(';').next().unwrap_or("").to_string();
-    if job.is_empty() {
-        bail!("sbatch --parsable gave no job id");
+    let parts = chunks(&todo);
+    for (k, part) in parts.iter().enumerate() {
+        let path = script_path(plan, k, parts.len());
+        let job = submit(plan, cfg, point_args, part, &path)?;
+        progress.log(&format!(
+            "submitted Slurm job {}: {} tasks ({}); following it (Ctrl-C stops following, not the job: `scancel {}` does)",
+            job.id,
+            part.len(),
+            path.display(),
+            job.id
+        ));
+        jobs.push(job);
     }
-    let record = serde_json::json!({
-        "job": job,
-        "points": todo.iter().map(|&i| plan.points[i].name.clone()).collect::<Vec<_>>(),
-    });
-    crate::util::io::JsonlWriter::append(&plan.dir.join("slurm/jobs.jsonl"))?.write(&record)?;
-    let done_before = (n - todo.len()) as u64;
-    let progress = Progress::new(n as u64, done_before, quiet, "sweep");
-    progress.log(&format!(
-        "submitted Slurm job {job}: {} tasks ({}); following it (Ctrl-C stops following, not the job: `scancel {job}` does)",
-        todo.len(),
-        path.display()
-    ));
-    let mut failures = 0;
-    loop {
-        let listed = match slurm("squeue", &["-h", "-r", "-j", &job, "-o", "%i|%T"]) {
-            Ok(text) => task_states(&text, &job),
-            // Once the job has left the controller's memory it is an invalid id: finished.
-            Err(e) if e.to_string().contains("Invalid job id") => HashMap::new(),
-            Err(e) => {
-                failures += 1;
-                if failures >= 5 {
-                    return Err(e.context(format!(
-                        "following Slurm job {job} (it may still run: squeue -j {job})"
-                    )));
-                }
-                std::thread::sleep(Duration::from_secs(cfg.poll_seconds.max(1)));
-                continue;
-            }
-        };
-        failures = 0;
-        let mut running = vec![];
-        for (t, &i) in todo.iter().enumerate() {
-            match listed.get(&t) {
-                Some(state) => {
-                    if state == "RUNNING" {
-                        states[i] = PointState::Running;
-                        let p = &plan.points[i];
-                        let step =
-                            step_of(&p.out).map_or("starting".into(), |s| format!("step {s}"));
-                        running.push(format!("{} {step}", p.name));
-                    }
-                    scheduler[i] = Some(state.clone());
-                }
-                None => scheduler[i] = Some("FINISHED".into()),
-            }
-        }
-        let left = todo
+    let poll = Duration::from_secs(cfg.poll_seconds.max(1));
+    // Per job: its tasks not over, and its running points with their steps.
+    let mut now: HashMap<String, (u64, Vec<String>)> = HashMap::new();
+    let last = follow(&jobs, poll, &progress, |job, tasks| {
+        let running: Vec<String> = tasks
             .iter()
-            .enumerate()
-            .filter(|(t, _)| listed.contains_key(t))
-            .count();
-        progress.set(n as u64 - left as u64, running.join(", "));
-        if listed.is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(cfg.poll_seconds.max(1)));
-    }
+            .filter(|(_, t)| t.state == "RUNNING")
+            .filter_map(|(t, _)| index(job.points.get(*t)?))
+            .map(|i| {
+                let p = &plan.points[i];
+                let step = step_of(&p.out).map_or("starting".into(), |s| format!("step {s}"));
+                format!("{} {step}", p.name)
+            })
+            .collect();
+        let left = tasks.values().filter(|t| !t.over()).count() as u64;
+        now.insert(job.id.clone(), (left, running));
+        let left: u64 = now.values().map(|(l, _)| l).sum();
+        let running: Vec<&str> = now
+            .values()
+            .flat_map(|(_, r)| r)
+            .map(String::as_str)
+            .collect();
+        progress.set((n as u64).saturating_sub(left), running.join(", "));
+    })?;
     progress.finish();
-    // Slurm's own record of each task, where the cluster keeps accounting.
-    match slurm("sacct", &["-n", "-P", "-X", "-j", &job, "-o", "JobID,State"]) {
-        Ok(text) => {
-            for (t, state) in task_states(&text, &job) {
-                if let Some(&i) = todo.get(t) {
-                    scheduler[i] = Some(state);
-                }
+    for (job, tasks) in jobs.iter().zip(&last) {
+        for (name, t) in job.points.iter().zip(0..) {
+            if let Some(i) = index(name) {
+                scheduler[i] = tasks.get(&t).cloned().or(Some("FINISHED".into()));
+                states[i] = match state_of(plan, &plan.points[i])? {
+                    PointState::Done => PointState::Done,
+                    _ => PointState::Failed,
+                };
             }
         }
-        Err(e) => eprintln!(
-            "note: no Slurm accounting for job {job} ({}); each point's state is its run directory's",
-            e.to_string().lines().next().unwrap_or("")
-        ),
-    }
-    for &i in &todo {
-        states[i] = match state_of(plan, &plan.points[i])? {
-            PointState::Done => PointState::Done,
-            _ => PointState::Failed,
-        };
     }
     Ok(Submitted {
-        job: Some(job),
+        jobs: jobs.into_iter().map(|j| j.id).collect(),
         scheduler,
     })
 }

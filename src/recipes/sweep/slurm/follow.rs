@@ -1,0 +1,207 @@
+//! Following submitted array jobs with `squeue` until none of their tasks is left, and asking
+//! `sacct` (where the cluster keeps accounting) for each task's final state.
+
+use super::Job;
+use crate::train::progress::Progress;
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Polls after which a job Slurm has never listed (neither `squeue` nor `sacct`) is taken to
+/// be over: a job that finished and left the controller's memory before the first poll.
+const GRACE_POLLS: u32 = 5;
+
+/// How often a pending job's reason is logged (the progress bar shows it at every poll).
+const PENDING_NOTE: Duration = Duration::from_secs(300);
+
+/// Task states after which a task does not run again.
+const OVER: [&str; 11] = [
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+    "SPECIAL_EXIT",
+];
+
+/// A task's state: Slurm's word, and why it waits (`%r`).
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub state: String,
+    pub reason: String,
+}
+
+impl Task {
+    pub fn over(&self) -> bool {
+        OVER.contains(&self.state.as_str())
+    }
+}
+
+/// Runs a Slurm client command, its stdout on success.
+pub fn slurm(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| {
+        format!("{cmd}: cannot run (backend = \"slurm\" needs Slurm's client commands on the PATH)")
+    })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        bail!("{cmd} {}: {}", args.join(" "), lines.join("; "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `args` and, on a multi-cluster setup, `-M CLUSTER`.
+fn on_cluster<'a>(job: &'a Job, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if let Some(c) = &job.cluster {
+        v.extend(["-M", c.as_str()]);
+    }
+    v
+}
+
+/// Task index -> fields, from `JOB_INDEX|FIELD|...` lines.
+fn by_task(text: &str, job: &str) -> HashMap<usize, Vec<String>> {
+    text.lines()
+        .filter_map(|l| {
+            let mut fields = l.trim().split('|');
+            let idx = fields
+                .next()?
+                .strip_prefix(job)?
+                .strip_prefix('_')?
+                .parse()
+                .ok()?;
+            Some((idx, fields.map(|f| f.trim().to_string()).collect()))
+        })
+        .collect()
+}
+
+/// The job's tasks as `squeue` lists them (finished ones too, while the controller remembers
+/// them); `None`: Slurm does not know the job (any more).
+pub fn look(job: &Job) -> Result<Option<HashMap<usize, Task>>> {
+    let args = on_cluster(
+        job,
+        &["-h", "-r", "-t", "all", "-j", &job.id, "-o", "%i|%T|%r"],
+    );
+    let text = match slurm("squeue", &args) {
+        Ok(text) => text,
+        Err(e) if e.to_string().contains("Invalid job id") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let tasks: HashMap<usize, Task> = by_task(&text, &job.id)
+        .into_iter()
+        .filter_map(|(t, f)| {
+            let state = f.first()?.split_whitespace().next()?.to_string();
+            let reason = f.get(1).cloned().unwrap_or_default();
+            Some((t, Task { state, reason }))
+        })
+        .collect();
+    Ok((!tasks.is_empty()).then_some(tasks))
+}
+
+/// Each task's final state from `sacct`, where the cluster keeps accounting (empty where
+/// not).
+pub fn accounted(job: &Job) -> HashMap<usize, String> {
+    let args = on_cluster(job, &["-n", "-P", "-X", "-j", &job.id, "-o", "JobID,State"]);
+    slurm("sacct", &args)
+        .map(|text| {
+            by_task(&text, &job.id)
+                .into_iter()
+                .filter_map(|(t, f)| Some((t, f.first()?.split_whitespace().next()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Follows `jobs` until none of their tasks is left; calls `running` with each job's listed
+/// tasks at every poll (for the progress bar); returns the last state seen of every task.
+pub fn follow(
+    jobs: &[Job],
+    poll: Duration,
+    progress: &Progress,
+    mut running: impl FnMut(&Job, &HashMap<usize, Task>),
+) -> Result<Vec<HashMap<usize, String>>> {
+    let mut last: Vec<HashMap<usize, String>> = vec![HashMap::new(); jobs.len()];
+    let mut seen = vec![false; jobs.len()];
+    let mut unseen_polls = vec![0u32; jobs.len()];
+    let mut over = vec![false; jobs.len()];
+    let mut failures = 0;
+    let mut noted: Option<Instant> = None;
+    while over.iter().any(|o| !o) {
+        let mut pending: Vec<String> = vec![];
+        for (j, job) in jobs.iter().enumerate() {
+            if over[j] {
+                continue;
+            }
+            let tasks = match look(job) {
+                Ok(t) => t,
+                Err(e) => {
+                    failures += 1;
+                    if failures >= 5 {
+                        return Err(e.context(format!(
+                            "following Slurm job {} (it may still run: squeue -j {})",
+                            job.id, job.id
+                        )));
+                    }
+                    continue;
+                }
+            };
+            failures = 0;
+            match tasks {
+                Some(tasks) => {
+                    seen[j] = true;
+                    over[j] = tasks.values().all(Task::over);
+                    for (t, task) in &tasks {
+                        last[j].insert(*t, task.state.clone());
+                        if task.state == "PENDING" {
+                            pending.push(format!("{}_{t} ({})", job.id, task.reason));
+                        }
+                    }
+                    running(job, &tasks);
+                }
+                // Gone from the controller: over once it was seen, or `sacct` has it; a job
+                // never seen is given a few polls before it is taken to be over.
+                None if seen[j] || !accounted(job).is_empty() => over[j] = true,
+                None => {
+                    unseen_polls[j] += 1;
+                    if unseen_polls[j] >= GRACE_POLLS {
+                        progress.log(&format!(
+                            "note: Slurm has not listed job {} in {GRACE_POLLS} polls; taking it as over",
+                            job.id
+                        ));
+                        over[j] = true;
+                    }
+                }
+            }
+        }
+        if !pending.is_empty() && noted.is_none_or(|t| t.elapsed() >= PENDING_NOTE) {
+            noted = Some(Instant::now());
+            progress.log(&format!(
+                "{} tasks pending: {}",
+                pending.len(),
+                pending
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if over.iter().any(|o| !o) {
+            std::thread::sleep(poll);
+        }
+    }
+    for (j, job) in jobs.iter().enumerate() {
+        last[j].extend(accounted(job));
+    }
+    Ok(last)
+}
