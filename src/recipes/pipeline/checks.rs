@@ -1,7 +1,10 @@
 //! Checks made on the pipeline's config before any stage trains.
 
 use super::config::{PipelineConfig, StagesConfig};
-use super::stages::{preference_stages, stage_name};
+use super::stages::{preference_stages, stage_name, sweep_stage_names};
+use crate::recipes::reuse::StageKind;
+use crate::recipes::sweep::config::SweepConfig;
+use crate::recipes::sweep::plan::Plan;
 use crate::recipes::{dpo, grpo};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -32,7 +35,7 @@ pub(super) fn check_config(cfg: &PipelineConfig) -> Result<()> {
     if let Some(s) = p.sweep.iter().find(|s| !Path::new(s).is_file()) {
         bail!("pipeline.sweep: {s} is not a file");
     }
-    check_curves(cfg, &p.overrides)?;
+    check_stage_names(cfg, &p.overrides)?;
     check_stage_overlap(p)
 }
 
@@ -84,12 +87,9 @@ fn check_stage_overlap(p: &StagesConfig) -> Result<()> {
     Ok(())
 }
 
-/// `eval.curves` must name stages of this pipeline; checked before anything trains, since the
-/// curves are drawn only after every stage has.
-fn check_curves(cfg: &PipelineConfig, ov: &[String]) -> Result<()> {
-    if cfg.eval.curves.is_empty() {
-        return Ok(());
-    }
+/// The names of the stages judged, in order: sft, the preference and online stages, each
+/// sweep's points (every sweep checked to train policy adapters from the SFT model).
+fn stage_names(cfg: &PipelineConfig, ov: &[String]) -> Result<Vec<String>> {
     let mut names = vec!["sft".to_string()];
     for (kind, config) in preference_stages(&cfg.pipeline) {
         let path = Path::new(config);
@@ -114,6 +114,35 @@ fn check_curves(cfg: &PipelineConfig, ov: &[String]) -> Result<()> {
             }
         };
         names.push(stage_name(Path::new(&out), kind));
+    }
+    for sweep in &cfg.pipeline.sweep {
+        let path = Path::new(sweep);
+        let sc: SweepConfig = crate::util::config::load(Some(path), &[])?;
+        let plan = Plan::new(&sc, path)?;
+        // A sweep's points are judged as policies trained from the SFT model: an adapter on
+        // it. A reward model or an SFT run is not one.
+        if matches!(plan.kind, StageKind::Sft | StageKind::TrainRm) {
+            bail!(
+                "pipeline.sweep: {sweep} sweeps {}, which does not train a policy from the SFT model; the pipeline's sweeps run dpo, hybrid-dpo, reward-weighted or grpo",
+                plan.kind.name()
+            );
+        }
+        names.extend(sweep_stage_names(&plan));
+    }
+    Ok(names)
+}
+
+/// Stage names must be unique (they name the report's rows and files), and `eval.curves`
+/// must name stages of this pipeline; checked before anything trains, since the curves are
+/// drawn only after every stage has.
+fn check_stage_names(cfg: &PipelineConfig, ov: &[String]) -> Result<()> {
+    let names = stage_names(cfg, ov)?;
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            bail!(
+                "pipeline: two stages are named `{name}` (a stage is named by its train.output_dir's last component, a sweep's point by SWEEP.POINT); give them directories of different names"
+            );
+        }
     }
     for name in &cfg.eval.curves {
         if !names.contains(name) {

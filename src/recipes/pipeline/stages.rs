@@ -225,6 +225,16 @@ fn parts<T>(s: StageState<T>) -> (T, PathBuf, bool, String) {
     (s.config, s.out, s.done, s.resolved)
 }
 
+/// The stage names of a sweep's points: `SWEEP.POINT`, SWEEP its directory's name, so points
+/// of two sweeps with the same axes stay apart (and name files: `generations-NAME.jsonl`).
+pub(super) fn sweep_stage_names(plan: &crate::recipes::sweep::plan::Plan) -> Vec<String> {
+    let sweep = crate::recipes::sweep::plan::safe_name(&stage_name(&plan.dir, "sweep"));
+    plan.points
+        .iter()
+        .map(|p| format!("{sweep}.{}", p.name))
+        .collect()
+}
+
 /// Runs the sweep `config` (each point with the pipeline's overrides) and returns its points
 /// as stages started from SFT; a point that did not finish fails the pipeline.
 fn sweep_stages(
@@ -236,7 +246,8 @@ fn sweep_stages(
     eprintln!("== sweep {}", config.display());
     let (plan, summary) = crate::recipes::sweep::run_sweep(config, &[], ov, flags.quiet)?;
     let mut stages = vec![];
-    for (p, row) in plan.points.iter().zip(&summary.points) {
+    let names = sweep_stage_names(&plan);
+    for ((p, row), name) in plan.points.iter().zip(&summary.points).zip(names) {
         if row.state != crate::recipes::sweep::point::PointState::Done {
             anyhow::bail!(
                 "sweep {}: point {} did not finish; see {}",
@@ -254,12 +265,12 @@ fn sweep_stages(
             .unwrap_or_default();
         let seconds = row.metrics.train_seconds.unwrap_or(f64::NAN);
         timings.push(StageSeconds {
-            stage: p.name.clone(),
+            stage: name.clone(),
             seconds,
             cached: !row.ran,
         });
         stages.push(TrainedStage {
-            name: p.name.clone(),
+            name,
             model: model.path.clone(),
             base_adapter: model.adapter_path().map(Path::to_path_buf),
             adapter: Some(p.out.clone()),
