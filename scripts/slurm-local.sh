@@ -35,8 +35,9 @@ cpus=$(nproc)
 mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 conf_dir=/etc/slurm
 mkdir -p "$conf_dir" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+header="# Written by mo-align's scripts/slurm-local.sh: one node, no cgroups, no accounting."
 conf=$(cat <<EOF
-# Written by mo-align's scripts/slurm-local.sh: one node, no cgroups, no accounting.
+$header
 ClusterName=moalign
 SlurmctldHost=localhost
 AuthType=auth/munge
@@ -62,8 +63,16 @@ NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOW
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 )
+# A slurm.conf this script did not write (its first line says who did) is a cluster's own:
+# never replaced.
+if [ -e "$conf_dir/slurm.conf" ] && [ "$(head -n 1 "$conf_dir/slurm.conf")" != "$header" ]; then
+    echo "slurm-local.sh: $conf_dir/slurm.conf exists and was not written by this script; not replacing it (move it aside to use this script)" >&2
+    exit 2
+fi
 if [ ! -f "$conf_dir/slurm.conf" ] || [ "$(cat "$conf_dir/slurm.conf")" != "$conf" ]; then
-    printf '%s\n' "$conf" > "$conf_dir/slurm.conf"
+    # Written aside and renamed: slurmctld never reads half a config.
+    printf '%s\n' "$conf" > "$conf_dir/.slurm.conf.tmp-$$"
+    mv -f "$conf_dir/.slurm.conf.tmp-$$" "$conf_dir/slurm.conf"
     changed=1
 fi
 
