@@ -60,7 +60,8 @@ impl Default for SweepSection {
 pub struct LocalSection {
     /// Points run at once; each gets one GPU through `CUDA_VISIBLE_DEVICES` when above 1.
     pub parallel: usize,
-    /// The GPU of each slot (default: the devices `CUDA_VISIBLE_DEVICES` lists, else 0, 1, ...).
+    /// The GPU of each slot (default: exactly the devices `CUDA_VISIBLE_DEVICES` lists when it
+    /// is set, none when it is set empty; else 0, 1, ...).
     pub gpus: Vec<String>,
 }
 
@@ -90,9 +91,10 @@ pub struct SlurmSection {
     /// `--time` limit per task (e.g. "04:00:00"; empty: the partition's default).
     pub time: String,
     pub job_name: String,
-    /// More `#SBATCH` options, one per entry (e.g. "--qos=high", "--constraint=a100").
+    /// More `#SBATCH` options, one per entry (e.g. "--qos=high", "--constraint=a100"); not
+    /// --array, --output, --chdir or --job-name, through which each task finds its point.
     pub extra_args: Vec<String>,
-    /// Shell lines run before each point (e.g. "module load cuda/12.4").
+    /// Shell lines run before each point (e.g. "module load cuda/12.4"), before `set -u`.
     pub setup: Vec<String>,
     /// The mo-align binary on the compute nodes (default: this one, which must then be on a
     /// filesystem the nodes share, as the sweep directory must).

@@ -160,10 +160,16 @@ pub fn follow(
                 Some(tasks) => {
                     seen[j] = true;
                     over[j] = tasks.values().all(Task::over);
-                    for (t, task) in &tasks {
+                    let mut listed: Vec<(&usize, &Task)> = tasks.iter().collect();
+                    listed.sort_by_key(|(t, _)| **t);
+                    for (t, task) in listed {
                         last[j].insert(*t, task.state.clone());
                         if task.state == "PENDING" {
-                            pending.push(format!("{}_{t} ({})", job.id, task.reason));
+                            let why = match task.reason.as_str() {
+                                "" | "None" => String::new(),
+                                r => format!(" ({r})"),
+                            };
+                            pending.push(format!("{}_{t}{why}", job.id));
                         }
                     }
                     running(job, &tasks);

@@ -1,7 +1,10 @@
 //! `mo-align sweep` on the tiny model: a 2 x 2 grid (two weightings x two seeds) of hybrid-DPO
 //! runs of two steps, on the local backend (and on Slurm when `sbatch` is on the PATH).
 
+#[path = "../common/mod.rs"]
 mod common;
+mod resume;
+mod slurm;
 
 use common::{bin, repo_root, scratch, tiny_dir};
 use std::path::{Path, PathBuf};
@@ -16,6 +19,11 @@ const POINTS: [&str; 4] = [
 
 /// A 2 x 2 sweep config in `root` (its runs under `root/sweep`), with `extra` TOML appended.
 fn sweep_config(root: &Path, extra: &str) -> PathBuf {
+    sweep_config_with(root, &[], extra)
+}
+
+/// `sweep_config` with more overrides of every point (later ones win).
+fn sweep_config_with(root: &Path, more: &[&str], extra: &str) -> PathBuf {
     let base = repo_root().join("configs/demo/compare/hybrid-dpo-fixed.toml");
     let text = format!(
         r#"[sweep]
@@ -31,7 +39,7 @@ overrides = [
     "data.max_samples=8",
     "data.validation_files=[]",
     "data.validation_fraction=0.25",
-    "data.max_length=128",
+    "data.max_length=128",{more}
 ]
 
 [axes]
@@ -43,6 +51,10 @@ seed = [1, 2]
         out = root.join("sweep").to_str().unwrap(),
         model = tiny_dir().to_str().unwrap(),
         cache = root.join("cache").to_str().unwrap(),
+        more = more
+            .iter()
+            .map(|o| format!("\n    {o:?},"))
+            .collect::<String>(),
     );
     let path = root.join("sweep.toml");
     std::fs::write(&path, text).unwrap();
@@ -145,44 +157,6 @@ fn a_two_by_two_grid_runs_and_a_rerun_does_nothing() {
 }
 
 #[test]
-fn a_killed_sweep_resumes_only_the_unfinished_point() {
-    let root = scratch("sweep-resume");
-    let config = sweep_config(&root, "");
-    assert!(sweep(&config, &[]).status.success());
-    // What a run killed after its last checkpoint leaves: its record, log and checkpoints,
-    // no final adapter.
-    let killed = root.join("sweep").join(POINTS[3]);
-    std::fs::remove_file(killed.join("adapter_model.safetensors")).unwrap();
-    std::fs::remove_file(killed.join("adapter_config.json")).unwrap();
-    let dry = mo_align(&["sweep", "--config", config.to_str().unwrap(), "--dry-run"]);
-    let listed = String::from_utf8_lossy(&dry.stdout);
-    assert!(listed.contains("unfinished"), "{listed}");
-    let before: Vec<_> = POINTS[..3]
-        .iter()
-        .map(|p| adapter_mtime(&root, p))
-        .collect();
-    let run = sweep(&config, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert!(
-        stderr(&run).contains("3 up to date, 1 to run"),
-        "{}",
-        stderr(&run)
-    );
-    let got = states(&root);
-    for (name, state, ran) in &got {
-        assert_eq!(state, "done");
-        assert_eq!(*ran, name == POINTS[3], "{got:?}");
-    }
-    assert!(killed.join("adapter_model.safetensors").is_file());
-    let after: Vec<_> = POINTS[..3]
-        .iter()
-        .map(|p| adapter_mtime(&root, p))
-        .collect();
-    assert_eq!(before, after);
-    let _ = std::fs::remove_dir_all(&root);
-}
-
-#[test]
 fn a_changed_axis_value_or_base_setting_is_refused() {
     let root = scratch("sweep-changed");
     let config = sweep_config(&root, "");
@@ -244,33 +218,8 @@ fn bad_sweep_configs_are_named_in_one_line() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// Against the single-node Slurm of `scripts/slurm-local.sh`; skipped where `sbatch` is not on
-/// the PATH.
-#[test]
-fn a_slurm_sweep_finishes_every_point_and_pareto_covers_it() {
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("sbatch").is_file()));
-    if !on_path {
-        eprintln!(
-            "skipped: sbatch is not on the PATH (scripts/slurm-local.sh starts a local Slurm)"
-        );
-        return;
-    }
-    let root = scratch("sweep-slurm");
-    let config = sweep_config(
-        &root,
-        "[slurm]\ngpus_per_job = 0\ntime = \"00:10:00\"\npoll_seconds = 1\n",
-    );
-    let run = sweep(&config, &["--set", "sweep.backend=\"slurm\""]);
-    eprintln!("{}", stderr(&run));
-    assert!(run.status.success(), "{}", stderr(&run));
-    let s = summary(&root);
-    assert_eq!(s["backend"], "slurm");
-    assert_eq!(s["jobs"].as_array().unwrap().len(), 1, "{s}");
-    assert!(states(&root).iter().all(|(_, st, _)| st == "done"), "{s}");
-    let script = std::fs::read_to_string(root.join("sweep/slurm/array.sh")).unwrap();
-    assert!(script.contains("#SBATCH --array=0-3") && script.contains("#SBATCH --time=00:10:00"));
-
+/// A Pareto report over the sweep in `root/sweep` (`[[policy]] sweep`), its config's path.
+fn pareto_config(root: &Path) -> PathBuf {
     let pareto = root.join("pareto.toml");
     std::fs::write(
         &pareto,
@@ -296,19 +245,5 @@ sweep = {sweep:?}
         ),
     )
     .unwrap();
-    let o = mo_align(&["pareto", "--config", pareto.to_str().unwrap(), "--quiet"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("pareto/pareto.json")).unwrap())
-            .unwrap();
-    let policies = report["policies"].as_array().unwrap();
-    let names: Vec<&str> = policies
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["fixed-seed1", "fixed-seed2"]);
-    for p in policies {
-        assert_eq!(p["weightings"].as_array().unwrap().len(), 2, "{p}");
-    }
-    let _ = std::fs::remove_dir_all(&root);
+    pareto
 }

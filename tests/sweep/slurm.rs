@@ -1,0 +1,128 @@
+//! The Slurm backend: the array script `--dry-run` prints (no Slurm needed), and a real run
+//! against the single-node Slurm of `scripts/slurm-local.sh` (skipped where `sbatch` is not on
+//! the PATH), both in directories whose names hold a space.
+
+use super::*;
+
+const SLURM: &str = "[slurm]\ngpus_per_job = 0\ntime = \"00:10:00\"\npoll_seconds = 1\n";
+
+/// The script part of `--dry-run`'s output.
+fn dry_run_script(config: &Path, more: &[&str]) -> Output {
+    let mut args = vec!["sweep", "--config", config.to_str().unwrap(), "--dry-run"];
+    args.extend(["--set", "sweep.backend=\"slurm\""]);
+    args.extend(more);
+    mo_align(&args)
+}
+
+#[test]
+fn the_slurm_script_quotes_paths_with_spaces() {
+    let root = scratch("sweep slurm dry");
+    let config = sweep_config(&root, &format!("{SLURM}setup = [\"export A_B=1\"]\n"));
+    let o = dry_run_script(&config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let script = &out[out.find("#!/bin/bash").expect("no script")..];
+    let dir = root.join("sweep");
+    let want = format!("#SBATCH --output=\"{}/slurm/%A_%a.out\"", dir.display());
+    assert!(script.contains(&want), "{script}");
+    assert!(script.contains("#SBATCH --array=\"0-3\""), "{script}");
+    let logs = format!("'{}/logs'/\"$point\".log", dir.display());
+    assert!(script.contains(&logs), "{script}");
+    // setup runs before `set -u`.
+    let (setup, unset) = (script.find("export A_B=1"), script.find("set -u"));
+    assert!(setup < unset, "{script}");
+    let check = Command::new("bash")
+        .args(["-n", "-c", script])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(!dir.exists(), "--dry-run wrote the sweep");
+
+    // Options that map tasks to points are the sweep's own.
+    let o = dry_run_script(&config, &["--set", "slurm.extra_args=[\"--array=0-9\"]"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("slurm.extra_args `--array=0-9` sets --array") && e.contains("sweep.toml"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_slurm_sweep_finishes_every_point_and_a_rerun_follows_its_job() {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("sbatch").is_file()));
+    if !on_path {
+        eprintln!(
+            "skipped: sbatch is not on the PATH (scripts/slurm-local.sh starts a local Slurm)"
+        );
+        return;
+    }
+    let root = scratch("sweep slurm");
+    let config = sweep_config(&root, SLURM);
+    let args = [
+        "sweep",
+        "--config",
+        config.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "sweep.backend=\"slurm\"",
+    ];
+    // The first sweep is killed once it has submitted its job; the job runs on, and a rerun
+    // follows it rather than submitting its points again.
+    let mut first = Command::new(bin())
+        .args(args)
+        .current_dir(repo_root())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let jobs = root.join("sweep/slurm/jobs.jsonl");
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&jobs).is_ok_and(|s| s.ends_with('\n')) {
+        assert!(t.elapsed().as_secs() < 60, "no job submitted");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let run = mo_align(&args);
+    let e = stderr(&run);
+    eprintln!("{e}");
+    assert!(run.status.success(), "{e}");
+    let recorded = std::fs::read_to_string(&jobs).unwrap();
+    assert_eq!(
+        recorded.lines().count(),
+        1,
+        "the rerun submitted again: {recorded}"
+    );
+    let s = summary(&root);
+    assert_eq!(s["backend"], "slurm");
+    assert!(states(&root).iter().all(|(_, st, _)| st == "done"), "{s}");
+    if e.contains("following it rather than submitting") {
+        assert_eq!(s["jobs"].as_array().unwrap().len(), 1, "{s}");
+    }
+    let script = std::fs::read_to_string(root.join("sweep/slurm/array.sh")).unwrap();
+    assert!(script.contains("#SBATCH --time=\"00:10:00\""), "{script}");
+
+    let o = mo_align(&[
+        "pareto",
+        "--config",
+        pareto_config(&root).to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("pareto/pareto.json")).unwrap())
+            .unwrap();
+    let policies = report["policies"].as_array().unwrap();
+    let names: Vec<&str> = policies
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["fixed-seed1", "fixed-seed2"]);
+    for p in policies {
+        assert_eq!(p["weightings"].as_array().unwrap().len(), 2, "{p}");
+        assert_eq!(p["adapters"].as_array().unwrap().len(), 2, "{p}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
