@@ -105,14 +105,32 @@ fn with_reference(run: &StageRun, pairs: &[PreferencePair]) -> Result<Vec<DpoExa
         .collect())
 }
 
+impl DpoRunConfig {
+    /// Every value checked without loading a model or data (a sweep checks each point so).
+    pub fn check(&self) -> Result<()> {
+        self.stage.require_lora("dpo")?;
+        self.dpo.validate()?;
+        self.stage.check()
+    }
+}
+
+impl HybridRunConfig {
+    /// Every value checked without loading a model or data; the configured weights.
+    pub fn check(&self) -> Result<Option<crate::objectives::weighting::Weighting>> {
+        self.stage.require_lora("hybrid-dpo")?;
+        self.dpo.validate()?;
+        self.stage.check()?;
+        self.hybrid.validate()
+    }
+}
+
 pub fn run_dpo(
     config: Option<&Path>,
     overrides: &[String],
     flags: RunFlags,
 ) -> Result<TrainOutcome> {
     let cfg: DpoRunConfig = crate::util::config::load(config, overrides)?;
-    cfg.stage.require_lora("dpo")?;
-    cfg.dpo.validate()?;
+    cfg.check()?;
     let run = cfg.stage.start(&cfg, flags)?;
     let (train, val) = load_pairs(&run)?;
     let (train, val) = (with_reference(&run, &train)?, with_reference(&run, &val)?);
@@ -131,9 +149,7 @@ pub fn run_hybrid(
 ) -> Result<TrainOutcome> {
     let cfg: HybridRunConfig = crate::util::config::load(config, overrides)?;
     let h = &cfg.hybrid;
-    cfg.stage.require_lora("hybrid-dpo")?;
-    cfg.dpo.validate()?;
-    let weights = h.validate()?;
+    let weights = cfg.check()?;
     let rewards = RewardVector::open(&h.reward_model, &h.rules, "hybrid")?;
     let mo = MultiObjectiveRun::start(
         &cfg.stage,

@@ -75,15 +75,25 @@ fn prompt_example(
     }
 }
 
+impl GrpoRunConfig {
+    /// Every value checked without loading a model or data; the configured weights.
+    pub fn check(&self) -> Result<Option<crate::objectives::weighting::Weighting>> {
+        let weights = self.grpo.validate()?;
+        self.stage.require_lora("grpo")?;
+        let cond = &self.conditioning;
+        if cond.enabled && cond.draws != 1 {
+            bail!("conditioning.draws = {}: grpo draws fresh weights for every micro-batch of every step; leave draws at 1", cond.draws);
+        }
+        self.stage.check()?;
+        Ok(weights)
+    }
+}
+
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
     let cfg: GrpoRunConfig = crate::util::config::load(config, overrides)?;
     let g = &cfg.grpo;
-    let weights = g.validate()?;
-    cfg.stage.require_lora("grpo")?;
+    let weights = cfg.check()?;
     let cond = &cfg.conditioning;
-    if cond.enabled && cond.draws != 1 {
-        bail!("conditioning.draws = {}: grpo draws fresh weights for every micro-batch of every step; leave draws at 1", cond.draws);
-    }
     let rewards = RewardVector::open(&g.reward_model, &g.rules, "grpo")?;
     let mo = MultiObjectiveRun::start(
         &cfg.stage,

@@ -229,6 +229,41 @@ impl StageKind {
         })
     }
 
+    /// Every value of the stage's config checked without loading a model or data, so a sweep
+    /// refuses a bad point before it runs any (on a cluster: before it queues any).
+    pub fn check(self, config: &Path, overrides: &[String]) -> Result<()> {
+        let config = Some(config);
+        match self {
+            StageKind::Sft => crate::util::config::load::<sft::SftConfig>(config, overrides)?
+                .stage
+                .check(),
+            StageKind::TrainRm => {
+                crate::util::config::load::<train_rm::TrainRmConfig>(config, overrides)?
+                    .check()
+                    .map(drop)
+            }
+            StageKind::Dpo => {
+                crate::util::config::load::<dpo::DpoRunConfig>(config, overrides)?.check()
+            }
+            StageKind::HybridDpo => {
+                let c: dpo::HybridRunConfig = crate::util::config::load(config, overrides)?;
+                let h = &c.hybrid;
+                weights_fit(c.check()?, &h.reward_model, &h.rules, "hybrid")
+            }
+            StageKind::RewardWeighted => {
+                let c: reward_weighted::RewardWeightedRunConfig =
+                    crate::util::config::load(config, overrides)?;
+                let r = &c.reward;
+                weights_fit(c.check()?, &r.reward_model, &r.rules, "reward")
+            }
+            StageKind::Grpo => {
+                let c: grpo::GrpoRunConfig = crate::util::config::load(config, overrides)?;
+                let g = &c.grpo;
+                weights_fit(c.check()?, &g.reward_model, &g.rules, "grpo")
+            }
+        }
+    }
+
     /// What a finished run of this stage leaves, by its resolved config (`resolved`, TOML).
     pub fn artifact(self, resolved: &str) -> Result<&'static str> {
         Ok(match self {
@@ -250,6 +285,29 @@ impl StageKind {
             StageKind::Grpo => grpo::run(config, overrides, flags).map(drop),
         }
     }
+}
+
+/// Whether `weights` has one value per objective of the reward vector, where that vector can
+/// be read already (a reward model a sweep's own pipeline has yet to train is checked when the
+/// point runs).
+fn weights_fit(
+    weights: Option<crate::objectives::weighting::Weighting>,
+    reward_model: &str,
+    rules: &str,
+    section: &str,
+) -> Result<()> {
+    let (Some(w), Ok(rewards)) = (
+        weights,
+        crate::reward::vector::RewardVector::open(reward_model, rules, section),
+    ) else {
+        return Ok(());
+    };
+    crate::objectives::weighting::Weighting::for_objectives(
+        w.values().to_vec(),
+        &rewards.names(),
+        &format!("{section}.weights"),
+    )
+    .map(drop)
 }
 
 /// What a finished adapter-training run leaves.

@@ -65,14 +65,23 @@ impl Default for RewardWeightedRunConfig {
     }
 }
 
+impl RewardWeightedRunConfig {
+    /// Every value checked without loading a model or data; the configured weights.
+    pub fn check(&self) -> Result<Option<Weighting>> {
+        self.stage.require_lora("reward-weighted")?;
+        let weights = Weighting::configured(&self.reward.weights, "reward.weights")?;
+        if let Some(t) = self.reward.targets.iter().find(|t| !t.is_finite()) {
+            bail!("reward.targets must be finite, got {t}");
+        }
+        self.stage.check()?;
+        Ok(weights)
+    }
+}
+
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<TrainOutcome> {
     let cfg: RewardWeightedRunConfig = crate::util::config::load(config, overrides)?;
     let rw = &cfg.reward;
-    cfg.stage.require_lora("reward-weighted")?;
-    let weights = Weighting::configured(&rw.weights, "reward.weights")?;
-    if let Some(t) = rw.targets.iter().find(|t| !t.is_finite()) {
-        bail!("reward.targets must be finite, got {t}");
-    }
+    let weights = cfg.check()?;
     let rewards = RewardVector::open(&rw.reward_model, &rw.rules, "reward")?;
     let k = rewards.len();
     let t = if rw.targets.is_empty() {

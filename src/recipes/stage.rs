@@ -59,14 +59,20 @@ impl AdapterStage {
         Ok(())
     }
 
-    /// Validates, writes `resolved` into the output directory, and loads the policy: the base
-    /// with a fresh (or continued) LoRA, or under full fine-tuning the base with every weight
-    /// trainable.
-    pub fn start<R: Serialize + Default>(&self, resolved: &R, flags: RunFlags) -> Result<StageRun> {
+    /// The `[train]` and `[lora]` values, checked without loading anything.
+    pub fn check(&self) -> Result<()> {
         self.train.validate()?;
         if self.train.finetune == Finetune::Lora {
             self.lora.validate()?;
         }
+        Ok(())
+    }
+
+    /// Validates, writes `resolved` into the output directory, and loads the policy: the base
+    /// with a fresh (or continued) LoRA, or under full fine-tuning the base with every weight
+    /// trainable.
+    pub fn start<R: Serialize + Default>(&self, resolved: &R, flags: RunFlags) -> Result<StageRun> {
+        self.check()?;
         let run_dir = prepare_output(&self.train.output_dir, resolved, Some(flags))?;
         let (loaded, full) = match self.train.finetune {
             Finetune::Lora => (load_policy(&self.model, &self.lora, &self.train)?, None),

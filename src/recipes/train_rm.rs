@@ -81,19 +81,28 @@ impl Default for TrainRmConfig {
     }
 }
 
+impl TrainRmConfig {
+    /// Every value checked without loading a model or data; the ranking weights.
+    pub fn check(&self) -> Result<Option<Weighting>> {
+        anyhow::ensure!(
+            self.train.finetune == crate::train::Finetune::Lora,
+            "train.finetune: train-rm trains a linear head on a frozen backbone; leave it unset"
+        );
+        self.train.validate()?;
+        anyhow::ensure!(!self.rm.objectives.is_empty(), "rm.objectives is empty");
+        let ranking_weights =
+            Weighting::configured(&self.rm.ranking_weights, "rm.ranking_weights")?;
+        for o in &self.rm.objectives {
+            crate::util::paths::safe_component(o, "rm.objectives:")?;
+        }
+        Ok(ranking_weights)
+    }
+}
+
 pub fn run(config: Option<&Path>, overrides: &[String], flags: RunFlags) -> Result<()> {
     let RunFlags { resume, quiet, .. } = flags;
     let cfg: TrainRmConfig = crate::util::config::load(config, overrides)?;
-    anyhow::ensure!(
-        cfg.train.finetune == crate::train::Finetune::Lora,
-        "train.finetune: train-rm trains a linear head on a frozen backbone; leave it unset"
-    );
-    cfg.train.validate()?;
-    anyhow::ensure!(!cfg.rm.objectives.is_empty(), "rm.objectives is empty");
-    let ranking_weights = Weighting::configured(&cfg.rm.ranking_weights, "rm.ranking_weights")?;
-    for o in &cfg.rm.objectives {
-        crate::util::paths::safe_component(o, "rm.objectives:")?;
-    }
+    let ranking_weights = cfg.check()?;
     let mut run_dir = prepare_output(&cfg.train.output_dir, &cfg, Some(flags))?;
     let out = run_dir.path.clone();
     let loaded = load_base(&cfg.model, &cfg.train)?;

@@ -215,6 +215,22 @@ fn bad_sweep_configs_are_named_in_one_line() {
         );
         assert_eq!(e.trim().lines().count(), 1, "{e}");
     }
+    // A value the stage would refuse is refused for its point before any point runs, and
+    // nothing is written.
+    for (extra_set, want) in [
+        ("axes.train.lr=[-0.001]", "_lr-0.001: train.lr must be"),
+        (
+            "axes.weights=[[1.0,0.0,0.0]]",
+            "hybrid.weights has 3 values for 4 objectives",
+        ),
+    ] {
+        let config = sweep_config(&root, "");
+        let o = sweep(&config, &["--set", extra_set]);
+        assert_eq!(o.status.code(), Some(2), "{extra_set}");
+        let e = stderr(&o);
+        assert!(e.contains(want), "{extra_set}: {e}");
+        assert!(!root.join("sweep").exists(), "{extra_set}: {e}");
+    }
     let _ = std::fs::remove_dir_all(&root);
 }
 

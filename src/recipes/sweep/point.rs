@@ -40,6 +40,9 @@ impl PointState {
 /// config (a changed base config, or a point whose axis values changed) is refused, naming
 /// the point and the keys that differ.
 pub fn state_of(plan: &Plan, p: &Point) -> Result<PointState> {
+    plan.kind
+        .check(&plan.base, &p.overrides)
+        .with_context(|| format!("point {}", p.name))?;
     let st = plan
         .kind
         .state(&plan.base, &p.overrides)
