@@ -89,6 +89,15 @@ pub fn run(
     let gpus =
         slot_gpus(cfg, visible.as_deref()).with_context(|| plan.source.display().to_string())?;
     let exe = super::binary("")?;
+    // N points at once share this machine's CPU threads (this process's count, which `main`
+    // pinned or the user set): N children with every thread each would fight over the cores.
+    let threads_each = (cfg.parallel > 1).then(|| {
+        let all = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(candle_core::utils::get_num_threads);
+        (all / cfg.parallel).max(1)
+    });
     let mut todo: VecDeque<usize> = (0..plan.points.len())
         .filter(|&i| states[i] != PointState::Done)
         .collect();
@@ -124,6 +133,9 @@ pub fn run(
                 .stderr(log);
             if let Some(g) = &gpus {
                 cmd.env("CUDA_VISIBLE_DEVICES", &g[slot]);
+            }
+            if let Some(n) = threads_each {
+                cmd.env("RAYON_NUM_THREADS", n.to_string());
             }
             let child = cmd
                 .spawn()
