@@ -101,6 +101,9 @@ pub struct SlurmSection {
     pub binary: String,
     /// Seconds between `squeue` polls while following the job.
     pub poll_seconds: u64,
+    /// At most this many of the array's tasks run at once (`--array=0-N%K`; 0: no limit), as
+    /// `local.parallel` does on one machine: a fair share of a shared partition.
+    pub max_running: usize,
 }
 
 impl Default for SlurmSection {
@@ -117,6 +120,7 @@ impl Default for SlurmSection {
             setup: vec![],
             binary: String::new(),
             poll_seconds: 10,
+            max_running: 0,
         }
     }
 }

@@ -78,6 +78,14 @@ pub fn check(plan: &Plan, cfg: &SlurmSection) -> Result<()> {
     Ok(())
 }
 
+/// `--array` for `n` tasks, at most `max_running` at once (0: no limit).
+fn array_range(n: usize, max_running: usize) -> String {
+    match max_running {
+        0 => format!("0-{}", n - 1),
+        k => format!("0-{}%{k}", n - 1),
+    }
+}
+
 /// The array job's script for the points `todo` (indices into the plan; at most
 /// `MAX_TASKS`).
 pub fn script(
@@ -92,7 +100,7 @@ pub fn script(
     let dir = cwd.join(&plan.dir);
     let mut opts = vec![
         ("--job-name", cfg.job_name.clone()),
-        ("--array", format!("0-{}", todo.len() - 1)),
+        ("--array", array_range(todo.len(), cfg.max_running)),
         (
             "--output",
             dir.join("slurm/%A_%a.out").display().to_string(),
@@ -143,6 +151,13 @@ pub fn script(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_range_throttles_only_when_asked() {
+        assert_eq!(array_range(4, 0), "0-3");
+        assert_eq!(array_range(4, 2), "0-3%2");
+        assert_eq!(array_range(1, 0), "0-0");
+    }
 
     #[test]
     fn sbatch_values_and_reserved_options() {
