@@ -342,6 +342,16 @@ fn foreign_entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Removes a file or a whole directory.
+fn remove_entry(p: &Path) -> Result<()> {
+    let removed = if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    };
+    removed.with_context(|| format!("{}: cannot remove", p.display()))
+}
+
 /// Removes the checkpoints a run saved (`checkpoint-*`, and `.checkpoint-*` left half-written or
 /// set aside) and the folder once empty; anything else a user put there stays, named in a note.
 fn remove_checkpoints(dir: &Path) -> Result<()> {
@@ -356,12 +366,7 @@ fn remove_checkpoints(dir: &Path) -> Result<()> {
             kept.push(name);
             continue;
         }
-        let removed = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        removed.with_context(|| format!("{}: cannot remove", p.display()))?;
+        remove_entry(&p)?;
     }
     if kept.is_empty() {
         std::fs::remove_dir(dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
@@ -558,14 +563,9 @@ impl RunDir {
                 let p = entry.path();
                 if name == "checkpoints" && p.is_dir() {
                     remove_checkpoints(&p)?;
-                    continue;
-                }
-                let removed = if p.is_dir() {
-                    std::fs::remove_dir_all(&p)
                 } else {
-                    std::fs::remove_file(&p)
-                };
-                removed.with_context(|| format!("{}: cannot remove", p.display()))?;
+                    remove_entry(&p)?;
+                }
             }
             self.state = RunState::Fresh;
         }

@@ -85,16 +85,10 @@ fn prepare<R: Serialize + Default>(
         if let Ok(old) = std::fs::read_to_string(&config_path) {
             let changes = crate::util::config::changed_keys(&old, &text, None)?;
             if !changes.is_empty() {
-                let list: Vec<String> = changes
-                    .iter()
-                    .take(3)
-                    .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
-                    .collect();
                 bail!(
-                    "{}: holds the report of another config ({}{}); pass --force to replace it, or choose another output_dir",
+                    "{}: holds the report of another config ({}); pass --force to replace it, or choose another output_dir",
                     path.display(),
-                    list.join(", "),
-                    if changes.len() > 3 { ", ..." } else { "" }
+                    crate::util::config::describe_changes(&changes)
                 );
             }
         }

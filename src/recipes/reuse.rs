@@ -60,17 +60,11 @@ pub fn stage_state<T: Serialize + serde::de::DeserializeOwned + Default>(
                         out.join(crate::outputs::RUN_RECORD).display()
                     )
                 })?;
-            let list: Vec<String> = changes
-                .iter()
-                .take(3)
-                .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
-                .collect();
             bail!(
-                "{}: holds a run of a different config than {} ({}{}); remove it or change train.output_dir",
+                "{}: holds a run of a different config than {} ({}); remove it or change train.output_dir",
                 out.display(),
                 config.display(),
-                list.join(", "),
-                if changes.len() > 3 { ", ..." } else { "" }
+                crate::util::config::describe_changes(&changes)
             );
         }
     }

@@ -315,6 +315,20 @@ fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// The first three of `changes` (from `changed_keys`) for an error line:
+/// "train.lr: 0.001 -> 0.002, ...".
+pub fn describe_changes(changes: &[(String, String, String)]) -> String {
+    let mut shown: Vec<String> = changes
+        .iter()
+        .take(3)
+        .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
+        .collect();
+    if changes.len() > 3 {
+        shown.push("...".into());
+    }
+    shown.join(", ")
+}
+
 /// The keys whose values differ between two resolved configs, as (`section.key`, old, new)
 /// with TOML-written values; keys present on one side only count as changed, except a key the
 /// old record lacks whose new value is its value in `defaults` (a resolved default config):
