@@ -12,6 +12,7 @@ pub mod config;
 mod markdown;
 mod plan;
 pub mod report;
+mod sweep_policies;
 
 use super::output_dir::prepare_report;
 use crate::eval::win_rate::judge_answers;
@@ -35,7 +36,7 @@ pub fn run(
     let started = Instant::now();
     let given: ParetoConfig = crate::util::config::load(config, overrides)?;
     // A sweep policy is its finished points; the report records the config as given.
-    let cfg = super::sweep::expand_sweep_policies(given.clone())?;
+    let cfg = sweep_policies::expand_sweep_policies(given.clone())?;
     let plan = Plan::new(&cfg)?;
     let mut run_dir = prepare_report(&cfg.pareto.output_dir, &given, force)?;
     // Everything is validated: the report starts writing (cached generations, then results).

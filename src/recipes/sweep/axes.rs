@@ -2,10 +2,20 @@
 //! `simplex = N`, `seed`, and any `"section.key" = [values]`.
 
 use super::config::SweepConfig;
-use super::plan::{Axis, MAX_POINTS};
 use crate::objectives::weighting::Weighting;
 use crate::recipes::reuse::StageKind;
 use anyhow::{bail, Context, Result};
+
+/// Points a sweep may hold: every one is a training run.
+pub(super) const MAX_POINTS: usize = 10_000;
+
+/// One axis: the config key it sets, its label in point names, and its values.
+#[derive(Debug, Clone)]
+pub struct Axis {
+    pub key: String,
+    pub label: String,
+    pub values: Vec<toml::Value>,
+}
 
 /// The axes of `[axes]`, in order: weights (or simplex), seed, then the others by key.
 pub(super) fn axes(cfg: &SweepConfig, kind: StageKind) -> Result<Vec<Axis>> {
@@ -159,7 +169,7 @@ fn simplex_grid(n: &toml::Value, cfg: &SweepConfig, key: &str) -> Result<Vec<Vec
 }
 
 /// The value of dotted `key` (`hybrid.weights`) in a config table.
-pub(super) fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+pub(crate) fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
     let mut parts = key.split('.');
     let mut v = table.get(parts.next()?)?;
     for part in parts {
@@ -169,7 +179,7 @@ pub(super) fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::
 }
 
 /// A list of numbers (integers read as floats); `None` when `v` is anything else.
-pub(super) fn numbers(v: &toml::Value) -> Option<Vec<f64>> {
+pub(crate) fn numbers(v: &toml::Value) -> Option<Vec<f64>> {
     v.as_array()?
         .iter()
         .map(|x| x.as_float().or_else(|| x.as_integer().map(|n| n as f64)))

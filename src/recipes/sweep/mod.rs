@@ -5,13 +5,12 @@
 //! refuses points whose config changed. The sweep directory holds `sweep.json` (its points,
 //! which `pareto` reads) and `summary.{md,json}` (every point's state, time and metrics).
 
-mod axes;
+pub(crate) mod axes;
 pub mod config;
 mod local;
-mod manifest;
+pub(crate) mod manifest;
 pub mod plan;
 pub mod point;
-mod policies;
 mod slurm;
 pub mod summary;
 
@@ -21,7 +20,6 @@ use config::{Backend, SweepConfig};
 use manifest::{check_rerun, Manifest, MANIFEST};
 use plan::Plan;
 use point::{state_of, PointState};
-pub use policies::expand_sweep_policies;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use summary::SweepSummary;

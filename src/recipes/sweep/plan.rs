@@ -1,22 +1,11 @@
 //! A sweep's points: its axes, checked, and their product, each point a run directory named
 //! by its axis values and the `--set` overrides that make the base config its config.
 
-use super::axes::axes;
+use super::axes::{axes, Axis, MAX_POINTS};
 use super::config::SweepConfig;
 use crate::recipes::reuse::StageKind;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-
-/// Points a sweep may hold: every one is a training run.
-pub(super) const MAX_POINTS: usize = 10_000;
-
-/// One axis: the config key it sets, its label in point names, and its values.
-#[derive(Debug, Clone)]
-pub struct Axis {
-    pub key: String,
-    pub label: String,
-    pub values: Vec<toml::Value>,
-}
 
 /// One point of the grid.
 #[derive(Debug, Clone)]
@@ -146,7 +135,7 @@ fn product(axes: &[Axis], overrides: &[String], dir: &Path) -> Result<Vec<Point>
 /// A value as it appears in a point's name: numbers in Rust's shortest form that reads back
 /// as the same number (0.25, 1, 2e-5 as 0.00002, 1e-7 as 0.0000001), so values that differ
 /// anywhere, however small, name different points; strings bare, lists joined by `-`.
-pub(super) fn value_label(v: &toml::Value) -> String {
+pub(crate) fn value_label(v: &toml::Value) -> String {
     match v {
         // -0 names the same point as 0.
         toml::Value::Float(f) if *f == 0.0 => "0".into(),

@@ -4,12 +4,12 @@
 //! axis values, named after them. A sweep with a point that is not finished is refused: a
 //! report over part of a sweep would read as the whole of it.
 
-use super::axes::{lookup, numbers};
-use super::manifest::Manifest;
-use super::plan::{safe_name, value_label};
-use super::point::{recorded_state, PointState};
-use crate::recipes::pareto::config::{ParetoConfig, PolicySpec};
+use super::config::{ParetoConfig, PolicySpec};
 use crate::recipes::reuse::StageKind;
+use crate::recipes::sweep::axes::{lookup, numbers};
+use crate::recipes::sweep::manifest::Manifest;
+use crate::recipes::sweep::plan::{safe_name, value_label};
+use crate::recipes::sweep::point::{recorded_state, PointState};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
