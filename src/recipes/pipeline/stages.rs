@@ -8,7 +8,7 @@ use crate::recipes::reuse::{sft_artifact, stage_state, train_recorded, StageStat
 use crate::recipes::stage::AdapterStage;
 use crate::recipes::{dpo, grpo, sft, train_rm, ModelConfig, RunFlags};
 use crate::train::Finetune;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -256,13 +256,18 @@ fn sweep_stages(
                 row.log.display()
             );
         }
-        let text = std::fs::read_to_string(p.out.join(crate::outputs::RUN_RECORD))?;
-        let model: ModelConfig = toml::from_str::<toml::Table>(&text)?
-            .get("model")
-            .cloned()
-            .map(|m| m.try_into())
-            .transpose()?
-            .unwrap_or_default();
+        let record = p.out.join(crate::outputs::RUN_RECORD);
+        let model: ModelConfig = std::fs::read_to_string(&record)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| Ok(toml::from_str::<toml::Table>(&text)?))
+            .and_then(|t| {
+                Ok(t.get("model")
+                    .cloned()
+                    .map(|m| m.try_into())
+                    .transpose()?
+                    .unwrap_or_default())
+            })
+            .with_context(|| format!("{}: the point's config record", record.display()))?;
         let seconds = row.metrics.train_seconds.unwrap_or(f64::NAN);
         timings.push(StageSeconds {
             stage: name.clone(),
