@@ -362,7 +362,7 @@ fn remove_checkpoints(dir: &Path) -> Result<()> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let p = entry.path();
-        if !(name.starts_with("checkpoint-") || name.starts_with(".checkpoint-")) {
+        if !crate::train::checkpoint::saved_by_run(&name) {
             kept.push(name);
             continue;
         }

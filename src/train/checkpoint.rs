@@ -52,6 +52,12 @@ pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
     output_dir.join("checkpoints")
 }
 
+/// Whether an entry of the checkpoints directory is one `save` writes: a checkpoint
+/// (`checkpoint-<step>`) or one half-written or set aside (`.checkpoint-*`).
+pub fn saved_by_run(name: &str) -> bool {
+    name.starts_with("checkpoint-") || name.starts_with(".checkpoint-")
+}
+
 pub fn save(
     output_dir: &Path,
     trainable: &dyn Trainable,

@@ -169,9 +169,7 @@ impl AtomicDir {
         }
         Ok(())
     }
-}
 
-impl AtomicDir {
     /// Moves the finished directory into place unless `dest` exists by then (another process
     /// wrote it first: this one's copy is dropped, and `false` returned). Never replaces.
     pub fn commit_new(mut self) -> Result<bool> {
