@@ -78,9 +78,17 @@ fn a_slurm_sweep_finishes_every_point_and_a_rerun_follows_its_job() {
         .spawn()
         .unwrap();
     let jobs = root.join("sweep/slurm/jobs.jsonl");
-    let t = std::time::Instant::now();
+    // Wait for the submission, not for a time: a first sweep that ends without submitting
+    // fails the test with its exit status.
     while !std::fs::read_to_string(&jobs).is_ok_and(|s| s.ends_with('\n')) {
-        assert!(t.elapsed().as_secs() < 60, "no job submitted");
+        if let Some(status) = first.try_wait().unwrap() {
+            let submitted = std::fs::read_to_string(&jobs).is_ok_and(|s| s.ends_with('\n'));
+            assert!(
+                submitted,
+                "the first sweep ended ({status}) without submitting a job"
+            );
+            break;
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     first.kill().unwrap();
