@@ -97,7 +97,9 @@ pub fn finished(out: &Path, artifact: &str, resolved: &str, config: &Path) -> Re
 
 /// Trains with `train` unless the stage is `done`, and records the training time and the
 /// inputs' digest in `out_dir`; returns the training seconds (for an up-to-date stage, those
-/// recorded when it trained: NaN when none were).
+/// recorded when it trained: NaN when none were). A stage resumed from a checkpoint counts
+/// the time its earlier segments had spent up to that checkpoint: a sweep point preempted on
+/// a cluster reports what it cost, not only its last segment.
 pub fn train_recorded(
     done: bool,
     resolved: &str,
@@ -107,9 +109,15 @@ pub fn train_recorded(
     if done {
         return Ok(recorded_seconds(out_dir).unwrap_or(f64::NAN));
     }
+    // Stages always resume, from the newest checkpoint (read before training prunes it).
+    let before = crate::train::checkpoint::latest(out_dir)
+        .ok()
+        .flatten()
+        .and_then(|c| crate::train::checkpoint::read_state(&c).ok())
+        .map_or(0.0, |s| s.wall_s);
     let t = Instant::now();
     train()?;
-    let seconds = t.elapsed().as_secs_f64();
+    let seconds = before + t.elapsed().as_secs_f64();
     // Taken after the run: a stage may create its own input (`create_tiny_if_missing`).
     let digest = inputs_digest(resolved)?;
     crate::util::io::write_atomic(

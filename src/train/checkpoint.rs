@@ -40,6 +40,10 @@ pub struct TrainerState {
     /// over a resume: the x axis of wall-time curves.
     #[serde(default)]
     pub elapsed_s: f64,
+    /// Wall seconds the run has spent training so far (steps, evaluation and checkpointing),
+    /// carried over a resume: a resumed run reports the time it took over all its segments.
+    #[serde(default)]
+    pub wall_s: f64,
     /// The batch being reused when an objective takes several steps per batch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group: Vec<Vec<usize>>,

@@ -54,6 +54,8 @@ pub struct TrainOutcome {
     pub eval: BTreeMap<String, f64>,
     pub early_stopped: bool,
     pub skipped_steps: u64,
+    /// Wall seconds over the whole run (a resumed run's earlier segments included, up to the
+    /// checkpoint it resumed from).
     pub wall_s: f64,
     /// Seconds in training steps over the whole run (resumed runs included; evaluation and
     /// checkpointing excluded).
@@ -438,13 +440,28 @@ fn resume_from_newest_usable<O: Objective>(
     )
 }
 
+/// The run's wall time over all its segments: this one's so far, plus what the checkpoint it
+/// resumed from had spent.
+struct WallClock {
+    started: Instant,
+    before: f64,
+}
+
+impl WallClock {
+    fn total(&self) -> f64 {
+        self.before + self.started.elapsed().as_secs_f64()
+    }
+}
+
 /// Checkpoints the run as it stands, the objective's own resume state included.
 fn save_checkpoint<O: Objective>(
     run: &TrainRun<O>,
     opt: &AdamW,
     state: &mut TrainerState,
+    clock: &WallClock,
 ) -> Result<()> {
     state.objective = run.objective.state();
+    state.wall_s = clock.total();
     checkpoint::save(run.output_dir, run.trainable, opt, state)?;
     Ok(())
 }
@@ -465,6 +482,10 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
     let mut opt = optimizer(&run)?;
     let progress = Progress::new(plan.total_steps, 0, run.quiet, run.label);
     let (mut state, resumed_at) = start_or_resume(&run, &mut opt, &progress, scaler.initial())?;
+    let clock = WallClock {
+        started,
+        before: state.wall_s,
+    };
     let mut log = RunLog::open(progress, run.output_dir, resumed_at, scaler.dynamic())?;
     let mut cursor = Cursor::new(&run, state.epoch, state.batch_in_epoch);
     let stop = stop_flag();
@@ -479,7 +500,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
 
     while state.step < plan.total_steps && !state.early_stopped {
         if stop.load(Ordering::SeqCst) {
-            save_checkpoint(&run, &opt, &mut state)?;
+            save_checkpoint(&run, &opt, &mut state, &clock)?;
             log.progress.finish();
             return Err(Interrupted(state.step).into());
         }
@@ -510,7 +531,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
             last_eval = eval;
         }
         if plan.save_due(&state) {
-            save_checkpoint(&run, &opt, &mut state)?;
+            save_checkpoint(&run, &opt, &mut state, &clock)?;
             checkpoint::prune(run.output_dir, cfg.keep_checkpoints)?;
         }
     }
@@ -529,7 +550,7 @@ pub fn train<O: Objective>(run: TrainRun<O>) -> Result<TrainOutcome> {
         eval: last_eval,
         early_stopped: state.early_stopped,
         skipped_steps: state.skipped_steps,
-        wall_s: started.elapsed().as_secs_f64(),
+        wall_s: clock.total(),
         train_s: state.elapsed_s,
     })
 }

@@ -1,5 +1,6 @@
 //! A point interrupted after a checkpoint: `pareto` refuses the sweep (naming the point), and a
-//! rerun resumes that point from its checkpoint, leaving the finished points untouched.
+//! rerun resumes that point from its checkpoint, leaving the finished points untouched, and
+//! counts the time its first segment spent.
 
 use super::*;
 
@@ -54,6 +55,14 @@ fn an_interrupted_point_is_refused_by_pareto_and_resumed_from_its_checkpoint() {
     }
     let log = root.join("sweep/logs").join(format!("{}.log", POINTS[3]));
     std::fs::remove_file(&log).unwrap();
+    // As if the first segment had run for 1000 s before its checkpoint (a preempted job): the
+    // resumed point's training time must count them.
+    let state_file = killed.join("checkpoints/checkpoint-0000002/trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    assert!(state["wall_s"].as_f64().unwrap() > 0.0, "{state}");
+    state["wall_s"] = 1000.0.into();
+    std::fs::write(&state_file, state.to_string()).unwrap();
 
     let refused = mo_align(&["pareto", "--config", pareto_config(&root).to_str().unwrap()]);
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
@@ -95,6 +104,15 @@ fn an_interrupted_point_is_refused_by_pareto_and_resumed_from_its_checkpoint() {
         .collect();
     assert_eq!(steps.iter().max(), Some(&4), "{steps:?}");
     assert!(killed.join("adapter_model.safetensors").is_file());
+    let row = summary(&root)["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == POINTS[3])
+        .cloned()
+        .unwrap();
+    let seconds = row["train_seconds"].as_f64().unwrap();
+    assert!((1000.0..1100.0).contains(&seconds), "{row}");
     let after: Vec<_> = POINTS[..3]
         .iter()
         .map(|p| adapter_mtime(&root, p))

@@ -71,10 +71,11 @@ fn a_slurm_sweep_finishes_every_point_and_a_rerun_follows_its_job() {
     ];
     // The first sweep is killed once it has submitted its job; the job runs on, and a rerun
     // follows it rather than submitting its points again.
+    let first_log = root.join("first-sweep.log");
     let mut first = Command::new(bin())
         .args(args)
         .current_dir(repo_root())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&first_log).unwrap())
         .spawn()
         .unwrap();
     let jobs = root.join("sweep/slurm/jobs.jsonl");
@@ -85,7 +86,8 @@ fn a_slurm_sweep_finishes_every_point_and_a_rerun_follows_its_job() {
             let submitted = std::fs::read_to_string(&jobs).is_ok_and(|s| s.ends_with('\n'));
             assert!(
                 submitted,
-                "the first sweep ended ({status}) without submitting a job"
+                "the first sweep ended ({status}) without submitting a job (is Slurm running? scripts/slurm-local.sh starts it): {}",
+                std::fs::read_to_string(&first_log).unwrap_or_default()
             );
             break;
         }
