@@ -1,6 +1,7 @@
-//! The Slurm backend: the array script `--dry-run` prints (no Slurm needed), and a real run
+//! The Slurm backend: the array script `--dry-run` prints (no Slurm needed), a real run
 //! against the single-node Slurm of `scripts/slurm-local.sh` (skipped where `sbatch` is not on
-//! the PATH), both in directories whose names hold a space.
+//! the PATH), both in directories whose names hold a space, and a cluster with accounting
+//! played by stand-in client commands (runs everywhere).
 
 use super::*;
 
@@ -134,5 +135,129 @@ fn a_slurm_sweep_finishes_every_point_and_a_rerun_follows_its_job() {
         assert_eq!(p["weightings"].as_array().unwrap().len(), 2, "{p}");
         assert_eq!(p["adapters"].as_array().unwrap().len(), 2, "{p}");
     }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Writes an executable script `name` into `dir`.
+fn fake_command(dir: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/bash\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A cluster with accounting, played by three scripts: `sbatch` records each script it is
+/// given and runs the tasks `run-N` lists (as nodes would) before printing job 900 + N;
+/// `squeue` no longer knows any job; `sacct` prints `sacct-JOB` (what the cluster recorded).
+/// Runs everywhere (CI included): it needs no Slurm.
+#[test]
+fn tasks_slurm_ended_are_named_with_its_state_and_a_rerun_submits_only_them() {
+    let root = scratch("sweep slurm accounting");
+    let fake = root.join("fake-bin");
+    std::fs::create_dir_all(&fake).unwrap();
+    fake_command(
+        &fake,
+        "sbatch",
+        r#"dir=$(dirname "$0")
+script="${@: -1}"
+n=$(ls "$dir"/submitted-*.sh 2>/dev/null | wc -l)
+cp "$script" "$dir/submitted-$n.sh"
+for t in $(cat "$dir/run-$n" 2>/dev/null); do
+    SLURM_ARRAY_TASK_ID=$t bash "$script" || exit 1
+done
+echo $((900 + n))
+"#,
+    );
+    fake_command(
+        &fake,
+        "squeue",
+        "echo 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n",
+    );
+    fake_command(
+        &fake,
+        "sacct",
+        r#"while [ $# -gt 0 ]; do [ "$1" = -j ] && job=$2; shift; done
+cat "$(dirname "$0")/sacct-$job" 2>/dev/null || true
+"#,
+    );
+    let write = |name: &str, text: &str| std::fs::write(fake.join(name), text).unwrap();
+    // The first array: task 0 runs; Slurm ended the other three.
+    write("run-0", "0");
+    write(
+        "sacct-900",
+        "900_0|COMPLETED\n900_1|OUT_OF_MEMORY\n900_2|TIMEOUT\n900_3|CANCELLED by 1000\n",
+    );
+    // The rerun's array (the three points left): every task runs.
+    write("run-1", "0 1 2");
+    write(
+        "sacct-901",
+        "901_0|COMPLETED\n901_1|COMPLETED\n901_2|COMPLETED\n",
+    );
+
+    let config = sweep_config(&root, SLURM);
+    let path = std::env::join_paths(std::iter::once(fake.clone()).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
+    let run = || {
+        Command::new(bin())
+            .args(["sweep", "--config", config.to_str().unwrap(), "--quiet"])
+            .args(["--set", "sweep.backend=\"slurm\""])
+            .env("PATH", &path)
+            .current_dir(repo_root())
+            .output()
+            .unwrap()
+    };
+
+    let first = run();
+    assert!(!first.status.success(), "{}", stderr(&first));
+    let e = stderr(&first);
+    let last = e.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("3 of 4 points did not finish")
+            && last.contains(&format!("{} (Slurm: OUT_OF_MEMORY)", POINTS[1]))
+            && last.contains(&format!("{} (Slurm: TIMEOUT)", POINTS[2]))
+            && last.contains(&format!("{} (Slurm: CANCELLED)", POINTS[3])),
+        "{e}"
+    );
+    let s = summary(&root);
+    let rows: Vec<(String, String)> = s["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["state"].as_str().unwrap().to_string(),
+                p["scheduler_state"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("done", "COMPLETED"),
+        ("failed", "OUT_OF_MEMORY"),
+        ("failed", "TIMEOUT"),
+        ("failed", "CANCELLED"),
+    ];
+    assert_eq!(
+        rows,
+        want.map(|(a, b)| (a.to_string(), b.to_string())),
+        "{s}"
+    );
+
+    let second = run();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(states(&root).iter().all(|(_, st, _)| st == "done"));
+    // The rerun's array holds exactly the three points Slurm ended, in order.
+    let script = std::fs::read_to_string(fake.join("submitted-1.sh")).unwrap();
+    assert!(script.contains("#SBATCH --array=\"0-2\""), "{script}");
+    let want = format!("points=('{}' '{}' '{}')", POINTS[1], POINTS[2], POINTS[3]);
+    assert!(script.contains(&want), "{script}");
+    assert!(!fake.join("submitted-2.sh").exists());
+    let jobs = std::fs::read_to_string(root.join("sweep/slurm/jobs.jsonl")).unwrap();
+    let ids: Vec<String> = jobs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["job"].to_string())
+        .collect();
+    assert_eq!(ids, ["\"900\"", "\"901\""], "{jobs}");
     let _ = std::fs::remove_dir_all(&root);
 }

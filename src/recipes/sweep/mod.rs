@@ -48,11 +48,15 @@ pub fn run(config: Option<&Path>, overrides: &[String], opts: SweepOptions) -> R
         return dry_run(source, overrides);
     }
     let (_, summary) = run_sweep(source, overrides, &[], opts.quiet)?;
-    let failed: Vec<&str> = summary
+    // Slurm's word says why a task ended (OUT_OF_MEMORY, TIMEOUT, ...) where the log may not.
+    let failed: Vec<String> = summary
         .points
         .iter()
         .filter(|r| r.state != PointState::Done)
-        .map(|r| r.name.as_str())
+        .map(|r| match r.scheduler_state.as_deref() {
+            None | Some("COMPLETED" | "FINISHED") => r.name.clone(),
+            Some(s) => format!("{} (Slurm: {s})", r.name),
+        })
         .collect();
     if !failed.is_empty() {
         bail!(

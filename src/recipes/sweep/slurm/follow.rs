@@ -97,15 +97,29 @@ pub fn look(job: &Job) -> Result<Option<HashMap<usize, Task>>> {
         Err(e) if e.to_string().contains("Invalid job id") => return Ok(None),
         Err(e) => return Err(e),
     };
-    let tasks: HashMap<usize, Task> = by_task(&text, &job.id)
+    let tasks = squeue_tasks(&text, &job.id);
+    Ok((!tasks.is_empty()).then_some(tasks))
+}
+
+/// The tasks in `squeue -o %i|%T|%r` output; a line for tasks not yet split off the array
+/// (`47_[2-3]`) names no one task and is left out.
+fn squeue_tasks(text: &str, job: &str) -> HashMap<usize, Task> {
+    by_task(text, job)
         .into_iter()
         .filter_map(|(t, f)| {
             let state = f.first()?.split_whitespace().next()?.to_string();
             let reason = f.get(1).cloned().unwrap_or_default();
             Some((t, Task { state, reason }))
         })
-        .collect();
-    Ok((!tasks.is_empty()).then_some(tasks))
+        .collect()
+}
+
+/// Each task's state in `sacct -o JobID,State` output (`CANCELLED by 1000` -> `CANCELLED`).
+fn sacct_states(text: &str, job: &str) -> HashMap<usize, String> {
+    by_task(text, job)
+        .into_iter()
+        .filter_map(|(t, f)| Some((t, f.first()?.split_whitespace().next()?.to_string())))
+        .collect()
 }
 
 /// Each task's final state from `sacct`, where the cluster keeps accounting (empty where
@@ -113,12 +127,7 @@ pub fn look(job: &Job) -> Result<Option<HashMap<usize, Task>>> {
 pub fn accounted(job: &Job) -> HashMap<usize, String> {
     let args = on_cluster(job, &["-n", "-P", "-X", "-j", &job.id, "-o", "JobID,State"]);
     slurm("sacct", &args)
-        .map(|text| {
-            by_task(&text, &job.id)
-                .into_iter()
-                .filter_map(|(t, f)| Some((t, f.first()?.split_whitespace().next()?.to_string())))
-                .collect()
-        })
+        .map(|text| sacct_states(&text, &job.id))
         .unwrap_or_default()
 }
 
@@ -210,4 +219,47 @@ pub fn follow(
         last[j].extend(accounted(job));
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squeue_lines_give_each_split_task_and_why_it_waits() {
+        // As `squeue -h -r -t all -M c1 -o %i|%T|%r` prints them, a cluster header included.
+        let text = "CLUSTER: c1\n47_0|COMPLETED|None\n47_1|RUNNING|None\n\
+                    47_[2-3%1]|PENDING|JobArrayTaskLimit\n470_1|RUNNING|None\n47_4|PENDING|Priority\n";
+        let tasks = squeue_tasks(text, "47");
+        let mut got: Vec<(usize, &str, &str)> = tasks
+            .iter()
+            .map(|(t, k)| (*t, k.state.as_str(), k.reason.as_str()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (0, "COMPLETED", "None"),
+                (1, "RUNNING", "None"),
+                (4, "PENDING", "Priority")
+            ]
+        );
+        assert!(tasks[&0].over() && !tasks[&1].over() && !tasks[&4].over());
+    }
+
+    #[test]
+    fn sacct_states_keep_slurms_first_word() {
+        let text = "47_0|COMPLETED\n47_1|CANCELLED by 1000\n47_2|OUT_OF_MEMORY\n\
+                    47_3|TIMEOUT\n48_0|FAILED\n";
+        let mut got: Vec<(usize, String)> = sacct_states(text, "47").into_iter().collect();
+        got.sort();
+        let want = ["COMPLETED", "CANCELLED", "OUT_OF_MEMORY", "TIMEOUT"];
+        assert_eq!(
+            got,
+            want.iter()
+                .enumerate()
+                .map(|(i, s)| (i, s.to_string()))
+                .collect::<Vec<_>>()
+        );
+    }
 }
