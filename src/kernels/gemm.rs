@@ -48,7 +48,7 @@ pub(crate) fn cpu_gemm<T: Real>(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
+    let threads = crate::util::cpu::threads();
     let par = if parallel && threads > 1 && m * n * k > 1 << 15 {
         ::gemm::Parallelism::Rayon(threads)
     } else {

@@ -5,12 +5,24 @@
 //! `num_cpus` crate). A decoding step makes hundreds of small matmuls, so the file was parsed
 //! hundreds of times a step: 4% of a B = 8 decoding run's samples (perf, 2026-12-04). Setting the
 //! variable to the same count candle would compute makes each call an environment lookup.
+//! Our own kernels ask `threads()`, counted once per process, so a program that uses the library
+//! without `main` (the tests) does not parse the file at every matmul either: the in-process
+//! demo pipeline test spent 6 of its 8 minutes in the kernel doing so (strace, 2026-12-06).
+
+use std::sync::OnceLock;
+
+/// The matmul thread count: candle's own default (`RAYON_NUM_THREADS`, else the physical
+/// cores), counted on first use.
+pub fn threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
 
 /// Sets `RAYON_NUM_THREADS` to candle's own default when the user has not set it. Call at the
 /// very start of `main`, before any thread exists (the environment is process-wide).
 pub fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
+        let n = threads();
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
@@ -41,7 +53,7 @@ pub fn gemm_kernels() -> &'static str {
 pub fn kernel_report(decode_kernel: &str) -> String {
     format!(
         "cpu: {} threads; matmul (gemm): {}; decoding (bf16 weights): {}",
-        candle_core::utils::get_num_threads(),
+        threads(),
         gemm_kernels(),
         decode_kernel
     )

@@ -95,7 +95,7 @@ pub fn run(
         let all = std::env::var("RAYON_NUM_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or_else(candle_core::utils::get_num_threads);
+            .unwrap_or_else(crate::util::cpu::threads);
         (all / cfg.parallel).max(1)
     });
     let mut todo: VecDeque<usize> = (0..plan.points.len())
