@@ -140,11 +140,62 @@ pub fn metrics_of(out: &Path) -> PointMetrics {
     m
 }
 
-/// The step a running point has reached, for the progress bar.
+/// The step a running point has reached, for the progress bar. Asked every second for every
+/// running point, so it reads the log's tail, not the whole log of a long run (the whole log
+/// only when the tail holds no step).
 pub fn step_of(out: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).ok()?;
-    text.lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v["step"].as_u64())
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 * 1024;
+    let last_step = |text: &str| {
+        text.lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v["step"].as_u64())
+    };
+    let mut file = std::fs::File::open(out.join("metrics.jsonl")).ok()?;
+    let len = file.metadata().ok()?.len();
+    if len > TAIL {
+        file.seek(SeekFrom::Start(len - TAIL)).ok()?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail).ok()?;
+        // The first line of the tail is cut; a cut line does not parse and is skipped.
+        if let Some(step) = last_step(&String::from_utf8_lossy(&tail)) {
+            return Some(step);
+        }
+        file.seek(SeekFrom::Start(0)).ok()?;
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    last_step(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_of_reads_a_long_logs_tail_and_the_whole_log_when_the_tail_has_no_step() {
+        let dir = std::env::temp_dir().join(format!("mo-align-step-of-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = |s: u64| {
+            format!(
+                "{{\"step\":{s},\"loss\":1.25,\"note\":\"{}\"}}\n",
+                "x".repeat(200)
+            )
+        };
+        let log: String = (1..=1000).map(line).collect();
+        assert!(log.len() > 64 * 1024);
+        std::fs::write(dir.join("metrics.jsonl"), &log).unwrap();
+        assert_eq!(step_of(&dir), Some(1000));
+        // A last record longer than the tail, without a step: the whole log is read.
+        let long = format!(
+            "{{\"eval_loss\":1.0,\"note\":\"{}\"}}\n",
+            "y".repeat(70 * 1024)
+        );
+        std::fs::write(dir.join("metrics.jsonl"), format!("{log}{long}")).unwrap();
+        assert_eq!(step_of(&dir), Some(1000));
+        std::fs::write(dir.join("metrics.jsonl"), line(3)).unwrap();
+        assert_eq!(step_of(&dir), Some(3));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
