@@ -91,13 +91,8 @@ pub fn run(
     let exe = super::binary("")?;
     // N points at once share this machine's CPU threads (this process's count, which `main`
     // pinned or the user set): N children with every thread each would fight over the cores.
-    let threads_each = (cfg.parallel > 1).then(|| {
-        let all = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or_else(crate::util::cpu::threads);
-        (all / cfg.parallel).max(1)
-    });
+    let threads_each =
+        (cfg.parallel > 1).then(|| (crate::util::cpu::threads() / cfg.parallel).max(1));
     let mut todo: VecDeque<usize> = (0..plan.points.len())
         .filter(|&i| states[i] != PointState::Done)
         .collect();
