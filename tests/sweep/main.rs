@@ -100,15 +100,21 @@ fn states(root: &Path) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-fn adapter_mtime(root: &Path, point: &str) -> std::time::SystemTime {
-    std::fs::metadata(
-        root.join("sweep")
-            .join(point)
-            .join("adapter_model.safetensors"),
-    )
-    .unwrap()
-    .modified()
-    .unwrap()
+/// When each point's adapter was last written: a rerun that trains a point again changes it.
+fn adapter_mtimes(root: &Path, points: &[&str]) -> Vec<std::time::SystemTime> {
+    points
+        .iter()
+        .map(|point| {
+            std::fs::metadata(
+                root.join("sweep")
+                    .join(point)
+                    .join("adapter_model.safetensors"),
+            )
+            .unwrap()
+            .modified()
+            .unwrap()
+        })
+        .collect()
 }
 
 #[test]
@@ -142,7 +148,7 @@ fn a_two_by_two_grid_runs_and_a_rerun_does_nothing() {
     let md = std::fs::read_to_string(root.join("sweep/summary.md")).unwrap();
     assert!(md.contains("4 of 4 points done"), "{md}");
 
-    let before: Vec<_> = POINTS.iter().map(|p| adapter_mtime(&root, p)).collect();
+    let before = adapter_mtimes(&root, &POINTS);
     let again = sweep(&config, &[]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert!(
@@ -151,7 +157,7 @@ fn a_two_by_two_grid_runs_and_a_rerun_does_nothing() {
         stderr(&again)
     );
     assert!(states(&root).iter().all(|(_, s, ran)| s == "done" && !ran));
-    let after: Vec<_> = POINTS.iter().map(|p| adapter_mtime(&root, p)).collect();
+    let after = adapter_mtimes(&root, &POINTS);
     assert_eq!(before, after, "a rerun trained a finished point again");
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -161,7 +167,7 @@ fn a_changed_axis_value_or_base_setting_is_refused() {
     let root = scratch("sweep-changed");
     let config = sweep_config(&root, "");
     assert!(sweep(&config, &[]).status.success());
-    let before: Vec<_> = POINTS.iter().map(|p| adapter_mtime(&root, p)).collect();
+    let before = adapter_mtimes(&root, &POINTS);
 
     let changed = sweep(&config, &["--set", "axes.seed=[1, 3]"]);
     assert_eq!(changed.status.code(), Some(2));
@@ -184,7 +190,7 @@ fn a_changed_axis_value_or_base_setting_is_refused() {
         e.contains("point w1-0-0-0_seed1") && e.contains("train.max_steps: 2 -> 3"),
         "{e}"
     );
-    let after: Vec<_> = POINTS.iter().map(|p| adapter_mtime(&root, p)).collect();
+    let after = adapter_mtimes(&root, &POINTS);
     assert_eq!(before, after, "a refused sweep touched a point");
     let _ = std::fs::remove_dir_all(&root);
 }

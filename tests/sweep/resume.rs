@@ -75,10 +75,7 @@ fn an_interrupted_point_is_refused_by_pareto_and_resumed_from_its_checkpoint() {
     );
     assert!(!root.join("pareto/pareto.json").exists());
 
-    let before: Vec<_> = POINTS[..3]
-        .iter()
-        .map(|p| adapter_mtime(&root, p))
-        .collect();
+    let before = adapter_mtimes(&root, &POINTS[..3]);
     let run = sweep(&config, &[]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(
@@ -114,10 +111,7 @@ fn an_interrupted_point_is_refused_by_pareto_and_resumed_from_its_checkpoint() {
     let seconds = row["train_seconds"].as_f64().unwrap();
     // A lower bound only: how long the resumed segment took is not the test's business.
     assert!(seconds >= 1000.0, "{row}");
-    let after: Vec<_> = POINTS[..3]
-        .iter()
-        .map(|p| adapter_mtime(&root, p))
-        .collect();
+    let after = adapter_mtimes(&root, &POINTS[..3]);
     assert_eq!(before, after, "a rerun touched a finished point");
     let _ = std::fs::remove_dir_all(&root);
 }
